@@ -1,0 +1,93 @@
+"""The one exception tree of meshd.
+
+    MeshdError                 anything meshd reports to a user
+     ├── ConfigError            bad config file, key or value (names file, key, reason)
+     ├── StateError             the state directory or a state file is unusable
+     ├── IdentityError          a malformed key, certificate or signature
+     │    └── TokenError        a join token that is tampered, expired, foreign or garbage
+     ├── PluginError            a plugin failed to load or to configure itself
+     ├── SupervisorError        a child process (serf, wireguard-go) cannot be started
+     ├── GossipError            the Serf layer
+     │    ├── SerfConnectionError  the RPC connection cannot be made or was lost
+     │    ├── SerfAuthError        the agent refused our RPC auth key
+     │    ├── SerfCommandError     the agent answered a command with an error
+     │    └── RecordError          a node record that cannot be encoded or decoded
+     ├── WireGuardError         configuring a WireGuard interface failed
+     ├── NetlinkError           addresses, links or routes could not be changed
+     └── LabError               the network-namespace lab
+
+Outside errors (OSError, pyroute2's NetlinkError, msgpack's errors) are converted
+at the adapter that calls them, ``raise WireGuardError("...") from exc``; only
+``meshd.cli.main`` turns a MeshdError into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class MeshdError(Exception):
+    """Base of every error meshd reports; ``str()`` is one line for a user."""
+
+    exit_code = 1
+
+
+class ConfigError(MeshdError):
+    exit_code = 78  # EX_CONFIG
+
+    def __init__(self, reason: str, *, file: str | None = None, key: str | None = None) -> None:
+        self.file = file
+        self.key = key
+        self.reason = reason
+        where = ": ".join(part for part in (file, key) if part)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class StateError(MeshdError):
+    pass
+
+
+class IdentityError(MeshdError):
+    pass
+
+
+class TokenError(IdentityError):
+    pass
+
+
+class PluginError(MeshdError):
+    pass
+
+
+class SupervisorError(MeshdError):
+    pass
+
+
+class GossipError(MeshdError):
+    pass
+
+
+class SerfConnectionError(GossipError):
+    pass
+
+
+class SerfAuthError(GossipError):
+    pass
+
+
+class SerfCommandError(GossipError):
+    pass
+
+
+class RecordError(GossipError):
+    pass
+
+
+class WireGuardError(MeshdError):
+    pass
+
+
+class NetlinkError(MeshdError):
+    pass
+
+
+class LabError(MeshdError):
+    pass

@@ -1,0 +1,191 @@
+"""The plugin API of meshd: every hook, when it is called and what it returns.
+
+A plugin is a module or object with functions marked ``@meshd.hookimpl`` whose
+names and parameters match the specs below (a plugin may accept a subset of the
+parameters). It is registered through the ``meshd.plugins`` entry-point group.
+
+Hooks are synchronous decisions over data already in hand: pluggy does not await,
+so an ``async def`` implementation would "answer" with an un-awaited coroutine.
+A plugin that needs I/O starts its own task in :func:`meshd_startup` through
+``agent.spawn`` and keeps its results ready for the next call.
+
+Calling rules: *firstresult* hooks stop at the first implementation that returns
+something other than ``None`` (``tryfirst``/``trylast`` order them; the standard
+plugins are ``trylast`` so any installed plugin pre-empts them). Every other hook
+calls all implementations and collects their non-None results.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from meshd import PROJECT
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from ipaddress import IPv4Address, IPv6Address
+
+    import click
+
+    from meshd.types import (
+        Admission,
+        AgentAPI,
+        ConfigView,
+        MeshAddresses,
+        MeshView,
+        Member,
+        Network,
+        NodeIdentity,
+        PathChoice,
+        PeerConfig,
+        PeerPatch,
+        RecordExtras,
+    )
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def meshd_configure(config: ConfigView) -> None:
+    """Validate and read this plugin's own configuration.
+
+    Called once, after the plugin manager is built and before anything starts,
+    by every command that loads plugins (the agent, ``meshd plugins``, CLI
+    commands). Also called again on SIGHUP with the reloaded configuration.
+
+    :param config: the configuration; ``config.section("name")`` is the plugin's
+        ``[plugins.name]`` table.
+    :returns: nothing. Raise :class:`meshd.errors.ConfigError` (naming the key)
+        to refuse a bad value: the command stops with that message.
+
+    Calling rule: all implementations are called.
+    """
+
+
+@hookspec
+def meshd_startup(agent: AgentAPI) -> None:
+    """The agent is starting; WireGuard and gossip are about to come up.
+
+    Called once per agent run. Start long-running I/O here with
+    ``agent.spawn(coro, name=...)``; do not block.
+
+    Calling rule: all implementations are called; an exception is logged and
+    the plugin's other hooks keep being called.
+    """
+
+
+@hookspec
+def meshd_shutdown(agent: AgentAPI) -> None:
+    """The agent is stopping (SIGTERM, ``meshd leave`` or an error).
+
+    Called once, before the agent's tasks are cancelled. Release what the
+    plugin holds (files, sockets). Must return quickly.
+
+    Calling rule: all implementations are called.
+    """
+
+
+@hookspec(firstresult=True)
+def meshd_allocate_address(
+    network: Network, node: NodeIdentity, taken: frozenset[IPv4Address | IPv6Address]
+) -> MeshAddresses | None:
+    """Choose this node's mesh address(es) (IPAM).
+
+    Called when a node is created (``init``, ``join``) and again when gossip
+    shows another node holding the same address and this node must move.
+
+    :param network: the network and its ranges.
+    :param node: this node's name and WireGuard public key.
+    :param taken: addresses other members hold; the answer must avoid them.
+    :returns: the addresses, or ``None`` to let the next implementation decide.
+
+    Calling rule: firstresult. The standard IPAM plugin is ``trylast``.
+    """
+
+
+@hookspec
+def meshd_endpoint_candidates(agent: AgentAPI) -> Sequence[str] | None:
+    """Where other nodes may reach this node's WireGuard port.
+
+    Called before each publication of this node's record.
+
+    :returns: ``host:port`` strings (interface addresses, an observed public
+        address, a configured endpoint), best first.
+
+    Calling rule: all results are merged in call order, duplicates dropped.
+    """
+
+
+@hookspec
+def meshd_node_record(agent: AgentAPI) -> RecordExtras | None:
+    """What a plugin adds to this node's published record (roles, routes).
+
+    Called before each publication of this node's record.
+
+    Calling rule: all results are merged: roles and routes are unioned.
+    """
+
+
+@hookspec(firstresult=True)
+def meshd_admit_peer(agent: AgentAPI, member: Member) -> Admission | None:
+    """Decide whether a member may become a WireGuard peer (certificates, ACLs).
+
+    Called for every alive or failed member with a decoded record, on every
+    reconcile pass (answers must be cheap; cache by ``member.record.version``).
+
+    :returns: an :class:`~meshd.types.Admission`; ``admit=False`` keeps the
+        member out and its ``reason`` is logged once. ``None`` defers.
+
+    Calling rule: firstresult; a member nobody admits is not a peer.
+    """
+
+
+@hookspec
+def meshd_peer_config(agent: AgentAPI, member: Member, peer: PeerConfig) -> PeerPatch | None:
+    """Shape the WireGuard peer for an admitted member.
+
+    Called for every admitted member on every reconcile pass, with the peer the
+    engine computed (its mesh addresses as allowed IPs, its best endpoint).
+
+    :returns: a :class:`~meshd.types.PeerPatch`: extra allowed IPs (egress
+        routes) are added, an endpoint or keepalive replaces the engine's.
+
+    Calling rule: all results are merged in call order.
+    """
+
+
+@hookspec(firstresult=True)
+def meshd_select_path(agent: AgentAPI, member: Member) -> PathChoice | None:
+    """Reach ``member`` directly or through a relay.
+
+    Called for every admitted member on every reconcile pass.
+
+    :returns: ``PathChoice(via=None)`` for direct, ``PathChoice(via="relay-name")``
+        to route it through that member; ``None`` defers (the default is direct).
+
+    Calling rule: firstresult.
+    """
+
+
+@hookspec
+def meshd_mesh_changed(agent: AgentAPI, view: MeshView) -> None:
+    """The WireGuard interface now matches a new desired state.
+
+    Called after every reconcile pass that changed something. Use it to export
+    DNS, metrics or status; do slow work in a task, not here.
+
+    Calling rule: all implementations are called.
+    """
+
+
+@hookspec
+def meshd_cli(group: click.Group) -> None:
+    """Add commands to the ``meshd`` command line.
+
+    Called once when the CLI starts, with the top-level ``click`` group. Add a
+    command or a group (``group.add_command(...)``); do not replace existing ones.
+
+    Calling rule: all implementations are called.
+    """

@@ -1,0 +1,268 @@
+"""The plugin host: builds the plugin manager and calls hooks through a typed facade.
+
+Order of construction, always the same: hook specs, then meshd's own standard
+plugins, then every other installed ``meshd.plugins`` entry point, skipping the
+names the config disables (they are blocked, so nothing can register them
+later), then ``check_pending()`` so a misspelt hook fails at once. A plugin
+that fails to import is recorded with its error and the rest still load.
+
+Plugins are loaded only from installed entry points, never from a directory of
+files: the daemon runs as root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from meshd import PROJECT, hookspecs
+from meshd.errors import ConfigError, MeshdError, PluginError
+from meshd.types import (
+    Admission,
+    AgentAPI,
+    ConfigView,
+    MeshAddresses,
+    MeshView,
+    Member,
+    Network,
+    NodeIdentity,
+    PathChoice,
+    PeerConfig,
+    PeerPatch,
+    RecordExtras,
+)
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "meshd.plugins"
+STANDARD_DISTRIBUTION = "meshd"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One plugin as ``meshd plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    module: str
+    standard: bool
+    hooks: tuple[str, ...] = ()
+    status: str = "loaded"  # loaded | disabled | failed
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "standard": self.standard,
+            "hooks": list(self.hooks),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+@dataclass
+class PluginHost:
+    """The plugin manager plus what was loaded, skipped or failed, with typed hook calls."""
+
+    pm: pluggy.PluginManager
+    infos: list[PluginInfo] = field(default_factory=list)
+
+    # -- introspection -------------------------------------------------------
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every plugin found: loaded ones with the hooks they implement, then the rest."""
+        result = []
+        for info in self.infos:
+            if info.status != "loaded":
+                result.append(info)
+                continue
+            plugin = self.pm.get_plugin(info.name)
+            callers = (self.pm.get_hookcallers(plugin) or []) if plugin is not None else []
+            hooks = tuple(sorted(caller.name for caller in callers))
+            result.append(dataclasses.replace(info, hooks=hooks))
+        return result
+
+    # -- hook calls ------------------------------------------------------------
+
+    def _impls(self, hook: str) -> Iterator[tuple[str, Callable[..., Any], list[str]]]:
+        caller = getattr(self.pm.hook, hook)
+        # pluggy calls the last-registered, tryfirst implementations first.
+        for impl in reversed(caller.get_hookimpls()):
+            yield impl.plugin_name, impl.function, list(impl.argnames)
+
+    def _call_all(self, hook: str, *, isolate: bool, **kwargs: Any) -> list[Any]:
+        results = []
+        for plugin, function, argnames in self._impls(hook):
+            try:
+                value = function(**{name: kwargs[name] for name in argnames})
+            except MeshdError:
+                raise
+            except Exception as exc:
+                if not isolate:
+                    raise PluginError(f"plugin {plugin!r} failed in {hook}: {exc}") from exc
+                log.exception("plugin %r failed in %s; it is skipped this time", plugin, hook)
+                continue
+            if value is not None:
+                results.append(value)
+        return results
+
+    def _call_first(self, hook: str, **kwargs: Any) -> Any:
+        for plugin, function, argnames in self._impls(hook):
+            try:
+                value = function(**{name: kwargs[name] for name in argnames})
+            except Exception:
+                log.exception("plugin %r failed in %s; asking the next plugin", plugin, hook)
+                continue
+            if value is not None:
+                return value
+        return None
+
+    def configure(self, config: ConfigView) -> None:
+        """Let each plugin read its section; a plugin's ConfigError stops the command."""
+        self._call_all("meshd_configure", isolate=False, config=config)
+
+    def cli(self, group: Any) -> None:
+        self._call_all("meshd_cli", isolate=True, group=group)
+
+    def startup(self, agent: AgentAPI) -> None:
+        self._call_all("meshd_startup", isolate=True, agent=agent)
+
+    def shutdown(self, agent: AgentAPI) -> None:
+        self._call_all("meshd_shutdown", isolate=True, agent=agent)
+
+    def allocate_address(
+        self, network: Network, node: NodeIdentity, taken: frozenset[Any]
+    ) -> MeshAddresses | None:
+        result: MeshAddresses | None = self._call_first(
+            "meshd_allocate_address", network=network, node=node, taken=taken
+        )
+        return result
+
+    def endpoint_candidates(self, agent: AgentAPI) -> tuple[str, ...]:
+        merged: dict[str, None] = {}
+        for answer in self._call_all("meshd_endpoint_candidates", isolate=True, agent=agent):
+            merged.update(dict.fromkeys(answer))
+        return tuple(merged)
+
+    def node_record(self, agent: AgentAPI) -> RecordExtras:
+        roles: set[str] = set()
+        routes: dict[Any, None] = {}
+        for extra in self._call_all("meshd_node_record", isolate=True, agent=agent):
+            roles.update(extra.roles)
+            routes.update(dict.fromkeys(extra.routes))
+        return RecordExtras(roles=frozenset(roles), routes=tuple(routes))
+
+    def admit_peer(self, agent: AgentAPI, member: Member) -> Admission | None:
+        result: Admission | None = self._call_first("meshd_admit_peer", agent=agent, member=member)
+        return result
+
+    def peer_config(self, agent: AgentAPI, member: Member, peer: PeerConfig) -> PeerConfig:
+        patches: Sequence[PeerPatch] = self._call_all(
+            "meshd_peer_config", isolate=True, agent=agent, member=member, peer=peer
+        )
+        allowed = dict.fromkeys(peer.allowed_ips)
+        endpoint, keepalive = peer.endpoint, peer.keepalive
+        for patch in patches:
+            allowed.update(dict.fromkeys(patch.extra_allowed_ips))
+            endpoint = patch.endpoint if patch.endpoint is not None else endpoint
+            keepalive = patch.keepalive if patch.keepalive is not None else keepalive
+        return PeerConfig(
+            public_key=peer.public_key,
+            allowed_ips=tuple(allowed),
+            endpoint=endpoint,
+            keepalive=keepalive,
+            preshared_key=peer.preshared_key,
+        )
+
+    def select_path(self, agent: AgentAPI, member: Member) -> PathChoice:
+        result: PathChoice | None = self._call_first("meshd_select_path", agent=agent, member=member)
+        return result or PathChoice()
+
+    def mesh_changed(self, agent: AgentAPI, view: MeshView) -> None:
+        self._call_all("meshd_mesh_changed", isolate=True, agent=agent, view=view)
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    # Standard plugins first, then the rest by name: a stable, documented order.
+    return sorted(
+        found,
+        key=lambda ep: (ep.dist is None or ep.dist.name != STANDARD_DISTRIBUTION, ep.name),
+    )
+
+
+def build_plugin_host(
+    disabled: Iterable[str] = (),
+    *,
+    extra_plugins: Sequence[tuple[str, object]] = (),
+) -> PluginHost:
+    """Build the plugin manager in its fixed order.
+
+    ``extra_plugins`` (name, object) are registered after the entry points;
+    the engine uses it for nothing, tests and embedders may.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm)
+    disabled_set = set(disabled)
+    seen: set[str] = set()
+    for ep in _entry_points():
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        standard = dist == STANDARD_DISTRIBUTION
+        base = functools.partial(
+            PluginInfo, name=ep.name, distribution=dist, version=version, standard=standard
+        )
+        if ep.name in seen:
+            log.warning("plugin name %r is registered twice; keeping the first", ep.name)
+            continue
+        seen.add(ep.name)
+        if ep.name in disabled_set:
+            pm.set_blocked(ep.name)
+            host.infos.append(base(module=ep.value, status="disabled"))
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            log.warning("plugin %r (%s) failed to load: %s", ep.name, dist, exc)
+            host.infos.append(
+                base(module=ep.value, status="failed", error=f"{type(exc).__name__}: {exc}")
+            )
+            continue
+        host.infos.append(base(module=ep.value))
+    for name, plugin in extra_plugins:
+        if name in disabled_set:
+            continue
+        pm.register(plugin, name=name)
+        host.infos.append(
+            PluginInfo(name=name, distribution="-", version="-", module=repr(plugin), standard=False)
+        )
+    for name in sorted(disabled_set - seen):
+        log.warning("plugins.disable names %r, which is not installed", name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return host
+
+
+def load_plugins(config_view: ConfigView, disabled: Iterable[str]) -> PluginHost:
+    """Build the host and let every plugin configure itself."""
+    host = build_plugin_host(disabled)
+    try:
+        host.configure(config_view)
+    except ConfigError:
+        raise
+    return host

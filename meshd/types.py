@@ -1,0 +1,170 @@
+"""The frozen values hooks receive and return: the plugin API's vocabulary.
+
+This module and :mod:`meshd.hookspecs` are the plugin API. They import nothing
+of the engine, so a plugin that imports them cannot reach into it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+from typing import Any, Protocol
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class Network:
+    """A mesh network: its name, its id (derived from the CA key) and its address ranges."""
+
+    name: str
+    network_id: str
+    cidr4: IPv4Network
+    cidr6: IPv6Network | None = None
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who a node is: its name and its WireGuard public key (base64, as ``wg`` prints it)."""
+
+    name: str
+    public_key: str
+
+
+@dataclass(frozen=True)
+class MeshAddresses:
+    """A node's addresses inside the mesh."""
+
+    ipv4: IPv4Address
+    ipv6: IPv6Address | None = None
+
+    def all(self) -> tuple[IPAddress, ...]:
+        return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What a node publishes about itself through gossip.
+
+    ``version`` grows with every change so others can tell a new record from a
+    replayed old one. ``endpoints`` are ``host:port`` underlay candidates.
+    """
+
+    public_key: str
+    addresses: tuple[IPAddress, ...]
+    port: int
+    endpoints: tuple[str, ...] = ()
+    roles: frozenset[str] = frozenset()
+    routes: tuple[IPNetwork, ...] = ()
+    cert: str = ""
+    version: int = 0
+
+
+class MemberState(str, enum.Enum):
+    """A member's gossip state. ``failed`` may come back; ``left`` and ``reaped`` will not."""
+
+    ALIVE = "alive"
+    LEAVING = "leaving"
+    LEFT = "left"
+    FAILED = "failed"
+    REAPED = "reaped"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A gossip member with its decoded record (``None`` with ``record_error`` if undecodable)."""
+
+    name: str
+    gossip_addr: str
+    state: MemberState
+    record: NodeRecord | None = None
+    record_error: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """The desired configuration of one WireGuard peer."""
+
+    public_key: str
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    endpoint: str | None = None
+    keepalive: int | None = None
+    preshared_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PeerPatch:
+    """What one plugin adds to a peer: merged by the engine (allowed IPs are unioned)."""
+
+    extra_allowed_ips: tuple[IPNetwork, ...] = ()
+    endpoint: str | None = None
+    keepalive: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordExtras:
+    """What one plugin adds to this node's published record."""
+
+    roles: frozenset[str] = frozenset()
+    routes: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A plugin's verdict on a member becoming a peer."""
+
+    admit: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """How to reach a peer: directly (``via`` is None) or through the relay named ``via``."""
+
+    via: str | None = None
+
+
+@dataclass(frozen=True)
+class MeshView:
+    """The mesh as this node sees it after an apply."""
+
+    node: NodeIdentity
+    members: tuple[Member, ...]
+    peers: tuple[PeerConfig, ...]
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    """The parts of the configuration a plugin may read.
+
+    ``sections`` holds every ``[plugins.NAME]`` table of the config file, as read.
+    """
+
+    path: str | None
+    node_name: str
+    state_dir: Path
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def section(self, plugin: str) -> Mapping[str, Any]:
+        """The ``[plugins.<plugin>]`` table, empty when the file has none."""
+        return self.sections.get(plugin, {})
+
+
+class AgentAPI(Protocol):
+    """What hooks may use of the running agent."""
+
+    @property
+    def identity(self) -> NodeIdentity: ...
+
+    @property
+    def network(self) -> Network: ...
+
+    @property
+    def config(self) -> ConfigView: ...
+
+    def spawn(self, coro: Awaitable[None], *, name: str) -> None:
+        """Run ``coro`` in the agent's task group; its failure is logged, not fatal."""

@@ -1,0 +1,70 @@
+"""Standard IPAM plugin: a node's mesh address derived from its WireGuard key.
+
+The address is a hash of the public key mapped into the network's range, so
+every node computes the same answer for the same key with no coordination; a
+static address in ``[plugins.ipam] address = "..."`` wins. When the hash lands
+on a taken address the next free one (in hash order) is used.
+
+This plugin is ``trylast``: any installed IPAM plugin pre-empts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+from meshd import hookimpl
+from meshd.errors import ConfigError
+from meshd.types import ConfigView, MeshAddresses, Network, NodeIdentity
+
+_static: dict[str, Any] = {}
+
+
+def _host_in(network: IPv4Network | IPv6Network, seed: bytes, attempt: int) -> int:
+    digest = hashlib.blake2b(seed + attempt.to_bytes(4, "big"), digest_size=16).digest()
+    hosts = network.num_addresses - 2 if network.version == 4 else network.num_addresses - 1
+    return 1 + int.from_bytes(digest, "big") % max(hosts, 1)
+
+
+def derive(
+    network: IPv4Network | IPv6Network, seed: bytes, taken: frozenset[Any]
+) -> IPv4Address | IPv6Address:
+    """The first address in ``network``'s hash order for ``seed`` that is not taken."""
+    limit = min(network.num_addresses, 1 << 16)
+    for attempt in range(limit):
+        candidate = network[_host_in(network, seed, attempt)]
+        if candidate not in taken:
+            return candidate
+    raise ConfigError(f"no free address left in {network}", key="plugins.ipam")
+
+
+@hookimpl
+def meshd_configure(config: ConfigView) -> None:
+    section: Mapping[str, Any] = config.section("ipam")
+    _static.clear()
+    for key, value in section.items():
+        if key not in ("address", "address6"):
+            raise ConfigError(
+                "unknown key (known keys: address, address6)", file=config.path, key=f"plugins.ipam.{key}"
+            )
+        try:
+            _static[key] = ipaddress.ip_address(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"must be an IP address, not {value!r}", file=config.path, key=f"plugins.ipam.{key}"
+            ) from None
+
+
+@hookimpl(trylast=True)
+def meshd_allocate_address(
+    network: Network, node: NodeIdentity, taken: frozenset[Any]
+) -> MeshAddresses:
+    seed = node.public_key.encode()
+    v4 = _static.get("address") or derive(network.cidr4, seed, taken)
+    v6 = _static.get("address6")
+    if v6 is None and network.cidr6 is not None:
+        v6 = derive(network.cidr6, seed, taken)
+    return MeshAddresses(ipv4=v4, ipv6=v6)
