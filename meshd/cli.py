@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import click
 from tabulate import tabulate
@@ -107,7 +106,10 @@ def _setup_logging(level: str) -> None:
     "--state-dir",
     metavar="DIR",
     envvar=config_mod.ENV_STATE_DIR,
-    help=f"State directory [env {config_mod.ENV_STATE_DIR}; default {config_mod.DEFAULT_STATE_DIR}].",
+    help=(
+        f"State directory [env {config_mod.ENV_STATE_DIR}; "
+        f"default {config_mod.DEFAULT_STATE_DIR}]."
+    ),
 )
 @click.option(
     "--log-level",

@@ -237,7 +237,7 @@ def parse(text: str, *, path: Path | None = None, state_dir: Path | None = None)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=file) from exc
     sections: dict[str, Any] = {}
-    for name, table in data.items():
+    for name, _table in data.items():
         if name == "plugins":
             continue
         if name not in _SECTIONS:

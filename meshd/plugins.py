@@ -28,9 +28,9 @@ from meshd.types import (
     Admission,
     AgentAPI,
     ConfigView,
+    Member,
     MeshAddresses,
     MeshView,
-    Member,
     Network,
     NodeIdentity,
     PathChoice,
@@ -186,7 +186,9 @@ class PluginHost:
         )
 
     def select_path(self, agent: AgentAPI, member: Member) -> PathChoice:
-        result: PathChoice | None = self._call_first("meshd_select_path", agent=agent, member=member)
+        result: PathChoice | None = self._call_first(
+            "meshd_select_path", agent=agent, member=member
+        )
         return result or PathChoice()
 
     def mesh_changed(self, agent: AgentAPI, view: MeshView) -> None:
@@ -247,7 +249,9 @@ def build_plugin_host(
             continue
         pm.register(plugin, name=name)
         host.infos.append(
-            PluginInfo(name=name, distribution="-", version="-", module=repr(plugin), standard=False)
+            PluginInfo(
+                name=name, distribution="-", version="-", module=repr(plugin), standard=False
+            )
         )
     for name in sorted(disabled_set - seen):
         log.warning("plugins.disable names %r, which is not installed", name)

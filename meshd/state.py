@@ -38,7 +38,9 @@ def _adjacent_tmp(path: Path, mode: int) -> Iterator[IO[bytes]]:
         raise
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int = PUBLIC_MODE) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes | str, *, mode: int = PUBLIC_MODE
+) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte."""
     target = Path(path)
     payload = data.encode() if isinstance(data, str) else data

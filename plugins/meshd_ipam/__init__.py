@@ -48,7 +48,9 @@ def meshd_configure(config: ConfigView) -> None:
     for key, value in section.items():
         if key not in ("address", "address6"):
             raise ConfigError(
-                "unknown key (known keys: address, address6)", file=config.path, key=f"plugins.ipam.{key}"
+                "unknown key (known keys: address, address6)",
+                file=config.path,
+                key=f"plugins.ipam.{key}",
             )
         try:
             _static[key] = ipaddress.ip_address(value)

@@ -1,0 +1,49 @@
+"""Atomic writes and secret modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from meshd.errors import StateError
+from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_secret_files_are_0600_and_dirs_0700(tmp_path: Path) -> None:
+    directory = ensure_private_dir(tmp_path / "state")
+    write_secret(directory / "key", "s3cret")
+    assert mode(directory) == 0o700
+    assert mode(directory / "key") == 0o600
+    assert read_secret(directory / "key") == b"s3cret"
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "zone"
+    atomic_write(target, "one")
+    atomic_write(target, "two")
+    assert target.read_text() == "two"
+    assert os.listdir(tmp_path) == ["zone"]
+    assert mode(target) == 0o644
+
+
+def test_failed_write_keeps_the_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "state"
+    atomic_write(target, "old")
+    with pytest.raises(StateError, match="cannot write"):
+        atomic_write(tmp_path / "missing-dir" / "state", "new")
+    assert target.read_text() == "old"
+
+
+def test_a_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text("x")
+    path.chmod(0o644)
+    with pytest.raises(StateError, match="chmod 600"):
+        read_secret(path)
