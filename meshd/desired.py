@@ -1,0 +1,205 @@
+"""Desired state: which WireGuard peers this node should have, as a pure function.
+
+Input: this node, the membership view, and the policy (the plugins' answers).
+Output: the full peer set, computed from scratch every pass (level-triggered),
+plus what was left out and why. Nothing here touches the network; the agent
+diffs the result against the live interface and applies only the difference.
+
+Rules:
+
+- Members that are alive, leaving or failed are candidates: a failed member
+  keeps its peer entry so it can come back within Serf's reconnect window;
+  left and reaped members are dropped.
+- A member without a decodable record, or whose record the policy does not
+  admit, is left out with the reason.
+- Two members claiming one mesh address: one keeps it (a static address beats
+  a derived one, then the lower public key wins); the loser's claim is left out
+  of allowed IPs until it moves, so the interface never holds overlapping
+  prefixes. :func:`address_owners` tells the agent when this node must move.
+- A member routed through a relay is not a peer of its own: its addresses are
+  added to the relay's allowed IPs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshd.types import (
+    Admission,
+    IPAddress,
+    IPNetwork,
+    Member,
+    MemberState,
+    NodeRecord,
+    PathChoice,
+    PeerConfig,
+)
+
+STATIC_ROLE = "static-addr"
+
+_CANDIDATE_STATES = frozenset({MemberState.ALIVE, MemberState.LEAVING, MemberState.FAILED})
+
+
+class Policy(Protocol):
+    """The plugin answers the computation needs (the agent adapts its hooks to this)."""
+
+    def admit(self, member: Member) -> Admission | None: ...
+
+    def select_path(self, member: Member) -> PathChoice: ...
+
+    def shape(self, member: Member, peer: PeerConfig) -> PeerConfig: ...
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A node's claim on an address, with what decides a conflict."""
+
+    name: str
+    public_key: str
+    static: bool
+
+    @property
+    def rank(self) -> tuple[bool, str]:
+        return (not self.static, self.public_key)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    peers: tuple[PeerConfig, ...]
+    # member name -> why it is not a peer (unadmitted, no record, address conflict...)
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    # member name -> name of the relay it goes through
+    relayed: Mapping[str, str] = field(default_factory=dict)
+
+
+def host_prefix(address: IPAddress) -> IPNetwork:
+    return ipaddress.ip_network(address)
+
+
+def address_owners(claims: Iterable[tuple[Claim, Sequence[IPAddress]]]) -> dict[IPAddress, Claim]:
+    """For every claimed address, the claim that keeps it."""
+    owners: dict[IPAddress, Claim] = {}
+    for claim, addresses in claims:
+        for address in addresses:
+            current = owners.get(address)
+            if current is None or claim.rank < current.rank:
+                owners[address] = claim
+    return owners
+
+
+def claim_of(name: str, record: NodeRecord) -> Claim:
+    return Claim(name=name, public_key=record.public_key, static=STATIC_ROLE in record.roles)
+
+
+def compute(
+    *,
+    own_name: str,
+    own_record: NodeRecord,
+    members: Sequence[Member],
+    policy: Policy,
+    keepalive: int | None = None,
+) -> DesiredState:
+    """The full desired peer set for this node."""
+    excluded: dict[str, str] = {}
+    candidates: list[Member] = []
+    for member in members:
+        if member.name == own_name:
+            continue
+        if member.state not in _CANDIDATE_STATES:
+            continue
+        record = member.record
+        if record is None:
+            excluded[member.name] = f"no valid record: {member.record_error or 'none published'}"
+            continue
+        if record.public_key == own_record.public_key:
+            excluded[member.name] = "uses this node's own WireGuard key"
+            continue
+        verdict = policy.admit(member)
+        if verdict is None or not verdict.admit:
+            excluded[member.name] = (
+                f"not admitted: {verdict.reason}" if verdict else "not admitted by any plugin"
+            )
+            continue
+        candidates.append(member)
+
+    owners = address_owners(
+        [(claim_of(own_name, own_record), own_record.addresses)]
+        + [(claim_of(m.name, m.record), m.record.addresses) for m in candidates if m.record]
+    )
+
+    by_name = {m.name: m for m in candidates}
+    peers: dict[str, PeerConfig] = {}
+    routed: dict[str, list[IPNetwork]] = {}
+    relayed: dict[str, str] = {}
+    for member in candidates:
+        record = member.record
+        assert record is not None
+        kept = [a for a in record.addresses if owners[a].name == member.name]
+        if len(kept) < len(record.addresses):
+            lost = ", ".join(str(a) for a in record.addresses if a not in kept)
+            excluded[member.name] = f"address conflict: {lost} belongs to another node"
+        if not kept:
+            continue
+        prefixes = [host_prefix(a) for a in kept]
+        choice = policy.select_path(member)
+        relay = by_name.get(choice.via) if choice.via else None
+        if relay is not None and relay.name != member.name:
+            routed.setdefault(relay.name, []).extend(prefixes)
+            relayed[member.name] = relay.name
+            continue
+        base = PeerConfig(
+            public_key=record.public_key,
+            allowed_ips=tuple(prefixes),
+            endpoint=record.endpoints[0] if record.endpoints else None,
+            keepalive=keepalive,
+        )
+        peers[member.name] = policy.shape(member, base)
+
+    for relay_name, prefixes in routed.items():
+        peer = peers.get(relay_name)
+        if peer is None:
+            for name in [n for n, via in relayed.items() if via == relay_name]:
+                excluded[name] = f"relay {relay_name} is not a peer"
+                del relayed[name]
+            continue
+        extra = tuple(p for p in prefixes if p not in peer.allowed_ips)
+        peers[relay_name] = PeerConfig(
+            public_key=peer.public_key,
+            allowed_ips=peer.allowed_ips + extra,
+            endpoint=peer.endpoint,
+            keepalive=peer.keepalive,
+            preshared_key=peer.preshared_key,
+        )
+
+    return DesiredState(
+        peers=_without_overlaps(tuple(peers.values())),
+        excluded=excluded,
+        relayed=relayed,
+    )
+
+
+def _without_overlaps(peers: tuple[PeerConfig, ...]) -> tuple[PeerConfig, ...]:
+    # Plugins may add prefixes (egress routes) that collide; WireGuard would silently
+    # move the prefix to whichever peer is configured last. Keep the first claim.
+    seen: dict[IPNetwork, str] = {}
+    result = []
+    for peer in sorted(peers, key=lambda p: p.public_key):
+        allowed = []
+        for prefix in peer.allowed_ips:
+            if prefix in seen:
+                continue
+            seen[prefix] = peer.public_key
+            allowed.append(prefix)
+        result.append(
+            PeerConfig(
+                public_key=peer.public_key,
+                allowed_ips=tuple(allowed),
+                endpoint=peer.endpoint,
+                keepalive=peer.keepalive,
+                preshared_key=peer.preshared_key,
+            )
+        )
+    return tuple(result)

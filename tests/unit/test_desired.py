@@ -1,0 +1,143 @@
+"""The pure desired-state computation."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshd.desired import STATIC_ROLE, compute
+from meshd.identity import WireGuardKeyPair
+from meshd.types import Admission, Member, MemberState, NodeRecord, PathChoice, PeerConfig
+
+
+@dataclass
+class AdmitAll:
+    refuse: frozenset[str] = frozenset()
+    relay_via: dict[str, str] | None = None
+
+    def admit(self, member: Member) -> Admission | None:
+        if member.name in self.refuse:
+            return Admission(admit=False, reason="test refusal")
+        return Admission(admit=True)
+
+    def select_path(self, member: Member) -> PathChoice:
+        return PathChoice(via=(self.relay_via or {}).get(member.name))
+
+    def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
+        return peer
+
+
+KEYS = [WireGuardKeyPair.generate().public_key for _ in range(8)]
+
+
+def record(i: int, address: str, *, static: bool = False) -> NodeRecord:
+    return NodeRecord(
+        public_key=KEYS[i],
+        addresses=(ipaddress.ip_address(address),),
+        port=51820,
+        endpoints=(f"198.18.0.{i + 1}:51820",),
+        roles=frozenset({STATIC_ROLE}) if static else frozenset(),
+    )
+
+
+def member(i: int, address: str, state: MemberState = MemberState.ALIVE, **kw: bool) -> Member:
+    return Member(name=f"n{i}", gossip_addr=address, state=state, record=record(i, address, **kw))
+
+
+def test_every_other_admitted_member_is_a_peer_with_its_host_prefix() -> None:
+    members = [member(i, f"100.80.0.{i + 1}") for i in range(4)]
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=members,
+        policy=AdmitAll(),
+        keepalive=25,
+    )
+    assert sorted(p.public_key for p in state.peers) == sorted(KEYS[1:4])
+    peer = next(p for p in state.peers if p.public_key == KEYS[2])
+    assert peer.allowed_ips == (ipaddress.ip_network("100.80.0.3/32"),)
+    assert peer.endpoint == "198.18.0.3:51820"
+    assert peer.keepalive == 25
+
+
+def test_failed_members_stay_and_left_or_reaped_go() -> None:
+    members = [
+        member(1, "100.80.0.2", MemberState.FAILED),
+        member(2, "100.80.0.3", MemberState.LEFT),
+        member(3, "100.80.0.4", MemberState.REAPED),
+    ]
+    state = compute(
+        own_name="n0", own_record=record(0, "100.80.0.1"), members=members, policy=AdmitAll()
+    )
+    assert [p.public_key for p in state.peers] == [KEYS[1]]
+
+
+def test_unadmitted_and_recordless_members_are_excluded_with_a_reason() -> None:
+    members = [
+        member(1, "100.80.0.2"),
+        Member(
+            name="ghost", gossip_addr="100.80.0.9", state=MemberState.ALIVE, record_error="bad tag"
+        ),
+    ]
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=members,
+        policy=AdmitAll(refuse=frozenset({"n1"})),
+    )
+    assert state.peers == ()
+    assert state.excluded == {
+        "n1": "not admitted: test refusal",
+        "ghost": "no valid record: bad tag",
+    }
+
+
+def test_static_address_beats_derived_and_lower_key_breaks_ties() -> None:
+    clash = "100.80.0.7"
+    members = [member(1, clash), member(2, clash, static=True)]
+    state = compute(
+        own_name="n0", own_record=record(0, "100.80.0.1"), members=members, policy=AdmitAll()
+    )
+    assert [p.public_key for p in state.peers] == [KEYS[2]]
+    assert "address conflict" in state.excluded["n1"]
+
+
+def test_relayed_member_is_reached_through_the_relays_entry() -> None:
+    members = [member(1, "100.80.0.2"), member(2, "100.80.0.3")]
+    policy = AdmitAll(relay_via={"n2": "n1"})
+    state = compute(
+        own_name="n0", own_record=record(0, "100.80.0.1"), members=members, policy=policy
+    )
+    assert len(state.peers) == 1
+    assert set(state.peers[0].allowed_ips) == {
+        ipaddress.ip_network("100.80.0.2/32"),
+        ipaddress.ip_network("100.80.0.3/32"),
+    }
+    assert state.relayed == {"n2": "n1"}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 7), st.integers(1, 4), st.booleans(), st.sampled_from(list(MemberState))
+        ),
+        max_size=12,
+        unique_by=lambda row: row[0],
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_no_prefix_is_ever_given_to_two_peers_and_order_does_not_matter(rows, rnd) -> None:
+    members = [member(i, f"100.80.0.{a}", state, static=static) for i, a, static, state in rows]
+    own = record(0, "100.80.0.1")
+    first = compute(own_name="n0", own_record=own, members=members, policy=AdmitAll())
+    shuffled = list(members)
+    rnd.shuffle(shuffled)
+    second = compute(own_name="n0", own_record=own, members=shuffled, policy=AdmitAll())
+    prefixes = [p for peer in first.peers for p in peer.allowed_ips]
+    assert len(prefixes) == len(set(prefixes))
+    assert {p.public_key: set(p.allowed_ips) for p in first.peers} == {
+        p.public_key: set(p.allowed_ips) for p in second.peers
+    }
