@@ -1,0 +1,625 @@
+"""The lab: N hosts in network namespaces on one machine, built, used and torn down.
+
+A :class:`Lab` is made by :meth:`Lab.create` (builds it) or :meth:`Lab.load`
+(a lab another process built, from its state file). Everything it makes is
+named from its id (see :mod:`meshd.lab.plan`), and :meth:`Lab.down` finds
+leftovers by that name, so a crashed ``up`` is cleaned up as well as a good one.
+
+Isolation: no lab namespace has a link to the root namespace. The bridges live
+in a lab-owned switch namespace ("hub" for flat, "inet" for nat), so nothing a
+test sends can leave the machine, and there is no route that could try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from meshd.errors import LabError, MeshdError
+from meshd.lab import netns
+from meshd.lab.plan import (
+    BRIDGE_IFNAME,
+    HOST_IFNAME,
+    ROUTER_LAN_IFNAME,
+    ROUTER_WAN_IFNAME,
+    LabNode,
+    LabPlan,
+    LabRouter,
+    ifname,
+    lab_id_of_netns,
+    netns_prefix,
+    plan_lab,
+    random_lab_id,
+    validate_lab_id,
+)
+from meshd.state import atomic_write, ensure_private_dir
+
+log = logging.getLogger(__name__)
+
+ENV_LAB_DIR = "MESHD_LAB_DIR"
+DEFAULT_LAB_DIR = Path("/run/meshd-lab")
+STATE_FILE = "lab.json"
+WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
+STOP_TIMEOUT = 5.0
+
+Progress = Callable[[str], None]
+NodeRef = LabNode | str
+
+# The NAT of a home router: hosts behind it open conversations, nobody outside
+# does. Masquerade keeps the source port where it can (conntrack), like most
+# consumer routers, which is what hole punching will later rely on.
+ROUTER_RULESET = f"""\
+table ip meshd_lab {{
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        iifname "{ROUTER_WAN_IFNAME}" drop
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ct state established,related accept
+        iifname "{ROUTER_WAN_IFNAME}" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{ROUTER_WAN_IFNAME}" masquerade
+    }}
+}}
+"""
+
+
+def lab_base_dir(base_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where labs keep their state: ``base_dir``, else $MESHD_LAB_DIR, else /run/meshd-lab."""
+    if base_dir is not None:
+        return Path(base_dir)
+    return Path(os.environ.get(ENV_LAB_DIR) or DEFAULT_LAB_DIR)
+
+
+def _process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot); None if gone or a zombie.
+
+    Recorded with each spawned pid, so a later ``down`` never kills an
+    unrelated process that happens to reuse the number.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    now = _process_start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+class Lab:
+    """A built lab. See the module docstring; the constructor is internal."""
+
+    def __init__(self, plan: LabPlan, directory: Path) -> None:
+        self.plan = plan
+        self.dir = directory
+        # Popen objects of children this process spawned, so `down` can reap them
+        # (an unreaped child stays a zombie and looks alive to `kill -0`).
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # ---- construction -------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        nodes: int = 3,
+        topology: str = "flat",
+        lab_id: str | None = None,
+        *,
+        sites: int = 2,
+        public: int = 1,
+        base_dir: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Lab:
+        """Build a lab of ``nodes`` hosts and return it; on any failure nothing is left behind.
+
+        ``topology`` "flat": all hosts on one bridge. "nat": ``public`` hosts
+        on an "internet" bridge, the rest spread over ``sites`` sites, each
+        behind a router that masquerades and drops unsolicited inbound traffic.
+        """
+        netns.require_root()
+        netns.require_binaries("ip", "sysctl", *(["nft"] if topology == "nat" else []))
+        lab_id = validate_lab_id(lab_id) if lab_id is not None else random_lab_id()
+        plan = plan_lab(lab_id, nodes, topology, sites=sites, public=public)
+        directory = lab_base_dir(base_dir) / lab_id
+        if directory.exists() or _lab_namespaces(lab_id):
+            raise LabError(
+                f"lab {lab_id} already exists; remove it with: meshd lab down --lab {lab_id}"
+            )
+        say = progress or (lambda line: log.info("%s", line))
+        lab = cls(plan, directory)
+        try:
+            ensure_private_dir(directory)
+            lab._write_state({"processes": []})
+            lab._build(say)
+        except BaseException:
+            # Also on Ctrl-C: a half-built lab is worse than none.
+            with contextlib.suppress(MeshdError):
+                lab.down()
+            raise
+        return lab
+
+    @classmethod
+    def load(cls, lab_id: str, *, base_dir: str | os.PathLike[str] | None = None) -> Lab:
+        """The lab ``lab_id`` that some process built, from its state file."""
+        directory = lab_base_dir(base_dir) / validate_lab_id(lab_id)
+        state = _read_state(directory / STATE_FILE)
+        if state is None:
+            raise LabError(f"no lab {lab_id!r}; start one with: meshd lab up --lab {lab_id}")
+        return cls(LabPlan.from_dict(state["plan"]), directory)
+
+    def _build(self, say: Progress) -> None:
+        plan = self.plan
+        say(
+            f"lab {plan.lab_id}: {plan.topology}, {len(plan.nodes)} hosts"
+            + (f", {len(plan.routers)} sites" if plan.routers else "")
+        )
+        for name in plan.namespaces:
+            netns.add_netns(name)
+        say(f"  {len(plan.namespaces)} namespaces")
+        # The switch first: its batch creates the veth pairs into hosts and routers.
+        switch_cmds = ["link set lo up", f"link add {BRIDGE_IFNAME} type bridge"]
+        switch_cmds.append(f"link set {BRIDGE_IFNAME} up")
+        on_switch: list[tuple[str, str, str]] = [
+            (n.name, HOST_IFNAME, n.netns) for n in plan.nodes if n.site is None
+        ]
+        on_switch += [(r.name, ROUTER_WAN_IFNAME, r.netns) for r in plan.routers]
+        for port, peer, peer_netns in on_switch:
+            switch_cmds += [
+                f"link add {port} type veth peer name {peer} netns {peer_netns}",
+                f"link set {port} master {BRIDGE_IFNAME}",
+                f"link set {port} up",
+            ]
+        netns.ip_batch(plan.switch, switch_cmds)
+        netns.set_sysctl(plan.switch, "net.ipv4.ip_forward", "0")
+        for router in plan.routers:
+            self._build_router(router)
+            say(f"  router {router.name}: {router.wan_address} <- NAT <- {router.lan_cidr}")
+        for node in plan.nodes:
+            cmds = [
+                "link set lo up",
+                f"addr add {node.cidr} dev {node.interface}",
+                f"link set {node.interface} up",
+            ]
+            if node.gateway:
+                cmds.append(f"route add default via {node.gateway}")
+            netns.ip_batch(node.netns, cmds)
+            # Explicit: a new namespace inherits ip_forward from the root namespace.
+            netns.set_sysctl(node.netns, "net.ipv4.ip_forward", "0")
+        say(f"  {len(plan.nodes)} hosts up")
+
+    def _build_router(self, router: LabRouter) -> None:
+        cmds = [
+            "link set lo up",
+            f"link add {ROUTER_LAN_IFNAME} type bridge",
+            f"addr add {router.lan_address}/{router.prefixlen} dev {ROUTER_LAN_IFNAME}",
+            f"link set {ROUTER_LAN_IFNAME} up",
+            f"addr add {router.wan_address}/{router.prefixlen} dev {ROUTER_WAN_IFNAME}",
+            f"link set {ROUTER_WAN_IFNAME} up",
+        ]
+        for node in self.plan.nodes:
+            if node.site == router.site:
+                cmds += [
+                    f"link add {node.name} type veth peer name {node.interface} netns {node.netns}",
+                    f"link set {node.name} master {ROUTER_LAN_IFNAME}",
+                    f"link set {node.name} up",
+                ]
+        netns.ip_batch(router.netns, cmds)
+        netns.set_sysctl(router.netns, "net.ipv4.ip_forward", "1")
+        netns.load_nft(router.netns, ROUTER_RULESET)
+
+    # ---- what it is ---------------------------------------------------
+
+    @property
+    def lab_id(self) -> str:
+        return self.plan.lab_id
+
+    @property
+    def topology(self) -> str:
+        return self.plan.topology
+
+    @property
+    def nodes(self) -> list[LabNode]:
+        """The hosts (not routers or switches)."""
+        return list(self.plan.nodes)
+
+    @property
+    def routers(self) -> list[LabRouter]:
+        return list(self.plan.routers)
+
+    def node(self, name: str) -> LabNode:
+        """The host called ``name`` ("n1"); LabError if there is none."""
+        return self.plan.node(name)
+
+    def _netns_of(self, target: NodeRef) -> str:
+        """The namespace of a host (LabNode or name), a router ("r1") or the switch."""
+        if isinstance(target, LabNode):
+            return target.netns
+        if target in ("hub", "inet", "switch"):
+            return self.plan.switch
+        if re.fullmatch(r"r\d+", target):
+            return self.plan.router(target).netns
+        return self.plan.node(target).netns
+
+    def _name_of(self, target: NodeRef) -> str:
+        name = target.name if isinstance(target, LabNode) else target
+        self._netns_of(name)  # validates it
+        return name
+
+    def node_dir(self, node: NodeRef) -> Path:
+        """A per-node scratch directory (0700), e.g. for a node's meshd state_dir and config."""
+        return ensure_private_dir(self.dir / "nodes" / self._name_of(node))
+
+    def log_path(self, node: NodeRef, name: str) -> Path:
+        """Where :meth:`spawn` sends the output of process ``name`` on ``node``."""
+        _check_process_name(name)
+        return self.dir / "logs" / f"{self._name_of(node)}.{name}.log"
+
+    def ifname(self, node: NodeRef, prefix: str = "wg") -> str:
+        """An interface name for ``node`` unique on the whole machine (<= 15 characters)."""
+        return ifname(self.lab_id, self._name_of(node), prefix)
+
+    def expect_reachable(self, src: NodeRef, dst: NodeRef) -> bool:
+        """Whether ``src`` should reach ``dst``'s underlay address in this topology."""
+        return self.plan.expect_reachable(self._node(src), self._node(dst))
+
+    def _node(self, node: NodeRef) -> LabNode:
+        return node if isinstance(node, LabNode) else self.plan.node(node)
+
+    # ---- doing things in it -------------------------------------------
+
+    def run(
+        self,
+        node: NodeRef,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside ``node`` and wait; text output captured.
+
+        With ``check``, a non-zero exit is a LabError naming the command and
+        its last line of output.
+        """
+        return netns.run(
+            netns.exec_argv(self._netns_of(node), argv), check=check, timeout=timeout, input=input
+        )
+
+    def spawn(
+        self,
+        node: NodeRef,
+        argv: Sequence[str],
+        *,
+        name: str,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Start ``argv`` in the background inside ``node``; return its pid.
+
+        Output goes to :meth:`log_path` (node, name). The process is recorded in
+        the state file, so :meth:`down` (from any process) stops it. The child
+        gets only PATH plus ``env``, never this process's environment.
+        """
+        target = self._netns_of(node)
+        node_name = self._name_of(node)
+        log_file = self.log_path(node_name, name)
+        ensure_private_dir(log_file.parent)
+        child_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        child_env.update(env or {})
+        with self._locked_state() as state:
+            for proc in state["processes"]:
+                if (proc["node"], proc["name"]) == (node_name, name) and _alive(
+                    proc["pid"], proc["start"]
+                ):
+                    raise LabError(f"{name} is already running on {node_name} (pid {proc['pid']})")
+            try:
+                with open(log_file, "ab") as out:
+                    child = subprocess.Popen(
+                        netns.exec_argv(target, argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=child_env,
+                        # Its own session: a Ctrl-C meant for the caller does not reach it.
+                        start_new_session=True,
+                    )
+            except OSError as exc:
+                raise LabError(f"cannot start {argv[0]} on {node_name}: {exc.strerror}") from exc
+            self._children[child.pid] = child
+            state["processes"] = [
+                p
+                for p in state["processes"]
+                if (p["node"], p["name"]) != (node_name, name) and _alive(p["pid"], p["start"])
+            ]
+            state["processes"].append(
+                {
+                    "node": node_name,
+                    "name": name,
+                    "pid": child.pid,
+                    "start": _process_start_time(child.pid),
+                    "argv": list(argv),
+                }
+            )
+        log.debug("spawned %s on %s: pid %d", name, node_name, child.pid)
+        return child.pid
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The processes :meth:`spawn` started, each with an ``alive`` flag."""
+        state = _read_state(self.dir / STATE_FILE) or {"processes": []}
+        return [
+            {**p, "alive": _alive(p["pid"], p["start"])} for p in state.get("processes", [])
+        ]
+
+    def kill(self, node: NodeRef, name: str, sig: int = signal.SIGTERM) -> bool:
+        """Send ``sig`` to spawned process ``name`` on ``node``; False if it is not running."""
+        node_name = self._name_of(node)
+        for proc in self.processes():
+            if (proc["node"], proc["name"]) == (node_name, name) and proc["alive"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc["pid"], sig)
+                return True
+        return False
+
+    def link_down(self, node: NodeRef) -> None:
+        """Cut ``node`` off its network (its underlay interface goes down)."""
+        lab_node = self._node(node)
+        netns.ip_batch(lab_node.netns, [f"link set {lab_node.interface} down"])
+
+    def link_up(self, node: NodeRef) -> None:
+        """Undo :meth:`link_down` (the default route comes back too)."""
+        lab_node = self._node(node)
+        cmds = [f"link set {lab_node.interface} up"]
+        if lab_node.gateway:
+            cmds.append(f"route replace default via {lab_node.gateway}")
+        netns.ip_batch(lab_node.netns, cmds)
+
+    def ping(self, src: NodeRef, address: str, *, deadline: float = 3) -> float | None:
+        """Ping ``address`` from ``src`` until one answer or ``deadline`` s; RTT in ms or None."""
+        done = self.run(
+            src,
+            ["ping", "-n", "-c", "1", "-i", "0.2", "-w", f"{max(1, round(deadline))}", address],
+            check=False,
+            timeout=deadline + 10,
+        )
+        if done.returncode != 0:
+            return None
+        found = re.search(r"time[=<]([\d.]+) ?ms", done.stdout)
+        return float(found.group(1)) if found else 0.0
+
+    def ping_matrix(
+        self, addresses: Mapping[str, str] | None = None, *, deadline: float = 3
+    ) -> dict[str, Any]:
+        """Every host pings every other host; the result per pair and an overall ``ok``.
+
+        Default ``addresses``: the underlay, where the topology decides what
+        should answer (nat: nobody reaches into a site); with ``addresses``
+        given (node name -> address, e.g. mesh addresses) every pair should.
+        Returns ``{"ok": bool, "pairs": [{"src", "dst", "address", "reachable",
+        "expected", "rtt_ms"}, ...], "failed": ["n1->n2", ...]}``.
+        """
+        netns.require_binaries("ping")
+        targets = dict(addresses) if addresses is not None else {
+            n.name: n.address for n in self.plan.nodes
+        }
+        jobs = [
+            (src, self.plan.node(dst), address)
+            for src in self.plan.nodes
+            for dst, address in targets.items()
+            if dst != src.name
+        ]
+
+        def probe(job: tuple[LabNode, LabNode, str]) -> dict[str, Any]:
+            src, dst, address = job
+            expected = addresses is not None or self.plan.expect_reachable(src, dst)
+            # A pair that should fail gets a short deadline: it costs the whole of it.
+            rtt = self.ping(src, address, deadline=deadline if expected else 1)
+            return {
+                "src": src.name,
+                "dst": dst.name,
+                "address": address,
+                "reachable": rtt is not None,
+                "expected": expected,
+                "rtt_ms": rtt,
+            }
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            pairs = list(pool.map(probe, jobs))
+        failed = [f"{p['src']}->{p['dst']}" for p in pairs if p["reachable"] != p["expected"]]
+        return {"ok": not failed, "pairs": pairs, "failed": failed}
+
+    # ---- state --------------------------------------------------------
+
+    def _write_state(self, extra: Mapping[str, Any]) -> None:
+        state = {"version": 1, "created": time.time(), "plan": self.plan.to_dict(), **extra}
+        atomic_write(self.dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def _locked_state(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the state file under a lock (two processes may spawn at once)."""
+        try:
+            lock = open(self.dir / ".lock", "a")  # noqa: SIM115 - held across the yield
+        except OSError as exc:
+            raise LabError(f"lab {self.lab_id} is gone ({exc.strerror})") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = _read_state(self.dir / STATE_FILE)
+            if state is None:
+                raise LabError(f"lab {self.lab_id} has no state file; was it taken down?")
+            yield state
+            atomic_write(self.dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+    # ---- teardown -----------------------------------------------------
+
+    def down(self) -> None:
+        """Stop every process, delete every namespace and file of this lab. Idempotent."""
+        _teardown(self.lab_id, self.dir, self._children)
+
+    @classmethod
+    def down_by_id(cls, lab_id: str, *, base_dir: str | os.PathLike[str] | None = None) -> bool:
+        """Tear down lab ``lab_id`` from whatever is left of it; False if nothing was."""
+        directory = lab_base_dir(base_dir) / validate_lab_id(lab_id)
+        return _teardown(lab_id, directory, {})
+
+    @classmethod
+    def down_all(cls, *, base_dir: str | os.PathLike[str] | None = None) -> list[str]:
+        """Tear down every lab on this machine (other users' too!); return their ids."""
+        ids = {lab_id for name in netns.list_netns() if (lab_id := lab_id_of_netns(name))}
+        base = lab_base_dir(base_dir)
+        with contextlib.suppress(OSError):
+            ids |= {p.name for p in base.iterdir() if (p / STATE_FILE).exists()}
+        for lab_id in sorted(ids):
+            cls.down_by_id(lab_id, base_dir=base_dir)
+        return sorted(ids)
+
+    @classmethod
+    def list_ids(cls, *, base_dir: str | os.PathLike[str] | None = None) -> list[str]:
+        """Ids of labs on this machine (by state file or by namespace)."""
+        ids = {lab_id for name in netns.list_netns() if (lab_id := lab_id_of_netns(name))}
+        with contextlib.suppress(OSError):
+            ids |= {
+                p.name for p in lab_base_dir(base_dir).iterdir() if (p / STATE_FILE).exists()
+            }
+        return sorted(ids)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        return f"<Lab {self.lab_id} {self.topology} nodes={len(self.plan.nodes)}>"
+
+
+def _check_process_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name.startswith("."):
+        raise LabError(f"bad process name {name!r}: use letters, digits, '_', '-', '.'")
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LabError(f"cannot read lab state {path}: {exc}") from exc
+    if not isinstance(data, dict) or "plan" not in data:
+        raise LabError(f"{path} is not a lab state file")
+    data.setdefault("processes", [])
+    return data
+
+
+def _lab_namespaces(lab_id: str) -> list[str]:
+    prefix = netns_prefix(lab_id)
+    return [name for name in netns.list_netns() if name.startswith(prefix)]
+
+
+def _teardown(
+    lab_id: str, directory: Path, children: Mapping[int, subprocess.Popen[bytes]]
+) -> bool:
+    netns.require_root()
+    namespaces = _lab_namespaces(lab_id)
+    state = None
+    with contextlib.suppress(LabError):
+        state = _read_state(directory / STATE_FILE)
+    if not namespaces and state is None and not directory.exists():
+        return False
+    log.info("taking down lab %s", lab_id)
+    # Processes first: a namespace lives on while a process is inside it.
+    victims: dict[int, int | None] = {}
+    for proc in (state or {}).get("processes", []):
+        if _alive(proc["pid"], proc.get("start")):
+            victims[proc["pid"]] = proc.get("start")
+    for name in namespaces:
+        for pid in netns.netns_pids(name):
+            victims.setdefault(pid, _process_start_time(pid))
+    victims.pop(os.getpid(), None)
+    _stop_processes(victims, children)
+    for name in reversed(namespaces):  # hosts before routers before the switch
+        netns.delete_netns(name)
+    left = _lab_namespaces(lab_id)
+    if left:
+        raise LabError(f"lab {lab_id}: namespaces still present after down: {', '.join(left)}")
+    _remove_stale_wireguard_sockets(lab_id)
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def _stop_processes(
+    victims: Mapping[int, int | None], children: Mapping[int, subprocess.Popen[bytes]]
+) -> None:
+    def signal_all(sig: int) -> None:
+        for pid, start in victims.items():
+            if _alive(pid, start):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    def wait_all(seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while True:
+            for child in children.values():
+                child.poll()  # reaps our own children, which would linger as zombies
+            if not any(_alive(pid, start) for pid, start in victims.items()):
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+
+    if not victims:
+        return
+    signal_all(signal.SIGTERM)
+    if not wait_all(STOP_TIMEOUT):
+        log.warning("lab processes ignored SIGTERM for %g s; killing them", STOP_TIMEOUT)
+        signal_all(signal.SIGKILL)
+        if not wait_all(STOP_TIMEOUT):
+            left = [str(pid) for pid, start in victims.items() if _alive(pid, start)]
+            raise LabError(f"lab processes survived SIGKILL: {', '.join(left)}")
+
+
+def _remove_stale_wireguard_sockets(lab_id: str) -> None:
+    """Remove control sockets of killed wireguard-go processes of this lab.
+
+    Only sockets nobody answers on: a live one may belong to a lab whose id
+    merely ends like ours.
+    """
+    pattern = re.compile(rf"[a-z]{{1,4}}{re.escape(lab_id)}n\d+\.sock")
+    with contextlib.suppress(OSError):
+        for path in WIREGUARD_SOCKET_DIR.iterdir():
+            if not pattern.fullmatch(path.name):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except ConnectionRefusedError:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass

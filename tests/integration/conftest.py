@@ -1,0 +1,82 @@
+"""Shared fixtures of the integration tests: root/binary skips and the lab.
+
+Integration tests run real programs in network namespaces and need root.
+Mark them with the ``root`` marker, naming the programs they need besides
+``ip``; they are skipped, with the reason, when not root or a program is missing:
+
+    pytestmark = pytest.mark.root("serf", "wireguard-go")    # a whole module
+    @requires_root("wg")                                      # one test (same thing)
+
+``lab_factory`` builds labs and tears down every lab it built when the test
+ends, passed or failed:
+
+    def test_something(lab_factory):
+        lab = lab_factory(nodes=3)                  # flat; or topology="nat"
+        lab.run("n1", ["ping", "-c", "1", lab.node("n2").address])
+
+Labs get random ids, so parallel runs (and other people's tests on the same
+machine) never share a namespace. Never call ``Lab.down_all()`` from a test:
+it would take down other runs' labs too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from meshd.lab import Lab
+
+ALWAYS_NEEDED = ("ip",)
+
+
+def requires_root(*binaries: str) -> pytest.MarkDecorator:
+    """The ``root`` marker: skip unless root and ``binaries`` (plus ``ip``) are installed."""
+    return pytest.mark.root(*binaries)
+
+
+def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
+    """Why a root test cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [b for b in (*ALWAYS_NEEDED, *binaries) if shutil.which(b) is None]
+    if missing:
+        return f"needs {', '.join(missing)} installed"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("root"):
+        reason = missing_requirements(tuple(str(arg) for arg in mark.args))
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[..., Lab]]:
+    """``lab_factory(nodes=3, topology="flat", **kw) -> Lab``; all its labs go down at teardown.
+
+    Extra keywords go to :meth:`Lab.create` (``sites``, ``public``, ``lab_id``).
+    """
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    labs: list[Lab] = []
+
+    def make(nodes: int = 3, topology: str = "flat", **kwargs: Any) -> Lab:
+        lab = Lab.create(nodes=nodes, topology=topology, **kwargs)
+        labs.append(lab)
+        return lab
+
+    yield make
+    errors = []
+    for lab in reversed(labs):
+        try:
+            lab.down()
+        except Exception as exc:  # take down the others before reporting
+            errors.append(f"{lab.lab_id}: {exc}")
+    if errors:
+        pytest.fail("lab teardown failed: " + "; ".join(errors))
