@@ -1,0 +1,46 @@
+"""The WireGuard data plane: backends, reconcile and the mesh interface.
+
+Public API (what the agent uses):
+
+* :class:`~meshd.wireguard.interface.InterfaceSpec` /
+  :class:`~meshd.wireguard.interface.WireGuardInterface` (``open``, ``reconcile``,
+  ``peer_stats``, ``state``, ``supervise``, ``close``) and
+  :class:`~meshd.wireguard.interface.ReconcileResult`;
+* :func:`~meshd.wireguard.reconcile.plan_peers` /
+  :func:`~meshd.wireguard.reconcile.plan_routes`: the pure diff;
+* the values :class:`~meshd.wireguard.backend.PeerState`,
+  :class:`~meshd.wireguard.backend.DeviceState`, :class:`~meshd.wireguard.backend.PeerOp`
+  and the :class:`~meshd.wireguard.backend.WireGuardBackend` protocol.
+"""
+
+from meshd.wireguard.backend import (
+    DeviceConfig,
+    DeviceState,
+    OpKind,
+    PeerOp,
+    PeerState,
+    WireGuardBackend,
+)
+from meshd.wireguard.interface import (
+    InterfaceSpec,
+    ReconcileResult,
+    WireGuardInterface,
+    start_backend,
+)
+from meshd.wireguard.reconcile import RoutePlan, plan_peers, plan_routes
+
+__all__ = [
+    "DeviceConfig",
+    "DeviceState",
+    "InterfaceSpec",
+    "OpKind",
+    "PeerOp",
+    "PeerState",
+    "ReconcileResult",
+    "RoutePlan",
+    "WireGuardBackend",
+    "WireGuardInterface",
+    "plan_peers",
+    "plan_routes",
+    "start_backend",
+]

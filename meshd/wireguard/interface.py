@@ -1,0 +1,197 @@
+"""One mesh interface: a WireGuard backend plus its link, addresses and routes.
+
+This is what the agent drives:
+
+    spec = InterfaceSpec(ifname="mesh0", private_key=key, listen_port=51820,
+                         addresses=(ip_interface("100.64.0.1/10"),))
+    iface = await WireGuardInterface.open(spec, backend="auto")
+    tg.create_task(iface.supervise())           # heals a dead wireguard-go
+    result = await iface.reconcile(peers)       # desired PeerConfigs -> minimal changes
+    stats = await iface.peer_stats()            # endpoint, last handshake, rx/tx per peer
+    await iface.close()                         # removes the interface
+
+``backend`` is ``"userspace"`` (wireguard-go), ``"kernel"`` or ``"auto"`` (kernel
+when the module can create the link, else userspace). A reconcile pass sets the
+peers (:func:`meshd.wireguard.reconcile.plan_peers`) and then the routes for every
+allowed prefix outside the interface's own networks, removing meshd's stale routes.
+After wireguard-go restarts, the interface is rebuilt: link, addresses, device
+keys, the last desired peers and their routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshd.errors import WireGuardError
+from meshd.netlink import IPInterface, Netlink
+from meshd.types import IPNetwork, PeerConfig
+from meshd.wireguard.backend import DeviceConfig, DeviceState, PeerOp, PeerState, WireGuardBackend
+from meshd.wireguard.kernel import KernelBackend
+from meshd.wireguard.reconcile import RoutePlan, plan_peers, plan_routes
+from meshd.wireguard.userspace import UserspaceBackend
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "kernel", "userspace")
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """Everything about the interface that is not a peer."""
+
+    ifname: str
+    private_key: str = field(repr=False)
+    listen_port: int | None = None
+    addresses: tuple[IPInterface, ...] = ()
+    mtu: int = 1420
+    fwmark: int | None = None
+    netns: str | None = None
+
+    @property
+    def device(self) -> DeviceConfig:
+        return DeviceConfig(self.private_key, self.listen_port, self.fwmark)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What one pass changed; ``operations == 0`` means the interface was already in sync."""
+
+    peer_ops: tuple[PeerOp, ...] = ()
+    routes: RoutePlan = field(default_factory=RoutePlan)
+
+    @property
+    def operations(self) -> int:
+        return len(self.peer_ops) + len(self.routes)
+
+
+async def start_backend(
+    ifname: str, netns: str | None = None, *, backend: str = "auto"
+) -> WireGuardBackend:
+    """Create the interface with the chosen backend and return that backend, started."""
+    if backend not in BACKENDS:
+        raise WireGuardError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend in ("auto", "kernel"):
+        kernel = KernelBackend(ifname, netns)
+        try:
+            await kernel.start()
+            log.info("%s: using the kernel WireGuard module", ifname)
+            return kernel
+        except WireGuardError as exc:
+            if backend == "kernel":
+                raise
+            log.info("%s: kernel WireGuard not usable (%s); using wireguard-go", ifname, exc)
+    userspace = UserspaceBackend(ifname, netns)
+    await userspace.start()
+    return userspace
+
+
+class WireGuardInterface:
+    """A configured mesh interface; build it with :meth:`open`."""
+
+    def __init__(self, spec: InterfaceSpec, backend: WireGuardBackend) -> None:
+        self.spec = spec
+        self.backend = backend
+        self._desired: tuple[PeerConfig, ...] | None = None
+        self._lock = asyncio.Lock()
+        backend.set_restart_hook(self._rebuild)
+
+    @classmethod
+    async def open(cls, spec: InterfaceSpec, *, backend: str = "auto") -> WireGuardInterface:
+        """Create the interface, set its key, port, MTU and addresses, and bring it up."""
+        started = await start_backend(spec.ifname, spec.netns, backend=backend)
+        iface = cls(spec, started)
+        try:
+            await iface._setup()
+        except BaseException:
+            await started.stop()
+            raise
+        return iface
+
+    @property
+    def ifname(self) -> str:
+        return self.spec.ifname
+
+    async def _setup(self) -> None:
+        await self.backend.configure_device(self.spec.device)
+        async with Netlink(self.spec.netns) as nl:
+            await nl.wait_link(self.ifname)
+            await nl.set_link(self.ifname, mtu=self.spec.mtu, up=True)
+            await nl.sync_addresses(self.ifname, self.spec.addresses)
+
+    async def _rebuild(self) -> None:
+        # The backend re-applied the device keys; the link's settings and peers are new.
+        async with self._lock:
+            await self._setup()
+            if self._desired is not None:
+                result = await self._pass(self._desired)
+                log.warning(
+                    "%s: rebuilt after restart (%d operations)", self.ifname, result.operations
+                )
+
+    def _on_link(self) -> list[IPNetwork]:
+        return [iface.network for iface in self.spec.addresses]
+
+    async def _pass(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
+        state = await self.backend.read_state()
+        ops = plan_peers(state.peers, peers)
+        if ops:
+            await self.backend.apply(ops)
+        prefixes = [net for peer in peers for net in peer.allowed_ips]
+        async with Netlink(self.spec.netns) as nl:
+            routes = plan_routes(prefixes, self._on_link(), await nl.routes(self.ifname))
+            if routes.remove:
+                await nl.remove_routes(self.ifname, routes.remove)
+            if routes.add:
+                await nl.add_routes(self.ifname, routes.add)
+        if ops or routes:
+            log.info(
+                "%s: %d peer op(s), %d route(s) added, %d removed",
+                self.ifname,
+                len(ops),
+                len(routes.add),
+                len(routes.remove),
+            )
+        return ReconcileResult(ops, routes)
+
+    async def reconcile(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
+        """Make the interface's peers and routes match ``peers``; idempotent.
+
+        Bad input (a malformed key, one prefix on two peers, a bad endpoint) raises
+        before anything changes. A failure while applying leaves a state the next
+        pass repairs.
+        """
+        desired = tuple(peers)
+        async with self._lock:
+            result = await self._pass(desired)
+            self._desired = desired
+        return result
+
+    async def state(self) -> DeviceState:
+        return await self.backend.read_state()
+
+    async def peer_stats(self) -> tuple[PeerState, ...]:
+        """Every live peer with endpoint, last handshake and rx/tx bytes."""
+        return (await self.backend.read_state()).peers
+
+    async def supervise(self) -> None:
+        """Keep the interface alive (restart wireguard-go and rebuild); run as a task."""
+        await self.backend.supervise()
+
+    async def close(self) -> None:
+        """Remove the interface (stopping wireguard-go)."""
+        await self.backend.stop()
+
+
+def parse_interfaces(texts: Sequence[str]) -> tuple[IPInterface, ...]:
+    """``["100.64.0.1/10", ...]`` as interface addresses; WireGuardError names a bad one."""
+    found: list[IPInterface] = []
+    for text in texts:
+        try:
+            found.append(ipaddress.ip_interface(text))
+        except ValueError as exc:
+            raise WireGuardError(f"{text!r} is not an address with prefix length") from exc
+    return tuple(found)

@@ -1,0 +1,180 @@
+"""The WireGuard cross-platform UAPI text protocol: encode ``set=1``, parse ``get=1``.
+
+Pure functions, no I/O (https://www.wireguard.com/xplatform/): a request is
+``key=value`` lines ending with an empty line; keys travel as lowercase hex; the
+answer to ``get=1`` lists the device's keys, then each peer starting at its
+``public_key`` line, then ``errno=N``. :mod:`meshd.wireguard.userspace` moves the
+text over the socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from meshd.errors import WireGuardError
+from meshd.identity import decode_key, encode_key, public_key_of
+from meshd.types import IPNetwork
+from meshd.wireguard.backend import (
+    ZERO_KEY,
+    DeviceConfig,
+    DeviceState,
+    OpKind,
+    PeerOp,
+    PeerState,
+    normalize_endpoint,
+    sorted_networks,
+)
+
+GET_REQUEST = b"get=1\n\n"
+
+
+def key_to_hex(key: str, *, what: str = "key") -> str:
+    return decode_key(key, what=what).hex()
+
+
+def hex_to_key(text: str, *, what: str = "key") -> str:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise WireGuardError(f"UAPI: {what} is not hex") from exc
+    if len(raw) != 32:
+        raise WireGuardError(f"UAPI: {what} is {len(raw)} bytes, not 32")
+    return encode_key(raw)
+
+
+def encode_set(device: DeviceConfig | None, ops: Sequence[PeerOp]) -> bytes:
+    """One ``set=1`` transaction: the device settings (if given), then every peer op in order.
+
+    Never ``replace_peers``: peers not named keep their sessions. An ``UPDATE`` carries
+    ``update_only`` so a peer removed meanwhile is not re-created half-configured.
+    """
+    lines = ["set=1"]
+    if device is not None:
+        lines.append(f"private_key={key_to_hex(device.private_key, what='private key')}")
+        if device.listen_port is not None:
+            lines.append(f"listen_port={device.listen_port}")
+        if device.fwmark is not None:
+            lines.append(f"fwmark={device.fwmark}")
+    for op in ops:
+        lines.append(f"public_key={key_to_hex(op.public_key, what='peer public key')}")
+        if op.kind is OpKind.REMOVE:
+            lines.append("remove=true")
+            continue
+        if op.kind is OpKind.UPDATE:
+            lines.append("update_only=true")
+        if op.preshared_key is not None:
+            lines.append(f"preshared_key={key_to_hex(op.preshared_key, what='preshared key')}")
+        if op.endpoint is not None:
+            lines.append(f"endpoint={normalize_endpoint(op.endpoint)}")
+        if op.keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={op.keepalive}")
+        if op.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines.extend(f"allowed_ip={net.with_prefixlen}" for net in op.allowed_ips)
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def parse_errno(text: str) -> int:
+    """The ``errno`` of an answer to ``set=1``; WireGuardError when there is none."""
+    for line in text.splitlines():
+        if line.startswith("errno="):
+            try:
+                return int(line[6:])
+            except ValueError as exc:
+                raise WireGuardError(f"UAPI: bad errno line {line!r}") from exc
+    raise WireGuardError("UAPI: answer without errno")
+
+
+class _PeerBuilder:
+    def __init__(self, public_key: str) -> None:
+        self.public_key = public_key
+        self.endpoint: str | None = None
+        self.allowed: list[IPNetwork] = []
+        self.keepalive: int | None = None
+        self.preshared_key: str | None = None
+        self.handshake_sec = 0
+        self.handshake_nsec = 0
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def build(self) -> PeerState:
+        handshake = None
+        if self.handshake_sec or self.handshake_nsec:
+            handshake = self.handshake_sec + self.handshake_nsec / 1e9
+        return PeerState(
+            public_key=self.public_key,
+            endpoint=self.endpoint,
+            allowed_ips=sorted_networks(self.allowed),
+            keepalive=self.keepalive,
+            preshared_key=self.preshared_key,
+            last_handshake=handshake,
+            rx_bytes=self.rx_bytes,
+            tx_bytes=self.tx_bytes,
+        )
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise WireGuardError(f"UAPI: {key}={value!r} is not a number") from exc
+
+
+def parse_get(text: str) -> DeviceState:
+    """The device state in an answer to ``get=1``; WireGuardError on a non-zero errno."""
+    public_key: str | None = None
+    listen_port = 0
+    fwmark: int | None = None
+    peers: list[PeerState] = []
+    peer: _PeerBuilder | None = None
+    errno: int | None = None
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise WireGuardError(f"UAPI: malformed line {line[:40]!r}")
+        if key == "public_key":
+            if peer is not None:
+                peers.append(peer.build())
+            peer = _PeerBuilder(hex_to_key(value, what="peer public key"))
+        elif key == "errno":
+            errno = _int(key, value)
+        elif peer is None:
+            if key == "private_key":
+                public_key = public_key_of(hex_to_key(value, what="private key"))
+            elif key == "listen_port":
+                listen_port = _int(key, value)
+            elif key == "fwmark":
+                fwmark = _int(key, value) or None
+        elif key == "endpoint":
+            peer.endpoint = normalize_endpoint(value)
+        elif key == "allowed_ip":
+            try:
+                peer.allowed.append(ipaddress.ip_network(value, strict=False))
+            except ValueError as exc:
+                raise WireGuardError(f"UAPI: allowed_ip={value!r} is not a prefix") from exc
+        elif key == "persistent_keepalive_interval":
+            peer.keepalive = _int(key, value) or None
+        elif key == "preshared_key":
+            psk = hex_to_key(value, what="preshared key")
+            peer.preshared_key = None if psk == ZERO_KEY else psk
+        elif key == "last_handshake_time_sec":
+            peer.handshake_sec = _int(key, value)
+        elif key == "last_handshake_time_nsec":
+            peer.handshake_nsec = _int(key, value)
+        elif key == "rx_bytes":
+            peer.rx_bytes = _int(key, value)
+        elif key == "tx_bytes":
+            peer.tx_bytes = _int(key, value)
+        # protocol_version and keys newer versions add are ignored.
+    if peer is not None:
+        peers.append(peer.build())
+    if errno is None:
+        raise WireGuardError("UAPI: answer to get=1 without errno (truncated?)")
+    if errno != 0:
+        raise WireGuardError(f"UAPI: get=1 failed with errno {errno}")
+    return DeviceState(
+        public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers)
+    )
