@@ -14,7 +14,9 @@
      │    └── RecordError          a node record that cannot be encoded or decoded
      ├── WireGuardError         configuring a WireGuard interface failed
      ├── NetlinkError           addresses, links or routes could not be changed
-     └── LabError               the network-namespace lab
+     ├── LabError               the network-namespace lab
+     └── EnrolError             enrolment with a seed failed (unreachable, timed out)
+          └── EnrolRefused      the seed refused the request; ``reason`` says why
 
 Outside errors (OSError, pyroute2's NetlinkError, msgpack's errors) are converted
 at the adapter that calls them, ``raise WireGuardError("...") from exc``; only
@@ -91,3 +93,14 @@ class NetlinkError(MeshdError):
 
 class LabError(MeshdError):
     pass
+
+
+class EnrolError(MeshdError):
+    pass
+
+
+class EnrolRefused(EnrolError):
+    def __init__(self, reason: str, *, seed: str | None = None) -> None:
+        self.reason = reason
+        self.seed = seed
+        super().__init__(f"seed {seed} refused enrolment: {reason}" if seed else reason)
