@@ -255,7 +255,7 @@ class Lab:
         """The host called ``name`` ("n1"); LabError if there is none."""
         return self.plan.node(name)
 
-    def _netns_of(self, target: NodeRef) -> str:
+    def netns_of(self, target: NodeRef) -> str:
         """The namespace of a host (LabNode or name), a router ("r1") or the switch."""
         if isinstance(target, LabNode):
             return target.netns
@@ -267,7 +267,7 @@ class Lab:
 
     def _name_of(self, target: NodeRef) -> str:
         name = target.name if isinstance(target, LabNode) else target
-        self._netns_of(name)  # validates it
+        self.netns_of(name)  # validates it
         return name
 
     def node_dir(self, node: NodeRef) -> Path:
@@ -307,7 +307,7 @@ class Lab:
         its last line of output.
         """
         return netns.run(
-            netns.exec_argv(self._netns_of(node), argv), check=check, timeout=timeout, input=input
+            netns.exec_argv(self.netns_of(node), argv), check=check, timeout=timeout, input=input
         )
 
     def spawn(
@@ -324,7 +324,7 @@ class Lab:
         the state file, so :meth:`down` (from any process) stops it. The child
         gets only PATH plus ``env``, never this process's environment.
         """
-        target = self._netns_of(node)
+        target = self.netns_of(node)
         node_name = self._name_of(node)
         log_file = self.log_path(node_name, name)
         ensure_private_dir(log_file.parent)
@@ -370,9 +370,7 @@ class Lab:
     def processes(self) -> list[dict[str, Any]]:
         """The processes :meth:`spawn` started, each with an ``alive`` flag."""
         state = _read_state(self.dir / STATE_FILE) or {"processes": []}
-        return [
-            {**p, "alive": _alive(p["pid"], p["start"])} for p in state.get("processes", [])
-        ]
+        return [{**p, "alive": _alive(p["pid"], p["start"])} for p in state.get("processes", [])]
 
     def kill(self, node: NodeRef, name: str, sig: int = signal.SIGTERM) -> bool:
         """Send ``sig`` to spawned process ``name`` on ``node``; False if it is not running."""
@@ -422,9 +420,11 @@ class Lab:
         "expected", "rtt_ms"}, ...], "failed": ["n1->n2", ...]}``.
         """
         netns.require_binaries("ping")
-        targets = dict(addresses) if addresses is not None else {
-            n.name: n.address for n in self.plan.nodes
-        }
+        targets = (
+            dict(addresses)
+            if addresses is not None
+            else {n.name: n.address for n in self.plan.nodes}
+        )
         jobs = [
             (src, self.plan.node(dst), address)
             for src in self.plan.nodes
@@ -500,9 +500,7 @@ class Lab:
         """Ids of labs on this machine (by state file or by namespace)."""
         ids = {lab_id for name in netns.list_netns() if (lab_id := lab_id_of_netns(name))}
         with contextlib.suppress(OSError):
-            ids |= {
-                p.name for p in lab_base_dir(base_dir).iterdir() if (p / STATE_FILE).exists()
-            }
+            ids |= {p.name for p in lab_base_dir(base_dir).iterdir() if (p / STATE_FILE).exists()}
         return sorted(ids)
 
     def __enter__(self) -> Lab:
