@@ -1,0 +1,305 @@
+"""The node-record codec: :class:`meshd.types.NodeRecord` <-> Serf tags.
+
+Serf caps a node's tags at 512 bytes *as the agent encodes them*: one magic
+byte followed by the msgpack of the ``map[string]string`` (Go's codec writes
+the old msgpack spec, so a 32-255 byte string costs a 3-byte header, not the
+2-byte ``str8`` of the new spec). :func:`tags_size` measures exactly that, and
+:func:`encode_record` refuses a record that does not fit with a RecordError.
+
+Tags (keys kept to one letter; binary fields are unpadded standard base64)::
+
+    m  codec version ("1"); a record with another value is refused, not misread
+    v  record version, decimal
+    k  WireGuard public key: base64 of its 32 bytes without the "=" pad
+    a  mesh addresses: base64 of (family byte 4|6, then 4|16 address bytes) each
+    p  WireGuard UDP port, decimal
+    e  endpoint candidates: base64 of one item each, in order:
+         4 + 4 address bytes + 2 port bytes      "192.0.2.1:51820"
+         6 + 16 address bytes + 2 port bytes     "[2001:db8::1]:51820"
+         0 + length byte + UTF-8 text            anything else (host names), verbatim
+    r  roles, sorted, comma-separated ([a-z0-9_-], 1-32 chars each)
+    n  routes: base64 of (family byte, prefix length, the prefix's significant bytes) each
+    c  certificate reference, verbatim text
+
+Empty optional fields are left out. Tags this codec does not know are ignored
+(other software may tag the node), so a record can grow new fields.
+
+Public API:
+
+- ``encode_record(record, *, limit=TAGS_LIMIT, extra_tags=None) -> dict[str, str]``
+- ``decode_record(tags) -> NodeRecord``  (raises RecordError, and nothing else, on any input)
+- ``tags_size(tags) -> int``; ``RECORD_KEYS``: the tag names the codec owns (to delete stale ones).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Iterator, Mapping
+
+import msgpack
+
+from meshd.errors import RecordError
+from meshd.types import IPAddress, IPNetwork, NodeRecord
+
+TAGS_LIMIT = 512
+CODEC_VERSION = "1"
+RECORD_KEYS = frozenset("mvkapercn")
+
+_ROLE_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+_MAX_ITEMS = 64
+_MAX_VERSION = 2**64 - 1
+
+
+def tags_size(tags: Mapping[str, str]) -> int:
+    """The size Serf gives ``tags``: its magic byte plus the map in old-spec msgpack."""
+    try:
+        # use_bin_type=False is msgpack's old spec: no str8, like Go's codec in Serf.
+        return 1 + len(msgpack.packb(dict(tags), use_bin_type=False))
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"tags are not a map of strings: {exc}") from exc
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise RecordError(f"{what}: not a string")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RecordError(f"{what}: not valid base64") from exc
+
+
+def _family_bytes(address: IPAddress) -> bytes:
+    return bytes([address.version]) + address.packed
+
+
+def _endpoint_item(endpoint: str) -> bytes:
+    host, sep, port = endpoint.rpartition(":")
+    if sep and port.isdigit() and 0 < int(port) < 65536:
+        try:
+            addr = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
+        except ValueError:
+            addr = None
+        # Binary only when decoding gives back the very same text.
+        if addr is not None and _format_endpoint(addr, int(port)) == endpoint:
+            return _family_bytes(addr) + int(port).to_bytes(2, "big")
+    raw = endpoint.encode()
+    if not raw or len(raw) > 255:
+        raise RecordError(f"endpoint {endpoint!r} must be 1-255 bytes")
+    return bytes([0, len(raw)]) + raw
+
+
+def _format_endpoint(addr: IPAddress, port: int) -> str:
+    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
+
+
+def _route_item(route: IPNetwork) -> bytes:
+    significant = (route.prefixlen + 7) // 8
+    return bytes([route.version, route.prefixlen]) + route.network_address.packed[:significant]
+
+
+def _check_count(what: str, items: tuple[object, ...] | frozenset[str]) -> None:
+    if len(items) > _MAX_ITEMS:
+        raise RecordError(f"{what}: at most {_MAX_ITEMS} entries, got {len(items)}")
+
+
+def encode_record(
+    record: NodeRecord,
+    *,
+    limit: int = TAGS_LIMIT,
+    extra_tags: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The Serf tags for ``record``; RecordError if a field is invalid or it does not fit.
+
+    ``extra_tags`` (other tags the node carries) count against ``limit`` but are
+    not part of the result.
+    """
+    key = _unb64(record.public_key.rstrip("="), "public key")
+    if len(key) != 32:
+        raise RecordError(f"public key must be 32 bytes, got {len(key)}")
+    if not record.addresses:
+        raise RecordError("a record needs at least one mesh address")
+    if not 0 < record.port < 65536:
+        raise RecordError(f"port must be 1-65535, got {record.port}")
+    if not 0 <= record.version <= _MAX_VERSION:
+        raise RecordError(f"version must be 0 to 2**64-1, got {record.version}")
+    for what, items in (
+        ("addresses", record.addresses),
+        ("endpoints", record.endpoints),
+        ("roles", record.roles),
+        ("routes", record.routes),
+    ):
+        _check_count(what, items)
+    tags = {
+        "m": CODEC_VERSION,
+        "v": str(record.version),
+        "k": _b64(key),
+        "a": _b64(b"".join(_family_bytes(a) for a in record.addresses)),
+        "p": str(record.port),
+    }
+    if record.endpoints:
+        tags["e"] = _b64(b"".join(_endpoint_item(e) for e in record.endpoints))
+    if record.roles:
+        bad = sorted(r for r in record.roles if not _ROLE_RE.match(r))
+        if bad:
+            raise RecordError(f"role names must match [a-z0-9_-]{{1,32}}: {bad!r}")
+        tags["r"] = ",".join(sorted(record.roles))
+    if record.routes:
+        tags["n"] = _b64(b"".join(_route_item(r) for r in record.routes))
+    if record.cert:
+        tags["c"] = record.cert
+    others = {k: v for k, v in (extra_tags or {}).items() if k not in RECORD_KEYS}
+    size = tags_size({**others, **tags})
+    if size > limit:
+        raise RecordError(
+            f"node record needs {size} bytes of Serf tags, more than the {limit}-byte limit "
+            f"({len(record.endpoints)} endpoints, {len(record.routes)} routes, "
+            f"{len(record.cert)}-character certificate reference)"
+        )
+    return tags
+
+
+class _Reader:
+    """Walks a packed byte string, raising RecordError on a short read."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise RecordError(f"{self.what}: truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def items(self) -> Iterator[int]:
+        count = 0
+        while self.pos < len(self.data):
+            count += 1
+            if count > _MAX_ITEMS:
+                raise RecordError(f"{self.what}: more than {_MAX_ITEMS} entries")
+            yield self.byte()
+
+    def address(self, family: int) -> IPAddress:
+        if family == 4:
+            return ipaddress.IPv4Address(self.take(4))
+        if family == 6:
+            return ipaddress.IPv6Address(self.take(16))
+        raise RecordError(f"{self.what}: unknown address family {family}")
+
+
+def _decode_addresses(text: str) -> tuple[IPAddress, ...]:
+    reader = _Reader(_unb64(text, "addresses"), "addresses")
+    addresses = tuple(reader.address(family) for family in reader.items())
+    if not addresses:
+        raise RecordError("addresses: empty")
+    return addresses
+
+
+def _decode_endpoints(text: str) -> tuple[str, ...]:
+    reader = _Reader(_unb64(text, "endpoints"), "endpoints")
+    endpoints: list[str] = []
+    for family in reader.items():
+        if family == 0:
+            raw = reader.take(reader.byte())
+            try:
+                endpoints.append(raw.decode())
+            except UnicodeDecodeError as exc:
+                raise RecordError("endpoints: a host name is not UTF-8") from exc
+            continue
+        addr = reader.address(family)
+        port = int.from_bytes(reader.take(2), "big")
+        if port == 0:
+            raise RecordError("endpoints: port 0")
+        endpoints.append(_format_endpoint(addr, port))
+    return tuple(endpoints)
+
+
+def _decode_routes(text: str) -> tuple[IPNetwork, ...]:
+    reader = _Reader(_unb64(text, "routes"), "routes")
+    routes: list[IPNetwork] = []
+    for family in reader.items():
+        width = {4: 4, 6: 16}.get(family)
+        if width is None:
+            raise RecordError(f"routes: unknown address family {family}")
+        prefixlen = reader.byte()
+        if prefixlen > width * 8:
+            raise RecordError(f"routes: prefix length {prefixlen} too long")
+        packed = reader.take((prefixlen + 7) // 8).ljust(width, b"\0")
+        try:
+            routes.append(ipaddress.ip_network((packed, prefixlen)))
+        except ValueError as exc:
+            raise RecordError(f"routes: {exc}") from exc
+    return tuple(routes)
+
+
+def _decimal(tags: Mapping[str, object], key: str, what: str, low: int, high: int) -> int:
+    text = tags.get(key)
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise RecordError(f"{what}: missing or not a decimal number")
+    value = int(text)
+    if not low <= value <= high:
+        raise RecordError(f"{what}: {value} out of range")
+    return value
+
+
+def decode_record(tags: Mapping[str, object]) -> NodeRecord:
+    """The record in a member's tags; RecordError for anything missing or malformed.
+
+    Safe on any input, hostile gossip included: no other exception escapes.
+    """
+    try:
+        return _decode(tags)
+    except RecordError:
+        raise
+    except Exception as exc:  # a decoder bug must not take the membership loop down
+        raise RecordError(f"undecodable record: {type(exc).__name__}") from exc
+
+
+def _decode(tags: Mapping[str, object]) -> NodeRecord:
+    if not isinstance(tags, Mapping):
+        raise RecordError("tags are not a map")
+    codec = tags.get("m")
+    if codec is None:
+        raise RecordError("no meshd record in the tags")
+    if codec != CODEC_VERSION:
+        raise RecordError(
+            f"record codec {codec!r} is not supported (this node reads {CODEC_VERSION!r})"
+        )
+
+    def text(key: str) -> str:
+        value = tags.get(key, "")
+        if not isinstance(value, str):
+            raise RecordError(f"tag {key!r} is not a string")
+        return value
+
+    key = _unb64(text("k"), "public key")
+    if len(key) != 32:
+        raise RecordError(f"public key must be 32 bytes, got {len(key)}")
+    roles_text = text("r")
+    roles = frozenset(roles_text.split(",")) if roles_text else frozenset()
+    if len(roles) > _MAX_ITEMS or not all(_ROLE_RE.match(r) for r in roles):
+        raise RecordError("roles: malformed")
+    endpoints = text("e")
+    routes = text("n")
+    return NodeRecord(
+        public_key=base64.b64encode(key).decode("ascii"),
+        addresses=_decode_addresses(text("a")),
+        port=_decimal(tags, "p", "port", 1, 65535),
+        endpoints=_decode_endpoints(endpoints) if endpoints else (),
+        roles=roles,
+        routes=_decode_routes(routes) if routes else (),
+        cert=text("c"),
+        version=_decimal(tags, "v", "version", 0, _MAX_VERSION),
+    )

@@ -1,0 +1,757 @@
+"""An asyncio client for the Serf agent's RPC protocol (IPC version 1, msgpack over TCP).
+
+The only module of meshd that imports ``msgpack`` or talks to the Serf RPC port.
+
+One :class:`SerfClient` holds one connection. Calls and the event stream share
+it: requests carry a ``Seq``, replies are matched by it and may come in any
+order. Every error header becomes a typed exception carrying the agent's text:
+:class:`~meshd.errors.SerfAuthError` for authentication,
+:class:`~meshd.errors.SerfCommandError` for a refused command, and
+:class:`~meshd.errors.SerfConnectionError` when there is no connection or no
+reply. When the connection drops (the agent restarted), calls in flight fail
+with SerfConnectionError, the client reconnects with backoff, subscribes to the
+stream again and puts a :class:`StreamGap` into the event queue: the agent
+replays nothing, so whoever consumes events must re-read ``members`` then.
+
+Events (member-*, user, query) go into a bounded queue read with
+``async for event in client.events()``. When the reader falls behind, new
+events are dropped (never the connection's replies) and a
+``StreamGap("overflow")`` marks the hole.
+
+Network namespaces: with ``netns="NAME"`` the socket is made in a short-lived
+thread that entered ``/run/netns/NAME`` (setns affects only the calling thread,
+and a socket stays in the namespace it was made in), so a process in the root
+namespace talks to an agent whose RPC port is 127.0.0.1 inside a lab node.
+
+Public API (see :class:`SerfRPC` for the calls)::
+
+    client = SerfClient("127.0.0.1:7373", auth_key=..., netns=None, stream="*")
+    await client.connect()                       # SerfConnectionError / SerfAuthError
+    members = await client.members()             # list[SerfMember]
+    async for event in client.events(): ...      # MemberEvent | UserEvent | QueryEvent | StreamGap
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import logging
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv6Address, ip_address
+from typing import Any, Literal, Protocol
+
+import msgpack
+
+from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
+
+log = logging.getLogger(__name__)
+
+IPC_VERSION = 1
+_CLONE_NEWNET = 0x40000000
+_AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
+
+# Which replies carry a body after their header (notes/serf-rpc.md, "Wire format").
+Body = Literal["always", "on_success", "never"]
+_BODY: dict[str, Body] = {
+    "join": "always",
+    "install-key": "always",
+    "use-key": "always",
+    "remove-key": "always",
+    "list-keys": "always",
+    "members": "on_success",
+    "members-filtered": "on_success",
+    "stats": "on_success",
+    "get-coordinate": "on_success",
+}
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class SerfMember:
+    """One member as the agent lists it. ``status``: alive, leaving, left, failed (or none)."""
+
+    name: str
+    addr: str
+    port: int
+    tags: Mapping[str, str]
+    status: str
+
+    @property
+    def gossip_addr(self) -> str:
+        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MemberEvent:
+    """member-join, member-leave, member-failed, member-update or member-reap."""
+
+    kind: str
+    members: tuple[SerfMember, ...]
+
+
+@dataclass(frozen=True)
+class UserEvent:
+    name: str
+    payload: bytes
+    ltime: int
+    coalesce: bool
+
+
+@dataclass(frozen=True)
+class QueryEvent:
+    """A query addressed to this node: answer it with :meth:`SerfClient.respond` (same client)."""
+
+    id: int
+    name: str
+    payload: bytes
+    ltime: int
+
+
+@dataclass(frozen=True)
+class StreamGap:
+    """Events were lost (``reconnected`` or ``overflow``): re-read the membership."""
+
+    reason: str
+
+
+SerfEvent = MemberEvent | UserEvent | QueryEvent | StreamGap
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What came back for a query: the nodes that acked and each node's response."""
+
+    acks: tuple[str, ...]
+    responses: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class KeyResponse:
+    """The answer to a keyring command, per node: ``keys`` maps key -> nodes holding it."""
+
+    num_nodes: int
+    num_resp: int
+    num_err: int
+    messages: Mapping[str, str]
+    keys: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    vec: tuple[float, ...]
+    error: float
+    adjustment: float
+    height: float
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class SerfRPC(Protocol):
+    """The calls meshd makes of a Serf agent; :class:`SerfClient` implements them."""
+
+    async def members(self) -> list[SerfMember]: ...
+
+    async def members_filtered(
+        self,
+        *,
+        tags: Mapping[str, str] | None = None,
+        status: str | None = None,
+        name: str | None = None,
+    ) -> list[SerfMember]: ...
+
+    async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None: ...
+
+    async def join(self, addresses: Sequence[str], *, replay: bool = False) -> int: ...
+
+    async def leave(self) -> None: ...
+
+    async def force_leave(self, node: str) -> None: ...
+
+    async def user_event(
+        self, name: str, payload: bytes = b"", *, coalesce: bool = True
+    ) -> None: ...
+
+    async def query(
+        self,
+        name: str,
+        payload: bytes = b"",
+        *,
+        filter_nodes: Sequence[str] = (),
+        filter_tags: Mapping[str, str] | None = None,
+        request_ack: bool = False,
+        timeout: float = 0.0,
+    ) -> QueryResult: ...
+
+    async def respond(self, query_id: int, payload: bytes) -> None: ...
+
+    async def install_key(self, key: str) -> KeyResponse: ...
+
+    async def use_key(self, key: str) -> KeyResponse: ...
+
+    async def remove_key(self, key: str) -> KeyResponse: ...
+
+    async def list_keys(self) -> KeyResponse: ...
+
+    async def stats(self) -> dict[str, dict[str, str]]: ...
+
+    async def get_coordinate(self, node: str) -> Coordinate | None: ...
+
+    def events(self) -> AsyncIterator[SerfEvent]: ...
+
+
+# ---------------------------------------------------------------- decoding helpers
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value) if value is not None else ""
+
+
+def _addr(raw: Any) -> str:
+    if isinstance(raw, bytes) and len(raw) in (4, 16):
+        addr = ip_address(raw)
+        if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(addr)
+    return _text(raw)
+
+
+def _member(body: Mapping[str, Any]) -> SerfMember:
+    tags = body.get("Tags") or {}
+    return SerfMember(
+        name=_text(body.get("Name")),
+        addr=_addr(body.get("Addr")),
+        port=int(body.get("Port") or 0),
+        tags={_text(k): _text(v) for k, v in tags.items()},
+        status=_text(body.get("Status")),
+    )
+
+
+def _key_response(body: Mapping[str, Any]) -> KeyResponse:
+    return KeyResponse(
+        num_nodes=int(body.get("NumNodes") or 0),
+        num_resp=int(body.get("NumResp") or 0),
+        num_err=int(body.get("NumErr") or 0),
+        messages={_text(k): _text(v) for k, v in (body.get("Messages") or {}).items()},
+        keys={_text(k): int(v) for k, v in (body.get("Keys") or {}).items()},
+    )
+
+
+def _parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SerfConnectionError(f"RPC address {addr!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _connect_in_netns(host: str, port: int, netns: str, timeout: float) -> socket.socket:
+    """Connect from a throwaway thread inside ``netns``; the socket stays in that namespace."""
+    result: list[socket.socket | BaseException] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(socket.create_connection((host, port), timeout=timeout))
+        except BaseException as exc:
+            result.append(exc)
+
+    # A fresh thread, never a pool's: it ends inside the namespace and nothing reuses it.
+    thread = threading.Thread(target=work, name=f"serf-rpc-netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass
+class _Pending:
+    command: str
+    future: asyncio.Future[Any]
+    body: Body = "never"
+    # Streams (stream, query): header-only ack, then header + body records.
+    on_record: Callable[[Mapping[str, Any]], None] | None = None
+    acked: bool = False
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    unpacker: msgpack.Unpacker = field(
+        default_factory=lambda: msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024 * 1024)
+    )
+
+
+class SerfClient:
+    """An asyncio Serf RPC client; see the module docstring. Implements :class:`SerfRPC`."""
+
+    def __init__(
+        self,
+        rpc_addr: str = "127.0.0.1:7373",
+        *,
+        auth_key: str | None = None,
+        netns: str | None = None,
+        stream: str | None = "*",
+        queue_size: int = 1024,
+        timeout: float = 10.0,
+        reconnect: bool = True,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.rpc_addr = rpc_addr
+        self._host, self._port = _parse_addr(rpc_addr)
+        self._auth_key = auth_key
+        self._netns = netns
+        self._stream_types = stream
+        self._timeout = timeout
+        self._reconnect = reconnect
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._events: asyncio.Queue[SerfEvent] = asyncio.Queue(maxsize=max(2, queue_size))
+        self._gap = False
+        self._seq = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._conn: _Connection | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._connected = asyncio.Event()
+        self._closed = False
+        self.dropped_events = 0
+        self.reconnects = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def connect(self) -> None:
+        """Connect, handshake, authenticate and subscribe; then keep the connection up."""
+        self._closed = False
+        await self._open()
+        if self._reconnect and self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_connected(), name="serf-rpc-keeper")
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until (re)connected; SerfConnectionError after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise SerfConnectionError(
+                f"no RPC connection to the Serf agent at {self.rpc_addr} after {timeout:g} s"
+            ) from None
+
+    async def close(self) -> None:
+        """Close the connection for good; pending calls fail with SerfConnectionError."""
+        self._closed = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
+        await self._drop_connection("client closed")
+
+    async def __aenter__(self) -> SerfClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        where = f"{self.rpc_addr}" + (f" in netns {self._netns}" if self._netns else "")
+        try:
+            if self._netns is None:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(self._host, self._port), self._timeout
+                )
+            sock = await asyncio.to_thread(
+                _connect_in_netns, self._host, self._port, self._netns, self._timeout
+            )
+            return await asyncio.open_connection(sock=sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise SerfConnectionError(f"cannot reach the Serf agent at {where}: {reason}") from exc
+
+    async def _open(self) -> None:
+        reader, writer = await self._dial()
+        conn = _Connection(reader, writer)
+        self._conn = conn
+        self._reader_task = asyncio.create_task(self._read_loop(conn), name="serf-rpc-reader")
+        try:
+            await self._call("handshake", {"Version": IPC_VERSION}, conn=conn)
+            if self._auth_key is not None:
+                await self._call("auth", {"AuthKey": self._auth_key}, conn=conn)
+            if self._stream_types:
+                await self._subscribe(conn)
+        except BaseException:
+            await self._drop_connection("handshake failed")
+            raise
+        self._connected.set()
+        log.debug("connected to the Serf agent at %s", self.rpc_addr)
+
+    async def _drop_connection(self, reason: str) -> None:
+        self._connected.clear()
+        conn, self._conn = self._conn, None
+        task, self._reader_task = self._reader_task, None
+        if conn is not None:
+            conn.writer.close()
+            with contextlib.suppress(Exception):
+                await conn.writer.wait_closed()
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._fail_pending(SerfConnectionError(f"Serf RPC connection lost: {reason}"))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+                # Mark it retrieved: a call that already timed out will never await it.
+                entry.future.exception()
+
+    async def _keep_connected(self) -> None:
+        while not self._closed:
+            task = self._reader_task
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(task)
+            if self.closed:
+                return
+            await self._drop_connection("the agent closed it")
+            log.warning(
+                "lost the RPC connection to the Serf agent at %s; reconnecting", self.rpc_addr
+            )
+            delay = self._backoff_initial
+            quiet = False
+            while not self.closed:
+                await asyncio.sleep(delay)
+                try:
+                    await self._open()
+                except (SerfConnectionError, SerfAuthError, SerfCommandError) as exc:
+                    # Logged once at WARNING, then DEBUG, while the agent stays away.
+                    (log.debug if quiet else log.warning)("reconnecting to Serf: %s", exc)
+                    quiet = True
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                self.reconnects += 1
+                log.info("reconnected to the Serf agent at %s", self.rpc_addr)
+                self._deliver(StreamGap("reconnected"))
+                break
+
+    # ------------------------------------------------------------ wire
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        objects = self._objects(conn)
+        try:
+            async for header in objects:
+                if not isinstance(header, dict):
+                    raise SerfConnectionError(f"unexpected RPC frame {type(header).__name__}")
+                await self._dispatch(header, objects)
+        except (OSError, ValueError, msgpack.UnpackException, SerfConnectionError) as exc:
+            log.debug("Serf RPC reader stopped: %s", exc)
+
+    async def _objects(self, conn: _Connection) -> AsyncIterator[Any]:
+        while True:
+            for obj in conn.unpacker:
+                yield obj
+            chunk = await conn.reader.read(65536)
+            if not chunk:
+                return
+            conn.unpacker.feed(chunk)
+
+    async def _dispatch(self, header: Mapping[str, Any], objects: AsyncIterator[Any]) -> None:
+        raw_seq = header.get("Seq")
+        seq = raw_seq if isinstance(raw_seq, int) else -1
+        error = _text(header.get("Error"))
+        entry = self._pending.get(seq)
+        if entry is None:
+            # Only stream records (a header plus a body) arrive unasked, e.g. after stop.
+            log.debug("Serf RPC reply for unknown seq %r; skipping its body", seq)
+            await anext(objects, None)
+            return
+        if entry.on_record is not None and entry.acked:
+            body = await anext(objects, None)
+            if isinstance(body, dict):
+                entry.on_record(body)
+            return
+        needs_body = entry.body == "always" or (entry.body == "on_success" and not error)
+        body = await anext(objects, None) if needs_body else None
+        if entry.on_record is not None and not error:
+            entry.acked = True
+        else:
+            self._pending.pop(seq, None)
+        if entry.future.done():
+            return
+        if error:
+            entry.future.set_exception(self._error(entry.command, error))
+        else:
+            entry.future.set_result(body)
+
+    def _error(self, command: str, message: str) -> Exception:
+        if command == "auth" or message in _AUTH_ERRORS:
+            return SerfAuthError(f"the Serf agent at {self.rpc_addr} refused RPC auth: {message}")
+        return SerfCommandError(f"serf {command}: {message}")
+
+    def _register(self, command: str, entry_kw: Mapping[str, Any]) -> tuple[int, _Pending]:
+        seq = next(self._seq)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry = _Pending(command=command, future=future, **entry_kw)
+        self._pending[seq] = entry
+        return seq, entry
+
+    async def _send(self, conn: _Connection, seq: int, command: str, body: Any) -> None:
+        frame = msgpack.packb({"Command": command, "Seq": seq}, use_bin_type=True)
+        if body is not None:
+            frame += msgpack.packb(body, use_bin_type=True)
+        try:
+            async with self._write_lock:
+                conn.writer.write(frame)
+                # Back-pressure: wait while the kernel buffer is full.
+                await conn.writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._pending.pop(seq, None)
+            raise SerfConnectionError(f"serf {command}: cannot send: {exc}") from exc
+
+    async def _call(
+        self,
+        command: str,
+        body: Any = None,
+        *,
+        conn: _Connection | None = None,
+        timeout: float | None = None,
+        on_record: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> Any:
+        conn = conn or self._conn
+        if conn is None or (conn is not self._conn):
+            raise SerfConnectionError(f"serf {command}: not connected to {self.rpc_addr}")
+        seq, entry = self._register(
+            command, {"body": _BODY.get(command, "never"), "on_record": on_record}
+        )
+        await self._send(conn, seq, command, body)
+        try:
+            # The entry stays registered after a timeout so its late reply is still parsed.
+            return await asyncio.wait_for(
+                asyncio.shield(entry.future), self._timeout if timeout is None else timeout
+            )
+        except asyncio.TimeoutError:
+            raise SerfConnectionError(
+                f"serf {command}: no reply from {self.rpc_addr} in {self._timeout:g} s"
+            ) from None
+
+    async def _subscribe(self, conn: _Connection) -> None:
+        await self._call(
+            "stream", {"Type": self._stream_types}, conn=conn, on_record=self._on_event
+        )
+
+    def _on_event(self, body: Mapping[str, Any]) -> None:
+        kind = _text(body.get("Event"))
+        event: SerfEvent
+        if kind.startswith("member-"):
+            event = MemberEvent(kind, tuple(_member(m) for m in body.get("Members") or ()))
+        elif kind == "user":
+            event = UserEvent(
+                name=_text(body.get("Name")),
+                payload=bytes(body.get("Payload") or b""),
+                ltime=int(body.get("LTime") or 0),
+                coalesce=bool(body.get("Coalesce")),
+            )
+        elif kind == "query":
+            event = QueryEvent(
+                id=int(body.get("ID") or 0),
+                name=_text(body.get("Name")),
+                payload=bytes(body.get("Payload") or b""),
+                ltime=int(body.get("LTime") or 0),
+            )
+        else:
+            log.debug("ignoring Serf stream record %r", kind)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: SerfEvent) -> None:
+        # Never block the reader: replies to calls share the connection.
+        if self._gap and self._events.maxsize - self._events.qsize() >= 2:
+            self._events.put_nowait(StreamGap("overflow"))
+            self._gap = False
+        if self._events.full():
+            if self.dropped_events == 0 or not self._gap:
+                log.warning("Serf event queue full; dropping events until the reader catches up")
+            self.dropped_events += 1
+            self._gap = True
+            return
+        self._events.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[SerfEvent]:
+        """Every event from the stream, in order, until the client is closed."""
+        while True:
+            yield await self._events.get()
+
+    def next_event_nowait(self) -> SerfEvent | None:
+        """The next queued event, or None when the queue is empty."""
+        try:
+            return self._events.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    # ------------------------------------------------------------ commands
+
+    async def members(self) -> list[SerfMember]:
+        body = await self._call("members")
+        return [_member(m) for m in body.get("Members") or ()]
+
+    async def members_filtered(
+        self,
+        *,
+        tags: Mapping[str, str] | None = None,
+        status: str | None = None,
+        name: str | None = None,
+    ) -> list[SerfMember]:
+        """Members matching anchored regexes. The agent hangs up on an invalid regex."""
+        request = {"Tags": dict(tags or {}), "Status": status or "", "Name": name or ""}
+        body = await self._call("members-filtered", request)
+        return [_member(m) for m in body.get("Members") or ()]
+
+    async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:
+        await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})
+
+    async def join(self, addresses: Sequence[str], *, replay: bool = False) -> int:
+        body = await self._call("join", {"Existing": list(addresses), "Replay": replay})
+        return int(body.get("Num") or 0)
+
+    async def leave(self) -> None:
+        """Leave the cluster gracefully; the agent shuts down afterwards."""
+        await self._call("leave", timeout=max(self._timeout, 30.0))
+
+    async def force_leave(self, node: str) -> None:
+        await self._call("force-leave", {"Node": node})
+
+    async def user_event(self, name: str, payload: bytes = b"", *, coalesce: bool = True) -> None:
+        await self._call("event", {"Name": name, "Payload": payload, "Coalesce": coalesce})
+
+    async def query(
+        self,
+        name: str,
+        payload: bytes = b"",
+        *,
+        filter_nodes: Sequence[str] = (),
+        filter_tags: Mapping[str, str] | None = None,
+        request_ack: bool = False,
+        timeout: float = 0.0,
+    ) -> QueryResult:
+        """Send a query and collect acks and responses until the agent says it is done.
+
+        ``timeout`` 0 lets the agent pick its default (a few gossip rounds).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        acks: list[str] = []
+        responses: dict[str, bytes] = {}
+        query_seq = 0
+
+        def on_record(body: Mapping[str, Any]) -> None:
+            kind = _text(body.get("Type"))
+            if kind == "ack":
+                acks.append(_text(body.get("From")))
+            elif kind == "response":
+                responses[_text(body.get("From"))] = bytes(body.get("Payload") or b"")
+            elif kind == "done":
+                self._pending.pop(query_seq, None)
+                if not done.done():
+                    done.set_result(None)
+
+        request = {
+            "FilterNodes": list(filter_nodes),
+            "FilterTags": dict(filter_tags or {}),
+            "RequestAck": request_ack,
+            "Timeout": int(timeout * 1e9),
+            "Name": name,
+            "Payload": payload,
+        }
+        conn = self._conn
+        if conn is None:
+            raise SerfConnectionError(f"serf query: not connected to {self.rpc_addr}")
+        seq, entry = self._register("query", {"on_record": on_record})
+        query_seq = seq
+        await self._send(conn, seq, "query", request)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry.future), self._timeout)
+            # The agent's default query timeout is a few seconds; allow it plus ours.
+            await asyncio.wait_for(asyncio.shield(done), (timeout or 30.0) + self._timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(seq, None)
+            raise SerfConnectionError(f"serf query {name!r}: no end of responses") from None
+        finally:
+            if not entry.future.done():
+                entry.future.cancel()
+        if entry.future.done() and not entry.future.cancelled() and entry.future.exception():
+            raise entry.future.exception()  # type: ignore[misc]
+        return QueryResult(acks=tuple(acks), responses=responses)
+
+    async def respond(self, query_id: int, payload: bytes) -> None:
+        await self._call("respond", {"ID": query_id, "Payload": payload})
+
+    async def _key_command(self, command: str, key: str | None) -> KeyResponse:
+        body = await self._call(command, None if key is None else {"Key": key})
+        return _key_response(body)
+
+    async def install_key(self, key: str) -> KeyResponse:
+        return await self._key_command("install-key", key)
+
+    async def use_key(self, key: str) -> KeyResponse:
+        return await self._key_command("use-key", key)
+
+    async def remove_key(self, key: str) -> KeyResponse:
+        return await self._key_command("remove-key", key)
+
+    async def list_keys(self) -> KeyResponse:
+        return await self._key_command("list-keys", None)
+
+    async def stats(self) -> dict[str, dict[str, str]]:
+        body = await self._call("stats")
+        return {
+            _text(section): {_text(k): _text(v) for k, v in (values or {}).items()}
+            for section, values in body.items()
+        }
+
+    async def get_coordinate(self, node: str) -> Coordinate | None:
+        """The node's network coordinate, or None when the agent has none for it."""
+        body = await self._call("get-coordinate", {"Node": node})
+        if not body.get("Ok"):
+            return None
+        coord = body.get("Coord") or {}
+        return Coordinate(
+            vec=tuple(float(x) for x in coord.get("Vec") or ()),
+            error=float(coord.get("Error") or 0.0),
+            adjustment=float(coord.get("Adjustment") or 0.0),
+            height=float(coord.get("Height") or 0.0),
+        )
