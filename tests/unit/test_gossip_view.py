@@ -1,0 +1,186 @@
+"""The membership view's state logic, fed by a scripted stand-in for the Serf RPC client.
+
+The real client against real agents is exercised in tests/integration/test_gossip*.py;
+here only the view's own decisions (states, reaping, coalescing) are under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Mapping
+from ipaddress import ip_address
+
+from meshd.errors import SerfConnectionError
+from meshd.gossip.record import encode_record
+from meshd.gossip.rpc import MemberEvent, SerfEvent, SerfMember, StreamGap, UserEvent
+from meshd.gossip.view import MembershipView, member_state, publish_record
+from meshd.types import MemberState, NodeRecord
+
+
+def rec(n: int, version: int = 1) -> NodeRecord:
+    return NodeRecord(
+        public_key=base64.b64encode(bytes([n]) * 32).decode(),
+        addresses=(ip_address(f"100.80.0.{n}"),),
+        port=51820,
+        version=version,
+    )
+
+
+def sm(n: int, status: str = "alive", version: int = 1, tags: Mapping[str, str] | None = None):
+    return SerfMember(
+        f"n{n}",
+        f"192.0.2.{n}",
+        7946,
+        tags if tags is not None else encode_record(rec(n, version)),
+        status,
+    )
+
+
+class ScriptedSerf:
+    """Answers ``members`` with whatever the test put in ``listed``."""
+
+    def __init__(self) -> None:
+        self.listed: list[SerfMember] = []
+        self.calls = 0
+        self.fail = False
+        self.queue: asyncio.Queue[SerfEvent] = asyncio.Queue()
+        self.tags: dict[str, str] = {}
+        self.deleted: list[str] = []
+
+    async def members(self) -> list[SerfMember]:
+        self.calls += 1
+        if self.fail:
+            raise SerfConnectionError("agent away")
+        return list(self.listed)
+
+    async def set_tags(self, tags: Mapping[str, str], delete: object = ()) -> None:
+        self.tags.update(tags)
+        self.deleted = list(delete)  # type: ignore[call-overload]
+
+    async def events(self) -> AsyncIterator[SerfEvent]:
+        while True:
+            yield await self.queue.get()
+
+
+def test_states_and_records_are_decoded() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    bad = sm(3, tags={"m": "1", "k": "nope"})
+    update = view.apply([sm(1), sm(2, "failed"), bad, sm(4, tags={"role": "web"})])
+    assert update is not None
+    assert {c.name for c in update.changes} == {"n1", "n2", "n3", "n4"}
+    assert view.members["n1"].record == rec(1)
+    assert view.members["n1"].gossip_addr == "192.0.2.1:7946"
+    assert view.members["n2"].state is MemberState.FAILED
+    assert view.members["n3"].record is None
+    assert "public key" in (view.members["n3"].record_error or "")
+    assert "no meshd record" in (view.members["n4"].record_error or "")
+
+
+def test_an_unchanged_poll_is_no_update_and_a_record_change_is_one() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    view.apply([sm(1), sm(2)])
+    assert view.apply([sm(1), sm(2)]) is None
+    update = view.apply([sm(1), sm(2, version=2)])
+    assert update is not None
+    (change,) = update.changes
+    assert change.before is not None
+    assert change.before.record == rec(2, 1)
+    assert change.after.record == rec(2, 2)
+
+
+def test_left_and_failed_are_different_and_failed_may_come_back() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    view.apply([sm(1), sm(2), sm(3)])
+    view.apply([sm(1), sm(2, "left"), sm(3, "failed")])
+    assert view.members["n2"].state is MemberState.LEFT
+    assert view.members["n3"].state is MemberState.FAILED
+    view.apply([sm(1), sm(2, "left"), sm(3)])
+    assert view.members["n3"].state is MemberState.ALIVE
+
+
+def test_a_gone_member_that_left_or_failed_is_reaped() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    view.apply([sm(1), sm(2, "left"), sm(3, "failed")])
+    update = view.apply([sm(1)])
+    assert update is not None
+    assert {c.name: c.after.state for c in update.changes} == {
+        "n2": MemberState.REAPED,
+        "n3": MemberState.REAPED,
+    }
+    assert set(view.members) == {"n1"}
+
+
+def test_an_alive_member_that_vanishes_is_kept_for_the_grace_period() -> None:
+    view = MembershipView(ScriptedSerf(), missing_grace=30)  # type: ignore[arg-type]
+    view.apply([sm(1), sm(2)], now=100.0)
+    assert view.apply([sm(1)], now=101.0) is None
+    assert view.members["n2"].state is MemberState.ALIVE
+    assert view.apply([sm(1)], now=129.0) is None
+    update = view.apply([sm(1)], now=131.0)
+    assert update is not None
+    assert update.changes[0].after.state is MemberState.REAPED
+    assert "n2" not in view.members
+
+
+def test_unknown_status_counts_as_failed() -> None:
+    assert member_state("none") is MemberState.FAILED
+    assert member_state("leaving") is MemberState.LEAVING
+
+
+def test_subscription_coalesces_changes_for_a_slow_reader() -> None:
+    async def scenario() -> None:
+        view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+        view.apply([sm(1)])
+        feed = view.subscribe()
+        first = await feed.__anext__()
+        assert [(c.name, c.before) for c in first.changes] == [("n1", None)]
+        view.apply([sm(1, version=2)])
+        view.apply([sm(1, version=3), sm(2)])
+        update = await asyncio.wait_for(feed.__anext__(), 1)
+        by_name = {c.name: c for c in update.changes}
+        assert by_name["n1"].before is not None
+        assert by_name["n1"].before.record == rec(1, 1)
+        assert by_name["n1"].after.record == rec(1, 3)
+        assert by_name["n2"].before is None
+        assert set(update.members) == {"n1", "n2"}
+        feed.close()
+
+    asyncio.run(scenario())
+
+
+def test_run_polls_on_events_and_survives_a_failing_agent() -> None:
+    async def scenario() -> None:
+        serf = ScriptedSerf()
+        seen: list[SerfEvent] = []
+        # A long interval: only events can make the view poll quickly.
+        view = MembershipView(serf, poll_interval=60, on_event=seen.append)  # type: ignore[arg-type]
+        serf.listed = [sm(1)]
+        task = asyncio.create_task(view.run())
+        assert await view.wait_for(lambda m: "n1" in m, 5)
+        serf.listed = [sm(1), sm(2)]
+        serf.queue.put_nowait(MemberEvent("member-join", ()))
+        assert await view.wait_for(lambda m: "n2" in m, 5)
+        serf.fail = True
+        serf.queue.put_nowait(StreamGap("reconnected"))
+        await asyncio.sleep(0.05)
+        serf.fail = False
+        serf.listed = [sm(1), sm(2, "failed")]
+        serf.queue.put_nowait(UserEvent("hello", b"", 1, False))
+        assert await view.wait_for(lambda m: m["n2"].state is MemberState.FAILED, 5)
+        assert [type(e) for e in seen] == [UserEvent]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_publish_record_sets_tags_and_deletes_stale_keys() -> None:
+    async def scenario() -> None:
+        serf = ScriptedSerf()
+        tags = await publish_record(serf, rec(1))  # type: ignore[arg-type]
+        assert serf.tags == tags
+        assert "e" in serf.deleted
+        assert "k" not in serf.deleted
+
+    asyncio.run(scenario())
