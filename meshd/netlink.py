@@ -82,7 +82,8 @@ class Netlink:
     async def open(self) -> Netlink:
         where = f"network namespace {self.netns}" if self.netns else "this namespace"
         with _converted(f"opening rtnetlink in {where}"):
-            self._ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
+            # flags=0: never create a namespace that is not there (pyroute2 would by default).
+            self._ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
             await self._ipr.setup_endpoint()
         return self
 
@@ -188,6 +189,21 @@ class Netlink:
                 continue
             iface = ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
             if not iface.is_link_local:
+                found.append(iface)
+        return tuple(found)
+
+    async def host_addresses(self, *, exclude: Iterable[str] = ()) -> tuple[IPInterface, ...]:
+        """Every address of this namespace usable from elsewhere: no loopback, no link-local,
+        nothing on the interfaces named in ``exclude`` (the mesh interface itself)."""
+        skip = {index for name in exclude if (index := await self.link_index(name)) is not None}
+        with _converted("listing addresses"):
+            msgs = await self._dump(await self._sock.addr("dump"))
+        found: list[IPInterface] = []
+        for msg in msgs:
+            if msg["index"] in skip:
+                continue
+            iface = ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+            if not (iface.is_loopback or iface.is_link_local):
                 found.append(iface)
         return tuple(found)
 

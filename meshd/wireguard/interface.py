@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meshd.errors import WireGuardError
+from meshd.errors import NetlinkError, WireGuardError
 from meshd.netlink import IPInterface, Netlink
 from meshd.types import IPNetwork, PeerConfig
 from meshd.wireguard.backend import DeviceConfig, DeviceState, PeerOp, PeerState, WireGuardBackend
@@ -37,6 +38,7 @@ from meshd.wireguard.userspace import UserspaceBackend
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "kernel", "userspace")
+REBUILD_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class WireGuardInterface:
         self.backend = backend
         self._desired: tuple[PeerConfig, ...] | None = None
         self._lock = asyncio.Lock()
+        self.rebuilds = 0
+        """How many times the interface was rebuilt after its daemon died."""
         backend.set_restart_hook(self._rebuild)
 
     @classmethod
@@ -123,14 +127,23 @@ class WireGuardInterface:
             await nl.sync_addresses(self.ifname, self.spec.addresses)
 
     async def _rebuild(self) -> None:
-        # The backend re-applied the device keys; the link's settings and peers are new.
+        # The backend re-applied the device keys; the link, its addresses and peers are new.
+        # The dead daemon's TUN device can linger for a moment after the new one answers, so
+        # a lookup may hit the old index (ENODEV): retry with fresh lookups for a while.
+        deadline = time.monotonic() + REBUILD_TIMEOUT
         async with self._lock:
-            await self._setup()
-            if self._desired is not None:
-                result = await self._pass(self._desired)
-                log.warning(
-                    "%s: rebuilt after restart (%d operations)", self.ifname, result.operations
-                )
+            while True:
+                try:
+                    await self._setup()
+                    result = await self._pass(self._desired or ())
+                    break
+                except (NetlinkError, WireGuardError) as exc:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.debug("%s: rebuild not yet possible: %s", self.ifname, exc)
+                    await asyncio.sleep(0.1)
+            self.rebuilds += 1
+            log.warning("%s: rebuilt after restart (%d operations)", self.ifname, result.operations)
 
     def _on_link(self) -> list[IPNetwork]:
         return [iface.network for iface in self.spec.addresses]

@@ -85,7 +85,7 @@ class KernelBackend:
         self._stopped = asyncio.Event()
 
     def _socket(self) -> Any:
-        return AsyncWireGuard(netns=self.netns) if self.netns else AsyncWireGuard()
+        return AsyncWireGuard(netns=self.netns, flags=0) if self.netns else AsyncWireGuard()
 
     async def _genl(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         wg = self._socket()
