@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 # name -> "module:attribute" of a click command; imported only when used.
 LAZY_COMMANDS: dict[str, str] = {
+    "agent": "meshd.commands:agent",
+    "init": "meshd.commands:init",
+    "join": "meshd.commands:join",
     "lab": "meshd.lab.cli:lab",
+    "leave": "meshd.commands:leave",
+    "status": "meshd.commands:status",
+    "token": "meshd.commands:token",
 }
 
 

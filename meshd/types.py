@@ -37,10 +37,12 @@ class NodeIdentity:
 
 @dataclass(frozen=True)
 class MeshAddresses:
-    """A node's addresses inside the mesh."""
+    """A node's addresses inside the mesh; ``static`` when configured rather than derived
+    (a static address wins an address conflict against a derived one)."""
 
     ipv4: IPv4Address
     ipv6: IPv6Address | None = None
+    static: bool = False
 
     def all(self) -> tuple[IPAddress, ...]:
         return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
@@ -165,6 +167,14 @@ class AgentAPI(Protocol):
 
     @property
     def config(self) -> ConfigView: ...
+
+    @property
+    def listen_port(self) -> int:
+        """This node's WireGuard UDP port."""
+
+    @property
+    def local_addresses(self) -> tuple[IPAddress, ...]:
+        """This machine's own addresses outside the mesh (no loopback, no link-local)."""
 
     def spawn(self, coro: Awaitable[None], *, name: str) -> None:
         """Run ``coro`` in the agent's task group; its failure is logged, not fatal."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 from meshd import hookimpl
 from meshd.errors import ConfigError
 from meshd.types import ConfigView, MeshAddresses, Network, NodeIdentity
+
+log = logging.getLogger(__name__)
 
 _static: dict[str, Any] = {}
 
@@ -65,8 +68,15 @@ def meshd_allocate_address(
     network: Network, node: NodeIdentity, taken: frozenset[Any]
 ) -> MeshAddresses:
     seed = node.public_key.encode()
-    v4 = _static.get("address") or derive(network.cidr4, seed, taken)
+    static = _static.get("address")
+    if static is not None and static in taken:
+        # Another node keeps it (a conflict this node lost): fall back to a derived one.
+        log.warning("static address %s is taken by another node; deriving one", static)
+        static = None
+    v4 = static or derive(network.cidr4, seed, taken)
     v6 = _static.get("address6")
+    if v6 is not None and v6 in taken:
+        v6 = None
     if v6 is None and network.cidr6 is not None:
         v6 = derive(network.cidr6, seed, taken)
-    return MeshAddresses(ipv4=v4, ipv6=v6)
+    return MeshAddresses(ipv4=v4, ipv6=v6, static=static is not None)

@@ -1,0 +1,543 @@
+"""The mesh commands: ``init``, ``join``, ``token create``, ``agent``, ``status``, ``leave``.
+
+Each command checks everything it can before it writes anything: a bad token,
+a taken state directory or an unreachable seed leave no state behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tabulate import tabulate
+
+from meshd import control
+from meshd.ca import CertChain, NetworkCA
+from meshd.cli import CliState
+from meshd.config import Config
+from meshd.errors import ConfigError, EnrolError, MeshdError, StateError
+from meshd.identity import WireGuardKeyPair
+from meshd.node import KnownPeer, NodeState, NodeStore, host_prefixes, new_rpc_key, ula_prefix
+from meshd.plugins import PluginHost
+from meshd.state import write_secret
+from meshd.token import Seed, Token, create_token, parse_token, read_token_source, split_endpoint
+from meshd.types import MeshAddresses, Network, NodeIdentity
+
+TOKEN_FILE = "join-token"
+DEFAULT_CIDR = "100.80.0.0/16"
+_DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``30m``, ``24h``, ``7d`` as seconds."""
+    match = _DURATION_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _endpoint_option(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        split_endpoint(value)
+    except MeshdError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _local_endpoint(config: Config) -> str:
+    """This machine's first address outside the mesh, with the WireGuard port."""
+    from meshd.netlink import Netlink
+
+    async def first() -> str | None:
+        async with Netlink() as nl:
+            found = await nl.host_addresses(exclude=[config.wireguard.interface])
+        for iface in found:
+            if iface.version == 4:
+                return f"{iface.ip}:{config.wireguard.port}"
+        return None
+
+    endpoint = asyncio.run(first())
+    if endpoint is None:
+        raise ConfigError("this machine has no usable address: give --endpoint HOST:PORT")
+    return endpoint
+
+
+def _allocate(
+    plugins: PluginHost,
+    network: Network,
+    keys: WireGuardKeyPair,
+    name: str,
+    static: str | None,
+    taken: frozenset[Any],
+) -> MeshAddresses:
+    if static is not None:
+        try:
+            address = ipaddress.IPv4Address(static)
+        except ValueError:
+            raise click.BadParameter(f"{static!r} is not an IPv4 address") from None
+        if address not in network.cidr4:
+            raise click.BadParameter(f"{address} is outside the network's range {network.cidr4}")
+        if address in taken:
+            raise click.BadParameter(f"{address} is already used by a seed")
+        derived = plugins.allocate_address(network, NodeIdentity(name, keys.public_key), taken)
+        return MeshAddresses(ipv4=address, ipv6=derived.ipv6 if derived else None, static=True)
+    found = plugins.allocate_address(network, NodeIdentity(name, keys.public_key), taken)
+    if found is None:
+        raise StateError("no IPAM plugin offered an address (is the ipam plugin disabled?)")
+    return found
+
+
+def _write_token(path: Path | None, token: Token, *, echo: bool) -> None:
+    text = token.encode()
+    if path is not None:
+        write_secret(path, text + "\n")
+        expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
+        click.echo(f"join token written to {path} (0600, expires {expires})", err=echo)
+    if echo:
+        click.echo(text)
+
+
+def _start_agent(state: CliState, mode: str) -> None:
+    """Start the agent: in this process, through systemd, or detached with a log file."""
+    if mode == "none":
+        click.echo("not starting the agent (--no-start); start it with: meshd agent")
+        return
+    if mode == "foreground":
+        run_agent(state)
+        return
+    if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+        found = subprocess.run(
+            ["systemctl", "cat", "meshd.service"], capture_output=True, check=False
+        )
+        if found.returncode == 0:
+            subprocess.run(["systemctl", "enable", "--now", "meshd.service"], check=True)
+            click.echo("agent started: systemctl status meshd")
+            return
+    store_dir = state.config.state_dir
+    log_path = store_dir / "agent.log"
+    argv = [sys.executable, "-m", "meshd"]
+    if state.config_path:
+        argv += ["--config", state.config_path]
+    argv += ["--state-dir", str(store_dir), "--log-level", "info", "agent"]
+    with open(log_path, "ab") as log_file:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            control.call(store_dir, "status", timeout=2)
+            click.echo(f"agent started in the background (log: {log_path})")
+            return
+        except control.ControlError:
+            time.sleep(0.2)
+    raise StateError(f"the agent did not start within 20 s; see {log_path}")
+
+
+def run_agent(state: CliState) -> None:
+    from meshd.agent import Agent
+
+    # The default loop, not uvloop: pyroute2's asyncio netlink opens AF_NETLINK datagram
+    # endpoints, which uvloop refuses ("invalid family 16"). No packet passes through
+    # this loop, so its speed hardly matters.
+    agent = Agent(state.config, state.plugins, NodeStore(state.config.state_dir))
+    asyncio.run(agent.run())
+
+
+start_options = [
+    click.option(
+        "--foreground",
+        "start",
+        flag_value="foreground",
+        help="Run the agent in this process (Ctrl-C stops it).",
+    ),
+    click.option("--no-start", "start", flag_value="none", help="Only write the node's state."),
+    click.option(
+        "--background",
+        "start",
+        flag_value="background",
+        default=True,
+        help="Start the agent as the service would (systemd if installed, else detached). "
+        "The default.",
+    ),
+]
+
+
+def with_start_options(func: Any) -> Any:
+    for option in reversed(start_options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@click.option("--network", "network_name", required=True, help="The network's name.")
+@click.option(
+    "--cidr",
+    default=DEFAULT_CIDR,
+    show_default=True,
+    help="The network's IPv4 range; every node gets an address in it.",
+)
+@click.option(
+    "--ipv6/--no-ipv6",
+    default=True,
+    show_default=True,
+    help="Also give every node an address in a ULA /64 derived from the network.",
+)
+@click.option(
+    "--address",
+    metavar="IP",
+    help="This node's static mesh address (default: derived from its key).",
+)
+@click.option(
+    "--endpoint",
+    callback=lambda c, p, v: _endpoint_option(v),
+    metavar="HOST:PORT",
+    help="Where joiners reach this node's WireGuard port (default: its first address).",
+)
+@click.option(
+    "--token-ttl",
+    default="24h",
+    show_default=True,
+    help="How long the join token is valid (30m, 24h, 7d).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Where to write the join token [default: STATE_DIR/{TOKEN_FILE}].",
+)
+@click.option(
+    "--print-token", is_flag=True, help="Also print the token on stdout (it is a secret)."
+)
+@with_start_options
+@click.pass_obj
+def init(
+    state: CliState,
+    network_name: str,
+    cidr: str,
+    ipv6: bool,
+    address: str | None,
+    endpoint: str | None,
+    token_ttl: str,
+    token_file: Path | None,
+    print_token: bool,
+    start: str,
+) -> None:
+    """Create a network with this machine as its first member.
+
+    Makes the network CA (keep STATE_DIR/ca.key safe: it signs tokens and
+    revocations), the gossip key and this node's identity, writes a join
+    token for other machines, then starts the agent.
+
+    \b
+    Example:
+      meshd init --network lab --cidr 100.80.0.0/16
+      scp /var/lib/meshd/join-token other-host:
+      other-host$ meshd join THIS-HOST --token-file join-token
+    """
+    config = state.config
+    store = NodeStore(config.state_dir)
+    if store.exists():
+        raise StateError(f"{store.dir} already holds a node; use another --state-dir")
+    try:
+        cidr4 = ipaddress.IPv4Network(cidr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cidr") from None
+    if cidr4.prefixlen > 30:
+        raise click.BadParameter("the range must hold more than two hosts", param_hint="--cidr")
+    ttl = parse_duration(token_ttl)
+    ca = NetworkCA.generate(network_name)
+    network = Network(
+        name=network_name,
+        network_id=ca.network_id,
+        cidr4=cidr4,
+        cidr6=ula_prefix(ca.network_id) if ipv6 else None,
+    )
+    keys = WireGuardKeyPair.generate()
+    name = config.node.name
+    addresses = _allocate(state.plugins, network, keys, name, address, frozenset())
+    seed_endpoint = endpoint or _local_endpoint(config)
+    cert = ca.issue_node_cert(name, keys.public_key, addresses.all())
+    node = NodeState(
+        network=network,
+        ca_public_key=ca.public_key,
+        name=name,
+        keys=keys,
+        addresses=addresses,
+        chain=CertChain(cert).encode(),
+        gossip_key=os.urandom(32),
+        rpc_key=new_rpc_key(),
+        static_address=addresses.static,
+    )
+    token = create_token(
+        ca,
+        gossip_key=node.gossip_key,
+        cidr4=network.cidr4,
+        cidr6=network.cidr6,
+        seeds=[Seed(seed_endpoint, config.enrol.port, keys.public_key, addresses.ipv4)],
+        ttl=ttl,
+    )
+    store.create(node, ca_secret=ca.secret)
+    click.echo(
+        f"network {network_name} ({network.network_id}) created: {cidr4}"
+        + (f", {network.cidr6}" if network.cidr6 else "")
+    )
+    click.echo(f"this node: {name} at {', '.join(map(str, addresses.all()))}")
+    _write_token(token_file or store.path(TOKEN_FILE), token, echo=print_token)
+    _start_agent(state, start)
+
+
+@click.group()
+def token() -> None:
+    """Join tokens: what a new machine needs to join (a secret; it expires)."""
+
+
+@token.command("create")
+@click.option(
+    "--ttl", default="24h", show_default=True, help="How long it is valid (30m, 24h, 7d)."
+)
+@click.option(
+    "--endpoint",
+    callback=lambda c, p, v: _endpoint_option(v),
+    metavar="HOST:PORT",
+    help="Where joiners reach this node's WireGuard port (default: its first address).",
+)
+@click.option(
+    "--out",
+    "out",
+    metavar="FILE",
+    help="Write it to FILE (0600); '-' prints it [default: STATE_DIR/join-token].",
+)
+@click.pass_obj
+def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | None) -> None:
+    """Make a new join token on a machine that holds the network CA key."""
+    store = NodeStore(state.config.state_dir)
+    node = store.load()
+    secret = store.ca_secret()
+    if secret is None:
+        raise StateError(
+            f"this machine does not hold the network CA key ({store.path('ca.key')}); "
+            "create tokens where 'meshd init' ran"
+        )
+    ca = NetworkCA.from_secret(node.network.name, secret)
+    seed = Seed(
+        endpoint or _local_endpoint(state.config),
+        state.config.enrol.port,
+        node.keys.public_key,
+        node.addresses.ipv4,
+    )
+    created = create_token(
+        ca,
+        gossip_key=node.gossip_key,
+        cidr4=node.network.cidr4,
+        cidr6=node.network.cidr6,
+        seeds=[seed],
+        ttl=parse_duration(ttl),
+    )
+    if out == "-":
+        _write_token(None, created, echo=True)
+    else:
+        _write_token(Path(out) if out else store.path(TOKEN_FILE), created, echo=False)
+
+
+def _seed_targets(seed: str | None, token_: Token, enrol_port: int) -> list[tuple[str, int]]:
+    if seed is None:
+        return [(s.enrol_host, s.enrol_port) for s in token_.seeds]
+    host, sep, port = seed.rpartition(":")
+    if sep and port.isdigit() and not seed.endswith("]"):
+        return [(host.strip("[]"), int(port))]
+    return [(seed.strip("[]"), enrol_port)]
+
+
+@click.command()
+@click.argument("seed", required=False, metavar="[SEED-HOST[:ENROL-PORT]]")
+@click.option(
+    "--token-file",
+    "token_source",
+    metavar="FILE",
+    help="Read the token from FILE ('-' for stdin) [default: env MESHD_TOKEN].",
+)
+@click.option(
+    "--address",
+    metavar="IP",
+    help="This node's static mesh address (default: derived from its key).",
+)
+@click.option(
+    "--endpoint",
+    callback=lambda c, p, v: _endpoint_option(v),
+    metavar="HOST:PORT",
+    help="Where others reach this node's WireGuard port (default: its first address).",
+)
+@with_start_options
+@click.pass_obj
+def join(
+    state: CliState,
+    seed: str | None,
+    token_source: str | None,
+    address: str | None,
+    endpoint: str | None,
+    start: str,
+) -> None:
+    """Join a network through any member (SEED), or the seeds the token names.
+
+    The token comes from a file, stdin or the MESHD_TOKEN variable, never from
+    the command line (it would show in 'ps'). Nothing is written unless the
+    seed admits this node.
+
+    \b
+    Example:
+      meshd join 192.0.2.10 --token-file join-token
+    """
+    config = state.config
+    store = NodeStore(config.state_dir)
+    token_ = parse_token(read_token_source(token_source), int(time.time()))
+    if store.exists():
+        raise StateError(f"{store.dir} already holds a node; use another --state-dir")
+    network = token_.network
+    keys = WireGuardKeyPair.generate()
+    name = config.node.name
+    taken = frozenset(s.address for s in token_.seeds)
+    addresses = _allocate(state.plugins, network, keys, name, address, taken)
+    cert = token_.enrolment.sign_node_cert(name, keys.public_key, addresses.all())
+    own_endpoint = endpoint or _local_endpoint(config)
+
+    from meshd.enrol import enrol
+
+    errors = []
+    result = None
+    for host, port in _seed_targets(seed, token_, config.enrol.port):
+        try:
+            result = asyncio.run(enrol(host, port, token_, cert, own_endpoint))
+            break
+        except EnrolError as exc:
+            errors.append(str(exc))
+    if result is None:
+        raise EnrolError("; ".join(errors) or "the token names no seed: give SEED-HOST")
+    known = [
+        KnownPeer(
+            name=p.name,
+            public_key=p.public_key,
+            allowed_ips=host_prefixes(p.addresses),
+            endpoint=p.endpoint,
+            gossip_addr=str(next(a for a in p.addresses if a.version == 4)),
+        )
+        for p in (result.seed, *result.members)
+        if p.public_key != keys.public_key
+    ]
+    node = NodeState(
+        network=network,
+        ca_public_key=token_.ca_public_key,
+        name=name,
+        keys=keys,
+        addresses=addresses,
+        chain=CertChain(cert, (token_.enrolment.cert,)).encode(),
+        gossip_key=token_.gossip_key,
+        rpc_key=new_rpc_key(),
+        static_address=addresses.static,
+    )
+    store.create(node)
+    store.save_peers(known)
+    click.echo(
+        f"joined network {network.name} ({network.network_id}) through {result.seed.name}: "
+        f"this node is {name} at {', '.join(map(str, addresses.all()))}"
+    )
+    _start_agent(state, start)
+
+
+@click.command()
+@click.pass_obj
+def agent(state: CliState) -> None:
+    """Run the agent in the foreground (what the systemd/launchd service runs).
+
+    It keeps WireGuard in line with the gossip view until SIGTERM; SIGHUP
+    re-reads the plugins' configuration.
+    """
+    run_agent(state)
+
+
+def _ago(timestamp: float | None) -> str:
+    if not timestamp:
+        return "never"
+    seconds = max(0, int(time.time() - timestamp))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
+
+
+def _path(row: dict[str, Any]) -> str:
+    if row.get("excluded"):
+        return f"excluded: {row['excluded']}"
+    if row.get("via"):
+        return f"via {row['via']}"
+    return "direct" if row.get("peer") else "-"
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def status(state: CliState, as_json: bool) -> None:
+    """This node, then every other member: addresses, gossip state, endpoint,
+    last handshake, traffic and whether it is reached directly."""
+    result = control.call(state.config.state_dir, "status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    node = result["node"]
+    click.echo(
+        f"{node['name']}  network {node['network']} ({node['network_id']})  "
+        f"{', '.join(node['addresses'])}  {node['interface']}:{node['listen_port']}"
+    )
+    rows = [
+        [
+            r["name"],
+            ", ".join(r["addresses"]),
+            r["gossip"],
+            r["endpoint"] or "-",
+            _ago(r["last_handshake"]),
+            _bytes(r["rx_bytes"]),
+            _bytes(r["tx_bytes"]),
+            _path(r),
+        ]
+        for r in result["peers"]
+    ]
+    headers = ["PEER", "ADDRESSES", "GOSSIP", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PATH"]
+    click.echo(tabulate(rows, headers=headers) if rows else "no other members yet")
+
+
+@click.command()
+@click.pass_obj
+def leave(state: CliState) -> None:
+    """Leave the mesh gracefully: the others drop this node at once, the agent stops."""
+    state_dir = state.config.state_dir
+    result = control.call(state_dir, "leave")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and control.socket_path(state_dir).exists():
+        time.sleep(0.2)
+    click.echo(f"{result['leaving']} left the mesh")

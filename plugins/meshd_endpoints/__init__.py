@@ -1,0 +1,64 @@
+"""Standard endpoints plugin: where other nodes can reach this node's WireGuard port.
+
+Candidates, best first: the endpoints configured in ``[plugins.endpoints]
+advertise = ["host:port", ...]``, then every address of this machine outside
+the mesh (loopback and link-local left out), with the WireGuard port. Set
+``local = false`` to publish only the configured ones (a machine whose local
+addresses are useless to others).
+
+``trylast``: a NAT-traversal plugin's observed public endpoints come first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from meshd import hookimpl
+from meshd.errors import ConfigError
+from meshd.types import AgentAPI, ConfigView
+
+_settings: dict[str, Any] = {"advertise": (), "local": True}
+
+
+def _endpoint(host: Any, port: int) -> str:
+    return f"[{host}]:{port}" if getattr(host, "version", 4) == 6 else f"{host}:{port}"
+
+
+@hookimpl
+def meshd_configure(config: ConfigView) -> None:
+    section: Mapping[str, Any] = config.section("endpoints")
+    _settings.update(advertise=(), local=True)
+    for key, value in section.items():
+        where = f"plugins.endpoints.{key}"
+        if key == "advertise":
+            if not isinstance(value, list) or not all(
+                isinstance(v, str) and ":" in v for v in value
+            ):
+                raise ConfigError(
+                    'must be a list of "host:port" strings', file=config.path, key=where
+                )
+            _settings["advertise"] = tuple(value)
+        elif key == "local":
+            if not isinstance(value, bool):
+                raise ConfigError("must be true or false", file=config.path, key=where)
+            _settings["local"] = value
+        else:
+            raise ConfigError(
+                "unknown key (known keys: advertise, local)", file=config.path, key=where
+            )
+
+
+@hookimpl(trylast=True)
+def meshd_endpoint_candidates(agent: AgentAPI) -> list[str]:
+    found = list(_settings["advertise"])
+    if _settings["local"]:
+        mesh = [agent.network.cidr4, agent.network.cidr6]
+        for address in agent.local_addresses:
+            if any(net is not None and address in net for net in mesh):
+                continue
+            if isinstance(address, ipaddress.IPv6Address) and address.is_private:
+                continue  # ULAs are rarely reachable from other sites; keep lists short
+            found.append(_endpoint(address, agent.listen_port))
+    return found
