@@ -13,7 +13,7 @@ from tabulate import tabulate
 from meshd.errors import LabError
 from meshd.lab import netns
 from meshd.lab.lab import Lab
-from meshd.lab.plan import TOPOLOGIES
+from meshd.lab.plan import NAT_TYPES, TOPOLOGIES
 
 ENV_LAB = "MESHD_LAB"
 DEFAULT_LAB = "lab"
@@ -60,9 +60,25 @@ def lab() -> None:
 @click.option(
     "--public", type=int, default=1, show_default=True, help="nat: hosts outside any NAT."
 )
+@click.option(
+    "--nat-type",
+    type=click.Choice(NAT_TYPES),
+    default="restricted",
+    show_default=True,
+    help="nat: restricted = Linux masquerade, hole punching works; "
+    "symmetric = a random port per destination, it does not.",
+)
 @click.option("--no-check", is_flag=True, help="Skip the reachability check at the end.")
 @lab_option
-def up(nodes: int, topology: str, sites: int, public: int, no_check: bool, lab_id: str) -> None:
+def up(
+    nodes: int,
+    topology: str,
+    sites: int,
+    public: int,
+    nat_type: str,
+    no_check: bool,
+    lab_id: str,
+) -> None:
     """Build a lab, then show which host reaches which (every host pings every other).
 
     In the nat topology hosts n1..nP are public and the others are dealt over
@@ -75,6 +91,7 @@ def up(nodes: int, topology: str, sites: int, public: int, no_check: bool, lab_i
         lab_id=lab_id,
         sites=sites,
         public=public,
+        nat_type=nat_type,
         progress=click.echo,
     )
     _print_plan(built)
@@ -190,8 +207,12 @@ def _print_plan(found: Lab) -> None:
     click.echo(tabulate(rows, headers=["HOST", "ADDRESS", "SITE", "GATEWAY", "NAMESPACE"]))
     if found.routers:
         click.echo()
-        rrows = [[r.name, r.site, r.wan_address, r.lan_cidr, r.netns] for r in found.routers]
-        click.echo(tabulate(rrows, headers=["ROUTER", "SITE", "WAN", "LAN (NAT)", "NAMESPACE"]))
+        rrows = [
+            [r.name, r.site, r.wan_address, r.lan_cidr, found.plan.nat_type, r.netns]
+            for r in found.routers
+        ]
+        headers = ["ROUTER", "SITE", "WAN", "LAN", "NAT", "NAMESPACE"]
+        click.echo(tabulate(rrows, headers=headers))
 
 
 def format_matrix(found: Lab, matrix: dict[str, Any]) -> str:

@@ -61,26 +61,33 @@ Progress = Callable[[str], None]
 NodeRef = LabNode | str
 
 # The NAT of a home router: hosts behind it open conversations, nobody outside
-# does. Masquerade keeps the source port where it can (conntrack), like most
-# consumer routers, which is what hole punching will later rely on.
-ROUTER_RULESET = f"""\
+# does (unsolicited inbound is dropped, on the router and through it).
+_ROUTER_RULESET = """\
 table ip meshd_lab {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         ct state established,related accept
-        iifname "{ROUTER_WAN_IFNAME}" drop
+        iifname "{wan}" drop
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
         ct state established,related accept
-        iifname "{ROUTER_WAN_IFNAME}" drop
+        iifname "{wan}" drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "{ROUTER_WAN_IFNAME}" masquerade
+        oifname "{wan}" {masquerade}
     }}
 }}
 """
+
+
+def router_ruleset(nat_type: str) -> str:
+    """The nftables ruleset of a site router for one of :data:`NAT_TYPES`."""
+    # Plain masquerade keeps the source port when it is free (conntrack), like most
+    # consumer routers; fully-random maps every new destination to a random port.
+    masquerade = "masquerade fully-random" if nat_type == "symmetric" else "masquerade"
+    return _ROUTER_RULESET.format(wan=ROUTER_WAN_IFNAME, masquerade=masquerade)
 
 
 def lab_base_dir(base_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -133,6 +140,7 @@ class Lab:
         *,
         sites: int = 2,
         public: int = 1,
+        nat_type: str = "restricted",
         base_dir: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
     ) -> Lab:
@@ -140,21 +148,32 @@ class Lab:
 
         ``topology`` "flat": all hosts on one bridge. "nat": ``public`` hosts
         on an "internet" bridge, the rest spread over ``sites`` sites, each
-        behind a router that masquerades and drops unsolicited inbound traffic.
+        behind a router that masquerades and drops unsolicited inbound traffic;
+        ``nat_type`` "symmetric" makes those routers pick a random port per
+        destination (see :data:`meshd.lab.plan.NAT_TYPES`).
         """
         netns.require_root()
         netns.require_binaries("ip", "sysctl", *(["nft"] if topology == "nat" else []))
         lab_id = validate_lab_id(lab_id) if lab_id is not None else random_lab_id()
-        plan = plan_lab(lab_id, nodes, topology, sites=sites, public=public)
+        plan = plan_lab(lab_id, nodes, topology, sites=sites, public=public, nat_type=nat_type)
         directory = lab_base_dir(base_dir) / lab_id
-        if directory.exists() or _lab_namespaces(lab_id):
-            raise LabError(
-                f"lab {lab_id} already exists; remove it with: meshd lab down --lab {lab_id}"
-            )
+        exists = LabError(
+            f"lab {lab_id} already exists; remove it with: meshd lab down --lab {lab_id}"
+        )
+        if _lab_namespaces(lab_id):
+            raise exists
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            # The claim: of two processes creating the same lab, exactly one gets here,
+            # and only that one may clean up after a failure.
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            raise exists from None
+        except OSError as exc:
+            raise LabError(f"cannot create {directory}: {exc.strerror}") from exc
         say = progress or (lambda line: log.info("%s", line))
         lab = cls(plan, directory)
         try:
-            ensure_private_dir(directory)
             lab._write_state({"processes": []})
             lab._build(say)
         except BaseException:
@@ -231,7 +250,7 @@ class Lab:
                 ]
         netns.ip_batch(router.netns, cmds)
         netns.set_sysctl(router.netns, "net.ipv4.ip_forward", "1")
-        netns.load_nft(router.netns, ROUTER_RULESET)
+        netns.load_nft(router.netns, router_ruleset(self.plan.nat_type or "restricted"))
 
     # ---- what it is ---------------------------------------------------
 

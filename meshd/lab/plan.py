@@ -35,6 +35,10 @@ from meshd.errors import LabError
 
 NETNS_PREFIX = "meshd-lab-"
 TOPOLOGIES = ("flat", "nat")
+# restricted: Linux's plain masquerade - the source port is kept where it can be, and only
+#   the peer a host wrote to may answer (port-restricted cone): hole punching works.
+# symmetric: every new destination gets a random port - hole punching fails, relays needed.
+NAT_TYPES = ("restricted", "symmetric")
 LAB_ID_PATTERN = re.compile(r"[a-z0-9]{1,8}")
 IFNAME_MAX = 15  # IFNAMSIZ - 1
 MAX_NODES = 250
@@ -143,6 +147,7 @@ class LabPlan:
     switch: str  # the namespace that holds the bridge every host or router hangs on
     nodes: tuple[LabNode, ...]
     routers: tuple[LabRouter, ...] = ()
+    nat_type: str | None = None  # nat topology: one of NAT_TYPES
 
     @property
     def namespaces(self) -> list[str]:
@@ -179,6 +184,7 @@ class LabPlan:
             "switch": self.switch,
             "nodes": [asdict(n) for n in self.nodes],
             "routers": [asdict(r) for r in self.routers],
+            "nat_type": self.nat_type,
         }
 
     @classmethod
@@ -190,13 +196,20 @@ class LabPlan:
                 switch=str(data["switch"]),
                 nodes=tuple(LabNode(**n) for n in data["nodes"]),
                 routers=tuple(LabRouter(**r) for r in data.get("routers", ())),
+                nat_type=data.get("nat_type"),
             )
         except (KeyError, TypeError) as exc:
             raise LabError(f"lab state is not a lab plan: {exc}") from exc
 
 
 def plan_lab(
-    lab_id: str, nodes: int, topology: str = "flat", *, sites: int = 2, public: int = 1
+    lab_id: str,
+    nodes: int,
+    topology: str = "flat",
+    *,
+    sites: int = 2,
+    public: int = 1,
+    nat_type: str = "restricted",
 ) -> LabPlan:
     """The names and addresses of a lab with ``nodes`` hosts.
 
@@ -223,10 +236,12 @@ def plan_lab(
             for i in range(1, nodes + 1)
         )
         return LabPlan(lab_id, topology, netns_name(lab_id, "hub"), hosts)
-    return _plan_nat(lab_id, nodes, sites, public)
+    if nat_type not in NAT_TYPES:
+        raise LabError(f"unknown NAT type {nat_type!r}: choose one of {', '.join(NAT_TYPES)}")
+    return _plan_nat(lab_id, nodes, sites, public, nat_type)
 
 
-def _plan_nat(lab_id: str, nodes: int, sites: int, public: int) -> LabPlan:
+def _plan_nat(lab_id: str, nodes: int, sites: int, public: int, nat_type: str) -> LabPlan:
     if not 2 <= sites <= MAX_SITES:
         raise LabError(f"the nat topology needs 2 to {MAX_SITES} sites, not {sites}")
     if not 1 <= public <= MAX_PUBLIC:
@@ -282,4 +297,4 @@ def _plan_nat(lab_id: str, nodes: int, sites: int, public: int) -> LabPlan:
                 gateway=router.lan_address,
             )
         )
-    return LabPlan(lab_id, "nat", netns_name(lab_id, "inet"), tuple(hosts), routers)
+    return LabPlan(lab_id, "nat", netns_name(lab_id, "inet"), tuple(hosts), routers, nat_type)

@@ -225,6 +225,50 @@ def test_nat_site_host_reaches_public_host_but_nothing_reaches_in(
     assert reachable == {("n2", "n1"), ("n3", "n1")}
 
 
+# Prints the source port of the first datagram to reach each of two ports.
+TWO_PORTS = """
+import select, socket
+socks = []
+for port in (5000, 5001):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    socks.append(s)
+seen = {}
+while len(seen) < 2:
+    for s in select.select(socks, [], [])[0]:
+        seen[s.getsockname()[1]] = s.recvfrom(2048)[1][1]
+print(seen[5000], seen[5001], flush=True)
+"""
+
+# From one socket on port 6000, to two ports of the same host.
+SEND_TWO = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 6000))
+for _ in range(100):
+    for port in (5000, 5001):
+        s.sendto(b"x", (sys.argv[1], port))
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("nat_type", ["restricted", "symmetric"])
+def test_nat_type_decides_whether_the_mapping_depends_on_the_destination(
+    lab_factory: LabFactory, nat_type: str
+) -> None:
+    lab = lab_factory(nodes=3, topology="nat", nat_type=nat_type)
+    public, inside = lab.node("n1"), lab.node("n2")
+    lab.spawn(public, [sys.executable, "-u", "-c", TWO_PORTS], name="ports")
+    lab.spawn(inside, [sys.executable, "-c", SEND_TWO, public.address], name="sender")
+    out = lab.log_path(public, "ports")
+    wait_for(lambda: len(out.read_text().split()) == 2, "both ports to hear the site host")
+    first, second = (int(port) for port in out.read_text().split())
+    if nat_type == "restricted":
+        assert first == second == 6000  # one mapping for every destination, port kept
+    else:
+        assert first != second  # a new random port per destination
+
+
 def test_nat_routers_forward_and_hosts_do_not(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=4, topology="nat", sites=2)
     forwarding = lambda name: lab.run(name, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()  # noqa: E731

@@ -181,3 +181,17 @@ def test_cli_help_teaches_and_missing_lab_is_one_line(tmp_path: Path) -> None:
     assert missing.stderr.strip() == (
         "meshd: error: no lab 'nope'; start one with: meshd lab up --lab nope"
     )
+
+
+def test_nat_type_is_planned_kept_and_shapes_the_ruleset() -> None:
+    from meshd.lab.lab import router_ruleset
+
+    plan = plan_lab("t1", 3, "nat", nat_type="symmetric")
+    assert LabPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).nat_type == "symmetric"
+    assert plan_lab("t1", 3).nat_type is None
+    with pytest.raises(LabError, match="unknown NAT type 'full-cone'"):
+        plan_lab("t1", 3, "nat", nat_type="full-cone")
+    assert 'oifname "wan" masquerade fully-random' in router_ruleset("symmetric")
+    restricted = router_ruleset("restricted")
+    assert 'oifname "wan" masquerade\n' in restricted
+    assert restricted.count('iifname "wan" drop') == 2  # through the router and to it
