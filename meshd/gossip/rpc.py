@@ -189,7 +189,7 @@ class SerfRPC(Protocol):
         filter_nodes: Sequence[str] = (),
         filter_tags: Mapping[str, str] | None = None,
         request_ack: bool = False,
-        timeout: float = 0.0,
+        query_timeout: float = 0.0,
     ) -> QueryResult: ...
 
     async def respond(self, query_id: int, payload: bytes) -> None: ...
@@ -360,13 +360,13 @@ class SerfClient:
         if self._reconnect and self._keeper is None:
             self._keeper = asyncio.create_task(self._keep_connected(), name="serf-rpc-keeper")
 
-    async def wait_connected(self, timeout: float) -> None:
-        """Wait until (re)connected; SerfConnectionError after ``timeout`` seconds."""
+    async def wait_connected(self, seconds: float) -> None:
+        """Wait until (re)connected; SerfConnectionError after ``seconds``."""
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(self._connected.wait(), seconds)
         except asyncio.TimeoutError:
             raise SerfConnectionError(
-                f"no RPC connection to the Serf agent at {self.rpc_addr} after {timeout:g} s"
+                f"no RPC connection to the Serf agent at {self.rpc_addr} after {seconds:g} s"
             ) from None
 
     async def close(self) -> None:
@@ -549,7 +549,7 @@ class SerfClient:
         body: Any = None,
         *,
         conn: _Connection | None = None,
-        timeout: float | None = None,
+        reply_timeout: float | None = None,
         on_record: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> Any:
         conn = conn or self._conn
@@ -562,7 +562,8 @@ class SerfClient:
         try:
             # The entry stays registered after a timeout so its late reply is still parsed.
             return await asyncio.wait_for(
-                asyncio.shield(entry.future), self._timeout if timeout is None else timeout
+                asyncio.shield(entry.future),
+                self._timeout if reply_timeout is None else reply_timeout,
             )
         except asyncio.TimeoutError:
             raise SerfConnectionError(
@@ -650,7 +651,7 @@ class SerfClient:
 
     async def leave(self) -> None:
         """Leave the cluster gracefully; the agent shuts down afterwards."""
-        await self._call("leave", timeout=max(self._timeout, 30.0))
+        await self._call("leave", reply_timeout=max(self._timeout, 30.0))
 
     async def force_leave(self, node: str) -> None:
         await self._call("force-leave", {"Node": node})
@@ -666,11 +667,11 @@ class SerfClient:
         filter_nodes: Sequence[str] = (),
         filter_tags: Mapping[str, str] | None = None,
         request_ack: bool = False,
-        timeout: float = 0.0,
+        query_timeout: float = 0.0,
     ) -> QueryResult:
         """Send a query and collect acks and responses until the agent says it is done.
 
-        ``timeout`` 0 lets the agent pick its default (a few gossip rounds).
+        ``query_timeout`` (seconds) 0 lets the agent pick its default (a few gossip rounds).
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -693,7 +694,7 @@ class SerfClient:
             "FilterNodes": list(filter_nodes),
             "FilterTags": dict(filter_tags or {}),
             "RequestAck": request_ack,
-            "Timeout": int(timeout * 1e9),
+            "Timeout": int(query_timeout * 1e9),
             "Name": name,
             "Payload": payload,
         }
@@ -706,7 +707,7 @@ class SerfClient:
         try:
             await asyncio.wait_for(asyncio.shield(entry.future), self._timeout)
             # The agent's default query timeout is a few seconds; allow it plus ours.
-            await asyncio.wait_for(asyncio.shield(done), (timeout or 30.0) + self._timeout)
+            await asyncio.wait_for(asyncio.shield(done), (query_timeout or 30.0) + self._timeout)
         except asyncio.TimeoutError:
             self._pending.pop(seq, None)
             raise SerfConnectionError(f"serf query {name!r}: no end of responses") from None

@@ -31,10 +31,17 @@ The change feed (for the agent)::
 A subscriber that is slower than the view does not queue snapshots: pending
 updates coalesce into one (latest members; per name the first ``before`` and
 the last ``after``), which is what a level-triggered reconcile wants.
-``view.members`` is always the latest snapshot; ``await view.wait_for(pred, timeout)``
+``view.members`` is always the latest snapshot; ``await view.wait_for(pred, seconds)``
 waits until ``pred(view.members)`` holds.
 
 Non-member events (user events, queries) are handed to ``on_event`` if given.
+
+Snapshot nudge: Serf's snapshotter flushes its file only when it appends a line
+more than 0.5 s after its last flush, so members learned in one burst stay in
+its buffer until the next event; a ``kill -9`` then loses them and the restarted
+agent re-joins nobody. With ``flush_snapshot`` (the default) the view sends a
+tiny query addressed to its own node 0.6 s after membership changed: the query
+clock line it appends makes Serf flush everything before it.
 :func:`publish_record` sets this node's record in its tags (and deletes stale keys).
 """
 
@@ -50,7 +57,7 @@ from types import MappingProxyType
 
 from meshd.errors import GossipError, RecordError
 from meshd.gossip.record import RECORD_KEYS, decode_record, encode_record
-from meshd.gossip.rpc import MemberEvent, SerfEvent, SerfMember, SerfRPC, StreamGap
+from meshd.gossip.rpc import MemberEvent, QueryEvent, SerfEvent, SerfMember, SerfRPC, StreamGap
 from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,9 @@ _STATES = {
 }
 
 EventHandler = Callable[[SerfEvent], None]
+
+SNAPSHOT_NUDGE_QUERY = "_meshd-snapshot"
+SNAPSHOT_NUDGE_DELAY = 0.6  # Serf flushes a line appended > 0.5 s after its last flush
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,7 @@ class MembershipView:
         poll_interval: float = 0.3,
         missing_grace: float = 30.0,
         on_event: EventHandler | None = None,
+        flush_snapshot: bool = True,
     ) -> None:
         self._client = client
         self._poll_interval = poll_interval
@@ -152,6 +163,9 @@ class MembershipView:
         self._changed = asyncio.Event()
         self._kick = asyncio.Event()
         self._poll_failing = False
+        self._flush_snapshot = flush_snapshot
+        self._membership_changed = asyncio.Event()
+        self._self_name: str | None = None
         self.generation = 0
 
     @property
@@ -208,6 +222,8 @@ class MembershipView:
                 self._decoded.pop(name, None)
         if not changes:
             return None
+        if any(c.before is None or c.before.state != c.after.state for c in changes):
+            self._membership_changed.set()
         self.generation += 1
         self._snapshot = MappingProxyType(dict(self._members))
         update = ViewUpdate(self._snapshot, tuple(changes), self.generation)
@@ -232,10 +248,10 @@ class MembershipView:
         self._kick.set()
 
     async def wait_for(
-        self, predicate: Callable[[Mapping[str, Member]], bool], timeout: float
+        self, predicate: Callable[[Mapping[str, Member]], bool], seconds: float
     ) -> bool:
-        """Wait until ``predicate(view.members)`` is true; False after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+        """Wait until ``predicate(view.members)`` is true; False after ``seconds``."""
+        deadline = time.monotonic() + seconds
         while not predicate(self._snapshot):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -252,6 +268,8 @@ class MembershipView:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._follow_events(), name="view-events")
             group.create_task(self._poll(), name="view-poll")
+            if self._flush_snapshot:
+                group.create_task(self._nudge_snapshot(), name="view-snapshot-nudge")
 
     async def _poll(self) -> None:
         while True:
@@ -274,8 +292,29 @@ class MembershipView:
                 self.poll_now()
                 continue
             self.poll_now()
+            if isinstance(event, QueryEvent) and event.name == SNAPSHOT_NUDGE_QUERY:
+                continue
             if self._on_event is not None:
                 try:
                     self._on_event(event)
                 except Exception:
                     log.exception("event handler failed on %s", type(event).__name__)
+
+    async def _nudge_snapshot(self) -> None:
+        quiet = False
+        while True:
+            await self._membership_changed.wait()
+            # Debounce: one nudge 0.6 s after the last change of a burst.
+            while self._membership_changed.is_set():
+                self._membership_changed.clear()
+                await asyncio.sleep(SNAPSHOT_NUDGE_DELAY)
+            try:
+                if self._self_name is None:
+                    self._self_name = (await self._client.stats())["agent"]["name"]
+                await self._client.query(
+                    SNAPSHOT_NUDGE_QUERY, filter_nodes=[self._self_name], query_timeout=0.1
+                )
+                quiet = False
+            except (GossipError, KeyError, TypeError) as exc:
+                (log.debug if quiet else log.warning)("snapshot nudge failed: %s", exc)
+                quiet = True

@@ -47,6 +47,7 @@ class ScriptedSerf:
         self.queue: asyncio.Queue[SerfEvent] = asyncio.Queue()
         self.tags: dict[str, str] = {}
         self.deleted: list[str] = []
+        self.queries: list[tuple[str, object]] = []
 
     async def members(self) -> list[SerfMember]:
         self.calls += 1
@@ -57,6 +58,12 @@ class ScriptedSerf:
     async def set_tags(self, tags: Mapping[str, str], delete: object = ()) -> None:
         self.tags.update(tags)
         self.deleted = list(delete)  # type: ignore[call-overload]
+
+    async def stats(self) -> dict[str, dict[str, str]]:
+        return {"agent": {"name": "n1"}}
+
+    async def query(self, name: str, payload: bytes = b"", **options: object) -> None:
+        self.queries.append((name, options.get("filter_nodes")))
 
     async def events(self) -> AsyncIterator[SerfEvent]:
         while True:
@@ -169,6 +176,12 @@ def test_run_polls_on_events_and_survives_a_failing_agent() -> None:
         serf.queue.put_nowait(UserEvent("hello", b"", 1, False))
         assert await view.wait_for(lambda m: m["n2"].state is MemberState.FAILED, 5)
         assert [type(e) for e in seen] == [UserEvent]
+        # Membership changed, so Serf's lazily flushed snapshot was nudged (to this node only).
+        for _ in range(50):
+            if serf.queries:
+                break
+            await asyncio.sleep(0.1)
+        assert serf.queries[0] == ("_meshd-snapshot", ["n1"])
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
