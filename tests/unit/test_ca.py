@@ -131,6 +131,18 @@ def test_backdated_cert_from_a_leaked_key_is_refused(
         verify_chain(forged, (enrolment.cert,), ca.public_key, NOW)
 
 
+def test_overlong_cert_from_the_enrolment_key_is_refused(
+    ca: NetworkCA, enrolment: EnrolmentKey, wg_key: str
+) -> None:
+    # A holder of the enrolment key signs by hand a certificate living longer than allowed.
+    honest = enrolment.sign_node_cert("greedy", wg_key, [ADDR4], now=NOW)
+    greedy = dataclasses.replace(honest, not_after=honest.not_after + 1)
+    greedy = dataclasses.replace(greedy, signature=enrolment.sign(greedy.signed_part()))
+    verify_chain(honest, (enrolment.cert,), ca.public_key, NOW)
+    with pytest.raises(IdentityError, match="lives longer than its enrolment key allows"):
+        verify_chain(greedy, (enrolment.cert,), ca.public_key, NOW)
+
+
 def test_foreign_ca_is_refused(node_chain: CertChain) -> None:
     other = NetworkCA.generate("lab")
     with pytest.raises(IdentityError, match="network"):
