@@ -83,7 +83,7 @@ def test_bad_tokens_are_refused_before_anything_is_written(
 
 
 def test_a_token_read_from_stdin_reaches_the_seed_step(tmp_path: Path) -> None:
-    # No seed listens on loopback port 9: the token is accepted, the enrolment fails, nothing is written.
+    # No seed listens on loopback port 9: the token passes, enrolment fails, nothing is written.
     result = meshd(
         tmp_path,
         "join",
