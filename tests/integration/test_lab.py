@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -336,6 +337,53 @@ def test_down_by_id_after_a_killed_up() -> None:
     finally:
         for name in made:
             subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+def test_down_after_kill_9_of_a_real_up() -> None:
+    # Wherever the kill lands (before, during or after the build), down cleans up.
+    lab_id = random_lab_id()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "meshd", "lab", "up", "--nodes", "20", "--lab", lab_id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert up.stdout is not None
+        assert "namespaces" in up.stdout.readline() + up.stdout.readline()
+        up.kill()
+    finally:
+        up.wait()
+        up.stdout.close()  # type: ignore[union-attr]
+    assert [n for n in list_netns() if n.startswith(netns_prefix(lab_id))]
+    assert Lab.down_by_id(lab_id) is True
+    assert not [n for n in list_netns() if n.startswith(netns_prefix(lab_id))]
+
+
+def test_two_creates_of_one_id_race_and_one_wins_intact() -> None:
+    lab_id = random_lab_id()
+    results: list[object] = []
+
+    def create() -> None:
+        try:
+            results.append(Lab.create(nodes=3, lab_id=lab_id))
+        except LabError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        labs = [r for r in results if isinstance(r, Lab)]
+        errors = [str(r) for r in results if isinstance(r, LabError)]
+        assert len(labs) == 1, errors
+        assert len(errors) == 1
+        assert "already exists" in errors[0]
+        assert labs[0].ping_matrix()["ok"]
+    finally:
+        Lab.down_by_id(lab_id)
 
 
 def test_create_refuses_an_existing_lab_and_leaves_it_alone(lab_factory: LabFactory) -> None:
