@@ -59,7 +59,13 @@ Public API::
     verify_chain(node_cert, chain, ca_public_key, now, *, revoked=None, at_admission=False)
     check_binding(cert, *, name, public_key, addresses)
     Revocation.encode() / .decode(data); verify_revocation(rev, ca_public_key)
-    RevocationList.add(rev, ca_public_key) / .find(cert)
+    RevocationList.add(rev, ca_public_key) / .find(cert) / .encode() / .decode(data, ca_key)
+
+Admitting a gossiped member (the agent's ``meshd_admit_peer``): fetch its chain
+by ``cert_ref``, then ``chain = CertChain.decode(data)``, ``chain.verify(ca_key,
+now, revoked=revocations)`` and ``check_binding(chain.node, name=member.name,
+public_key=record.public_key, addresses=record.addresses)``; any IdentityError is
+the reason to refuse. A revocation (~150 bytes) fits a Serf user event.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ _FORMAT_VERSION = 1
 _CERT_MAGIC = b"MC"
 _CHAIN_MAGIC = b"MH"
 _REVOCATION_MAGIC = b"MR"
+_REVOCATION_LIST_MAGIC = b"ML"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NO_SERIAL = bytes(SERIAL_LEN)
 
@@ -860,6 +867,25 @@ class RevocationList:
             if found is not None and found.matches(cert):
                 return found
         return None
+
+    def encode(self) -> bytes:
+        """All revocations, for the agent's state file."""
+        writer = BinaryWriter().raw(_REVOCATION_LIST_MAGIC).u8(_FORMAT_VERSION)
+        writer.u32(len(self._all))
+        for encoded in self._all:
+            writer.long_bytes(encoded)
+        return writer.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
+        """Read :meth:`encode`'s output, verifying every revocation again."""
+        reader = BinaryReader(data, "revocation list")
+        reader.magic(_REVOCATION_LIST_MAGIC)
+        revoked = cls()
+        for _ in range(reader.u32()):
+            revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
+        reader.end()
+        return revoked
 
     def __iter__(self) -> Iterator[Revocation]:
         return iter(self._all.values())

@@ -247,6 +247,19 @@ def test_revocation_round_trip(ca: NetworkCA, node_chain: CertChain) -> None:
     node_chain.verify(ca.public_key, NOW + 600, revoked=RevocationList())
 
 
+def test_revocation_list_persists(ca: NetworkCA, node_chain: CertChain) -> None:
+    revoked = RevocationList()
+    revoked.add(ca.revoke(node_chain.node, now=NOW), ca.public_key)
+    revoked.add(ca.revoke(node_chain.issuers[0], now=NOW, include_key=False), ca.public_key)
+    loaded = RevocationList.decode(revoked.encode(), ca.public_key)
+    assert list(loaded) == list(revoked)
+    assert loaded.find(node_chain.node) is not None
+    with pytest.raises(IdentityError):
+        RevocationList.decode(revoked.encode(), NetworkCA.generate("lab").public_key)
+    with pytest.raises(IdentityError):
+        RevocationList.decode(revoked.encode()[:-1], ca.public_key)
+
+
 def test_revoking_a_key_covers_its_new_certificates(
     ca: NetworkCA, enrolment: EnrolmentKey, node_chain: CertChain, wg_key: str
 ) -> None:
@@ -296,7 +309,7 @@ def test_issue_time_defaults_to_now(ca: NetworkCA, wg_key: str) -> None:
 # --- decoders of outside input: only IdentityError, whatever the bytes -------------------
 
 FUZZ = settings(
-    max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -319,6 +332,16 @@ def test_chain_decoder_only_raises_identity_error(data: bytes) -> None:
 def test_revocation_decoder_only_raises_identity_error(data: bytes) -> None:
     with pytest.raises(IdentityError):
         Revocation.decode(data)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_revocation_list_decoder_only_raises_identity_error(data: bytes) -> None:
+    with pytest.raises(IdentityError):
+        RevocationList.decode(data, _FUZZ_CA_KEY)
+
+
+_FUZZ_CA_KEY = NetworkCA.generate("fuzz").public_key
 
 
 @FUZZ

@@ -503,7 +503,7 @@ def test_rate_limiter_memory_is_bounded() -> None:
 # --- the request decoder: only IdentityError, whatever the bytes ------------------------
 
 
-@settings(max_examples=400, deadline=1000)
+@settings(max_examples=400, deadline=5000)
 @given(st.binary(max_size=MAX_REQUEST))
 def test_random_request_bytes_only_raise_identity_error(data: bytes) -> None:
     with pytest.raises(IdentityError):
@@ -519,7 +519,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=1000)
+@settings(max_examples=400, deadline=5000)
 @given(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["enrol", "refused", "x"]), "v": st.sampled_from([1, 2, "1"])},
@@ -539,7 +539,7 @@ _NET = Network("fuzz")
 _CHAIN = CertChain(joiner_cert(_NET.token), (_NET.token.enrolment.cert,))
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=5000)
 @given(data=st.data())
 def test_mutated_requests_decode_or_fail_cleanly(data: st.DataObject) -> None:
     nonce = bytes(32)

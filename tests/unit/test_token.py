@@ -245,14 +245,14 @@ def test_empty_file(tmp_path: Path) -> None:
 # --- the token text decoder: only TokenError, whatever the input -------------------------
 
 
-@settings(max_examples=400, deadline=1000)
+@settings(max_examples=400, deadline=5000)
 @given(st.text(max_size=2000))
 def test_random_text_only_raises_token_error(text: str) -> None:
     with pytest.raises(TokenError):
         parse_token(text, NOW)
 
 
-@settings(max_examples=400, deadline=1000)
+@settings(max_examples=400, deadline=5000)
 @given(st.binary(max_size=1500))
 def test_random_payload_after_prefix_only_raises_token_error(payload: bytes) -> None:
     text = TOKEN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
@@ -260,7 +260,7 @@ def test_random_payload_after_prefix_only_raises_token_error(payload: bytes) -> 
         parse_token(text, NOW)
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=5000)
 @given(data=st.data())
 def test_mutated_tokens_are_refused(data: st.DataObject) -> None:
     token = _SHARED_TOKEN
