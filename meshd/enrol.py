@@ -458,6 +458,12 @@ class EnrolServer:
         await _write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
             body = await _read_frame(reader, MAX_REQUEST)
+        except IdentityError as exc:
+            await self._refuse(writer, source, str(exc))
+            return
+        # Reading errors (EOF, reset) end the conversation in _accept; from here on, any
+        # failure is answered with a reason.
+        try:
             request = EnrolRequest.decode(body, nonce=nonce, source=source)
             verify_proof(request)
             self._verify(request)

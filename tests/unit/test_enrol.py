@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import socket
 import struct
@@ -341,7 +342,7 @@ GARBAGE = [
 ]
 
 
-def test_garbage_does_not_kill_the_server() -> None:
+def test_garbage_does_not_kill_the_server(caplog: pytest.LogCaptureFixture) -> None:
     net = Network()
 
     async def scenario() -> None:
@@ -357,6 +358,8 @@ def test_garbage_does_not_kill_the_server() -> None:
             )
             assert result.seed.name == "seed"
         assert len(net.enrolled) == 1
+        # Garbage is a client's problem, not a failure of the seed: no error, no traceback.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
     run(scenario)
 
