@@ -23,6 +23,7 @@ The rules the plan keeps:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
@@ -55,12 +56,19 @@ class _Wanted:
     allowed_ips: frozenset[IPNetwork]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _checked_key(key: str, what: str) -> str:
+    # Cached: a valid key stays valid; errors are not cached and raise every time.
+    decode_key(key, what=what)
+    return key
+
+
 def _validate(desired: Iterable[PeerConfig]) -> dict[str, _Wanted]:
     wanted: dict[str, _Wanted] = {}
     owner: dict[IPNetwork, str] = {}
     for peer in desired:
         key = peer.public_key.strip()
-        decode_key(key, what=f"peer public key {key!r}")
+        _checked_key(key, f"peer public key {key!r}")
         if key in wanted:
             raise WireGuardError(f"peer {key} is listed twice in the desired peers")
         psk = None

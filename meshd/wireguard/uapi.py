@@ -9,7 +9,6 @@ text over the socket.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 
 from meshd.errors import WireGuardError
@@ -23,6 +22,7 @@ from meshd.wireguard.backend import (
     PeerOp,
     PeerState,
     normalize_endpoint,
+    parse_network,
     sorted_networks,
 )
 
@@ -152,8 +152,8 @@ def parse_get(text: str) -> DeviceState:
             peer.endpoint = normalize_endpoint(value)
         elif key == "allowed_ip":
             try:
-                peer.allowed.append(ipaddress.ip_network(value, strict=False))
-            except ValueError as exc:
+                peer.allowed.append(parse_network(value))
+            except WireGuardError as exc:
                 raise WireGuardError(f"UAPI: allowed_ip={value!r} is not a prefix") from exc
         elif key == "persistent_keepalive_interval":
             peer.keepalive = _int(key, value) or None
