@@ -132,7 +132,7 @@ def network_id_of(ca_public_key: bytes) -> str:
 
 def check_name(name: str, *, what: str = "name") -> str:
     """``name`` if it is a DNS label (lowercase letters, digits, inner dashes, 1-63)."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise IdentityError(f"{what} {name!r} must be a DNS label: a-z, 0-9 and inner '-', 1-63")
     return name
 
@@ -244,7 +244,7 @@ class BinaryReader:
 
     def name(self, what: str) -> str:
         value = self.text()
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise self.fail(f"{what} is not a DNS label")
         return value
 

@@ -104,7 +104,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
             return str(ipaddress.IPv6Address(host[1:-1])), port
         except ValueError as exc:
             raise IdentityError(f"endpoint {endpoint!r} has a bad IPv6 address") from exc
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         raise IdentityError(f"endpoint {endpoint!r} has a bad host name")
     return host, port
 

@@ -225,7 +225,7 @@ def test_check_binding(node_chain: CertChain, wg_key: str) -> None:
 
 
 def test_bad_names_are_refused(ca: NetworkCA, wg_key: str) -> None:
-    for name in ("", "UPPER", "-dash", "dash-", "a" * 64, "dot.ted", "ünï"):
+    for name in ("", "UPPER", "-dash", "dash-", "a" * 64, "dot.ted", "ünï", "node\n"):
         with pytest.raises(IdentityError, match="DNS label"):
             ca.issue_node_cert(name, wg_key, [ADDR4], now=NOW)
     with pytest.raises(IdentityError):

@@ -177,7 +177,16 @@ def test_split_endpoint() -> None:
     assert split_endpoint("192.0.2.1:51820") == ("192.0.2.1", 51820)
     assert split_endpoint("[2001:db8::1]:1") == ("2001:db8::1", 1)
     assert split_endpoint("host-a.example:65535") == ("host-a.example", 65535)
-    for bad in ("192.0.2.1", "host:0", "host:65536", ":80", "[zz]:80", "a b:80", "h:\uff18\uff10"):
+    for bad in (
+        "192.0.2.1",
+        "host:0",
+        "host:65536",
+        ":80",
+        "[zz]:80",
+        "a b:80",
+        "h:\uff18\uff10",
+        "h\n:80",
+    ):
         with pytest.raises(IdentityError):
             split_endpoint(bad)
 
