@@ -3,7 +3,7 @@
 A :class:`MembershipView` reads one :class:`~meshd.gossip.rpc.SerfRPC` client.
 Serf coalesces member events for about a second before a stream sees them, so
 the view does not wait for them: it polls ``members`` every ``poll_interval``
-(0.3 s; one cheap loopback call) and polls at once whenever an event arrives
+(0.25 s; one cheap loopback call) and polls at once whenever an event arrives
 (member-*, user events, and the ``StreamGap`` the client puts in after a
 reconnect or an overflow). The content of member events is not applied: a
 late, coalesced event could carry an older state than the last poll did.
@@ -57,7 +57,14 @@ from types import MappingProxyType
 
 from meshd.errors import GossipError, RecordError
 from meshd.gossip.record import RECORD_KEYS, decode_record, encode_record
-from meshd.gossip.rpc import MemberEvent, QueryEvent, SerfEvent, SerfMember, SerfRPC, StreamGap
+from meshd.gossip.rpc import (
+    MemberEvent,
+    QueryEvent,
+    SerfEvent,
+    SerfMember,
+    SerfRPC,
+    StreamGap,
+)
 from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -96,7 +103,11 @@ class ViewUpdate:
 async def publish_record(
     client: SerfRPC, record: NodeRecord, *, extra_tags: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """Encode ``record`` into this node's tags; RecordError if it does not fit."""
+    """Encode ``record`` into this node's tags; RecordError if it does not fit.
+
+    The call returns once the agent has sent the change out (Serf waits for
+    the first gossip of it); other views see it at their next ``members`` poll.
+    """
     tags = encode_record(record, extra_tags=extra_tags)
     await client.set_tags(tags, delete=sorted(RECORD_KEYS - tags.keys()))
     return tags
@@ -146,7 +157,7 @@ class MembershipView:
         self,
         client: SerfRPC,
         *,
-        poll_interval: float = 0.3,
+        poll_interval: float = 0.25,
         missing_grace: float = 30.0,
         on_event: EventHandler | None = None,
         flush_snapshot: bool = True,

@@ -48,6 +48,7 @@ class ScriptedSerf:
         self.tags: dict[str, str] = {}
         self.deleted: list[str] = []
         self.queries: list[tuple[str, object]] = []
+        self.user_events: list[tuple[str, bytes, bool]] = []
 
     async def members(self) -> list[SerfMember]:
         self.calls += 1
@@ -58,6 +59,9 @@ class ScriptedSerf:
     async def set_tags(self, tags: Mapping[str, str], delete: object = ()) -> None:
         self.tags.update(tags)
         self.deleted = list(delete)  # type: ignore[call-overload]
+
+    async def user_event(self, name: str, payload: bytes = b"", *, coalesce: bool = True) -> None:
+        self.user_events.append((name, payload, coalesce))
 
     async def stats(self) -> dict[str, dict[str, str]]:
         return {"agent": {"name": "n1"}}
