@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.ca import CertChain, NetworkCA, RevocationList
+from meshd.ca import CertChain, NetworkCA, RevocationList, check_binding
 from meshd.enrol import (
     MAX_REQUEST,
     EnrolRequest,
@@ -33,7 +33,7 @@ from meshd.enrol import (
 )
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.token import Seed, Token, create_token
+from meshd.token import Seed, Token, create_token, parse_token
 
 LOOPBACK = "127.0.0.1"
 DEADLINE = 30.0  # generous: a loaded 2-core machine must not make these flaky
@@ -579,5 +579,49 @@ def test_reasons_are_printable_and_short() -> None:
         assert info.value.reason.isprintable()
         assert info.value.reason.startswith("?[2J?]0;owned?x")
         assert len(info.value.reason) <= 300
+
+    run(scenario)
+
+
+def test_admission_story_with_the_ca_machine_offline() -> None:
+    """init -> token text -> (CA gone) -> join -> a third member admits the joiner from gossip."""
+    ca = NetworkCA.generate("home")
+    ca_key = ca.public_key
+    seed_wg = WireGuardKeyPair.generate().public_key
+    seed_chain = CertChain(ca.issue_node_cert("first", seed_wg, [IPv4Address("100.64.0.1")]))
+    text = create_token(
+        ca,
+        gossip_key=os.urandom(32),
+        cidr4=IPv4Network("100.64.0.0/16"),
+        seeds=[Seed("127.0.0.1:51820", 7947, seed_wg, IPv4Address("100.64.0.1"))],
+        ttl=600,
+    ).encode()
+    del ca  # from here on, nobody holds the CA's secret
+    peers_added: list[tuple[str, str]] = []
+
+    def add_peer(request: EnrolRequest) -> EnrolResult:
+        peers_added.append((request.public_key, request.endpoint))
+        return EnrolResult(seed=PeerInfo(seed_chain, "127.0.0.1:51820"))
+
+    async def scenario() -> None:
+        token = parse_token(text, int(time.time()))
+        me = WireGuardKeyPair.generate()
+        cert = token.enrolment.sign_node_cert(
+            "newcomer", me.public_key, [IPv4Address("100.64.9.9")]
+        )
+        verify = chain_verifier(ca_key)
+        async with EnrolServer(LOOPBACK, 0, verify, add_peer) as server:
+            result = await enrol(LOOPBACK, server.port, token, cert, "192.0.2.9:51820")
+        assert result.seed.public_key == token.seeds[0].public_key
+        assert peers_added == [(me.public_key, "192.0.2.9:51820")]
+        # A third member fetches the newcomer's chain by its cert_ref and admits it.
+        fetched = CertChain.decode(CertChain(cert, (token.enrolment.cert,)).encode())
+        fetched.verify(ca_key, int(time.time()))
+        check_binding(
+            fetched.node,
+            name="newcomer",
+            public_key=me.public_key,
+            addresses=[IPv4Address("100.64.9.9")],
+        )
 
     run(scenario)
