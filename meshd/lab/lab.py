@@ -356,19 +356,7 @@ class Lab:
                     proc["pid"], proc["start"]
                 ):
                     raise LabError(f"{name} is already running on {node_name} (pid {proc['pid']})")
-            try:
-                with open(log_file, "ab") as out:
-                    child = subprocess.Popen(
-                        netns.exec_argv(target, argv),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=child_env,
-                        # Its own session: a Ctrl-C meant for the caller does not reach it.
-                        start_new_session=True,
-                    )
-            except OSError as exc:
-                raise LabError(f"cannot start {argv[0]} on {node_name}: {exc.strerror}") from exc
+            child = netns.start(target, argv, log_file=log_file, env=child_env)
             self._children[child.pid] = child
             state["processes"] = [
                 p

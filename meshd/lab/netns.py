@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from meshd.errors import LabError
@@ -69,6 +69,25 @@ def run(
 def exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
     """The command line that runs ``argv`` inside ``netns``."""
     return ["ip", "netns", "exec", netns, *argv]
+
+
+def start(
+    netns: str, argv: Sequence[str], *, log_file: Path, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the background inside ``netns``, output appended to ``log_file``."""
+    try:
+        with open(log_file, "ab") as out:
+            return subprocess.Popen(
+                exec_argv(netns, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                # Its own session: a Ctrl-C meant for the caller does not reach it.
+                start_new_session=True,
+            )
+    except OSError as exc:
+        raise LabError(f"cannot start {argv[0]} in {netns}: {exc.strerror}") from exc
 
 
 def list_netns() -> list[str]:
