@@ -61,6 +61,7 @@ class UserspaceBackend:
         self._device: DeviceConfig | None = None
         self._hook: RestartHook | None = None
         self._child: ChildProcess | None = None
+        self._last_line = ""
 
     # The child process
 
@@ -100,7 +101,8 @@ class UserspaceBackend:
         try:
             await self._child.start()
         except SupervisorError as exc:
-            raise WireGuardError(f"starting wireguard-go for {self.ifname}: {exc}") from exc
+            said = f" (it said: {self._last_line})" if self._last_line else ""
+            raise WireGuardError(f"starting wireguard-go for {self.ifname}: {exc}{said}") from exc
         log.info(
             "wireguard-go runs %s%s (pid %s)",
             self.ifname,
@@ -110,8 +112,12 @@ class UserspaceBackend:
 
     def _child_line(self, line: str) -> None:
         # wireguard-go prints a boxed banner on every start: keep it out of INFO.
-        level = logging.DEBUG if line[:1] in "┌│└" else logging.INFO
-        log.log(level, "wireguard-go[%s]: %s", self.ifname, line)
+        banner = line[:1] in "┌│└"
+        if not banner:
+            self._last_line = line
+        log.log(
+            logging.DEBUG if banner else logging.INFO, "wireguard-go[%s]: %s", self.ifname, line
+        )
 
     async def _answers(self) -> bool:
         try:

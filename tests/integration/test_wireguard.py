@@ -37,6 +37,10 @@ def tunnel_ip(index: int) -> str:
     return f"100.64.0.{index}"
 
 
+def tunnel_ip6(index: int) -> str:
+    return f"fd64::{index}"
+
+
 @dataclass
 class Host:
     node: LabNode
@@ -53,7 +57,10 @@ class Mesh:
     def peer_of(self, host: Host, **changes: object) -> PeerConfig:
         peer = PeerConfig(
             public_key=host.keys.public_key,
-            allowed_ips=(ipaddress.ip_network(f"{tunnel_ip(host.node.index)}/32"),),
+            allowed_ips=(
+                ipaddress.ip_network(f"{tunnel_ip(host.node.index)}/32"),
+                ipaddress.ip_network(f"{tunnel_ip6(host.node.index)}/128"),
+            ),
             endpoint=f"{host.node.address}:{PORT}",
             keepalive=25,
         )
@@ -83,7 +90,10 @@ async def open_mesh(lab: Lab) -> AsyncIterator[Mesh]:
                 ifname=lab.ifname(node),
                 private_key=keys.private_key,
                 listen_port=PORT,
-                addresses=(ipaddress.ip_interface(f"{tunnel_ip(node.index)}/16"),),
+                addresses=(
+                    ipaddress.ip_interface(f"{tunnel_ip(node.index)}/16"),
+                    ipaddress.ip_interface(f"{tunnel_ip6(node.index)}/64"),
+                ),
                 netns=node.netns,
             )
             iface = await WireGuardInterface.open(spec, backend="userspace")
@@ -134,8 +144,9 @@ def test_three_hosts_talk_reapply_is_a_no_op_and_wg_show_agrees(lab_factory):
         for src in mesh.hosts:
             for dst in mesh.hosts:
                 if src is not dst:
-                    rtt = await mesh.ping(src, tunnel_ip(dst.node.index))
-                    assert rtt is not None, f"{src.node.name} -> {dst.node.name} over the tunnel"
+                    for address in (tunnel_ip(dst.node.index), tunnel_ip6(dst.node.index)):
+                        rtt = await mesh.ping(src, address)
+                        assert rtt is not None, f"{src.node.name} -> {address} over the tunnel"
         for host in mesh.hosts:
             again = await host.iface.reconcile(mesh.full_mesh(host))
             assert again.operations == 0
@@ -342,3 +353,101 @@ def test_kernel_backend_talks_to_userspace_peer(lab_factory):
             await user.close()
 
     asyncio.run(main())
+
+
+INSIDE_SCRIPT = """
+import asyncio, ipaddress, json, sys
+from meshd.types import PeerConfig
+from meshd.wireguard import InterfaceSpec, WireGuardInterface
+
+async def main(ifname, private_key, peer_key):
+    spec = InterfaceSpec(ifname, private_key, 51820, (ipaddress.ip_interface("100.64.0.1/16"),))
+    iface = await WireGuardInterface.open(spec)  # netns=None, backend="auto": the agent's path
+    try:
+        peer = PeerConfig(peer_key, (ipaddress.ip_network("10.20.0.0/24"),), "198.18.9.9:51820")
+        first = await iface.reconcile([peer])
+        again = await iface.reconcile([peer])
+        stats = await iface.peer_stats()
+        print(json.dumps({"backend": iface.backend.name, "first": first.operations,
+                          "again": again.operations, "peers": [p.public_key for p in stats]}))
+    finally:
+        await iface.close()
+
+asyncio.run(main(sys.argv[1], sys.stdin.readline().strip(), sys.argv[2]))
+"""
+
+
+def test_the_agent_path_inside_a_namespace_with_defaults(lab_factory):
+    """netns=None and backend="auto", run from inside the node's namespace as the agent will."""
+    import json
+    import sys
+
+    lab = lab_factory(nodes=1)
+    node = lab.nodes[0]
+    ifname = lab.ifname(node, "ag")
+    peer = WireGuardKeyPair.generate().public_key
+    # The private key travels on stdin, never argv.
+    done = lab.run(
+        node,
+        [sys.executable, "-c", INSIDE_SCRIPT, ifname, peer],
+        input=WireGuardKeyPair.generate().private_key + "\n",
+        timeout=60,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected_backend = "kernel" if kernel_module_loaded() else "userspace"
+    assert report == {
+        "backend": expected_backend,
+        "first": 2,  # the peer and the route to 10.20.0.0/24 (not on-link)
+        "again": 0,
+        "peers": [peer],
+    }
+    # close() removed the interface.
+    assert ifname not in lab.run(node, ["ip", "-o", "link"]).stdout
+
+
+NO_NET_ADMIN_SCRIPT = """
+import asyncio, sys
+from meshd.errors import MeshdError
+from meshd.netlink import Netlink
+from meshd.wireguard.userspace import UserspaceBackend
+
+async def main(ifname):
+    async with Netlink() as nl:
+        try:
+            await nl.create_link(ifname + "d", "dummy")
+        except MeshdError as exc:
+            print(type(exc).__name__, exc)
+    try:
+        await UserspaceBackend(ifname).start()
+    except MeshdError as exc:
+        print(type(exc).__name__, exc)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.root("setpriv")
+def test_missing_permission_is_named(lab_factory):
+    import sys
+
+    lab = lab_factory(nodes=1)
+    node = lab.nodes[0]
+    ifname = lab.ifname(node, "np")
+    done = lab.run(
+        node,
+        [
+            "setpriv",
+            "--bounding-set=-net_admin",
+            "--",
+            sys.executable,
+            "-c",
+            NO_NET_ADMIN_SCRIPT,
+            ifname,
+        ],
+        timeout=60,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith(f"NetlinkError creating dummy interface {ifname}d: EPERM")
+    assert "needs root / CAP_NET_ADMIN" in lines[0]
+    assert lines[1].startswith(f"WireGuardError starting wireguard-go for {ifname}")
+    assert "Failed to create TUN device: operation not permitted" in lines[1]

@@ -187,3 +187,15 @@ def test_errno_of_a_set_answer():
     assert parse_errno("errno=1\n") == 1
     with pytest.raises(WireGuardError, match="without errno"):
         parse_errno("")
+
+
+def test_a_missing_wireguard_go_is_named(tmp_path):
+    import asyncio
+
+    from meshd.wireguard.userspace import UserspaceBackend
+
+    backend = UserspaceBackend(
+        "mdmissing0", binary="wireguard-go-not-installed", socket_dir=tmp_path
+    )
+    with pytest.raises(WireGuardError, match="wireguard-go-not-installed not found: install it"):
+        asyncio.run(backend.start())
