@@ -106,6 +106,22 @@ def test_flat_hosts_have_no_route_out(lab_factory: LabFactory) -> None:
     assert lab.run("n1", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
 
 
+def test_ping_matrix_over_given_addresses_covers_only_those_hosts(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory(nodes=3)
+    lab.run("n2", ["ip", "addr", "add", "10.99.0.2/32", "dev", "lo"])
+    lab.run("n1", ["ip", "route", "add", "10.99.0.2/32", "via", lab.node("n2").address])
+    lab.run("n2", ["ip", "route", "add", "10.99.0.1/32", "via", lab.node("n1").address])
+    lab.run("n1", ["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"])
+    good = lab.ping_matrix({"n1": "10.99.0.1", "n2": "10.99.0.2"})
+    assert good["ok"], good["failed"]
+    assert {(p["src"], p["dst"]) for p in good["pairs"]} == {("n1", "n2"), ("n2", "n1")}
+    # n3 has no route to those addresses: with it included, its pairs fail.
+    bad = lab.ping_matrix({"n1": "10.99.0.1", "n3": lab.node("n3").address}, deadline=1)
+    assert bad["failed"] == ["n3->n1"]
+
+
 def test_loaded_lab_sees_the_same_plan_and_processes(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=2)
     pid = lab.spawn("n2", ["sleep", "300"], name="sleeper")
