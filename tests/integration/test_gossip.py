@@ -24,7 +24,7 @@ import pytest
 
 from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
 from meshd.gossip.record import TAGS_LIMIT, encode_record, tags_size
-from meshd.gossip.rpc import QueryEvent, SerfClient, UserEvent
+from meshd.gossip.rpc import QueryEvent, SerfClient, StreamGap, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.lab import Lab
@@ -139,6 +139,12 @@ def test_graceful_leave_is_left_and_kill_9_is_failed(lab_factory: Callable[..., 
                     ),
                     DEADLINE,
                 ), f"{node.name} sees {states(node.view)}"
+            # A failed member may come back; force-leave tells everyone it will not.
+            await nodes[0].client.force_leave("n4")
+            for node in nodes[:2]:
+                assert await node.view.wait_for(
+                    lambda m: m["n4"].state is MemberState.LEFT, DEADLINE
+                ), f"{node.name} sees {states(node.view)}"
 
     run(lab_factory(nodes=4), scenario)
 
@@ -148,6 +154,8 @@ def test_a_restarted_agent_rejoins_from_its_snapshot(lab_factory: Callable[..., 
         async with serf_mesh(lab, supervise=True) as nodes:
             victim = nodes[2]
             old_pid = victim.agent.pid
+            watcher = victim.agent.client()
+            await watcher.connect()
             os.kill(old_pid or 0, signal.SIGKILL)
             for _ in range(int(DEADLINE / 0.1)):
                 if victim.agent.restarts >= 1 and victim.client.connected:
@@ -168,6 +176,13 @@ def test_a_restarted_agent_rejoins_from_its_snapshot(lab_factory: Callable[..., 
             # The record came back from the tags file too.
             assert nodes[0].view.members["n3"].record == record(3)
             assert victim.client.reconnects >= 1
+            # The agent replays nothing after a restart: the client says so in the stream.
+            gap = None
+            while gap is None:
+                event = await asyncio.wait_for(anext(aiter(watcher.events())), DEADLINE)
+                gap = event if isinstance(event, StreamGap) else None
+            assert gap.reason == "reconnected"
+            await watcher.close()
 
     run(lab_factory(nodes=3), scenario)
 
@@ -276,3 +291,37 @@ def test_tag_size_is_measured_exactly_as_the_agent_does(lab_factory: Callable[..
                 await client.set_tags({"x": filler[:-1], "z": ""})
 
     run(lab_factory(nodes=1), scenario)
+
+
+def test_a_slow_event_reader_loses_events_not_the_connection(
+    lab_factory: Callable[..., Lab],
+) -> None:
+    async def scenario(lab: Lab) -> None:
+        async with serf_mesh(lab) as nodes:
+            slow = SerfClient(
+                nodes[1].agent.settings.rpc_addr,
+                auth_key=nodes[1].agent.settings.rpc_auth_key,
+                netns=lab.nodes[1].netns,
+                queue_size=4,
+            )
+            await slow.connect()
+            for i in range(12):
+                await nodes[0].client.user_event(f"burst-{i}", coalesce=False)
+            for _ in range(int(DEADLINE / 0.1)):
+                if slow.dropped_events:
+                    break
+                await asyncio.sleep(0.1)
+            assert slow.dropped_events > 0
+            # Replies still flow while nobody reads the full event queue.
+            assert len(await slow.members()) == 2
+            queued = [slow.next_event_nowait() for _ in range(4)]
+            assert slow.next_event_nowait() is None
+            assert all(isinstance(e, UserEvent) for e in queued)
+            await nodes[0].client.user_event("after", coalesce=False)
+            events = [await asyncio.wait_for(anext(aiter(slow.events())), DEADLINE)]
+            while not (isinstance(events[-1], UserEvent) and events[-1].name == "after"):
+                events.append(await asyncio.wait_for(anext(aiter(slow.events())), DEADLINE))
+            assert events[0] == StreamGap("overflow")
+            await slow.close()
+
+    run(lab_factory(nodes=2), scenario)
