@@ -136,7 +136,13 @@ def exec_(lab_id: str, node: str, command: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(lab_id: str, as_json: bool) -> None:
     """Show a lab's hosts, routers and the processes started in it."""
-    found = Lab.load(lab_id)
+    try:
+        found = Lab.load(lab_id)
+    except LabError as exc:
+        others = Lab.list_ids()
+        if others and "no lab" in str(exc):
+            raise LabError(f"{exc}; labs on this machine: {', '.join(others)}") from None
+        raise
     if as_json:
         click.echo(json.dumps(status_dict(found), indent=2))
         return
