@@ -54,6 +54,7 @@ from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
 log = logging.getLogger(__name__)
 
 IPC_VERSION = 1
+_EOF = object()
 _CLONE_NEWNET = 0x40000000
 _AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
 
@@ -236,6 +237,13 @@ def _member(body: Mapping[str, Any]) -> SerfMember:
         tags={_text(k): _text(v) for k, v in tags.items()},
         status=_text(body.get("Status")),
     )
+
+
+def _members(command: str, body: Mapping[str, Any]) -> list[SerfMember]:
+    try:
+        return [_member(m) for m in body.get("Members") or ()]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SerfCommandError(f"serf {command}: malformed member in the reply: {exc}") from exc
 
 
 def _key_response(body: Mapping[str, Any]) -> KeyResponse:
@@ -498,15 +506,17 @@ class SerfClient:
         if entry is None:
             # Only stream records (a header plus a body) arrive unasked, e.g. after stop.
             log.debug("Serf RPC reply for unknown seq %r; skipping its body", seq)
-            await anext(objects, None)
+            await self._body(objects)
             return
         if entry.on_record is not None and entry.acked:
-            body = await anext(objects, None)
+            body = await self._body(objects)
             if isinstance(body, dict):
                 entry.on_record(body)
             return
         needs_body = entry.body == "always" or (entry.body == "on_success" and not error)
-        body = await anext(objects, None) if needs_body else None
+        body = await self._body(objects) if needs_body else None
+        if needs_body and not isinstance(body, dict):
+            error = error or f"malformed reply body {type(body).__name__}"
         if entry.on_record is not None and not error:
             entry.acked = True
         else:
@@ -517,6 +527,12 @@ class SerfClient:
             entry.future.set_exception(self._error(entry.command, error))
         else:
             entry.future.set_result(body)
+
+    async def _body(self, objects: AsyncIterator[Any]) -> Any:
+        body = await anext(objects, _EOF)
+        if body is _EOF:
+            raise SerfConnectionError("the agent closed the connection in the middle of a reply")
+        return body
 
     def _error(self, command: str, message: str) -> Exception:
         if command == "auth" or message in _AUTH_ERRORS:
@@ -576,6 +592,12 @@ class SerfClient:
         )
 
     def _on_event(self, body: Mapping[str, Any]) -> None:
+        try:
+            self._decode_event(body)
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("skipping a malformed Serf stream record: %s", exc)
+
+    def _decode_event(self, body: Mapping[str, Any]) -> None:
         kind = _text(body.get("Event"))
         event: SerfEvent
         if kind.startswith("member-"):
@@ -627,8 +649,7 @@ class SerfClient:
     # ------------------------------------------------------------ commands
 
     async def members(self) -> list[SerfMember]:
-        body = await self._call("members")
-        return [_member(m) for m in body.get("Members") or ()]
+        return _members("members", await self._call("members"))
 
     async def members_filtered(
         self,
@@ -639,8 +660,7 @@ class SerfClient:
     ) -> list[SerfMember]:
         """Members matching anchored regexes. The agent hangs up on an invalid regex."""
         request = {"Tags": dict(tags or {}), "Status": status or "", "Name": name or ""}
-        body = await self._call("members-filtered", request)
-        return [_member(m) for m in body.get("Members") or ()]
+        return _members("members-filtered", await self._call("members-filtered", request))
 
     async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:
         await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})

@@ -156,6 +156,14 @@ def test_a_restarted_agent_rejoins_from_its_snapshot(lab_factory: Callable[..., 
             old_pid = victim.agent.pid
             watcher = victim.agent.client()
             await watcher.connect()
+            # Serf flushes its snapshot lazily; the view's nudge must get the others on disk.
+            wanted = {f"alive: {n.name} " for n in nodes}
+            for _ in range(int(DEADLINE / 0.1)):
+                text = victim.agent.snapshot_path.read_text()
+                if all(line in text for line in wanted):
+                    break
+                await asyncio.sleep(0.1)
+            assert all(line in text for line in wanted), text
             os.kill(old_pid or 0, signal.SIGKILL)
             for _ in range(int(DEADLINE / 0.1)):
                 if victim.agent.restarts >= 1 and victim.client.connected:
