@@ -11,7 +11,9 @@ on n1 and times, from the moment the tag command is sent, in the same run:
 - stock CLI: ``serf members -format json`` spawned in a loop in the same node,
   until it lists the new version.
 
-Prints both medians (and min/max) and their ratio. Needs root, ``serf`` and ``ip``.
+Prints both medians (and min/max), their ratio, and the CPU each side used. Both
+include the gossip hop itself (Serf's 200 ms gossip interval), the floor for any
+observer. Needs root, ``serf`` and ``ip``.
 The stock CLI gets the per-run RPC key through SERF_RPC_AUTH (its documented way;
 the key is random and dies with the lab).
 """
@@ -25,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import statistics
@@ -41,6 +44,7 @@ from meshd.lab import Lab
 from meshd.types import Member, MemberState, NodeRecord
 
 DEADLINE = 60.0
+CLI_SPAWNS = [0]
 
 
 def record(index: int, version: int) -> NodeRecord:
@@ -58,6 +62,7 @@ async def cli_sees(netns: str, auth: str, version: int, start: float) -> float:
     env = {"PATH": os.environ.get("PATH", ""), "SERF_RPC_AUTH": auth}
     argv = ["ip", "netns", "exec", netns, serf, "members", "-format", "json", "-name", "n1"]
     while time.monotonic() - start < DEADLINE:
+        CLI_SPAWNS[0] += 1
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env
         )
@@ -123,20 +128,34 @@ async def bench(
         await asyncio.sleep(1.5)  # let join traffic and member events settle
         meshd_ms: list[float] = []
         cli_ms: list[float] = []
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self_before = resource.getrusage(resource.RUSAGE_SELF)
         for version in range(1, reps + 1):
             start = time.monotonic()
+            # Both observers watch from before the change: set_tags itself returns only
+            # once Serf has gossiped the change, which may already have arrived by then.
+            ours_task = asyncio.create_task(view_sees(view, version, start))
+            theirs_task = (
+                asyncio.create_task(cli_sees(observer.netns, auth, version, start)) if cli else None
+            )
             await publish_record(clients[0], record(1, version))
-            if cli:
-                ours, theirs = await asyncio.gather(
-                    view_sees(view, version, start),
-                    cli_sees(observer.netns, auth, version, start),
-                )
-            else:
-                ours, theirs = await view_sees(view, version, start), float("nan")
+            ours = await ours_task
+            theirs = await theirs_task if theirs_task is not None else float("nan")
             meshd_ms.append(ours)
             cli_ms.append(theirs)
             print(f"rep {version}: meshd view {ours:7.1f} ms   serf CLI poll {theirs:7.1f} ms")
             await asyncio.sleep(1.0)
+        # Agents are still running, so RUSAGE_CHILDREN counts only the CLI processes.
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_cli = (children.ru_utime + children.ru_stime) - (
+            children_before.ru_utime + children_before.ru_stime
+        )
+        cpu_self = (me.ru_utime + me.ru_stime) - (self_before.ru_utime + self_before.ru_stime)
+        print(
+            f"CPU during the reps: {CLI_SPAWNS[0]} CLI processes used {cpu_cli:.2f} s; "
+            f"this process (view, clients, spawning) {cpu_self:.2f} s"
+        )
         return meshd_ms, cli_ms
     finally:
         for task in tasks:

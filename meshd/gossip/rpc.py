@@ -13,6 +13,9 @@ with SerfConnectionError, the client reconnects with backoff, subscribes to the
 stream again and puts a :class:`StreamGap` into the event queue: the agent
 replays nothing, so whoever consumes events must re-read ``members`` then.
 
+``monitor(on_line)`` passes the agent's log lines to a callback (the view
+uses it to notice member changes before Serf's coalesced events say so).
+
 Events (member-*, user, query) go into a bounded queue read with
 ``async for event in client.events()``. When the reader falls behind, new
 events are dropped (never the connection's replies) and a
@@ -125,6 +128,7 @@ class StreamGap:
 
 
 SerfEvent = MemberEvent | UserEvent | QueryEvent | StreamGap
+LogHandler = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,8 @@ class SerfRPC(Protocol):
     async def get_coordinate(self, node: str) -> Coordinate | None: ...
 
     def events(self) -> AsyncIterator[SerfEvent]: ...
+
+    async def monitor(self, on_line: LogHandler, *, level: str = "INFO") -> None: ...
 
 
 # ---------------------------------------------------------------- decoding helpers
@@ -348,6 +354,7 @@ class SerfClient:
         self._write_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._closed = False
+        self._monitor: tuple[str, LogHandler] | None = None
         self.dropped_events = 0
         self.reconnects = 0
 
@@ -420,6 +427,8 @@ class SerfClient:
                 await self._call("auth", {"AuthKey": self._auth_key}, conn=conn)
             if self._stream_types:
                 await self._subscribe(conn)
+            if self._monitor is not None:
+                await self._subscribe_monitor(conn)
         except BaseException:
             await self._drop_connection("handshake failed")
             raise
@@ -590,6 +599,35 @@ class SerfClient:
         await self._call(
             "stream", {"Type": self._stream_types}, conn=conn, on_record=self._on_event
         )
+
+    async def _subscribe_monitor(self, conn: _Connection) -> None:
+        assert self._monitor is not None
+        level, handler = self._monitor
+
+        def on_record(body: Mapping[str, Any]) -> None:
+            try:
+                handler(_text(body.get("Log")))
+            except Exception:
+                log.exception("Serf log handler failed")
+
+        await self._call("monitor", {"LogLevel": level}, conn=conn, on_record=on_record)
+
+    async def monitor(self, on_line: LogHandler, *, level: str = "INFO") -> None:
+        """Pass every log line the agent writes at ``level`` or above to ``on_line``.
+
+        One monitor per client, kept across reconnects. The agent first replays
+        the lines it has buffered. ``on_line`` runs in the reader: keep it quick.
+        """
+        if self._monitor is not None:
+            raise SerfCommandError("serf monitor: this client already has a monitor")
+        self._monitor = (level, on_line)
+        conn = self._conn
+        if conn is not None:
+            try:
+                await self._subscribe_monitor(conn)
+            except BaseException:
+                self._monitor = None
+                raise
 
     def _on_event(self, body: Mapping[str, Any]) -> None:
         try:

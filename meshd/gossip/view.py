@@ -8,6 +8,12 @@ the view does not wait for them: it polls ``members`` every ``poll_interval``
 reconnect or an overflow). The content of member events is not applied: a
 late, coalesced event could carry an older state than the last poll did.
 
+Faster still, the view follows the agent's log over RPC (``monitor``): the agent
+logs ``serf: EventMemberUpdate: NAME`` (and Join/Leave/Failed/Reap) the moment
+it applies a change, a second before the coalesced event; such a line makes
+the view poll at once. So a change costs one gossip hop plus one loopback call,
+and the periodic poll remains the safety net.
+
 States (:class:`meshd.types.MemberState`): alive, leaving, left, failed as the
 agent reports them (failed may come back; left will not), and reaped: a left or
 failed member that vanished from ``members``. An alive member that vanishes
@@ -78,6 +84,7 @@ _STATES = {
 
 EventHandler = Callable[[SerfEvent], None]
 
+_MEMBER_LOG_MARK = "serf: EventMember"  # serf logs it when it applies a member change
 SNAPSHOT_NUDGE_QUERY = "_meshd-snapshot"
 SNAPSHOT_NUDGE_DELAY = 0.6  # Serf flushes a line appended > 0.5 s after its last flush
 
@@ -161,6 +168,7 @@ class MembershipView:
         missing_grace: float = 30.0,
         on_event: EventHandler | None = None,
         flush_snapshot: bool = True,
+        follow_log: bool = True,
     ) -> None:
         self._client = client
         self._poll_interval = poll_interval
@@ -175,6 +183,7 @@ class MembershipView:
         self._kick = asyncio.Event()
         self._poll_failing = False
         self._flush_snapshot = flush_snapshot
+        self._follow_log = follow_log
         self._membership_changed = asyncio.Event()
         self._self_name: str | None = None
         self.generation = 0
@@ -274,8 +283,18 @@ class MembershipView:
                 return predicate(self._snapshot)
         return True
 
+    def _on_log_line(self, line: str) -> None:
+        if _MEMBER_LOG_MARK in line:
+            self.poll_now()
+
     async def run(self) -> None:
         """Poll and follow the event stream until cancelled. Run it as a task."""
+        if self._follow_log:
+            try:
+                await self._client.monitor(self._on_log_line)
+            except GossipError as exc:
+                # Not fatal: the polls and events still work, only slower.
+                log.warning("cannot follow the Serf agent's log: %s", exc)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._follow_events(), name="view-events")
             group.create_task(self._poll(), name="view-poll")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from ipaddress import ip_address
 
 from meshd.errors import SerfConnectionError
@@ -48,6 +48,7 @@ class ScriptedSerf:
         self.tags: dict[str, str] = {}
         self.deleted: list[str] = []
         self.queries: list[tuple[str, object]] = []
+        self.log_handler: Callable[[str], None] | None = None
         self.user_events: list[tuple[str, bytes, bool]] = []
 
     async def members(self) -> list[SerfMember]:
@@ -62,6 +63,9 @@ class ScriptedSerf:
 
     async def user_event(self, name: str, payload: bytes = b"", *, coalesce: bool = True) -> None:
         self.user_events.append((name, payload, coalesce))
+
+    async def monitor(self, on_line: Callable[[str], None], *, level: str = "INFO") -> None:
+        self.log_handler = on_line
 
     async def stats(self) -> dict[str, dict[str, str]]:
         return {"agent": {"name": "n1"}}
@@ -180,6 +184,14 @@ def test_run_polls_on_events_and_survives_a_failing_agent() -> None:
         serf.queue.put_nowait(UserEvent("hello", b"", 1, False))
         assert await view.wait_for(lambda m: m["n2"].state is MemberState.FAILED, 5)
         assert [type(e) for e in seen] == [UserEvent]
+        # The agent's log line about a member change makes the view poll at once.
+        assert serf.log_handler is not None
+        serf.listed = [sm(1), sm(2, "failed"), sm(3)]
+        serf.log_handler("2026/01/01 00:00:00 [INFO] agent: Received event: user-event")
+        await asyncio.sleep(0.2)
+        assert "n3" not in view.members
+        serf.log_handler("2026/01/01 00:00:00 [INFO] serf: EventMemberJoin: n3 192.0.2.3")
+        assert await view.wait_for(lambda m: "n3" in m, 5)
         # Membership changed, so Serf's lazily flushed snapshot was nudged (to this node only).
         for _ in range(50):
             if serf.queries:
