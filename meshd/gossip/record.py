@@ -39,8 +39,6 @@ import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 
-import msgpack
-
 from meshd.errors import RecordError
 from meshd.types import IPAddress, IPNetwork, NodeRecord
 
@@ -53,13 +51,25 @@ _MAX_ITEMS = 64
 _MAX_VERSION = 2**64 - 1
 
 
+def _old_spec_str(text: str) -> int:
+    # fixstr up to 31 bytes, then raw16 / raw32: the old spec has no str8.
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return size + (1 if size < 32 else 3 if size < 2**16 else 5)
+
+
 def tags_size(tags: Mapping[str, str]) -> int:
-    """The size Serf gives ``tags``: its magic byte plus the map in old-spec msgpack."""
-    try:
-        # use_bin_type=False is msgpack's old spec: no str8, like Go's codec in Serf.
-        return 1 + len(msgpack.packb(dict(tags), use_bin_type=False))
-    except (TypeError, ValueError) as exc:
-        raise RecordError(f"tags are not a map of strings: {exc}") from exc
+    """The size Serf gives ``tags``: its magic byte plus the map in old-spec msgpack.
+
+    Computed, not packed (msgpack stays inside the RPC client); a unit test checks
+    it against msgpack and an integration test against the agent's own limit.
+    """
+    count = len(tags)
+    size = 1 + (1 if count < 16 else 3 if count < 2**16 else 5)
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise RecordError("tags are not a map of strings")
+        size += _old_spec_str(key) + _old_spec_str(value)
+    return size
 
 
 def _b64(data: bytes) -> str:

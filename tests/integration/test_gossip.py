@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd import config as config_mod
+from meshd.errors import ConfigError, SerfAuthError, SerfCommandError, SerfConnectionError
 from meshd.gossip.record import TAGS_LIMIT, encode_record, tags_size
 from meshd.gossip.rpc import QueryEvent, SerfClient, StreamGap, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -333,3 +334,21 @@ def test_a_slow_event_reader_loses_events_not_the_connection(
             await slow.close()
 
     run(lab_factory(nodes=2), scenario)
+
+
+@pytest.mark.parametrize("rpc_addr", ["0.0.0.0:7373", "198.18.0.1:7373", "[::]:7373"])
+def test_an_rpc_address_that_is_not_loopback_is_refused(
+    lab_factory: Callable[..., Lab], rpc_addr: str
+) -> None:
+    lab = lab_factory(nodes=1)
+    with pytest.raises(ConfigError, match=r"gossip\.rpc_addr.*loopback"):
+        config_mod.parse(f'[gossip]\nrpc_addr = "{rpc_addr}"\n')
+    with pytest.raises(ConfigError, match="loopback"):
+        SerfSettings(
+            node_name="n1",
+            state_dir=lab.node_dir("n1") / "serf",
+            rpc_auth_key="k",
+            rpc_addr=rpc_addr,
+        )
+    # Nothing was written or started for the refused settings.
+    assert not (lab.node_dir("n1") / "serf").exists()

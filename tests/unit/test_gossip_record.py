@@ -6,6 +6,7 @@ import base64
 import contextlib
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,6 +61,11 @@ def test_size_is_measured_as_serf_does() -> None:
     # Old-spec msgpack: a 32-255 byte string has a 3-byte header (no str8).
     assert tags_size({"x": "y" * 31}) == 1 + 1 + 2 + 32
     assert tags_size({"x": "y" * 32}) == 1 + 1 + 2 + 3 + 32
+
+
+@given(st.dictionaries(st.text(max_size=40), st.text(max_size=300), max_size=20))
+def test_size_matches_old_spec_msgpack(tags: dict[str, str]) -> None:
+    assert tags_size(tags) == 1 + len(msgpack.packb(tags, use_bin_type=False))
 
 
 def test_too_big_record_is_refused_with_the_reason() -> None:
