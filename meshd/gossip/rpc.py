@@ -43,6 +43,7 @@ import ctypes
 import itertools
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -673,7 +674,7 @@ class SerfClient:
         self._events.put_nowait(event)
 
     async def events(self) -> AsyncIterator[SerfEvent]:
-        """Every event from the stream, in order, until the client is closed."""
+        """Every event from the stream, in order. One consumer: events are not copied."""
         while True:
             yield await self._events.get()
 
@@ -696,8 +697,19 @@ class SerfClient:
         status: str | None = None,
         name: str | None = None,
     ) -> list[SerfMember]:
-        """Members matching anchored regexes. The agent hangs up on an invalid regex."""
+        """Members matching anchored regexes.
+
+        The agent hangs up, without a reply, on a regex it cannot compile; patterns
+        Python cannot compile either are refused here with a SerfCommandError.
+        """
         request = {"Tags": dict(tags or {}), "Status": status or "", "Name": name or ""}
+        for pattern in (*(tags or {}).values(), status or "", name or ""):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SerfCommandError(
+                    f"serf members-filtered: bad regex {pattern!r}: {exc}"
+                ) from exc
         return _members("members-filtered", await self._call("members-filtered", request))
 
     async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:

@@ -244,6 +244,8 @@ def test_calls_events_and_queries_share_one_connection(lab_factory: Callable[...
             assert len(keys.keys) == 1
             assert sorted(m.name for m in filtered) == ["n1", "n2"]
             assert await n1.get_coordinate("no-such-node") is None
+            with pytest.raises(SerfCommandError, match="bad regex"):
+                await n1.members_filtered(name="n[")
 
             await n1.user_event("hello", b"\x00\xffworld", coalesce=False)
             for _ in range(int(DEADLINE / 0.1)):
