@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import signal
 import time
@@ -36,11 +37,19 @@ from meshd.control import ControlServer
 from meshd.desired import STATIC_ROLE, Claim, DesiredState, address_owners, claim_of, compute
 from meshd.enrol import EnrolRequest, EnrolResult, EnrolServer, PeerInfo, chain_verifier
 from meshd.errors import EnrolRefused, GossipError, MeshdError
-from meshd.gossip.rpc import SerfClient
+from meshd.gossip.rpc import SerfClient, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.netlink import Netlink
-from meshd.node import KnownPeer, NodeState, NodeStore, host_prefixes, mesh_interface_addresses
+from meshd.node import (
+    KnownPeer,
+    NodeState,
+    NodeStore,
+    gossip_address,
+    host_prefixes,
+    join_address,
+    mesh_interface_addresses,
+)
 from meshd.plugins import PluginHost
 from meshd.types import (
     Admission,
@@ -65,6 +74,7 @@ JOIN_RETRY = 2.0
 # is kept this long after gossip has other members.
 KNOWN_PEER_GRACE = 120.0
 SHUTDOWN_TIMEOUT = 10.0
+LEAVE_EVENT = "meshd-leave"
 
 
 class _HookPolicy:
@@ -93,6 +103,8 @@ class Agent:
         self.state: NodeState = store.load()
         self._local_addresses: tuple[IPAddress, ...] = ()
         self._known: dict[str, tuple[KnownPeer, float]] = {}
+        # Keys whose owner announced its leave; see _members().
+        self._departed: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._leave = False
         self._kick = asyncio.Event()
@@ -107,7 +119,6 @@ class Agent:
         self._record_version = 0
         self._published: NodeRecord | None = None
         self._joined = False
-        self._gossip_alone_since: float | None = None
 
     # --- AgentAPI --------------------------------------------------------
 
@@ -226,9 +237,12 @@ class Agent:
             node_name=state.name,
             state_dir=self.store.serf_dir,
             rpc_auth_key=state.rpc_key,
-            bind_addr=str(state.addresses.ipv4),
+            bind_addr=str(gossip_address(state.addresses.all())),
             bind_port=cfg.gossip.port,
-            advertise_addr=str(state.addresses.ipv4),
+            # serf parses the advertise address as host:port: IPv6 needs its brackets.
+            advertise_addr=join_address(
+                str(gossip_address(state.addresses.all())), cfg.gossip.port
+            ),
             rpc_addr=cfg.gossip.rpc_addr,
             gossip_keys=(_b64(state.gossip_key),),
             profile=cfg.gossip.profile,
@@ -239,7 +253,7 @@ class Agent:
         self._start_task(self._serf.supervise(), name="serf")
         self._client = self._serf.client()
         await self._client.connect()
-        self._view = MembershipView(self._client)
+        self._view = MembershipView(self._client, on_event=self._on_gossip_event)
         self._start_task(self._view.run(), name="membership")
         await self._publish(record)
 
@@ -249,6 +263,9 @@ class Agent:
             self.plugins.shutdown(self)
         if self._leave and self._client is not None:
             try:
+                await self._client.user_event(
+                    LEAVE_EVENT, self.state.keys.public_key.encode(), coalesce=False
+                )
                 await asyncio.wait_for(self._client.leave(), SHUTDOWN_TIMEOUT)
             except (MeshdError, asyncio.TimeoutError) as exc:
                 log.warning("graceful leave did not complete: %s", exc)
@@ -279,47 +296,53 @@ class Agent:
     # --- the loop --------------------------------------------------------
 
     async def _loop(self) -> None:
-        assert self._view is not None
-        subscription = self._view.subscribe()
-        next_pass = asyncio.ensure_future(subscription.__anext__())
-        try:
-            while True:
-                kick = asyncio.ensure_future(self._kick.wait())
-                await asyncio.wait(
-                    {next_pass, kick}, timeout=RESYNC_INTERVAL, return_when=asyncio.FIRST_COMPLETED
-                )
-                kick.cancel()
-                self._kick.clear()
-                if next_pass.done():
-                    next_pass = asyncio.ensure_future(subscription.__anext__())
-                try:
-                    await self._resolve_conflicts()
-                    await self._reconcile()
-                except MeshdError as exc:
-                    log.warning("reconcile pass failed, retrying: %s", exc)
-        finally:
-            next_pass.cancel()
-            subscription.close()
+        """A pass on every view change, on a kick, and every RESYNC_INTERVAL seconds."""
+        while True:
+            view = self._view
+            assert view is not None
+            subscription = view.subscribe()
+            next_change = asyncio.ensure_future(subscription.__anext__())
+            try:
+                # Until gossip restarts on a new address and a new view replaces this one.
+                while self._view is view:
+                    kick = asyncio.ensure_future(self._kick.wait())
+                    await asyncio.wait(
+                        {next_change, kick},
+                        timeout=RESYNC_INTERVAL,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    kick.cancel()
+                    self._kick.clear()
+                    if next_change.done():
+                        next_change = asyncio.ensure_future(subscription.__anext__())
+                    try:
+                        await self._resolve_conflicts()
+                        await self._reconcile()
+                    except MeshdError as exc:
+                        log.warning("reconcile pass failed, retrying: %s", exc)
+            finally:
+                next_change.cancel()
+                subscription.close()
 
     async def _join_loop(self) -> None:
         """Ask Serf to join known peers until another member is alive, and again if alone."""
-        assert self._client is not None
-        assert self._view is not None
         while True:
+            client, view = self._client, self._view
+            assert client is not None
+            assert view is not None
             others_alive = any(
                 m.state is MemberState.ALIVE and m.name != self.state.name
-                for m in self._view.members.values()
+                for m in view.members.values()
             )
             if others_alive:
                 self._joined = True
-                self._gossip_alone_since = None
             else:
                 targets = self._join_targets()
                 if targets:
                     try:
-                        joined = await self._client.join(targets)
+                        joined = await client.join(targets)
                         log.info("gossip: joined %d of %s", joined, ", ".join(targets))
-                        self._view.poll_now()
+                        view.poll_now()
                     except GossipError as exc:
                         log.debug("gossip join of %s failed: %s", targets, exc)
             await asyncio.sleep(JOIN_RETRY)
@@ -329,7 +352,7 @@ class Agent:
         addrs = []
         for peer, _ in self._known.values():
             if peer.gossip_addr:
-                addrs.append(f"{peer.gossip_addr}:{port}")
+                addrs.append(join_address(peer.gossip_addr, port))
         return addrs
 
     async def _refresh_local_addresses(self) -> None:
@@ -369,7 +392,33 @@ class Agent:
         )
 
     def _members(self) -> list[Member]:
-        return list(self._view.members.values()) if self._view else []
+        """The view's members, where a "failed" one that announced its leave counts as left.
+
+        A leave can reach a node as "failed" first (it missed the leave intent; push/pull
+        repairs it up to 30 s later), and a failed member keeps its peer. The leaver's
+        own user event, sent before it leaves, settles it sooner.
+        """
+        members = list(self._view.members.values()) if self._view else []
+        if not self._departed:
+            return members
+        for member in members:
+            if member.state is MemberState.ALIVE and member.record is not None:
+                self._departed.pop(member.record.public_key, None)  # it came back
+        return [
+            dataclasses.replace(m, state=MemberState.LEFT)
+            if m.state is MemberState.FAILED
+            and m.record is not None
+            and m.record.public_key in self._departed
+            else m
+            for m in members
+        ]
+
+    def _on_gossip_event(self, event: object) -> None:
+        if isinstance(event, UserEvent) and event.name == LEAVE_EVENT:
+            key = event.payload.decode("ascii", "replace")
+            if key != self.state.keys.public_key:
+                self._departed[key] = time.monotonic()
+                self._kick.set()
 
     def _desired_peers(self) -> list[PeerConfig]:
         """Gossip's desired peers plus known peers gossip has not (yet) described."""
@@ -383,8 +432,8 @@ class Agent:
             keepalive=self._config.wireguard.keepalive or None,
         )
         peers = list(self._desired.peers)
+        # By key, not name: a machine that re-joins under an old name has a new key.
         in_gossip = {m.record.public_key for m in members if m.record}
-        in_gossip |= {m.name for m in members}
         taken = {prefix for p in peers for prefix in p.allowed_ips}
         taken |= set(host_prefixes(own.addresses))
         now = time.monotonic()
@@ -392,7 +441,7 @@ class Agent:
             m.state is MemberState.ALIVE and m.name != self.state.name for m in members
         )
         for key, (known, since) in list(self._known.items()):
-            if key in in_gossip or known.name in in_gossip:
+            if key in in_gossip:
                 del self._known[key]  # gossip speaks for it now (even if it left)
                 continue
             if others_alive and now - since > KNOWN_PEER_GRACE:
@@ -421,7 +470,7 @@ class Agent:
         for peer in peers:
             member = by_key.get(peer.public_key)
             if member is not None and member.record is not None:
-                gossip = str(member.record.addresses[0])
+                gossip = str(gossip_address(member.record.addresses))
                 known.append(
                     KnownPeer(member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip)
                 )
@@ -453,61 +502,68 @@ class Agent:
         if not lost:
             return
         winner = owners[lost[0]].name
-        new = self.plugins.allocate_address(
+        offer = self.plugins.allocate_address(
             self.network, self.identity, frozenset(taken | set(own.addresses))
         )
-        if new is None:
+        if offer is None:
             log.error("address %s is kept by %s and no plugin offers another", lost[0], winner)
             return
+        # Only the lost addresses move; the others (the gossip address above all) stay.
+        replacement = {a.version: a for a in offer.all()}
+        moved = tuple(replacement[a.version] if a in lost else a for a in own.addresses)
         log.warning(
             "address conflict: %s is kept by %s; moving to %s",
             ", ".join(map(str, lost)),
             winner,
-            ", ".join(map(str, new.all())),
+            ", ".join(str(replacement[a.version]) for a in lost),
         )
-        await self._move_to(new.all())
+        await self._move_to(moved)
 
     async def _move_to(self, addresses: tuple[IPAddress, ...]) -> None:
         assert self._iface is not None
-        assert self._serf is not None
+        old_gossip = gossip_address(self.state.addresses.all())
         v4 = next(a for a in addresses if a.version == 4)
         v6 = next((a for a in addresses if a.version == 6), None)
-        new_addresses = dataclasses.replace(self.state.addresses, ipv4=v4, ipv6=v6)
+        new_addresses = dataclasses.replace(self.state.addresses, ipv4=v4, ipv6=v6, static=False)
         self.state = dataclasses.replace(self.state, addresses=new_addresses, static_address=False)
         self.store.save_node(self.state)
         wanted = mesh_interface_addresses(self.state.network, new_addresses)
         async with Netlink() as nl:
             await nl.sync_addresses(self._iface.ifname, wanted)
         self._iface.spec = dataclasses.replace(self._iface.spec, addresses=wanted)
-        # Serf is bound to the old address: restart it on the new one (it re-joins from its
-        # snapshot and the known peers).
-        await self._restart_gossip()
+        if gossip_address(new_addresses.all()) == old_gossip:
+            await self._publish(self._record())
+        else:
+            # Serf is bound to the moved address: it must start again on the new one.
+            await self._restart_gossip()
 
     async def _restart_gossip(self) -> None:
+        """Serf again, on this node's new address: leave, start afresh, re-join known peers."""
+        # Known peers carry the mesh on while the new Serf finds the others again.
+        now = time.monotonic()
+        by_key = {m.record.public_key: m for m in self._members() if m.record}
+        for peer in self._desired.peers:
+            member = by_key.get(peer.public_key)
+            if member is not None and member.record is not None:
+                gossip = str(gossip_address(member.record.addresses))
+                known = KnownPeer(
+                    member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip
+                )
+                self._known[peer.public_key] = (known, now)
+        # Stop supervising first: the leave below ends the agent on purpose.
         for task in [t for t in self._tasks if t.get_name() in ("serf", "membership")]:
             task.cancel()
+        if self._client is not None:
+            # A graceful leave, so the others take the new address at once instead of
+            # refusing a second "n9" while the old one is only suspected dead.
+            with contextlib.suppress(MeshdError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._client.leave(), SHUTDOWN_TIMEOUT)
         if self._client is not None:
             await self._client.close()
         if self._serf is not None:
             await self._serf.stop()
-        for peer in self._desired.peers:
-            for member in self._members():
-                if member.record and member.record.public_key == peer.public_key:
-                    known = KnownPeer(
-                        member.name,
-                        peer.public_key,
-                        peer.allowed_ips,
-                        peer.endpoint,
-                        str(member.record.addresses[0]),
-                    )
-                    self._known[peer.public_key] = (known, time.monotonic())
-        loop_tasks = [t for t in self._tasks if t.get_name() in ("reconcile-loop", "gossip-join")]
-        for task in loop_tasks:
-            task.cancel()
-        await asyncio.gather(*loop_tasks, return_exceptions=True)
+        self._joined = False
         await self._start_gossip()
-        self._start_task(self._loop(), name="reconcile-loop")
-        self._start_task(self._join_loop(), name="gossip-join")
 
     # --- enrolment (this node as a seed) -----------------------------------
 
@@ -521,13 +577,17 @@ class Agent:
                 and member.record.public_key != key
             ):
                 raise EnrolRefused(f"the name {name!r} is taken by a live member")
+        for address in request.addresses:
+            holder = self._holder_of(address, key)
+            if holder is not None:
+                raise EnrolRefused(f"address {address} is taken by {holder}")
         endpoint = request.endpoint
         peer = KnownPeer(
             name=name,
             public_key=key,
             allowed_ips=host_prefixes(request.addresses),
             endpoint=endpoint,
-            gossip_addr=str(next(a for a in request.addresses if a.version == 4)),
+            gossip_addr=str(gossip_address(request.addresses)),
         )
         self._known[key] = (peer, time.monotonic())
         await self._reconcile()
@@ -538,6 +598,24 @@ class Agent:
         return EnrolResult(
             seed=PeerInfo(chain=CertChain.decode(self.state.chain), endpoint=own_endpoint)
         )
+
+    def _holder_of(self, address: IPAddress, key: str) -> str | None:
+        """The node, other than the one with ``key``, that claims ``address``."""
+        if address in self.state.addresses.all():
+            return self.state.name
+        for member in self._members():
+            record = member.record
+            if record is None or record.public_key == key:
+                continue
+            if member.state in (MemberState.LEFT, MemberState.REAPED):
+                continue
+            if address in record.addresses:
+                return member.name
+        prefix = ipaddress.ip_network(address)
+        for other, (known, _) in self._known.items():
+            if other != key and prefix in known.allowed_ips:
+                return known.name
+        return None
 
     # --- control commands ----------------------------------------------------
 

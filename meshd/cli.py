@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``meshd`` console script."""
     debug = os.environ.get("MESHD_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="meshd", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="meshd", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("meshd: aborted", err=True)
         sys.exit(130)
@@ -202,4 +202,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("meshd: interrupted", err=True)
         sys.exit(130)
-    sys.exit(0)
+    # Without standalone mode, click returns a command's ctx.exit(code) instead of exiting.
+    sys.exit(code if isinstance(code, int) else 0)

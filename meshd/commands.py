@@ -25,9 +25,17 @@ from meshd import control
 from meshd.ca import CertChain, NetworkCA
 from meshd.cli import CliState
 from meshd.config import Config
-from meshd.errors import ConfigError, EnrolError, MeshdError, StateError
+from meshd.errors import ConfigError, EnrolError, EnrolRefused, MeshdError, StateError
 from meshd.identity import WireGuardKeyPair
-from meshd.node import KnownPeer, NodeState, NodeStore, host_prefixes, new_rpc_key, ula_prefix
+from meshd.node import (
+    KnownPeer,
+    NodeState,
+    NodeStore,
+    gossip_address,
+    host_prefixes,
+    new_rpc_key,
+    ula_prefix,
+)
 from meshd.plugins import PluginHost
 from meshd.state import write_secret
 from meshd.token import Seed, Token, create_token, parse_token, read_token_source, split_endpoint
@@ -36,6 +44,8 @@ from meshd.types import MeshAddresses, Network, NodeIdentity
 TOKEN_FILE = "join-token"
 DEFAULT_CIDR = "100.80.0.0/16"
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
+_TAKEN_RE = re.compile(r"address (\S+) is taken by ")
+MAX_ADDRESS_RETRIES = 4
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -412,9 +422,8 @@ def join(
     network = token_.network
     keys = WireGuardKeyPair.generate()
     name = config.node.name
-    taken = frozenset(s.address for s in token_.seeds)
-    addresses = _allocate(state.plugins, network, keys, name, address, taken)
-    cert = token_.enrolment.sign_node_cert(name, keys.public_key, addresses.all())
+    taken: set[Any] = {s.address for s in token_.seeds}
+    addresses = _allocate(state.plugins, network, keys, name, address, frozenset(taken))
     own_endpoint = endpoint or _local_endpoint(config)
 
     from meshd.enrol import enrol
@@ -422,11 +431,26 @@ def join(
     errors = []
     result = None
     for host, port in _seed_targets(seed, token_, config.enrol.port):
-        try:
-            result = asyncio.run(enrol(host, port, token_, cert, own_endpoint))
+        for _ in range(MAX_ADDRESS_RETRIES):
+            cert = token_.enrolment.sign_node_cert(name, keys.public_key, addresses.all())
+            try:
+                result = asyncio.run(enrol(host, port, token_, cert, own_endpoint))
+                break
+            except EnrolRefused as exc:
+                clash = _TAKEN_RE.search(exc.reason)
+                if clash is None:
+                    errors.append(str(exc))
+                    break
+                # The seed knows a member holding our address: take another one.
+                taken.add(ipaddress.ip_address(clash.group(1)))
+                moved = _allocate(state.plugins, network, keys, name, None, frozenset(taken))
+                click.echo(f"meshd: {exc.reason}; using {moved.ipv4} instead", err=True)
+                addresses = moved
+            except EnrolError as exc:
+                errors.append(str(exc))
+                break
+        if result is not None:
             break
-        except EnrolError as exc:
-            errors.append(str(exc))
     if result is None:
         raise EnrolError("; ".join(errors) or "the token names no seed: give SEED-HOST")
     known = [
@@ -435,7 +459,7 @@ def join(
             public_key=p.public_key,
             allowed_ips=host_prefixes(p.addresses),
             endpoint=p.endpoint,
-            gossip_addr=str(next(a for a in p.addresses if a.version == 4)),
+            gossip_addr=str(gossip_address(p.addresses)),
         )
         for p in (result.seed, *result.members)
         if p.public_key != keys.public_key

@@ -53,13 +53,13 @@ def _one_of(*choices: str) -> Check:
 
 
 def _node_name(value: Any) -> str | None:
-    if _NAME_RE.match(value):
+    if _NAME_RE.fullmatch(value):
         return None
     return "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
 
 
 def _ifname(value: Any) -> str | None:
-    return None if _IFNAME_RE.match(value) else "must be 1-15 letters, digits, '_', '.' or '-'"
+    return None if _IFNAME_RE.fullmatch(value) else "must be 1-15 letters, digits, '_', '.' or '-'"
 
 
 def _mtu(value: Any) -> str | None:

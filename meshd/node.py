@@ -263,5 +263,20 @@ def mesh_interface_addresses(
     return tuple(result)
 
 
+def gossip_address(addresses: tuple[IPAddress, ...]) -> IPAddress:
+    """The mesh address Serf binds: the IPv6 one when there is one.
+
+    IPv6 addresses are derived from the node's key in a /64 and practically never
+    collide, so an IPv4 address conflict never moves gossip: a Serf agent that
+    re-appears under its old name at a new address is refused by the others
+    until the old entry is reaped, 24 hours later.
+    """
+    return next((a for a in addresses if a.version == 6), addresses[0])
+
+
+def join_address(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def host_prefixes(addresses: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(a) for a in addresses)
