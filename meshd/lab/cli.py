@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -13,6 +14,7 @@ from tabulate import tabulate
 from meshd.errors import LabError
 from meshd.lab import netns
 from meshd.lab.lab import Lab
+from meshd.lab.mesh import MeshLab, meshd_argv
 from meshd.lab.plan import NAT_TYPES, TOPOLOGIES
 
 ENV_LAB = "MESHD_LAB"
@@ -69,6 +71,12 @@ def lab() -> None:
     "symmetric = a random port per destination, it does not.",
 )
 @click.option("--no-check", is_flag=True, help="Skip the reachability check at the end.")
+@click.option(
+    "--mesh/--no-mesh",
+    default=None,
+    help="Run meshd on every host: the first inits the network, each other joins through "
+    "a random earlier one. [default: --mesh for flat, --no-mesh for nat]",
+)
 @lab_option
 def up(
     nodes: int,
@@ -77,13 +85,19 @@ def up(
     public: int,
     nat_type: str,
     no_check: bool,
+    mesh: bool | None,
     lab_id: str,
 ) -> None:
-    """Build a lab, then show which host reaches which (every host pings every other).
+    """Build a lab, run meshd on every host, and show that every host reaches every other.
+
+    First the underlay: every host pings every other host's lab address. Then
+    (with --mesh) a meshd agent on every host, and the same over the mesh
+    addresses, through WireGuard.
 
     In the nat topology hosts n1..nP are public and the others are dealt over
     the sites; a site host reaches public hosts and its own site, and nothing
-    from outside reaches into a site, exactly as behind a home router.
+    from outside reaches into a site, exactly as behind a home router. meshd
+    does not traverse NAT yet, so nat labs come without agents unless --mesh.
     """
     built = Lab.create(
         nodes=nodes,
@@ -104,9 +118,109 @@ def up(
         raise LabError(
             f"lab {built.lab_id} is up but not as planned: {', '.join(matrix['failed'])}"
         )
+    if mesh if mesh is not None else topology == "flat":
+        _start_mesh(built)
+        return
     click.echo(
         f"\nlab {built.lab_id} is up.  Try: meshd lab exec --lab {built.lab_id} n1 -- ip addr"
     )
+
+
+def _start_mesh(built: Lab) -> None:
+    mesh = MeshLab(built)
+    click.echo("\nstarting meshd on every host:")
+    mesh.up(say=lambda line: click.echo(f"  {line}"))
+    took = mesh.wait_full_mesh(timeout=120)
+    click.echo(f"full mesh after {took:.1f} s")
+    click.echo("\nmesh reachability (each row pings each column's mesh address, via WireGuard):")
+    matrix = mesh.ping_matrix()
+    click.echo(format_matrix(built, matrix, mesh.mesh_addresses()))
+    if not matrix["ok"]:
+        raise LabError(
+            f"the mesh in lab {built.lab_id} is incomplete: {', '.join(matrix['failed'])}"
+        )
+    flag = "" if built.lab_id == DEFAULT_LAB else f" --lab {built.lab_id}"
+    click.echo(
+        f"\nlab {built.lab_id} is up with meshd on every host.  Try:\n"
+        f"  meshd lab meshd{flag} n1 status        # one node's view of the mesh\n"
+        f"  meshd lab kill{flag} n1                # crash the first node; the others carry on\n"
+        f"  meshd lab ping{flag}                   # every node pings every mesh address\n"
+        f"  meshd lab down{flag}"
+    )
+
+
+@lab.command()
+@lab_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--deadline", type=float, default=3, show_default=True, help="Seconds per pair.")
+def ping(lab_id: str, as_json: bool, deadline: float) -> None:
+    """Every host pings every host's mesh address; exit 0 only if all answer."""
+    netns.require_root()
+    found = Lab.load(lab_id)
+    mesh = MeshLab(found)
+    addresses = mesh.mesh_addresses()
+    if not addresses:
+        raise LabError(f"no host of lab {lab_id} runs meshd (lab up --mesh)")
+    matrix = mesh.ping_matrix(deadline=deadline)
+    if as_json:
+        click.echo(json.dumps({"addresses": addresses, **matrix}, indent=2))
+    else:
+        click.echo(format_matrix(found, matrix, addresses))
+        total = len(matrix["pairs"])
+        click.echo(f"\n{total - len(matrix['failed'])}/{total} pairs answered")
+    sys.exit(0 if matrix["ok"] else 1)
+
+
+_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+
+
+@lab.command()
+@lab_option
+@click.option(
+    "--signal",
+    "sig",
+    type=click.Choice(sorted(_SIGNALS)),
+    default="KILL",
+    show_default=True,
+    help="KILL: a crash (no goodbye); TERM: a clean stop.",
+)
+@click.argument("node")
+def kill(lab_id: str, sig: str, node: str) -> None:
+    """Stop NODE's meshd agent: a crash by default (kill -9)."""
+    netns.require_root()
+    mesh = MeshLab(Lab.load(lab_id))
+    if not mesh.stop(node, sig=_SIGNALS[sig]):
+        raise LabError(f"no meshd agent runs on {node}")
+    click.echo(f"{node}: agent stopped (SIG{sig})")
+
+
+@lab.command()
+@lab_option
+@click.argument("node")
+def start(lab_id: str, node: str) -> None:
+    """Start NODE's meshd agent again (after lab kill)."""
+    netns.require_root()
+    mesh = MeshLab(Lab.load(lab_id))
+    if mesh.running(node):
+        raise LabError(f"the agent on {node} already runs")
+    mesh.start(node)
+    mesh.wait_ready(node)
+    click.echo(f"{node}: agent started")
+
+
+@lab.command(name="meshd", context_settings={"ignore_unknown_options": True})
+@lab_option
+@click.argument("node")
+@click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
+def meshd_(lab_id: str, node: str, args: tuple[str, ...]) -> None:
+    """Run a meshd command as NODE (its config and state): meshd lab meshd n2 status"""
+    netns.require_root()
+    mesh = MeshLab(Lab.load(lab_id))
+    argv = netns.exec_argv(
+        mesh.lab.netns_of(node),
+        [*meshd_argv(), "--config", str(mesh.config_path(node)), *args],
+    )
+    sys.exit(subprocess.call(argv))
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -221,9 +335,9 @@ def _print_plan(found: Lab) -> None:
         click.echo(tabulate(rrows, headers=headers))
 
 
-def format_matrix(found: Lab, matrix: dict[str, Any]) -> str:
+def format_matrix(found: Lab, matrix: dict[str, Any], only: dict[str, str] | None = None) -> str:
     """A table: "ok" answered, "-" blocked as planned (NAT), "FAIL" not as planned."""
-    names = [n.name for n in found.nodes]
+    names = [n.name for n in found.nodes if only is None or n.name in only]
     cell: dict[tuple[str, str], str] = {}
     for pair in matrix["pairs"]:
         if pair["reachable"] != pair["expected"]:
