@@ -25,7 +25,7 @@ from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
 from meshd.errors import NetlinkError, WireGuardError
-from meshd.netlink import Netlink
+from meshd.netlink import Netlink, netns_socket
 from meshd.types import IPNetwork
 from meshd.wireguard.backend import (
     ZERO_KEY,
@@ -40,6 +40,8 @@ from meshd.wireguard.backend import (
 )
 
 log = logging.getLogger(__name__)
+
+_NETLINK_GENERIC = 16  # linux/netlink.h; the socket module does not name it
 
 
 def _key_text(value: Any) -> str | None:
@@ -85,10 +87,15 @@ class KernelBackend:
         self._stopped = asyncio.Event()
 
     def _socket(self) -> Any:
-        return AsyncWireGuard(netns=self.netns, flags=0) if self.netns else AsyncWireGuard()
+        if self.netns:
+            return AsyncWireGuard(use_socket=netns_socket(self.netns, _NETLINK_GENERIC))
+        return AsyncWireGuard()
 
     async def _genl(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        wg = self._socket()
+        try:
+            wg = self._socket()
+        except OSError as exc:
+            raise WireGuardError(f"{self.ifname}: {what}: {exc.strerror or exc}") from exc
         try:
             await wg.setup_endpoint()
             result = await getattr(wg, method)(*args, **kwargs)
