@@ -1,0 +1,580 @@
+"""Join -> full connectivity of a new meshd node, beside bare Serf join propagation (issue #5).
+
+    .venv/bin/python bench/mesh_join.py --sizes 5,10,20 --reps 3 [--json out.json]
+
+For each size N, one lab of N-1+reps hosts is built and used twice, one side after
+the other so they never share the CPU:
+
+- serf (baseline): bare ``serf agent``s (meshd's SerfAgent, no meshd, no
+  WireGuard) on the underlay addresses of the first N-1 hosts, joined together;
+  then, one at a time, a fresh host's agent is started with ``start_join`` to a
+  random one of them and timed from its process start until every other agent
+  lists it alive (each observed by polling ``members`` over its RPC port). The
+  joiner leaves again before the next one comes.
+- meshd: ``meshd init``/``join`` + agents on the same N-1 hosts (MeshLab.up),
+  checked to ping each other; then, one at a time, a fresh host runs ``meshd join``
+  through a random earlier host and starts its agent, timed from the start of the
+  join command until the new node has an echo reply from every other node's mesh
+  address and every other node one from the new node's (through WireGuard). Each
+  joiner but the last runs ``meshd leave`` before the next one comes.
+
+Ratio = meshd median / serf median. After the last join, with N meshd nodes in a
+full mesh, it reads the resident memory (VmRSS) of every ``meshd agent`` and of its
+children (serf, wireguard-go) separately, and the CPU (utime+stime) each used
+over ``--idle`` seconds of idleness, as % of one core; medians over the N nodes.
+
+Probes are echo requests sent and read by this process through one raw ICMP
+socket per lab host (opened inside its namespace), not a ``ping`` process per
+probe: spawning hundreds of processes would take CPU from the very agents being
+timed. Traffic goes only to the lab's own addresses. Needs root, ``serf``,
+``wireguard-go`` and ``ip``. When a join does not converge, the lab's logs are
+copied to ``--keep-logs`` before the lab is taken down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import random
+import secrets
+import selectors
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from meshd.errors import MeshdError
+from meshd.gossip.rpc import SerfClient
+from meshd.gossip.supervisor import SerfAgent, SerfSettings
+from meshd.lab import Lab
+from meshd.lab.mesh import AGENT, MeshLab
+
+# The baseline's serf agents use their own ports, so they can never meet meshd's own
+# serf (mesh address :7946, RPC 127.0.0.1:7373) in the same namespace.
+SERF_PORT = 7947
+SERF_RPC = "127.0.0.1:7374"
+CLONE_NEWNET = 0x40000000
+ICMP_ECHO_REPLY = 0
+ICMP_ECHO_REQUEST = 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KINDS = ("agent", "serf", "wireguard-go")
+
+Pair = tuple[str, str]
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------- probing
+
+
+def raw_icmp_socket(netns: str) -> socket.socket:
+    """A raw ICMP socket inside ``netns``; a socket stays in the namespace it was made in."""
+    made: list[socket.socket | BaseException] = []
+
+    def enter_and_open() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+        except BaseException as exc:
+            made.append(exc)
+
+    # A throwaway thread: it ends inside the namespace, so nothing else runs there.
+    thread = threading.Thread(target=enter_and_open, name=f"icmp-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def echo_request(ident: int, seq: int) -> bytes:
+    payload = b"meshd-bench"
+    header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
+    checksum = icmp_checksum(header + payload)
+    return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + payload
+
+
+class Prober:
+    """Echo requests from inside each lab host, all sent and read by this process."""
+
+    def __init__(self, lab: Lab) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._sockets: dict[str, socket.socket] = {}
+        self._ident = 0
+        self._seq = 0
+        try:
+            for node in lab.nodes:
+                sock = raw_icmp_socket(node.netns)
+                sock.setblocking(False)
+                self._sockets[node.name] = sock
+                self._selector.register(sock, selectors.EVENT_READ, node.name)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._selector.close()
+        for sock in self._sockets.values():
+            sock.close()
+
+    def _send(self, src: str, address: str) -> None:
+        self._seq = (self._seq + 1) & 0xFFFF
+        # No route yet (the joiner before its interface exists) or a full queue:
+        # that probe is lost, the next round sends another.
+        with contextlib.suppress(OSError):
+            self._sockets[src].sendto(echo_request(self._ident, self._seq), (address, 0))
+
+    def _replies(self, sock: socket.socket) -> Iterator[str]:
+        """Source addresses of echo replies to this round's probes waiting on ``sock``."""
+        while True:
+            try:
+                data, (address, _) = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            start = (data[0] & 0x0F) * 4  # a raw IPv4 socket hands over the IP header too
+            if len(data) < start + 8:
+                continue
+            kind, _, _, ident, _ = struct.unpack_from("!BBHHH", data, start)
+            if kind == ICMP_ECHO_REPLY and ident == self._ident:
+                yield address
+
+    def wait(
+        self,
+        pairs: Iterable[Pair],
+        addresses: Mapping[str, str],
+        *,
+        start: float,
+        timeout: float,
+        interval: float,
+    ) -> tuple[float | None, set[Pair]]:
+        """Probe every unanswered (src, dst) pair each ``interval`` s until all answered.
+
+        Returns (ms from ``start`` to the last pair's first reply, pairs never answered);
+        the ms is None when some pair did not answer within ``timeout`` s.
+        """
+        pending = set(pairs)
+        names = {address: name for name, address in addresses.items()}
+        # A new identifier per call: a late reply to an earlier round never counts.
+        self._ident = self._ident % 0xFFFF + 1
+        last = start
+        end = time.monotonic() + timeout
+        next_round = time.monotonic()
+        while pending:
+            now = time.monotonic()
+            if now >= end:
+                return None, pending
+            if now >= next_round:
+                for src, dst in sorted(pending):
+                    self._send(src, addresses[dst])
+                next_round = now + interval
+            for key, _ in self._selector.select(max(0.0, min(next_round, end) - now)):
+                src = key.data
+                for address in self._replies(key.fileobj):  # type: ignore[arg-type]
+                    pair = (src, names.get(address, ""))
+                    if pair in pending:
+                        pending.discard(pair)
+                        last = time.monotonic()
+        return (last - start) * 1000, set()
+
+
+def both_ways(node: str, others: Iterable[str]) -> set[Pair]:
+    return {p for other in others for p in ((node, other), (other, node))}
+
+
+# ---------------------------------------------------------------- serf baseline
+
+
+async def serf_baseline(
+    lab: Lab,
+    base: Sequence[str],
+    joiners: Sequence[tuple[str, str]],
+    *,
+    poll: float,
+    timeout: float,
+) -> list[float | None]:
+    """ms from each joiner's ``serf agent`` start until every base agent lists it alive."""
+    auth = secrets.token_urlsafe(16)
+    gossip_key = base64.b64encode(os.urandom(32)).decode()
+
+    def serf_on(name: str, join_via: str | None) -> SerfAgent:
+        node = lab.node(name)
+        extra = {"start_join": [f"{lab.node(join_via).address}:{SERF_PORT}"]} if join_via else {}
+        settings = SerfSettings(
+            node_name=name,
+            state_dir=lab.node_dir(name) / "bench-serf",
+            rpc_auth_key=auth,
+            bind_addr=node.address,
+            bind_port=SERF_PORT,
+            rpc_addr=SERF_RPC,
+            gossip_keys=(gossip_key,),
+            extra=extra,
+        )
+        return SerfAgent(settings, netns=node.netns)
+
+    agents: list[SerfAgent] = []
+    clients: dict[str, SerfClient] = {}
+    results: list[float | None] = []
+    try:
+        agents.append(serf_on(base[0], None))
+        await agents[0].start()
+        rest = [serf_on(name, base[0]) for name in base[1:]]
+        agents += rest
+        await asyncio.gather(*(agent.start() for agent in rest))
+        for name in base:
+            client = SerfClient(
+                SERF_RPC, auth_key=auth, netns=lab.node(name).netns, stream=None, reconnect=False
+            )
+            await client.connect()
+            clients[name] = client
+        formed = await all_list(clients, set(base), "alive", time.monotonic(), poll, timeout)
+        if formed is None:
+            raise SystemExit(f"the serf baseline cluster of {len(base)} never formed")
+        for joiner, seed in joiners:
+            agent = serf_on(joiner, seed)
+            agents.append(agent)
+            start = time.monotonic()
+            # Watching from before the start: the first polls simply do not find it.
+            watch = asyncio.create_task(all_list(clients, {joiner}, "alive", start, poll, timeout))
+            await agent.start()
+            results.append(await watch)
+            leaver = agent.client(stream=None, reconnect=False)
+            with contextlib.suppress(MeshdError):
+                await leaver.connect()
+                await leaver.leave()
+            await leaver.close()
+            await agent.stop()
+            # The next joiner meets a cluster that has digested this one's leave.
+            await all_list(clients, {joiner}, "left", time.monotonic(), poll, timeout)
+        return results
+    finally:
+        for client in clients.values():
+            await client.close()
+        await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
+
+
+async def all_list(
+    clients: Mapping[str, SerfClient],
+    names: set[str],
+    status: str,
+    start: float,
+    poll: float,
+    timeout: float,
+) -> float | None:
+    """ms from ``start`` until every client lists all ``names`` with ``status``; None: timeout."""
+    waiting = sorted(clients)
+    last = start
+    while waiting:
+        if time.monotonic() - start > timeout:
+            return None
+        answers = await asyncio.gather(*(clients[o].members() for o in waiting))
+        now = time.monotonic()
+        done = {
+            observer
+            for observer, members in zip(waiting, answers, strict=True)
+            if names <= {m.name for m in members if m.status == status}
+        }
+        if done:
+            last = now
+            waiting = [o for o in waiting if o not in done]
+        if waiting:
+            await asyncio.sleep(poll)
+    return (last - start) * 1000
+
+
+# ---------------------------------------------------------------- resources
+
+
+def proc_children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def proc_comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def cpu_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def agent_processes(lab: Lab, nodes: Iterable[str]) -> dict[tuple[str, str], int]:
+    """(node, kind) -> pid for each node's meshd agent, its serf and its wireguard-go."""
+    wanted = set(nodes)
+    children = proc_children()
+    found: dict[tuple[str, str], int] = {}
+    for proc in lab.processes():
+        if proc["name"] != AGENT or not proc["alive"] or proc["node"] not in wanted:
+            continue
+        found[(proc["node"], "agent")] = proc["pid"]
+        for child in children.get(proc["pid"], []):
+            with contextlib.suppress(OSError):
+                comm = proc_comm(child)
+                if comm in KINDS:
+                    found[(proc["node"], comm)] = child
+    return found
+
+
+def measure_idle(lab: Lab, nodes: Sequence[str], seconds: float) -> dict[str, Any]:
+    """RSS (KiB) and CPU over ``seconds`` (% of one core) per kind, one value per node."""
+    procs = agent_processes(lab, nodes)
+    before = {key: cpu_ticks(pid) for key, pid in procs.items()}
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    rss: dict[str, list[int]] = {kind: [] for kind in KINDS}
+    cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for (node, kind), pid in sorted(procs.items()):
+        try:
+            used = cpu_ticks(pid) - before[(node, kind)]
+            rss[kind].append(rss_kib(pid))
+        except OSError:
+            say(f"  {kind} of {node} (pid {pid}) ended during the idle measurement")
+            continue
+        cpu[kind].append(100 * used / CLK_TCK / elapsed)
+    return {"rss_kib": rss, "idle_cpu_pct": cpu, "idle_seconds": elapsed}
+
+
+# ---------------------------------------------------------------- meshd side
+
+
+def meshd_joins(
+    lab: Lab,
+    prober: Prober,
+    base: Sequence[str],
+    joiners: Sequence[tuple[str, str]],
+    args: argparse.Namespace,
+    rng: random.Random,
+) -> tuple[list[float | None], list[float], list[str]]:
+    """(join->full ms per joiner, join command ms per joiner, problems seen)."""
+    mesh = MeshLab(lab)
+    problems: list[str] = []
+    mesh.up(base, seed=rng.randrange(2**32))
+    addresses = mesh.mesh_addresses(base)
+    pairs = {(a, b) for a in base for b in base if a != b}
+    formed, missing = prober.wait(
+        pairs, addresses, start=time.monotonic(), timeout=args.timeout, interval=args.interval
+    )
+    if formed is None:
+        raise SystemExit(f"the meshd base mesh never formed; missing {sorted(missing)[:10]}")
+    full_ms: list[float | None] = []
+    command_ms: list[float] = []
+    for index, (joiner, seed) in enumerate(joiners):
+        start = time.monotonic()
+        try:
+            mesh.join(joiner, seed)
+        except MeshdError as exc:
+            problems.append(f"meshd join on {joiner} via {seed} failed: {exc}")
+            full_ms.append(None)
+            continue
+        command_ms.append((time.monotonic() - start) * 1000)
+        mesh.start(joiner)
+        addresses[joiner] = mesh.mesh_address(joiner)
+        took, missing = prober.wait(
+            both_ways(joiner, base),
+            addresses,
+            start=start,
+            timeout=args.timeout,
+            interval=args.interval,
+        )
+        full_ms.append(took)
+        if took is None:
+            gaps = ", ".join(f"{a}->{b}" for a, b in sorted(missing))
+            problems.append(
+                f"{joiner} (via {seed}) not fully connected after {args.timeout:g} s: {gaps}"
+            )
+        if index < len(joiners) - 1:
+            mesh.meshd(joiner, "leave", check=False, timeout=30)
+            with contextlib.suppress(MeshdError):
+                mesh.stop(joiner)
+            del addresses[joiner]
+            time.sleep(args.settle)  # let the others drop the leaver before the next join
+    return full_ms, command_ms, problems
+
+
+def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    hosts = size - 1 + args.reps
+    with Lab.create(nodes=hosts) as lab:
+        names = [node.name for node in lab.nodes]
+        base = names[: size - 1]
+        joiners = [(name, rng.choice(base)) for name in names[size - 1 :]]
+        say(f"N={size}: lab {lab.lab_id}, {hosts} hosts ({size - 1} members + {args.reps} joiners)")
+        serf_ms = asyncio.run(
+            serf_baseline(lab, base, joiners, poll=args.serf_poll, timeout=args.timeout)
+        )
+        prober = Prober(lab)
+        try:
+            full_ms, command_ms, problems = meshd_joins(lab, prober, base, joiners, args, rng)
+        finally:
+            prober.close()
+        for rep, ((joiner, seed), ours, theirs) in enumerate(
+            zip(joiners, full_ms, serf_ms, strict=True), start=1
+        ):
+            say(
+                f"  rep {rep}: {joiner} via {seed}: meshd join->full {fmt(ours)}, "
+                f"serf seen by all {fmt(theirs)}"
+            )
+        resources = measure_idle(lab, [*base, joiners[-1][0]], args.idle) if args.idle else {}
+        for line in problems:
+            say(f"  PROBLEM: {line}")
+        if problems:
+            keep = Path(args.keep_logs) / lab.lab_id
+            shutil.copytree(lab.log_path(base[0], AGENT).parent, keep, dirs_exist_ok=True)
+            say(f"  agent logs copied to {keep}")
+    return {
+        "n": size,
+        "lab": lab.lab_id,
+        "meshd_join_full_ms": full_ms,
+        "meshd_join_command_ms": command_ms,
+        "serf_seen_by_all_ms": serf_ms,
+        "problems": problems,
+        **resources,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(ms: float | None) -> str:
+    return "  timeout" if ms is None else f"{ms:7.0f} ms"
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    good = [v for v in values if v is not None]
+    return statistics.median(good) if good else None
+
+
+def report(results: Sequence[dict[str, Any]], idle: float) -> None:
+    say("")
+    say(
+        f"{'N':>3}  {'meshd join->full (median, min-max)':<36}"
+        f"{'serf join seen by all (median)':<32}ratio"
+    )
+    for row in results:
+        ours = [v for v in row["meshd_join_full_ms"] if v is not None]
+        theirs = median(row["serf_seen_by_all_ms"])
+        failed = len(row["meshd_join_full_ms"]) - len(ours)
+        if ours:
+            spread = f"{statistics.median(ours):6.0f} ms ({min(ours):.0f}-{max(ours):.0f})"
+        else:
+            spread = "no join converged"
+        if failed:
+            spread += f" +{failed} timeout"
+        ratio = f"{statistics.median(ours) / theirs:5.1f}x" if ours and theirs else "  -"
+        serf = f"{theirs:6.0f} ms" if theirs is not None else "timeout"
+        say(f"{row['n']:>3}  {spread:<36}{serf:<32}{ratio}")
+    say("")
+    say(
+        "meshd join command alone (median): "
+        + ", ".join(
+            f"N={r['n']} {statistics.median(r['meshd_join_command_ms']):.0f} ms"
+            for r in results
+            if r["meshd_join_command_ms"]
+        )
+    )
+    if not idle:
+        return
+    say(
+        f"resident memory, median over the N nodes (MiB) and idle CPU over {idle:g} s "
+        "(% of one core, median over nodes):"
+    )
+    for row in results:
+        rss = ", ".join(
+            f"{kind} {statistics.median(row['rss_kib'][kind]) / 1024:.1f}"
+            for kind in KINDS
+            if row["rss_kib"][kind]
+        )
+        cpu = ", ".join(
+            f"{kind} {statistics.median(row['idle_cpu_pct'][kind]):.2f} %"
+            for kind in KINDS
+            if row["idle_cpu_pct"][kind]
+        )
+        say(f"  N={row['n']:<3} RSS: {rss}")
+        say(f"  {'':5} CPU: {cpu}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="5,10,20", help="comma-separated N (default 5,10,20)")
+    parser.add_argument("--reps", type=int, default=3, help="fresh joiners per N (default 3)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per join (s)")
+    parser.add_argument("--interval", type=float, default=0.1, help="probe round (s)")
+    parser.add_argument("--serf-poll", type=float, default=0.05, help="members poll (s)")
+    parser.add_argument("--settle", type=float, default=2.0, help="pause after a leave (s)")
+    parser.add_argument("--idle", type=float, default=10.0, help="idle CPU window (s), 0: skip")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (seed host choice)")
+    parser.add_argument("--json", metavar="FILE", help="write the raw figures here")
+    parser.add_argument(
+        "--keep-logs", default="/tmp/meshd-bench-mesh-join", help="logs of failed runs go here"
+    )
+    args = parser.parse_args()
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--sizes: comma-separated integers, e.g. 5,10,20")
+    if min(sizes) < 2 or args.reps < 1:
+        parser.error("every size must be at least 2 and --reps at least 1")
+    logging.basicConfig(level=logging.ERROR)
+    rng = random.Random(args.seed)
+    say(
+        f"mesh join benchmark: sizes {sizes}, {args.reps} joins each; "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+    started = time.monotonic()
+    results = [run_size(size, args, rng) for size in sizes]
+    report(results, args.idle)
+    say(f"total {time.monotonic() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "results": results}, indent=2) + "\n"
+        )
+    return 1 if any(r["problems"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
