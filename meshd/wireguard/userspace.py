@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,9 +76,10 @@ class UserspaceBackend:
 
     async def _ready(self) -> None:
         # Ready once the socket answers: a stale socket file of a killed daemon refuses.
+        # No timeout of its own: the supervisor's ready timeout cancels it.
         while True:
             with contextlib.suppress(OSError, WireGuardError):
-                await self._request(uapi.GET_REQUEST)
+                await self._exchange(uapi.GET_REQUEST)
                 return
             await asyncio.sleep(0.02)
 
@@ -157,7 +159,12 @@ class UserspaceBackend:
     async def _request(self, payload: bytes) -> str:
         """Send one request, return the answer up to its closing empty line."""
         try:
-            return await asyncio.wait_for(self._exchange(payload), _IO_TIMEOUT)
+            if sys.version_info >= (3, 11):
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+                async with asyncio.timeout(_IO_TIMEOUT):
+                    return await self._exchange(payload)
+            else:  # pragma: no cover - Python 3.10
+                return await asyncio.wait_for(self._exchange(payload), _IO_TIMEOUT)
         except asyncio.TimeoutError as exc:
             raise WireGuardError(f"{self.ifname}: UAPI answer timed out") from exc
 
