@@ -111,7 +111,7 @@ def raw_icmp_socket(netns: str) -> socket.socket:
 def icmp_checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
@@ -176,23 +176,23 @@ class Prober:
         start: float,
         timeout: float,
         interval: float,
-    ) -> tuple[float | None, set[Pair]]:
+    ) -> tuple[dict[Pair, float], set[Pair]]:
         """Probe every unanswered (src, dst) pair each ``interval`` s until all answered.
 
-        Returns (ms from ``start`` to the last pair's first reply, pairs never answered);
-        the ms is None when some pair did not answer within ``timeout`` s.
+        Returns (ms from ``start`` to each pair's first reply, pairs that did not
+        answer within ``timeout`` s).
         """
         pending = set(pairs)
+        answered: dict[Pair, float] = {}
         names = {address: name for name, address in addresses.items()}
         # A new identifier per call: a late reply to an earlier round never counts.
         self._ident = self._ident % 0xFFFF + 1
-        last = start
         end = time.monotonic() + timeout
         next_round = time.monotonic()
         while pending:
             now = time.monotonic()
             if now >= end:
-                return None, pending
+                break
             if now >= next_round:
                 for src, dst in sorted(pending):
                     self._send(src, addresses[dst])
@@ -203,8 +203,8 @@ class Prober:
                     pair = (src, names.get(address, ""))
                     if pair in pending:
                         pending.discard(pair)
-                        last = time.monotonic()
-        return (last - start) * 1000, set()
+                        answered[pair] = (time.monotonic() - start) * 1000
+        return answered, pending
 
 
 def both_ways(node: str, others: Iterable[str]) -> set[Pair]:
@@ -390,51 +390,62 @@ def meshd_joins(
     joiners: Sequence[tuple[str, str]],
     args: argparse.Namespace,
     rng: random.Random,
-) -> tuple[list[float | None], list[float], list[str]]:
-    """(join->full ms per joiner, join command ms per joiner, problems seen)."""
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One record per join (ms from the join command's start), and the problems seen.
+
+    A record: ``command_ms`` (``meshd join`` returned), ``first_ms`` (the first echo
+    reply of any pair), ``out_ms`` (the new node reached every other), ``in_ms``
+    (every other reached it), ``full_ms`` (both; None when it never came).
+    """
     mesh = MeshLab(lab)
     problems: list[str] = []
     mesh.up(base, seed=rng.randrange(2**32))
     addresses = mesh.mesh_addresses(base)
     pairs = {(a, b) for a in base for b in base if a != b}
-    formed, missing = prober.wait(
+    _, missing = prober.wait(
         pairs, addresses, start=time.monotonic(), timeout=args.timeout, interval=args.interval
     )
-    if formed is None:
+    if missing:
         raise SystemExit(f"the meshd base mesh never formed; missing {sorted(missing)[:10]}")
-    full_ms: list[float | None] = []
-    command_ms: list[float] = []
+    joins: list[dict[str, Any]] = []
     for index, (joiner, seed) in enumerate(joiners):
+        record: dict[str, Any] = {"joiner": joiner, "seed": seed, "full_ms": None}
+        joins.append(record)
         start = time.monotonic()
         try:
             mesh.join(joiner, seed)
         except MeshdError as exc:
             problems.append(f"meshd join on {joiner} via {seed} failed: {exc}")
-            full_ms.append(None)
             continue
-        command_ms.append((time.monotonic() - start) * 1000)
+        record["command_ms"] = (time.monotonic() - start) * 1000
         mesh.start(joiner)
         addresses[joiner] = mesh.mesh_address(joiner)
-        took, missing = prober.wait(
+        answered, missing = prober.wait(
             both_ways(joiner, base),
             addresses,
             start=start,
             timeout=args.timeout,
             interval=args.interval,
         )
-        full_ms.append(took)
-        if took is None:
+        outbound = [ms for (src, _), ms in answered.items() if src == joiner]
+        inbound = [ms for (_, dst), ms in answered.items() if dst == joiner]
+        record["first_ms"] = min(answered.values(), default=None)
+        record["out_ms"] = max(outbound) if len(outbound) == len(base) else None
+        record["in_ms"] = max(inbound) if len(inbound) == len(base) else None
+        if missing:
             gaps = ", ".join(f"{a}->{b}" for a, b in sorted(missing))
             problems.append(
                 f"{joiner} (via {seed}) not fully connected after {args.timeout:g} s: {gaps}"
             )
+        else:
+            record["full_ms"] = max(answered.values())
         if index < len(joiners) - 1:
             mesh.meshd(joiner, "leave", check=False, timeout=30)
             with contextlib.suppress(MeshdError):
                 mesh.stop(joiner)
             del addresses[joiner]
             time.sleep(args.settle)  # let the others drop the leaver before the next join
-    return full_ms, command_ms, problems
+    return joins, problems
 
 
 def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
@@ -449,15 +460,15 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
         )
         prober = Prober(lab)
         try:
-            full_ms, command_ms, problems = meshd_joins(lab, prober, base, joiners, args, rng)
+            joins, problems = meshd_joins(lab, prober, base, joiners, args, rng)
         finally:
             prober.close()
-        for rep, ((joiner, seed), ours, theirs) in enumerate(
-            zip(joiners, full_ms, serf_ms, strict=True), start=1
-        ):
+        for rep, (join, theirs) in enumerate(zip(joins, serf_ms, strict=True), start=1):
             say(
-                f"  rep {rep}: {joiner} via {seed}: meshd join->full {fmt(ours)}, "
-                f"serf seen by all {fmt(theirs)}"
+                f"  rep {rep}: {join['joiner']} via {join['seed']}: meshd join->full "
+                f"{fmt(join['full_ms'])} (command {fmt(join.get('command_ms'))}, first reply "
+                f"{fmt(join.get('first_ms'))}, out {fmt(join.get('out_ms'))}, "
+                f"in {fmt(join.get('in_ms'))}); serf seen by all {fmt(theirs)}"
             )
         resources = measure_idle(lab, [*base, joiners[-1][0]], args.idle) if args.idle else {}
         for line in problems:
@@ -469,8 +480,8 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
     return {
         "n": size,
         "lab": lab.lab_id,
-        "meshd_join_full_ms": full_ms,
-        "meshd_join_command_ms": command_ms,
+        "meshd_join_full_ms": [join["full_ms"] for join in joins],
+        "meshd_joins": joins,
         "serf_seen_by_all_ms": serf_ms,
         "problems": problems,
         **resources,
@@ -481,7 +492,7 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
 
 
 def fmt(ms: float | None) -> str:
-    return "  timeout" if ms is None else f"{ms:7.0f} ms"
+    return "-" if ms is None else f"{ms:.0f} ms"
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -509,14 +520,14 @@ def report(results: Sequence[dict[str, Any]], idle: float) -> None:
         serf = f"{theirs:6.0f} ms" if theirs is not None else "timeout"
         say(f"{row['n']:>3}  {spread:<36}{serf:<32}{ratio}")
     say("")
-    say(
-        "meshd join command alone (median): "
-        + ", ".join(
-            f"N={r['n']} {statistics.median(r['meshd_join_command_ms']):.0f} ms"
-            for r in results
-            if r["meshd_join_command_ms"]
-        )
-    )
+    say("meshd, median per N: join command returned / first echo reply / new node reaches all /")
+    say("all reach the new node (ms from the join command's start):")
+    for row in results:
+        phases = [
+            median(join.get(key) for join in row["meshd_joins"])
+            for key in ("command_ms", "first_ms", "out_ms", "in_ms")
+        ]
+        say(f"  N={row['n']:<3} " + " / ".join("-" if v is None else f"{v:.0f}" for v in phases))
     if not idle:
         return
     say(
