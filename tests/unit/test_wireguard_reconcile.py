@@ -341,3 +341,19 @@ def test_applying_a_route_plan_yields_the_routed_prefixes(prefixes, on_link, liv
     after = (set(live) - set(plan.remove)) | set(plan.add)
     assert after == routed_prefixes(prefixes, on_link)
     assert len(plan_routes(prefixes, on_link, after)) == 0
+
+
+@settings(max_examples=300)
+@given(live=peer_sets(), target=peer_sets(), data=st.data())
+def test_an_apply_cut_off_anywhere_is_repaired_by_the_next_pass(live, target, data):
+    # wireguard-go applies a set=1 line by line and stops at a failing line: model a
+    # failure after any line, then check the next pass converges from what is left.
+    desired = as_desired(target)
+    text = encode_set(None, plan_peers(live, desired)).decode()
+    lines = text.rstrip("\n").split("\n")
+    cut = data.draw(st.integers(1, len(lines)), label="lines applied")
+    model = model_from_live(live)
+    interpret_set(model, "\n".join(lines[:cut]) + "\n\n")
+    half_done = live_from_model(model)
+    repaired = run_plan(half_done, desired)
+    assert_matches(repaired, half_done, desired)
