@@ -155,8 +155,10 @@ class Netlink:
         return self._ipr
 
     async def _dump(self, result: Any) -> list[Any]:
-        # AsyncIPRoute answers dumps with an async iterator.
-        return [msg async for msg in result]
+        # AsyncIPRoute answers dumps with an async iterator, "get" with a list.
+        if hasattr(result, "__aiter__"):
+            return [msg async for msg in result]
+        return list(result)
 
     # Links
 
@@ -185,13 +187,27 @@ class Netlink:
         return index
 
     async def create_link(self, ifname: str, kind: str) -> int:
-        """Create a link of ``kind`` (e.g. ``wireguard``); an existing one is kept."""
+        """Create a link of ``kind`` (e.g. ``wireguard``); an existing one of that kind is kept."""
         index = await self.link_index(ifname)
         if index is not None:
+            existing = await self.link_kind(ifname)
+            if existing != kind:
+                raise NetlinkError(
+                    f"{ifname} exists but is a {existing or 'plain'} link, not {kind}"
+                )
             return index
         with _converted(f"creating {kind} interface {ifname}"):
             await self._sock.link("add", ifname=ifname, kind=kind)
         return await self._index(ifname)
+
+    async def link_kind(self, ifname: str) -> str | None:
+        """The link's kind (``wireguard``, ``tun``, ``veth``...); None for a plain device."""
+        index = await self._index(ifname)
+        with _converted(f"reading {ifname}"):
+            (msg,) = await self._dump(await self._sock.link("get", index=index))
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return str(kind) if kind is not None else None
 
     async def delete_link(self, ifname: str) -> None:
         """Delete ``ifname``; an interface that is already gone is fine."""

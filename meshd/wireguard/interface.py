@@ -159,6 +159,8 @@ class WireGuardInterface:
     async def _pass(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
         state = await self.backend.read_state()
         ops = plan_peers(state.peers, peers)
+        # Valid input: this is what a rebuild re-applies, even if applying it fails below.
+        self._desired = tuple(peers)
         if ops:
             await self.backend.apply(ops)
         prefixes = [net for peer in peers for net in peer.allowed_ips]
@@ -185,11 +187,8 @@ class WireGuardInterface:
         before anything changes. A failure while applying leaves a state the next
         pass repairs.
         """
-        desired = tuple(peers)
         async with self._lock:
-            result = await self._pass(desired)
-            self._desired = desired
-        return result
+            return await self._pass(tuple(peers))
 
     async def state(self) -> DeviceState:
         return await self.backend.read_state()
