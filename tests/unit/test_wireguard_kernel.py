@@ -1,0 +1,59 @@
+"""The kernel backend's translation of peer ops into pyroute2's WireGuard peer dicts.
+
+The backend itself runs only where the kernel module exists (see the skipped
+integration test); what it sends is checked here, without root.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+from meshd.wireguard.backend import ZERO_KEY, OpKind, PeerOp
+from meshd.wireguard.kernel import _key_text, _peer_dict
+
+KEY = base64.b64encode(b"\x07" * 32).decode()
+
+
+def test_add_carries_every_field_and_replaces_allowed_ips():
+    op = PeerOp(
+        OpKind.ADD,
+        KEY,
+        endpoint="[fd00::0:9]:51820",
+        keepalive=25,
+        preshared_key=ZERO_KEY,
+        allowed_ips=(ipaddress.ip_network("100.64.0.2/32"),),
+    )
+    assert _peer_dict(op) == {
+        "public_key": KEY,
+        "preshared_key": ZERO_KEY,
+        "endpoint_addr": "fd00::9",
+        "endpoint_port": 51820,
+        "persistent_keepalive": 25,
+        "replace_allowed_ips": True,
+        "allowed_ips": ["100.64.0.2/32"],
+    }
+
+
+def test_update_is_update_only_and_sparse():
+    assert _peer_dict(PeerOp(OpKind.UPDATE, KEY, keepalive=0)) == {
+        "public_key": KEY,
+        "update_only": True,
+        "persistent_keepalive": 0,
+    }
+
+
+def test_update_to_no_allowed_ips_still_replaces_them():
+    assert _peer_dict(PeerOp(OpKind.UPDATE, KEY, allowed_ips=()))["allowed_ips"] == []
+
+
+def test_remove():
+    assert _peer_dict(PeerOp(OpKind.REMOVE, KEY)) == {"public_key": KEY, "remove": True}
+
+
+def test_keys_come_back_as_base64_whatever_pyroute2_hands_over():
+    raw = b"\x07" * 32
+    assert _key_text(raw) == KEY
+    assert _key_text(KEY.encode()) == KEY
+    assert _key_text({"value": KEY.encode(), "key": raw}) == KEY
+    assert _key_text(None) is None
