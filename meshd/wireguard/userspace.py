@@ -103,6 +103,11 @@ class UserspaceBackend:
         try:
             await self._child.start()
         except SupervisorError as exc:
+            # Its last words may still be in the pipe when its exit is noticed.
+            for _ in range(25):
+                if self._last_line:
+                    break
+                await asyncio.sleep(0.02)
             said = f" (it said: {self._last_line})" if self._last_line else ""
             raise WireGuardError(f"starting wireguard-go for {self.ifname}: {exc}{said}") from exc
         log.info(
