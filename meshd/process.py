@@ -121,8 +121,9 @@ class ChildProcess:
             check.result()
             return
         check.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await check
+        # Bounded: a check that swallows its cancellation must not hang the start.
+        check.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.wait({check}, timeout=1.0)
         if died in done:
             raise SupervisorError(f"{self.name} exited with code {proc.returncode} while starting")
         await self._terminate(proc)
