@@ -25,21 +25,31 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
+import random
 import signal
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from meshd import systemd
-from meshd.ca import CertChain
+from meshd.ca import CertChain, NetworkCA
 from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.desired import STATIC_ROLE, Claim, DesiredState, address_owners, claim_of, compute
-from meshd.enrol import EnrolRequest, EnrolResult, EnrolServer, PeerInfo, chain_verifier
-from meshd.errors import EnrolRefused, GossipError, MeshdError
-from meshd.gossip.rpc import SerfClient, UserEvent
+from meshd.enrol import (
+    MAX_MEMBERS_IN_ANSWER,
+    EnrolRequest,
+    EnrolResult,
+    EnrolServer,
+    PeerInfo,
+    chain_verifier,
+)
+from meshd.errors import EnrolRefused, GossipError, IdentityError, MeshdError
+from meshd.gossip.rpc import QueryEvent, SerfClient, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
+from meshd.identity import WireGuardKeyPair
 from meshd.netlink import Netlink
 from meshd.node import (
     KnownPeer,
@@ -51,6 +61,8 @@ from meshd.node import (
     mesh_interface_addresses,
 )
 from meshd.plugins import PluginHost
+from meshd.token import check_network, parse_token
+from meshd.trust import EXPIRY_WARNING, PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.types import (
     Admission,
     ConfigView,
@@ -75,6 +87,16 @@ JOIN_RETRY = 2.0
 KNOWN_PEER_GRACE = 120.0
 SHUTDOWN_TIMEOUT = 10.0
 LEAVE_EVENT = "meshd-leave"
+REVOKE_EVENT = "meshd-revoke"
+CHAIN_QUERY = "meshd-chain"
+CHAIN_EVENT = "meshd-chain"
+REVOCATIONS_QUERY = "meshd-revocations"
+CHAIN_TIMEOUT = 1.0
+CHAIN_RETRY = 5.0
+CHAIN_HELPERS = 3
+REVOCATION_SYNC_FIRST = 3.0
+REVOCATION_SYNC_INTERVAL = 30.0
+REVOCATION_SYNC_PEERS = 2
 
 
 class _HookPolicy:
@@ -101,6 +123,10 @@ class Agent:
         self.plugins = plugins
         self.store = store
         self.state: NodeState = store.load()
+        self.trust = Trust(self.state.ca_public_key, store.dir)
+        self._fetching: set[str] = set()
+        self._fetch_failed: dict[str, float] = {}
+        self._expiry_warned = 0.0
         self._local_addresses: tuple[IPAddress, ...] = ()
         self._known: dict[str, tuple[KnownPeer, float]] = {}
         # Keys whose owner announced its leave; see _members().
@@ -207,12 +233,24 @@ class Agent:
         now = time.monotonic()
         for peer in self.store.load_peers():
             self._known[peer.public_key] = (peer, now)
+            if peer.chain is not None:
+                try:
+                    self.trust.add_chain(peer.chain, CertChain.decode(peer.chain).ref)
+                except IdentityError as exc:
+                    log.warning("ignored the cached certificate of %s: %s", peer.name, exc)
         if self._known:
             log.info("restoring %d peer(s) from the last run", len(self._known))
         await self._reconcile()
 
         self._control = ControlServer(
-            self.store.dir, {"status": self._cmd_status, "leave": self._cmd_leave}
+            self.store.dir,
+            {
+                "status": self._cmd_status,
+                "leave": self._cmd_leave,
+                "revoke": self._cmd_revoke,
+                "rotate-gossip": self._cmd_rotate_gossip,
+                "rotate-wireguard": self._cmd_rotate_wireguard,
+            },
         )
         await self._control.start()
 
@@ -220,7 +258,7 @@ class Agent:
             self._enrol = EnrolServer(
                 "0.0.0.0",
                 cfg.enrol.port,
-                verify=chain_verifier(state.ca_public_key),
+                verify=chain_verifier(state.ca_public_key, revoked=lambda: self.trust.revoked),
                 on_enrolled=self._on_enrolled,
             )
             await self._enrol.start()
@@ -229,6 +267,7 @@ class Agent:
         self.plugins.startup(self)
         self._start_task(self._loop(), name="reconcile-loop")
         self._start_task(self._join_loop(), name="gossip-join")
+        self._start_task(self._revocation_sync_loop(), name="revocation-sync")
 
     async def _start_gossip(self) -> None:
         cfg, state = self._config, self.state
@@ -335,6 +374,8 @@ class Agent:
                 for m in view.members.values()
             )
             if others_alive:
+                if not self._joined:
+                    await self._announce_chain(self.state.chain)
                 self._joined = True
             else:
                 targets = self._join_targets()
@@ -398,7 +439,7 @@ class Agent:
         repairs it up to 30 s later), and a failed member keeps its peer. The leaver's
         own user event, sent before it leaves, settles it sooner.
         """
-        members = list(self._view.members.values()) if self._view else []
+        members = [self._certify(m) for m in self._view.members.values()] if self._view else []
         if not self._departed:
             return members
         for member in members:
@@ -413,12 +454,169 @@ class Agent:
             for m in members
         ]
 
+    def _certify(self, member: Member) -> Member:
+        if member.record is None or member.name == self.state.name:
+            return member
+        verdict = self.trust.verdict(member.name, member.record)
+        return dataclasses.replace(
+            member,
+            certified=verdict.certified,
+            certificate_error=verdict.error,
+            certified_addresses=verdict.addresses,
+        )
+
     def _on_gossip_event(self, event: object) -> None:
         if isinstance(event, UserEvent) and event.name == LEAVE_EVENT:
             key = event.payload.decode("ascii", "replace")
             if key != self.state.keys.public_key:
                 self._departed[key] = time.monotonic()
                 self._kick.set()
+        elif isinstance(event, UserEvent) and event.name == REVOKE_EVENT:
+            self._take_revocation(event.payload, "gossip")
+        elif isinstance(event, UserEvent) and event.name == CHAIN_EVENT:
+            try:
+                chain = CertChain.decode(event.payload)
+                if not self.trust.has_chain(chain.ref):
+                    self.trust.add_chain(event.payload, chain.ref)
+                    self._kick.set()
+            except IdentityError as exc:
+                log.debug("ignored a certificate chain event: %s", exc)
+        elif isinstance(event, QueryEvent) and event.name in (CHAIN_QUERY, REVOCATIONS_QUERY):
+            self._start_task(self._answer(event), name=f"answer-{event.name}")
+
+    async def _answer(self, event: QueryEvent) -> None:
+        client = self._client
+        if client is None:
+            return
+        if event.name == CHAIN_QUERY:
+            # Our own chain, or one we hold for someone else: chains are self-certifying,
+            # and the asker may have no tunnel to their owner yet.
+            ref = event.payload.decode("ascii", "replace")
+            if ref == self._own_chain().ref:
+                payload = self.state.chain
+            else:
+                chain = self.trust.chain(ref)
+                if chain is None:
+                    return
+                payload = chain.encode()
+        else:
+            try:
+                payload = self.trust.page(int(event.payload or b"0"))
+            except ValueError:
+                return
+        try:
+            await client.respond(event.id, payload)
+        except MeshdError as exc:
+            log.debug("cannot answer %s query: %s", event.name, exc)
+
+    async def _announce_chain(self, chain: bytes) -> None:
+        """Gossip a certificate chain, so members can admit its node before any tunnel to it
+        exists (a query's answer travels directly, and needs one)."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.user_event(CHAIN_EVENT, chain, coalesce=False)
+        except MeshdError as exc:
+            log.debug("cannot announce a certificate chain: %s", exc)
+
+    def _take_revocation(self, data: bytes, source: str) -> None:
+        try:
+            revocation = self.trust.add_revocation(data)
+        except MeshdError as exc:
+            log.warning("ignored a revocation from %s: %s", source, exc)
+            return
+        if revocation is not None:
+            log.warning(
+                "revocation of %s (key %s) received by %s",
+                revocation.name,
+                revocation.public_key or "-",
+                source,
+            )
+            self._kick.set()
+
+    def _fetch_missing_chains(self) -> None:
+        """Ask each member whose certificate chain is unknown for it (a Serf query)."""
+        now = time.monotonic()
+        for member in self._view.members.values() if self._view else ():
+            record = member.record
+            if record is None or not record.cert or member.name == self.state.name:
+                continue
+            if member.state is not MemberState.ALIVE or self.trust.has_chain(record.cert):
+                continue
+            if record.cert in self._fetching or now < self._fetch_failed.get(record.cert, 0):
+                continue
+            self._fetching.add(record.cert)
+            self._start_task(self._fetch_chain(member.name, record.cert), name="fetch-chain")
+
+    async def _fetch_chain(self, name: str, ref: str) -> None:
+        """Ask the member, and a few certified peers that may hold a copy, for a chain."""
+        try:
+            client = self._client
+            assert client is not None
+            helpers = [
+                m.name
+                for m in self._members()
+                if m.certified and m.state is MemberState.ALIVE and m.name != name
+            ]
+            asked = [name, *random.sample(helpers, min(CHAIN_HELPERS, len(helpers)))]
+            log.debug("asking %s for the certificate chain of %s", ", ".join(asked), name)
+            result = await client.query(
+                CHAIN_QUERY, ref.encode(), filter_nodes=asked, query_timeout=CHAIN_TIMEOUT
+            )
+            errors = []
+            for responder, data in result.responses.items():
+                try:
+                    self.trust.add_chain(data, ref)
+                    break
+                except IdentityError as exc:
+                    errors.append(f"{responder}: {exc}")
+            else:
+                raise IdentityError("; ".join(errors) or f"none of {', '.join(asked)} answered")
+            log.debug("certificate chain of %s fetched (%s)", name, ref)
+            self._kick.set()
+        except MeshdError as exc:
+            log.info("cannot fetch the certificate of %s: %s", name, exc)
+            self._fetch_failed[ref] = time.monotonic() + CHAIN_RETRY
+        finally:
+            self._fetching.discard(ref)
+
+    async def _revocation_sync_loop(self) -> None:
+        """Anti-entropy for revocations: a node that was away learns what it missed."""
+        await asyncio.sleep(REVOCATION_SYNC_FIRST)
+        while True:
+            try:
+                await self._sync_revocations()
+            except MeshdError as exc:
+                log.debug("revocation sync failed: %s", exc)
+            await asyncio.sleep(REVOCATION_SYNC_INTERVAL)
+
+    async def _sync_revocations(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        others = [
+            m.name
+            for m in self._members()
+            if m.state is MemberState.ALIVE and m.certified and m.name != self.state.name
+        ]
+        for name in random.sample(others, min(REVOCATION_SYNC_PEERS, len(others))):
+            page, total = 0, 1
+            while page * REVOCATIONS_PER_PAGE < total:
+                result = await client.query(
+                    REVOCATIONS_QUERY,
+                    str(page).encode(),
+                    filter_nodes=[name],
+                    query_timeout=CHAIN_TIMEOUT,
+                )
+                data = result.responses.get(name)
+                if data is None:
+                    break
+                added, total = self.trust.merge_page(data)
+                if added:
+                    log.warning("learnt %d revocation(s) from %s", added, name)
+                    self._kick.set()
+                page += 1
 
     def _desired_peers(self) -> list[PeerConfig]:
         """Gossip's desired peers plus known peers gossip has not (yet) described."""
@@ -430,10 +628,12 @@ class Agent:
             members=members,
             policy=_HookPolicy(self),
             keepalive=self._config.wireguard.keepalive or None,
+            own_certified=self._own_chain().node.addresses,
         )
         peers = list(self._desired.peers)
+        desired_keys = {p.public_key for p in peers}
         # By key, not name: a machine that re-joins under an old name has a new key.
-        in_gossip = {m.record.public_key for m in members if m.record}
+        by_key = {m.record.public_key: m for m in members if m.record}
         taken = {prefix for p in peers for prefix in p.allowed_ips}
         taken |= set(host_prefixes(own.addresses))
         now = time.monotonic()
@@ -441,7 +641,8 @@ class Agent:
             m.state is MemberState.ALIVE and m.name != self.state.name for m in members
         )
         for key, (known, since) in list(self._known.items()):
-            if key in in_gossip:
+            member = by_key.get(key)
+            if key in desired_keys or (member is not None and _settled(member)):
                 del self._known[key]  # gossip speaks for it now (even if it left)
                 continue
             if others_alive and now - since > KNOWN_PEER_GRACE:
@@ -450,12 +651,35 @@ class Agent:
                 continue
             if any(p in taken for p in known.allowed_ips):
                 continue
+            # Still needed while its certificate is fetched: through this very tunnel.
             peers.append(known.peer(self._config.wireguard.keepalive or None))
             taken.update(known.allowed_ips)
         return peers
 
+    def _own_chain(self) -> CertChain:
+        return CertChain.decode(self.state.chain)
+
+    def _own_expiry(self) -> int:
+        chain = self._own_chain()
+        return chain.node.not_after
+
+    def _warn_expiry(self) -> None:
+        """Warn, at most hourly, when this node's certificate lapses within two weeks."""
+        left = self._own_expiry() - time.time()
+        if left > EXPIRY_WARNING or time.monotonic() - self._expiry_warned < 3600:
+            return
+        self._expiry_warned = time.monotonic()
+        log.warning(
+            "this node's certificate %s in %.1f days: rotate it with "
+            "'meshd key rotate-wireguard --token-file TOKEN'",
+            "expires" if left > 0 else "expired",
+            abs(left) / 86400,
+        )
+
     async def _reconcile(self) -> None:
         assert self._iface is not None
+        self._fetch_missing_chains()
+        self._warn_expiry()
         peers = self._desired_peers()
         result = await self._iface.reconcile(peers)
         if result.operations == 0:
@@ -471,8 +695,16 @@ class Agent:
             member = by_key.get(peer.public_key)
             if member is not None and member.record is not None:
                 gossip = str(gossip_address(member.record.addresses))
+                chain = self.trust.chain(member.record.cert)
                 known.append(
-                    KnownPeer(member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip)
+                    KnownPeer(
+                        member.name,
+                        peer.public_key,
+                        peer.allowed_ips,
+                        peer.endpoint,
+                        gossip,
+                        chain.encode() if chain else None,
+                    )
                 )
             elif peer.public_key in self._known:
                 known.append(self._known[peer.public_key][0])
@@ -487,7 +719,7 @@ class Agent:
         if own is None:
             return
         claims: list[tuple[Claim, tuple[IPAddress, ...]]] = [
-            (claim_of(self.state.name, own), own.addresses)
+            (claim_of(self.state.name, own, self._own_chain().node.addresses), own.addresses)
         ]
         taken: set[IPAddress] = set()
         for member in self._members():
@@ -495,7 +727,12 @@ class Agent:
                 continue
             if member.state not in (MemberState.ALIVE, MemberState.FAILED, MemberState.LEAVING):
                 continue
-            claims.append((claim_of(member.name, member.record), member.record.addresses))
+            claims.append(
+                (
+                    claim_of(member.name, member.record, member.certified_addresses),
+                    member.record.addresses,
+                )
+            )
             taken.update(member.record.addresses)
         owners = address_owners(claims)
         lost = [a for a in own.addresses if owners[a].name != self.state.name]
@@ -590,13 +827,27 @@ class Agent:
             gossip_addr=str(gossip_address(request.addresses)),
         )
         self._known[key] = (peer, time.monotonic())
+        self.trust.add_chain(request.chain.encode(), request.chain.ref)
         await self._reconcile()
+        self._start_task(self._announce_chain(request.chain.encode()), name="announce-chain")
         log.info("enrolled %s (%s) from %s", name, ", ".join(map(str, request.addresses)), endpoint)
         own_endpoint = (
             self._published.endpoints[0] if self._published and self._published.endpoints else None
         )
+        # Every certified member, so the joiner has tunnels to all of them at once.
+        members = []
+        for member in self._members():
+            record = member.record
+            chain = self.trust.chain(record.cert) if record else None
+            if not member.certified or chain is None or record is None or member.name == name:
+                continue
+            if member.state is not MemberState.ALIVE:
+                continue
+            endpoint_ = record.endpoints[0] if record.endpoints else None
+            members.append(PeerInfo(chain=chain, endpoint=endpoint_))
         return EnrolResult(
-            seed=PeerInfo(chain=CertChain.decode(self.state.chain), endpoint=own_endpoint)
+            seed=PeerInfo(chain=CertChain.decode(self.state.chain), endpoint=own_endpoint),
+            members=tuple(members[:MAX_MEMBERS_IN_ANSWER]),
         )
 
     def _holder_of(self, address: IPAddress, key: str) -> str | None:
@@ -618,6 +869,78 @@ class Agent:
         return None
 
     # --- control commands ----------------------------------------------------
+
+    async def _cmd_revoke(self, request: Any) -> dict[str, Any]:
+        """Sign a revocation of member ``name`` (needs the CA key here) and gossip it."""
+        secret = self.store.ca_secret()
+        if secret is None:
+            raise IdentityError(
+                "this machine does not hold the network CA key: revoke where 'meshd init' ran"
+            )
+        name = str(request.get("name", ""))
+        chain = None
+        for member in self._members():
+            if member.name == name and member.record is not None:
+                chain = self.trust.chain(member.record.cert)
+        if chain is None:
+            raise IdentityError(
+                f"no certificate known for {name!r}: it must be (or have been) a member "
+                "this node has seen"
+            )
+        ca = NetworkCA.from_secret(self.network.name, secret)
+        revocation = ca.revoke(chain.node, include_key=True)
+        self.trust.add(revocation)
+        assert self._client is not None
+        await self._client.user_event(REVOKE_EVENT, revocation.encode(), coalesce=False)
+        self._kick.set()
+        log.warning("revoked %s (certificate %s)", name, chain.ref)
+        return {"revoked": name, "certificate": chain.ref, "public_key": chain.node.public_key}
+
+    async def _cmd_rotate_gossip(self, request: Any) -> dict[str, Any]:
+        """A new gossip key on every member: install everywhere, make it primary, drop the old."""
+        client = self._client
+        assert client is not None
+        old = _b64(self.state.gossip_key)
+        new_key = os.urandom(32)
+        new = _b64(new_key)
+        steps = (("install", client.install_key, new), ("use", client.use_key, new))
+        for step, call, key in steps:
+            answer = await call(key)
+            if answer.num_err:
+                raise GossipError(
+                    f"gossip key {step} failed on {answer.num_err} of {answer.num_nodes} "
+                    f"members: {answer.messages}"
+                )
+        self.state = dataclasses.replace(self.state, gossip_key=new_key)
+        self.store.save_gossip_key(new_key)
+        removed = await client.remove_key(old)
+        log.warning(
+            "gossip key rotated on %d members (%d could not drop the old key)",
+            removed.num_nodes,
+            removed.num_err,
+        )
+        return {"members": removed.num_nodes, "old_key_left_on": removed.num_err}
+
+    async def _cmd_rotate_wireguard(self, request: Any) -> dict[str, Any]:
+        """A new WireGuard key and certificate (signed with a token's enrolment key)."""
+        assert self._iface is not None
+        token = parse_token(str(request.get("token", "")), int(time.time()))
+        check_network(token, self.network.network_id)
+        keys = WireGuardKeyPair.generate()
+        cert = token.enrolment.sign_node_cert(
+            self.state.name, keys.public_key, self.state.addresses.all()
+        )
+        chain = CertChain(cert, (token.enrolment.cert,))
+        chain.verify(self.state.ca_public_key, int(time.time()), at_admission=True)
+        old = self.state.keys.public_key
+        self._iface.spec = dataclasses.replace(self._iface.spec, private_key=keys.private_key)
+        await self._iface.backend.configure_device(self._iface.spec.device)
+        self.state = dataclasses.replace(self.state, keys=keys, chain=chain.encode())
+        self.store.save_keys(self.state)
+        await self._announce_chain(self.state.chain)
+        await self._publish(self._record())
+        log.warning("WireGuard key rotated: %s -> %s", old, keys.public_key)
+        return {"old_public_key": old, "public_key": keys.public_key, "certificate": chain.ref}
 
     async def _cmd_leave(self, request: Any) -> dict[str, Any]:
         self.request_stop(leave=True)
@@ -675,9 +998,20 @@ class Agent:
                 "endpoints": list(own.endpoints) if own else [],
                 "backend": type(self._iface.backend).__name__,
                 "gossip_joined": self._joined,
+                "certificate": self._own_chain().ref,
+                "certificate_expires": self._own_expiry(),
+                "certificate_expiring": self._own_expiry() - time.time() < EXPIRY_WARNING,
+                "revocations": len(self.trust.revoked),
             },
             "peers": rows,
         }
+
+
+def _settled(member: Member) -> bool:
+    """Gossip has decided about this member: gone, or its certificate refused."""
+    if member.state in (MemberState.LEFT, MemberState.REAPED):
+        return True
+    return member.certificate_error not in (None, PENDING)
 
 
 def _peer_row(

@@ -30,8 +30,10 @@ LAZY_COMMANDS: dict[str, str] = {
     "agent": "meshd.commands:agent",
     "init": "meshd.commands:init",
     "join": "meshd.commands:join",
+    "key": "meshd.commands:key",
     "lab": "meshd.lab.cli:lab",
     "leave": "meshd.commands:leave",
+    "revoke": "meshd.commands:revoke",
     "status": "meshd.commands:status",
     "token": "meshd.commands:token",
 }
@@ -95,6 +97,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 logs every netlink message at DEBUG: far too much for meshd's debug level.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 @click.group(
@@ -113,8 +117,7 @@ def _setup_logging(level: str) -> None:
     metavar="DIR",
     envvar=config_mod.ENV_STATE_DIR,
     help=(
-        f"State directory [env {config_mod.ENV_STATE_DIR}; "
-        f"default {config_mod.DEFAULT_STATE_DIR}]."
+        f"State directory [env {config_mod.ENV_STATE_DIR}; default {config_mod.DEFAULT_STATE_DIR}]."
     ),
 )
 @click.option(

@@ -460,6 +460,7 @@ def join(
             allowed_ips=host_prefixes(p.addresses),
             endpoint=p.endpoint,
             gossip_addr=str(gossip_address(p.addresses)),
+            chain=p.chain.encode(),
         )
         for p in (result.seed, *result.members)
         if p.public_key != keys.public_key
@@ -565,3 +566,62 @@ def leave(state: CliState) -> None:
     while time.monotonic() < deadline and control.socket_path(state_dir).exists():
         time.sleep(0.2)
     click.echo(f"{result['leaving']} left the mesh")
+
+
+@click.command()
+@click.argument("node")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def revoke(state: CliState, node: str, yes: bool) -> None:
+    """Throw NODE out of the network for good, on a machine holding the CA key.
+
+    Signs a revocation of NODE's certificate and WireGuard key and gossips it:
+    every member drops NODE as a peer at once and refuses that identity from
+    then on, also members that were down (they learn it when they return).
+    NODE can only come back with a new token and a new key.
+    """
+    if not yes:
+        click.confirm(f"revoke {node} for good?", abort=True)
+    result = control.call(state.config.state_dir, "revoke", name=node)
+    click.echo(f"revoked {result['revoked']} (certificate {result['certificate']})")
+
+
+@click.group()
+def key() -> None:
+    """Rotate keys: the network's gossip key, or this node's WireGuard key."""
+
+
+@key.command("rotate-gossip")
+@click.pass_obj
+def key_rotate_gossip(state: CliState) -> None:
+    """Give the whole network a new gossip key, with no loss of connectivity.
+
+    Installs a new key on every member, makes it the primary one, then drops
+    the old one. A member that is down meanwhile keeps the old key and cannot
+    gossip when it returns: re-join it with a new token.
+    """
+    result = control.call(state.config.state_dir, "rotate-gossip", timeout=60)
+    click.echo(f"gossip key rotated on {result['members']} member(s)")
+    if result["old_key_left_on"]:
+        click.echo(f"warning: {result['old_key_left_on']} member(s) kept the old key", err=True)
+
+
+@key.command("rotate-wireguard")
+@click.option(
+    "--token-file",
+    "token_source",
+    metavar="FILE",
+    help="A current join token ('-' for stdin) [default: env MESHD_TOKEN].",
+)
+@click.pass_obj
+def key_rotate_wireguard(state: CliState, token_source: str | None) -> None:
+    """Give this node a new WireGuard key and certificate.
+
+    The new certificate is signed with the enrolment key of a current join
+    token (so the CA machine may be offline); the others switch to the new key
+    as soon as they see this node's new record.
+    """
+    text = read_token_source(token_source)
+    parse_token(text, int(time.time()))  # a bad token is refused here, before the agent
+    result = control.call(state.config.state_dir, "rotate-wireguard", token=text, timeout=30)
+    click.echo(f"new WireGuard key {result['public_key']} (certificate {result['certificate']})")

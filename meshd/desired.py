@@ -12,8 +12,9 @@ Rules:
   left and reaped members are dropped.
 - A member without a decodable record, or whose record the policy does not
   admit, is left out with the reason.
-- Two members claiming one mesh address: one keeps it (a static address beats
-  a derived one, then the lower public key wins); the loser's claim is left out
+- Two members claiming one mesh address: one keeps it (an address its
+  certificate binds beats one it does not, then a static address beats a
+  derived one, then the lower public key wins); the loser's claim is left out
   of allowed IPs until it moves, so the interface never holds overlapping
   prefixes. :func:`address_owners` tells the agent when this node must move.
 - A member routed through a relay is not a peer of its own: its addresses are
@@ -55,15 +56,16 @@ class Policy(Protocol):
 
 @dataclass(frozen=True)
 class Claim:
-    """A node's claim on an address, with what decides a conflict."""
+    """A node's claim on its addresses, with what decides a conflict."""
 
     name: str
     public_key: str
     static: bool
+    certified: frozenset[IPAddress] = frozenset()
 
-    @property
-    def rank(self) -> tuple[bool, str]:
-        return (not self.static, self.public_key)
+    def rank(self, address: IPAddress) -> tuple[bool, bool, str]:
+        """Lower wins: an address its certificate binds, then a static one, then the lower key."""
+        return (address not in self.certified, not self.static, self.public_key)
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,18 @@ def address_owners(claims: Iterable[tuple[Claim, Sequence[IPAddress]]]) -> dict[
     for claim, addresses in claims:
         for address in addresses:
             current = owners.get(address)
-            if current is None or claim.rank < current.rank:
+            if current is None or claim.rank(address) < current.rank(address):
                 owners[address] = claim
     return owners
 
 
-def claim_of(name: str, record: NodeRecord) -> Claim:
-    return Claim(name=name, public_key=record.public_key, static=STATIC_ROLE in record.roles)
+def claim_of(name: str, record: NodeRecord, certified: Iterable[IPAddress] = ()) -> Claim:
+    return Claim(
+        name=name,
+        public_key=record.public_key,
+        static=STATIC_ROLE in record.roles,
+        certified=frozenset(certified),
+    )
 
 
 def compute(
@@ -101,6 +108,7 @@ def compute(
     members: Sequence[Member],
     policy: Policy,
     keepalive: int | None = None,
+    own_certified: Iterable[IPAddress] = (),
 ) -> DesiredState:
     """The full desired peer set for this node."""
     excluded: dict[str, str] = {}
@@ -126,8 +134,12 @@ def compute(
         candidates.append(member)
 
     owners = address_owners(
-        [(claim_of(own_name, own_record), own_record.addresses)]
-        + [(claim_of(m.name, m.record), m.record.addresses) for m in candidates if m.record]
+        [(claim_of(own_name, own_record, own_certified), own_record.addresses)]
+        + [
+            (claim_of(m.name, m.record, m.certified_addresses), m.record.addresses)
+            for m in candidates
+            if m.record
+        ]
     )
 
     by_name = {m.name: m for m in candidates}

@@ -60,6 +60,8 @@ class KnownPeer:
     allowed_ips: tuple[IPNetwork, ...]
     endpoint: str | None
     gossip_addr: str | None = None
+    # Its certificate chain, when known: admission needs no query after a restart.
+    chain: bytes | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class KnownPeer:
             "allowed_ips": [str(p) for p in self.allowed_ips],
             "endpoint": self.endpoint,
             "gossip_addr": self.gossip_addr,
+            "chain": _b64(self.chain) if self.chain else None,
         }
 
     @classmethod
@@ -78,6 +81,7 @@ class KnownPeer:
             allowed_ips=tuple(ipaddress.ip_network(p) for p in value["allowed_ips"]),
             endpoint=value.get("endpoint"),
             gossip_addr=value.get("gossip_addr"),
+            chain=_unb64(value["chain"], "chain") if value.get("chain") else None,
         )
 
     def peer(self, keepalive: int | None) -> PeerConfig:
@@ -162,6 +166,15 @@ class NodeStore:
             )
             + "\n",
         )
+
+    def save_keys(self, state: NodeState) -> None:
+        """After a WireGuard key rotation: the new private key, then the new certificate."""
+        write_secret(self.path("wireguard.key"), state.keys.private_key + "\n")
+        self.save_node(state)
+
+    def save_gossip_key(self, key: bytes) -> None:
+        """After a gossip key rotation: the key new tokens carry."""
+        write_secret(self.path("gossip.key"), _b64(key) + "\n")
 
     def _peek_network(self) -> str:
         try:

@@ -78,13 +78,22 @@ class MemberState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Member:
-    """A gossip member with its decoded record (``None`` with ``record_error`` if undecodable)."""
+    """A gossip member with its decoded record (``None`` with ``record_error`` if undecodable).
+
+    ``certified`` is the engine's verdict on the member's certificate chain: it
+    leads to the network CA, nothing in it is revoked or expired, and it binds
+    the member's name and WireGuard key (``certificate_error`` says why not).
+    ``certified_addresses`` are the addresses its certificate binds.
+    """
 
     name: str
     gossip_addr: str
     state: MemberState
     record: NodeRecord | None = None
     record_error: str | None = None
+    certified: bool = False
+    certificate_error: str | None = None
+    certified_addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)

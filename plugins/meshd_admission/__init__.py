@@ -1,12 +1,11 @@
 """Standard admission plugin: which gossip members may become WireGuard peers.
 
-Admits a member whose record's mesh addresses all lie inside the network's
-ranges; refuses anything else with the reason. ``trylast``, so any installed
-admission plugin decides first.
-
-It does not yet verify the member's certificate chain against the network CA:
-knowing the gossip key is, for now, enough to be admitted. That check is the
-next step of admission (the record already carries the certificate reference).
+Admits a member only when the engine certified it (its certificate chain
+leads to the network CA, is neither expired nor revoked, and binds the
+member's name and WireGuard key: knowing the gossip key is not enough) and
+its record's mesh addresses all lie inside the network's ranges. Refuses
+anything else with the reason. ``trylast``, so an installed admission plugin
+(an ACL, say) decides first; such a plugin should refuse uncertified members too.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ def meshd_admit_peer(agent: AgentAPI, member: Member) -> Admission:
     record = member.record
     if record is None:
         return Admission(admit=False, reason="no record")
+    if not member.certified:
+        return Admission(admit=False, reason=member.certificate_error or "no valid certificate")
     ranges = [net for net in (agent.network.cidr4, agent.network.cidr6) if net is not None]
     outside = [a for a in record.addresses if not any(a in net for net in ranges)]
     if outside:

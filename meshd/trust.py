@@ -1,0 +1,163 @@
+"""What this node trusts: members' certificate chains and the network's revocations.
+
+Pure bookkeeping (the agent does the I/O): chains fetched from members are
+kept by their reference (the ``c`` tag of a record), each member's record is
+checked against its chain, and revocations are verified, kept and persisted
+in ``<state_dir>/revocations``.
+
+A member is *certified* when its chain leads to the network CA (directly or
+through an enrolment key, :func:`meshd.ca.verify_chain`), nothing in it is
+revoked or expired, and its node certificate binds the member's name and
+WireGuard key. Addresses the certificate binds are *certified addresses*: they
+win any address conflict against a claim the certificate does not cover.
+Knowing the gossip key alone makes nobody certified.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd.ca import CertChain, Revocation, RevocationList
+from meshd.errors import IdentityError
+from meshd.state import atomic_write
+from meshd.types import IPAddress, NodeRecord
+
+log = logging.getLogger(__name__)
+
+REVOCATIONS_FILE = "revocations"
+# A Serf query response carries at most 1024 bytes; a revocation is ~150.
+REVOCATIONS_PER_PAGE = 5
+EXPIRY_WARNING = 14 * 86400
+PENDING = "certificate not fetched yet"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a member's record is backed by a valid certificate chain."""
+
+    certified: bool
+    error: str | None = None
+    addresses: tuple[IPAddress, ...] = ()
+    expires: int | None = None
+
+
+class Trust:
+    """Chains by reference, verdicts on records, and the revocation list."""
+
+    def __init__(self, ca_public_key: bytes, state_dir: Path) -> None:
+        self.ca_public_key = ca_public_key
+        self._path = Path(state_dir) / REVOCATIONS_FILE
+        self._chains: dict[str, CertChain] = {}
+        self._verdicts: dict[tuple[str, str, str], tuple[int, Verdict]] = {}
+        self.revoked = RevocationList()
+        self.generation = 0
+        self._load()
+
+    # --- chains -------------------------------------------------------------
+
+    def has_chain(self, ref: str) -> bool:
+        return ref in self._chains
+
+    def chain(self, ref: str) -> CertChain | None:
+        return self._chains.get(ref)
+
+    def add_chain(self, data: bytes, expected_ref: str) -> CertChain:
+        """Keep a fetched chain; IdentityError when it is garbage or not the one asked for."""
+        chain = CertChain.decode(data)
+        if chain.ref != expected_ref:
+            raise IdentityError(f"the chain answered is {chain.ref}, not {expected_ref}")
+        self._chains[expected_ref] = chain
+        return chain
+
+    def verdict(self, name: str, record: NodeRecord, now: float | None = None) -> Verdict:
+        """Check ``record`` (published by member ``name``) against its chain."""
+        when = int(time.time() if now is None else now)
+        key = (name, record.public_key, record.cert)
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[0] == self.generation:
+            verdict = cached[1]
+            if verdict.expires is None or when < verdict.expires:
+                return verdict
+        verdict = self._check(name, record, when)
+        if record.cert in self._chains:  # "not fetched yet" must be asked again
+            self._verdicts[key] = (self.generation, verdict)
+        return verdict
+
+    def _check(self, name: str, record: NodeRecord, now: int) -> Verdict:
+        chain = self._chains.get(record.cert)
+        if chain is None:
+            reason = PENDING if record.cert else "no certificate"
+            return Verdict(False, reason)
+        try:
+            chain.verify(self.ca_public_key, now, revoked=self.revoked)
+        except IdentityError as exc:
+            return Verdict(False, str(exc))
+        node = chain.node
+        if node.name != name:
+            return Verdict(False, f"its certificate is for {node.name!r}, not {name!r}")
+        if node.public_key != record.public_key:
+            return Verdict(False, "its certificate binds another WireGuard key")
+        expires = min(c.not_after for c in (node, *chain.issuers))
+        return Verdict(True, None, tuple(node.addresses), expires)
+
+    # --- revocations ----------------------------------------------------------
+
+    def add_revocation(self, data: bytes) -> Revocation | None:
+        """Verify and keep one encoded revocation; the revocation when it was new."""
+        revocation = Revocation.decode(data)
+        if not self.revoked.add(revocation, self.ca_public_key):
+            return None
+        self._changed()
+        return revocation
+
+    def add(self, revocation: Revocation) -> bool:
+        if not self.revoked.add(revocation, self.ca_public_key):
+            return False
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self.generation += 1
+        atomic_write(self._path, self.revoked.encode())
+
+    def _load(self) -> None:
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            self.revoked = RevocationList.decode(data, self.ca_public_key)
+        except IdentityError as exc:
+            # Refusing to start would be worse: log loudly, keep what gossip re-teaches.
+            log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+
+    def page(self, number: int) -> bytes:
+        """Page ``number`` of the revocations, for a Serf query answer: count, then items."""
+        items = list(self.revoked)
+        chunk = items[number * REVOCATIONS_PER_PAGE : (number + 1) * REVOCATIONS_PER_PAGE]
+        out = struct.pack(">H", len(items))
+        for revocation in chunk:
+            encoded = revocation.encode()
+            out += struct.pack(">H", len(encoded)) + encoded
+        return out
+
+    def merge_page(self, data: bytes) -> tuple[int, int]:
+        """Add the revocations of one answered page; (how many were new, their total there)."""
+        try:
+            (total,) = struct.unpack_from(">H", data)
+            offset, added = 2, 0
+            while offset < len(data):
+                (length,) = struct.unpack_from(">H", data, offset)
+                chunk = data[offset + 2 : offset + 2 + length]
+                if len(chunk) != length:
+                    raise IdentityError("truncated revocation page")
+                offset += 2 + length
+                if self.add_revocation(chunk) is not None:
+                    added += 1
+        except struct.error as exc:
+            raise IdentityError(f"malformed revocation page: {exc}") from exc
+        return added, total
