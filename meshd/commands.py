@@ -601,9 +601,10 @@ def key_rotate_gossip(state: CliState) -> None:
     gossip when it returns: re-join it with a new token.
     """
     result = control.call(state.config.state_dir, "rotate-gossip", timeout=60)
-    click.echo(f"gossip key rotated on {result['members']} member(s)")
-    if result["old_key_left_on"]:
-        click.echo(f"warning: {result['old_key_left_on']} member(s) kept the old key", err=True)
+    click.echo(
+        f"gossip key rotated: {result['members']} member(s) confirmed "
+        f"({result['required']} live member(s) needed it)"
+    )
 
 
 @key.command("rotate-wireguard")

@@ -1,0 +1,319 @@
+"""Admission and trust in a real lab: rogue members, revocation, key rotation.
+
+Real meshd agents, serf and wireguard-go; a rogue is a bare ``serf agent``
+that holds the network's gossip key and joins the mesh's gossip from inside a
+member's namespace, publishing a well-formed record.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import itertools
+import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meshd.gossip.record import encode_record
+from meshd.gossip.supervisor import SerfAgent, SerfSettings
+from meshd.identity import WireGuardKeyPair
+from meshd.lab import Lab
+from meshd.lab.mesh import MeshLab
+from meshd.types import NodeRecord
+
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
+
+NODES = [f"n{i}" for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshLab]:
+    from tests.integration.conftest import missing_requirements
+
+    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
+    if reason:
+        pytest.skip(reason)
+    lab = Lab.create(nodes=8, topology="flat")
+    try:
+        built = MeshLab(lab)
+        built.up(NODES, seed=11)
+        built.wait_full_mesh(NODES, timeout=90)
+        yield built
+    finally:
+        lab.down()
+
+
+def wg_peers(mesh: MeshLab, node: str) -> set[str]:
+    out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "peers"]).stdout
+    return set(out.split())
+
+
+def status(mesh: MeshLab, node: str) -> dict:
+    found = mesh.status(node)
+    assert found is not None, f"the agent on {node} does not answer"
+    return found
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not true after {timeout:g} s")
+        time.sleep(0.3)
+    return time.monotonic() - started
+
+
+def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: int) -> SerfAgent:
+    """A bare serf agent with the network's gossip key, on ``host``'s mesh address."""
+    state = mesh.state_dir(host)
+    gossip_key = (state / "gossip.key").read_text().strip()
+    address = mesh.mesh_address(host)
+    settings = SerfSettings(
+        node_name=name,
+        state_dir=Path(mesh.lab.node_dir(host)) / f"rogue-{name}",
+        rpc_auth_key=secrets.token_hex(8),
+        bind_addr=address,
+        bind_port=port,
+        advertise_addr=f"{address}:{port}",
+        rpc_addr=f"127.0.0.1:{port + 100}",
+        gossip_keys=(gossip_key,),
+        tags=encode_record(record),
+        # meshd's gossip runs on the mesh's IPv6 addresses.
+        extra={"start_join": [f"[{status(mesh, 'n1')['node']['addresses'][1]}]:7946"]},
+    )
+    return SerfAgent(settings, netns=mesh.lab.netns_of(host))
+
+
+def test_members_without_a_valid_certificate_never_become_peers(mesh: MeshLab) -> None:
+    import asyncio
+
+    n2_chain_ref = status(mesh, "n2")["node"]["certificate"]
+    forged = []
+    for index, cert in enumerate(["", n2_chain_ref]):  # none at all; someone else's
+        keys = WireGuardKeyPair.generate()
+        forged.append(keys.public_key)
+        record = NodeRecord(
+            public_key=keys.public_key,
+            addresses=(ipaddress.ip_address(f"100.80.250.{10 + index}"),),
+            port=51820,
+            endpoints=("198.18.0.3:51999",),
+            cert=cert,
+            version=1,
+        )
+        forged.append(record)  # keep the record next to its key for the assertions
+
+    async def scenario() -> None:
+        rogues = [
+            rogue_agent(mesh, "n3", "rogue-nocert", forged[1], 7950),
+            rogue_agent(mesh, "n3", "rogue-stolen", forged[3], 7951),
+        ]
+        try:
+            for agent in rogues:
+                await agent.start()
+            # Every node sees both rogues in gossip, with their reasons, for a while.
+            deadline = time.monotonic() + 40
+            seen: dict[str, dict[str, str]] = {}
+            while time.monotonic() < deadline:
+                seen = {}
+                for node in NODES:
+                    rows = {p["name"]: p for p in status(mesh, node)["peers"]}
+                    seen[node] = {
+                        r: rows[r]["excluded"] or ""
+                        for r in ("rogue-nocert", "rogue-stolen")
+                        if r in rows
+                    }
+                    assert forged[0] not in wg_peers(mesh, node)
+                    assert forged[2] not in wg_peers(mesh, node)
+                if all(len(v) == 2 for v in seen.values()):
+                    break
+                await asyncio.sleep(0.5)
+            assert all(len(v) == 2 for v in seen.values()), seen
+            for node, reasons in seen.items():
+                assert "no certificate" in reasons["rogue-nocert"], (node, reasons)
+                assert "another WireGuard key" in reasons["rogue-stolen"] or (
+                    "is for 'n2'" in reasons["rogue-stolen"]
+                ), (node, reasons)
+            # And still nothing, a few reconcile passes later.
+            await asyncio.sleep(6)
+            for node in NODES:
+                peers = wg_peers(mesh, node)
+                assert forged[0] not in peers
+                assert forged[2] not in peers
+        finally:
+            for agent in rogues:
+                await agent.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_token_for_another_network_is_refused_and_changes_nothing(
+    mesh: MeshLab, tmp_path: Path
+) -> None:
+    other = Lab.create(nodes=1, topology="flat")
+    try:
+        foreign = MeshLab(other, network="elsewhere")
+        foreign.init("n1")
+        token = mesh.lab.node_dir("n4") / "foreign-token"
+        token.write_bytes((foreign.state_dir("n1") / "join-token").read_bytes())
+        token.chmod(0o600)
+    finally:
+        other.down()
+    before = status(mesh, "n4")["node"]["public_key"]
+    done = mesh.meshd("n4", "key", "rotate-wireguard", "--token-file", str(token), check=False)
+    assert done.returncode != 0
+    assert "network" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert status(mesh, "n4")["node"]["public_key"] == before
+
+
+def test_revocation_reaches_every_node_and_one_that_was_down(mesh: MeshLab) -> None:
+    victim_key = status(mesh, "n8")["node"]["public_key"]
+    assert mesh.stop("n7")  # down while the revocation is sent
+    started = time.monotonic()
+    mesh.meshd("n1", "revoke", "n8", "--yes")
+    up = [n for n in NODES if n not in ("n7", "n8")]
+    took = eventually(
+        lambda: all(victim_key not in wg_peers(mesh, n) for n in up), 20, "n8 dropped everywhere"
+    )
+    print(f"revocation applied by {len(up)} nodes in {took:.1f} s")
+    for node in up:
+        assert status(mesh, node)["node"]["revocations"] == 1
+    mesh.start("n7")
+    mesh.wait_ready("n7")
+    took7 = eventually(
+        lambda: (
+            victim_key not in wg_peers(mesh, "n7")
+            and status(mesh, "n7")["node"]["revocations"] == 1
+        ),
+        60,
+        "n7 learnt the revocation after its return",
+    )
+    print(f"n7 dropped n8 {took7:.1f} s after it came back ({time.monotonic() - started:.1f} s)")
+    # n8 stays out: after its own restart too.
+    mesh.stop("n8")
+    mesh.start("n8")
+    time.sleep(8)
+    for node in up:
+        assert victim_key not in wg_peers(mesh, node)
+
+
+class Pinger(threading.Thread):
+    """``ping`` from one node to another, 5 per second, recording the longest silence."""
+
+    def __init__(self, mesh: MeshLab, src: str, dst: str, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.argv = mesh.lab.netns_of(src), mesh.mesh_address(dst), seconds
+        self.replies: list[float] = []
+
+    def run(self) -> None:
+        netns, address, seconds = self.argv
+        count = int(seconds / 0.2)
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "ping",
+                "-n",
+                "-D",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-c",
+                str(count),
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
+        ).stdout
+        for line in out.splitlines():
+            if "bytes from" in line and line.startswith("["):
+                self.replies.append(float(line[1 : line.index("]")]))
+
+    def longest_gap(self) -> float:
+        stamps = sorted(self.replies)
+        return max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
+
+
+def test_key_rotations_while_pinging_lose_no_pair_for_more_than_a_few_seconds(
+    mesh: MeshLab,
+) -> None:
+    alive = ["n1", "n2", "n3", "n4", "n5", "n6", "n7"]
+    mesh.wait_full_mesh(alive, timeout=60)
+    pairs = [("n1", "n3"), ("n3", "n1"), ("n2", "n5"), ("n6", "n3"), ("n4", "n7")]
+    pingers = [Pinger(mesh, a, b, 24) for a, b in pairs]
+    for pinger in pingers:
+        pinger.start()
+    time.sleep(3)
+    rotated = mesh.meshd("n2", "key", "rotate-gossip")
+    assert "gossip key rotated" in rotated.stdout
+    time.sleep(3)
+    old_key = status(mesh, "n3")["node"]["public_key"]
+    token = mesh.lab.node_dir("n3") / "rotation-token"
+    mesh.meshd(
+        "n1",
+        "token",
+        "create",
+        "--ttl",
+        "1h",
+        "--endpoint",
+        mesh.endpoint("n1"),
+        "--out",
+        str(token),
+    )
+    mesh.meshd("n3", "key", "rotate-wireguard", "--token-file", str(token))
+    new_key = status(mesh, "n3")["node"]["public_key"]
+    assert new_key != old_key
+    for pinger in pingers:
+        pinger.join()
+    gaps = {
+        f"{a}->{b}": round(p.longest_gap(), 2) for (a, b), p in zip(pairs, pingers, strict=True)
+    }
+    print(f"longest silence per pair during both rotations (s): {gaps}")
+    assert all(gap <= 5.0 for gap in gaps.values()), gaps
+    # Every node now has n3 under its new key only, and gossip runs on the new key.
+    others = [n for n in alive if n != "n3"]
+
+    def switched() -> bool:
+        peers = {n: wg_peers(mesh, n) for n in others}
+        return all(new_key in p and old_key not in p for p in peers.values())
+
+    eventually(switched, 15, "every node has n3 under its new key only")
+    keyring = (mesh.state_dir("n5") / "serf" / "keyring.json").read_text()
+    new_gossip = (mesh.state_dir("n2") / "gossip.key").read_text().strip()
+    assert new_gossip in keyring
+    assert base64.b64decode(new_gossip)
+
+
+def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:
+    secrets_of_n1 = [
+        (mesh.state_dir("n1") / name).read_text().strip()
+        for name in ("wireguard.key", "gossip.key", "rpc.key")
+    ]
+    pids = [p["pid"] for p in mesh.lab.processes() if p["alive"]]
+    children = subprocess.run(
+        ["ps", "-e", "-o", "pid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    for secret in secrets_of_n1:
+        assert secret not in children
+    for pid in pids:
+        for child in Path(f"/proc/{pid}/task").glob("*/children"):
+            for kid in child.read_text().split():
+                environ = Path(f"/proc/{kid}/environ").read_bytes()
+                for secret in secrets_of_n1:
+                    assert secret.encode() not in environ
+    for node in NODES:
+        log = mesh.lab.log_path(node, "agent").read_text()
+        for secret in secrets_of_n1:
+            assert secret not in log
+    for name in ("wireguard.key", "gossip.key", "rpc.key", "ca.key"):
+        assert (mesh.state_dir("n1") / name).stat().st_mode & 0o777 == 0o600
