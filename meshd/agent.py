@@ -30,7 +30,8 @@ import random
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from meshd import systemd
@@ -83,6 +84,13 @@ log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 5.0
 JOIN_RETRY = 2.0
+# Serf tries a join's targets one after another, each for up to 10 s (memberlist's TCP
+# timeout) when the target's WireGuard does not know this node yet.
+JOIN_TIMEOUT_PER_TARGET = 10.0
+# An alive member with no WireGuard handshake this long may never have heard of this
+# node: announce it again (see _reannounce_loop), then less and less often.
+UNHEARD_GRACE = 5.0
+REANNOUNCE_MAX = 60.0
 # A peer learnt at enrolment or restored from disk, not (yet) seen in gossip,
 # is kept this long after gossip has other members.
 KNOWN_PEER_GRACE = 120.0
@@ -149,6 +157,7 @@ class Agent:
         self._record_version = 0
         self._published: NodeRecord | None = None
         self._joined = False
+        self._join_call: asyncio.Task[None] | None = None
 
     # --- AgentAPI --------------------------------------------------------
 
@@ -272,6 +281,7 @@ class Agent:
         self._start_task(self._loop(), name="reconcile-loop")
         self._start_task(self._join_loop(), name="gossip-join")
         self._start_task(self._revocation_sync_loop(), name="revocation-sync")
+        self._start_task(self._reannounce_loop(), name="reannounce")
 
     async def _start_gossip(self) -> None:
         cfg, state = self._config, self.state
@@ -381,16 +391,85 @@ class Agent:
                 if not self._joined:
                     await self._announce_chain(self.state.chain)
                 self._joined = True
-            else:
+            elif self._join_call is None or self._join_call.done():
                 targets = self._join_targets()
                 if targets:
-                    try:
-                        joined = await client.join(targets)
-                        log.info("gossip: joined %d of %s", joined, ", ".join(targets))
-                        view.poll_now()
-                    except GossipError as exc:
-                        log.debug("gossip join of %s failed: %s", targets, exc)
+                    self._join_call = self._start_task(
+                        self._join(targets, view), name="gossip-join-call"
+                    )
             await asyncio.sleep(JOIN_RETRY)
+
+    async def _join(self, targets: list[str], view: MembershipView) -> None:
+        """One Serf join, on an RPC connection of its own.
+
+        Serf answers the requests of one connection in order, and a join can take
+        ``JOIN_TIMEOUT_PER_TARGET`` seconds per target that does not know this node yet:
+        on the shared connection it froze the view, record updates and query answers
+        (this node's own certificate among them) for tens of seconds.
+        """
+        assert self._serf is not None
+        client = self._serf.client(
+            stream=None,
+            reconnect=False,
+            timeout=JOIN_TIMEOUT_PER_TARGET * len(targets) + JOIN_RETRY,
+        )
+        try:
+            await client.connect()
+            joined = await client.join(targets)
+            log.info("gossip: joined %d of %s", joined, ", ".join(targets))
+            view.poll_now()
+        except GossipError as exc:
+            log.debug("gossip join of %s failed: %s", targets, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _reannounce_loop(self) -> None:
+        """Publish this node's record again while an alive member never shook hands with it.
+
+        A member hears of a newcomer only from third parties: the newcomer's own gossip
+        is dropped by the WireGuard of every member that does not know its key yet. Serf
+        sends each broadcast a few times only (memberlist's retransmit limit), so a member
+        can miss the newcomer's alive message; it then learns of it only at a push/pull
+        (every 30 s, with a random partner), and until then the pair has no tunnel. A
+        record update is a new alive message, passed on by every member that knows us.
+        """
+        unheard_since: dict[str, float] = {}
+        delay, next_at = UNHEARD_GRACE, 0.0
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL / 2)
+            assert self._iface is not None
+            try:
+                stats = {p.public_key: p for p in await self._iface.peer_stats()}
+            except MeshdError as exc:
+                log.debug("cannot read the peers' handshakes: %s", exc)
+                continue
+            now = time.monotonic()
+            alive = {
+                m.record.public_key: m.name
+                for m in self._members()
+                if m.state is MemberState.ALIVE and m.record and m.name != self.state.name
+            }
+            unheard_since, unheard = unheard_peers(
+                alive,
+                {p.public_key for p in self._desired.peers},
+                {key: peer.last_handshake for key, peer in stats.items()},
+                unheard_since,
+                now,
+            )
+            if not unheard:
+                delay, next_at = UNHEARD_GRACE, 0.0
+                continue
+            if now < next_at:
+                continue
+            log.info("no handshake yet with %s: announcing this node again", ", ".join(unheard))
+            try:
+                await self._publish(self._record())
+            except MeshdError as exc:
+                log.warning("cannot publish this node's record again: %s", exc)
+            await self._announce_chain(self.state.chain)
+            next_at = now + delay
+            delay = min(delay * 2, REANNOUNCE_MAX)
 
     def _join_targets(self) -> list[str]:
         port = self._config.gossip.port
@@ -1031,6 +1110,25 @@ class Agent:
             },
             "peers": rows,
         }
+
+
+def unheard_peers(
+    alive: Mapping[str, str],
+    desired: AbstractSet[str],
+    handshakes: Mapping[str, float | None],
+    since: Mapping[str, float],
+    now: float,
+    grace: float = UNHEARD_GRACE,
+) -> tuple[dict[str, float], list[str]]:
+    """Alive members (key -> name) that are desired peers but never shook hands with us.
+
+    Returns when each of them was first seen so (to pass back in as ``since`` next
+    time) and the sorted names of those silent for at least ``grace`` seconds.
+    """
+    silent = {
+        key: since.get(key, now) for key in alive if key in desired and handshakes.get(key) is None
+    }
+    return silent, sorted(alive[key] for key, first in silent.items() if now - first >= grace)
 
 
 def _settled(member: Member) -> bool:
