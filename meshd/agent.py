@@ -29,8 +29,9 @@ import os
 import random
 import re
 import signal
+import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -1044,6 +1045,9 @@ class Agent:
         await asyncio.sleep(KEY_SWITCH_DELAY)
         self._iface.spec = dataclasses.replace(self._iface.spec, private_key=keys.private_key)
         await self._iface.backend.configure_device(self._iface.spec.device)
+        # The others' last handshake attempts failed against the old key and WireGuard
+        # waits 5 s to retry: start every session from this side now.
+        _poke(p.allowed_ips[0].network_address for p in self._desired.peers if p.allowed_ips)
         log.warning("WireGuard key rotated: %s -> %s", old, keys.public_key)
         return {"old_public_key": old, "public_key": keys.public_key, "certificate": chain.ref}
 
@@ -1129,6 +1133,19 @@ def unheard_peers(
         key: since.get(key, now) for key in alive if key in desired and handshakes.get(key) is None
     }
     return silent, sorted(alive[key] for key, first in silent.items() if now - first >= grace)
+
+
+def _poke(addresses: Iterable[IPAddress]) -> None:
+    """One empty UDP datagram (discard port) to each address: traffic into the tunnel
+    makes WireGuard start a handshake with that peer at once."""
+    for address in addresses:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.sendto(b"", (str(address), 9))
+        except OSError as exc:
+            log.debug("cannot poke %s: %s", address, exc)
 
 
 def _settled(member: Member) -> bool:
