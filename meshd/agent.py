@@ -898,7 +898,10 @@ class Agent:
                 and member.record.public_key != key
             ):
                 raise EnrolRefused(f"the name {name!r} is taken by a live member")
+        ranges = [n for n in (self.network.cidr4, self.network.cidr6) if n is not None]
         for address in request.addresses:
+            if not any(address in net for net in ranges):
+                raise EnrolRefused(f"address {address} is outside the network's ranges")
             holder = self._holder_of(address, key)
             if holder is not None:
                 raise EnrolRefused(f"address {address} is taken by {holder}")
@@ -994,7 +997,8 @@ class Agent:
             for m in self._members()
             if m.state is MemberState.ALIVE and m.certified and m.name != self.state.name
         )
-        old = _b64(self.state.gossip_key)
+        # The primary key Serf uses now: another node may have rotated it since we started.
+        old = self.store.current_gossip_key() or _b64(self.state.gossip_key)
         new_key = os.urandom(32)
         new = _b64(new_key)
         await self._key_step("install", client.install_key, new, needed)

@@ -7,6 +7,7 @@ a taken state directory or an unreachable seed leave no state behind.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import os
@@ -352,9 +353,10 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
         node.keys.public_key,
         node.addresses.ipv4,
     )
+    current = store.current_gossip_key()
     created = create_token(
         ca,
-        gossip_key=node.gossip_key,
+        gossip_key=base64.b64decode(current) if current else node.gossip_key,
         cidr4=node.network.cidr4,
         cidr6=node.network.cidr6,
         seeds=[seed],

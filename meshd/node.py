@@ -176,6 +176,17 @@ class NodeStore:
         """After a gossip key rotation: the key new tokens carry."""
         write_secret(self.path("gossip.key"), _b64(key) + "\n")
 
+    def current_gossip_key(self) -> str | None:
+        """The primary gossip key in Serf's own keyring file (Serf rewrites it, primary
+        first, whenever any member rotates the key), or None before Serf first ran."""
+        try:
+            keys = json.loads((self.serf_dir / "keyring.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(keys, list) and keys and isinstance(keys[0], str):
+            return keys[0]
+        return None
+
     def _peek_network(self) -> str:
         try:
             return str(json.loads(self.path("network.json").read_text())["name"])

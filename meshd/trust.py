@@ -33,6 +33,7 @@ REVOCATIONS_FILE = "revocations"
 REVOCATIONS_PER_PAGE = 5
 EXPIRY_WARNING = 14 * 86400
 PENDING = "certificate not fetched yet"
+MAX_CHAINS = 4096
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,16 @@ class Trust:
         return self._chains.get(ref)
 
     def add_chain(self, data: bytes, expected_ref: str) -> CertChain:
-        """Keep a fetched chain; IdentityError when it is garbage or not the one asked for."""
+        """Keep a chain; IdentityError when it is garbage, not the one asked for, or not
+        signed for this network (anything with the gossip key can announce one)."""
         chain = CertChain.decode(data)
         if chain.ref != expected_ref:
             raise IdentityError(f"the chain answered is {chain.ref}, not {expected_ref}")
+        # Signatures and windows only: a revoked or expired chain is kept, and refused
+        # by verdict(), which says why.
+        chain.verify(self.ca_public_key, chain.node.not_before)
+        if len(self._chains) >= MAX_CHAINS:
+            self._chains.pop(next(iter(self._chains)))  # the oldest
         self._chains[expected_ref] = chain
         return chain
 

@@ -50,8 +50,9 @@ def test_a_record_is_certified_only_with_its_own_valid_chain(tmp_path: Path) -> 
 def test_a_chain_of_another_network_is_refused(tmp_path: Path) -> None:
     trust = Trust(NetworkCA.generate("other").public_key, tmp_path)
     chain, record = node()
-    trust.add_chain(chain.encode(), chain.ref)
-    assert not trust.verdict("n9", record).certified
+    with pytest.raises(IdentityError):
+        trust.add_chain(chain.encode(), chain.ref)
+    assert trust.verdict("n9", record).error == PENDING
 
 
 def test_revocation_applies_at_once_and_survives_a_restart(tmp_path: Path) -> None:
