@@ -419,6 +419,8 @@ def join(
     config = state.config
     store = NodeStore(config.state_dir)
     token_ = parse_token(read_token_source(token_source), int(time.time()))
+    # The agent this command may become, or start, must not inherit the secret.
+    os.environ.pop("MESHD_TOKEN", None)
     if store.exists():
         raise StateError(f"{store.dir} already holds a node; use another --state-dir")
     network = token_.network
