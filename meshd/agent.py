@@ -48,7 +48,15 @@ from meshd.enrol import (
     PeerInfo,
     chain_verifier,
 )
-from meshd.errors import EnrolRefused, GossipError, IdentityError, MeshdError, SerfCommandError
+from meshd.errors import (
+    EnrolRefused,
+    GossipError,
+    IdentityError,
+    MeshdError,
+    NetlinkError,
+    SerfCommandError,
+    WireGuardError,
+)
 from meshd.gossip.rpc import QueryEvent, SerfClient, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
@@ -84,6 +92,7 @@ from meshd.wireguard import InterfaceSpec, WireGuardInterface
 log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 5.0
+INTERFACE_WAIT = 15.0
 JOIN_RETRY = 2.0
 # Serf tries a join's targets one after another, each for up to 10 s (memberlist's TCP
 # timeout) when the target's WireGuard does not know this node yet.
@@ -240,7 +249,7 @@ class Agent:
             addresses=mesh_interface_addresses(state.network, state.addresses),
             mtu=cfg.wireguard.mtu,
         )
-        self._iface = await WireGuardInterface.open(spec, backend=cfg.wireguard.backend)
+        self._iface = await self._open_interface(spec)
         self._start_task(self._iface.supervise(), name="wireguard")
         await self._refresh_local_addresses()
 
@@ -283,6 +292,19 @@ class Agent:
         self._start_task(self._join_loop(), name="gossip-join")
         self._start_task(self._revocation_sync_loop(), name="revocation-sync")
         self._start_task(self._reannounce_loop(), name="reannounce")
+
+    async def _open_interface(self, spec: InterfaceSpec) -> WireGuardInterface:
+        """Open the interface, waiting a while for the wireguard-go of a crashed agent
+        (it gets SIGTERM when its parent dies, and may take a moment to go)."""
+        deadline = time.monotonic() + INTERFACE_WAIT
+        while True:
+            try:
+                return await WireGuardInterface.open(spec, backend=self._config.wireguard.backend)
+            except (WireGuardError, NetlinkError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("interface %s not ready yet (%s); retrying", spec.ifname, exc)
+                await asyncio.sleep(0.5)
 
     async def _start_gossip(self) -> None:
         cfg, state = self._config, self.state
@@ -1154,7 +1176,7 @@ def _poke(addresses: Iterable[IPAddress]) -> None:
 
 def _settled(member: Member) -> bool:
     """Gossip has decided about this member: gone, or its certificate refused."""
-    if member.state in (MemberState.LEFT, MemberState.REAPED):
+    if member.state in (MemberState.LEAVING, MemberState.LEFT, MemberState.REAPED):
         return True
     return member.certificate_error not in (None, PENDING)
 

@@ -7,9 +7,9 @@ diffs the result against the live interface and applies only the difference.
 
 Rules:
 
-- Members that are alive, leaving or failed are candidates: a failed member
-  keeps its peer entry so it can come back within Serf's reconnect window;
-  left and reaped members are dropped.
+- Members that are alive or failed are candidates: a failed member keeps its
+  peer entry so it can come back within Serf's reconnect window; leaving, left
+  and reaped members are dropped.
 - A member without a decodable record, or whose record the policy does not
   admit, is left out with the reason.
 - Two members claiming one mesh address: one keeps it (an address its
@@ -41,7 +41,9 @@ from meshd.types import (
 
 STATIC_ROLE = "static-addr"
 
-_CANDIDATE_STATES = frozenset({MemberState.ALIVE, MemberState.LEAVING, MemberState.FAILED})
+# "leaving" is a graceful leave under way: its peer goes now, not when "left" arrives
+# (a node that misses that last message would keep it until push/pull, 30 s later).
+_CANDIDATE_STATES = frozenset({MemberState.ALIVE, MemberState.FAILED})
 
 
 class Policy(Protocol):

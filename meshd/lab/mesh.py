@@ -57,11 +57,12 @@ class MeshLab:
     def state_dir(self, node: NodeRef) -> Path:
         return self.lab.node_dir(node) / "state"
 
-    def write_config(self, node: NodeRef, extra: str = "") -> Path:
-        """The node's config: its name, state dir and interface; ``extra`` TOML appended."""
+    def write_config(self, node: NodeRef, extra: str = "", *, node_name: str | None = None) -> Path:
+        """The node's config: its name (the host's unless ``node_name``), state dir and
+        interface; ``extra`` TOML appended."""
         name = self._name(node)
         text = (
-            f'[node]\nname = "{name}"\nstate_dir = "{self.state_dir(name)}"\n'
+            f'[node]\nname = "{node_name or name}"\nstate_dir = "{self.state_dir(name)}"\n'
             f'[wireguard]\ninterface = "{self.lab.ifname(name, "mw")}"\n'
             f"port = {WIREGUARD_PORT}\n{extra}"
         )
@@ -96,13 +97,20 @@ class MeshLab:
     def token_path(self, node: NodeRef) -> Path:
         return self.lab.node_dir(node) / "token"
 
-    def join(self, node: NodeRef, seed: NodeRef, *, extra_config: str = "") -> None:
+    def join(
+        self,
+        node: NodeRef,
+        seed: NodeRef,
+        *,
+        extra_config: str = "",
+        node_name: str | None = None,
+    ) -> None:
         """``meshd join`` on ``node`` through ``seed``, with a token made where init ran."""
         first = self.first_node()
         token = self.token_path(node)
         shutil.copyfile(self.state_dir(first) / "join-token", token)
         token.chmod(0o600)
-        self.write_config(node, extra_config)
+        self.write_config(node, extra_config, node_name=node_name)
         seed_address = self.lab.node(self._name(seed)).address
         self.meshd(
             node,

@@ -50,11 +50,13 @@ def public_key(mesh: MeshLab, node: str) -> str:
     return str(found["node"]["public_key"])
 
 
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+def eventually(
+    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
+) -> float:
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
+            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}")
         time.sleep(0.2)
     return time.monotonic() - started
 
@@ -83,8 +85,12 @@ def test_a_node_that_leaves_disappears_from_every_peer_list(mesh: MeshLab) -> No
     key = public_key(mesh, "n8")
     mesh.meshd("n8", "leave")
     others = CORE[:-1]
+
+    def still_holding() -> list[str]:
+        return [n for n in others if key in wg_peers(mesh, n)]
+
     took = eventually(
-        lambda: all(key not in wg_peers(mesh, n) for n in others), 15, "n8 dropped everywhere"
+        lambda: not still_holding(), 15, "n8 dropped everywhere", detail=still_holding
     )
     eventually(lambda: not mesh.running("n8"), 15, "n8's agent exited")
     print(f"leave seen by all {len(others)} others in {took:.1f} s")
@@ -118,8 +124,10 @@ def test_two_nodes_forced_onto_one_static_address_both_end_up_reachable(mesh: Me
 def test_with_the_first_node_down_a_new_node_joins_through_another(mesh: MeshLab) -> None:
     assert mesh.stop("n1")
     # n8 left earlier: wipe it and let it join afresh, as a new machine, through n4.
+    # Under a new name: Serf may keep refusing a new member under the name of one
+    # that left, for as long as it remembers the leave (a known limitation).
     shutil.rmtree(mesh.state_dir("n8"))
-    mesh.join("n8", "n4")
+    mesh.join("n8", "n4", node_name="n8b")
     mesh.start("n8")
     assert_full_mesh(mesh, ["n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9", "n10"])
 
