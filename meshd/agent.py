@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 5.0
 INTERFACE_WAIT = 15.0
+READY_TIMEOUT = 30.0
 JOIN_RETRY = 2.0
 # Serf tries a join's targets one after another, each for up to 10 s (memberlist's TCP
 # timeout) when the target's WireGuard does not know this node yet.
@@ -167,6 +168,7 @@ class Agent:
         self._record_version = 0
         self._published: NodeRecord | None = None
         self._joined = False
+        self._joined_event = asyncio.Event()
         self._join_call: asyncio.Task[None] | None = None
 
     # --- AgentAPI --------------------------------------------------------
@@ -231,7 +233,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             await self._start()
-            systemd.notify("READY=1\nSTATUS=mesh interface up, gossip running")
+            await self._wait_joined()
+            systemd.notify("READY=1\nSTATUS=mesh interface up, gossip joined")
             await self._stop.wait()
         finally:
             systemd.notify("STOPPING=1")
@@ -292,6 +295,17 @@ class Agent:
         self._start_task(self._join_loop(), name="gossip-join")
         self._start_task(self._revocation_sync_loop(), name="revocation-sync")
         self._start_task(self._reannounce_loop(), name="reannounce")
+
+    async def _wait_joined(self) -> None:
+        """Until gossip has joined another member: at once for a node that knows nobody
+        (the first one), at most READY_TIMEOUT for the others (a mesh that is down must
+        not keep the service from starting)."""
+        if not self._known:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._joined_event.wait(), READY_TIMEOUT)
+        if not self._joined:
+            log.warning("no other member answered within %.0f s; running alone", READY_TIMEOUT)
 
     async def _open_interface(self, spec: InterfaceSpec) -> WireGuardInterface:
         """Open the interface, waiting a while for the wireguard-go of a crashed agent
@@ -414,6 +428,7 @@ class Agent:
                 if not self._joined:
                     await self._announce_chain(self.state.chain)
                 self._joined = True
+                self._joined_event.set()
             elif self._join_call is None or self._join_call.done():
                 targets = self._join_targets()
                 if targets:
