@@ -191,6 +191,19 @@ start_options = [
 ]
 
 
+address_option = click.option(
+    "--address",
+    metavar="IP",
+    help="This node's static mesh address (default: derived from its key).",
+)
+endpoint_option = click.option(
+    "--endpoint",
+    callback=lambda c, p, v: _endpoint_option(v),
+    metavar="HOST:PORT",
+    help="Where other nodes reach this node's WireGuard port (default: its first address).",
+)
+
+
 def with_start_options(func: Any) -> Any:
     for option in reversed(start_options):
         func = option(func)
@@ -211,17 +224,8 @@ def with_start_options(func: Any) -> Any:
     show_default=True,
     help="Also give every node an address in a ULA /64 derived from the network.",
 )
-@click.option(
-    "--address",
-    metavar="IP",
-    help="This node's static mesh address (default: derived from its key).",
-)
-@click.option(
-    "--endpoint",
-    callback=lambda c, p, v: _endpoint_option(v),
-    metavar="HOST:PORT",
-    help="Where joiners reach this node's WireGuard port (default: its first address).",
-)
+@address_option
+@endpoint_option
 @click.option(
     "--token-ttl",
     default="24h",
@@ -323,12 +327,7 @@ def token() -> None:
 @click.option(
     "--ttl", default="24h", show_default=True, help="How long it is valid (30m, 24h, 7d)."
 )
-@click.option(
-    "--endpoint",
-    callback=lambda c, p, v: _endpoint_option(v),
-    metavar="HOST:PORT",
-    help="Where joiners reach this node's WireGuard port (default: its first address).",
-)
+@endpoint_option
 @click.option(
     "--out",
     "out",
@@ -385,17 +384,8 @@ def _seed_targets(seed: str | None, token_: Token, enrol_port: int) -> list[tupl
     metavar="FILE",
     help="Read the token from FILE ('-' for stdin) [default: env MESHD_TOKEN].",
 )
-@click.option(
-    "--address",
-    metavar="IP",
-    help="This node's static mesh address (default: derived from its key).",
-)
-@click.option(
-    "--endpoint",
-    callback=lambda c, p, v: _endpoint_option(v),
-    metavar="HOST:PORT",
-    help="Where others reach this node's WireGuard port (default: its first address).",
-)
+@address_option
+@endpoint_option
 @with_start_options
 @click.pass_obj
 def join(
