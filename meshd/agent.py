@@ -57,6 +57,7 @@ from meshd.errors import (
     SerfCommandError,
     WireGuardError,
 )
+from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import QueryEvent, SerfClient, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
@@ -102,6 +103,7 @@ JOIN_TIMEOUT_PER_TARGET = 10.0
 # node: announce it again (see _reannounce_loop), then less and less often.
 UNHEARD_GRACE = 5.0
 REANNOUNCE_MAX = 60.0
+REPUBLISH_INTERVAL = 60.0
 # A peer learnt at enrolment or restored from disk, not (yet) seen in gossip,
 # is kept this long after gossip has other members.
 KNOWN_PEER_GRACE = 120.0
@@ -167,6 +169,7 @@ class Agent:
         self._enrol: EnrolServer | None = None
         self._record_version = 0
         self._published: NodeRecord | None = None
+        self._published_at = 0.0
         self._joined = False
         self._joined_event = asyncio.Event()
         self._join_call: asyncio.Task[None] | None = None
@@ -336,6 +339,9 @@ class Agent:
             rpc_addr=cfg.gossip.rpc_addr,
             gossip_keys=(_b64(state.gossip_key),),
             profile=cfg.gossip.profile,
+            # The record goes out with the agent's very first alive message: a member that
+            # missed the tag update that would follow would see this node without one.
+            tags=encode_record(record),
             log_level="info" if log.isEnabledFor(logging.DEBUG) else "warn",
         )
         self._serf = SerfAgent(settings, serf_binary=cfg.gossip.serf_binary)
@@ -497,6 +503,10 @@ class Agent:
             )
             if not unheard:
                 delay, next_at = UNHEARD_GRACE, 0.0
+                if now - self._published_at > REPUBLISH_INTERVAL:
+                    # A heartbeat: a member that missed a tag update gets the record again.
+                    with contextlib.suppress(MeshdError):
+                        await self._publish(self._record())
                 continue
             if now < next_at:
                 continue
@@ -546,6 +556,7 @@ class Agent:
         assert self._client is not None
         await publish_record(self._client, record)
         self._published = record
+        self._published_at = time.monotonic()
         log.info(
             "published record v%d: %s at %s",
             record.version,

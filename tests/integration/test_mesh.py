@@ -9,6 +9,7 @@ the first start again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -35,7 +36,9 @@ def mesh() -> Iterator[MeshLab]:
     try:
         yield MeshLab(lab)
     finally:
-        lab.down()
+        # MESHD_TEST_KEEP_LAB=1 keeps the lab (and its agents' logs) for a post-mortem.
+        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
+            lab.down()
 
 
 def wg_peers(mesh: MeshLab, node: str) -> set[str]:
