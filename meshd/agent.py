@@ -781,11 +781,15 @@ class Agent:
                 log.info("forgetting %s: not seen in gossip for %.0f s", known.name, now - since)
                 del self._known[key]
                 continue
-            if any(p in taken for p in known.allowed_ips):
+            # Only the prefixes nobody else holds: a joiner whose IPv4 address turns out
+            # taken still needs its IPv6 (gossip) address, to learn that it must move.
+            free = tuple(p for p in known.allowed_ips if p not in taken)
+            if not free:
                 continue
             # Still needed while its certificate is fetched: through this very tunnel.
-            peers.append(known.peer(self._config.wireguard.keepalive or None))
-            taken.update(known.allowed_ips)
+            peer = known.peer(self._config.wireguard.keepalive or None)
+            peers.append(dataclasses.replace(peer, allowed_ips=free))
+            taken.update(free)
         return peers
 
     def _own_chain(self) -> CertChain:
