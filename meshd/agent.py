@@ -36,18 +36,9 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from meshd import systemd
-from meshd.ca import CertChain, NetworkCA
 from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.desired import STATIC_ROLE, Claim, DesiredState, address_owners, claim_of, compute
-from meshd.enrol import (
-    MAX_MEMBERS_IN_ANSWER,
-    EnrolRequest,
-    EnrolResult,
-    EnrolServer,
-    PeerInfo,
-    chain_verifier,
-)
 from meshd.errors import (
     EnrolRefused,
     GossipError,
@@ -72,9 +63,18 @@ from meshd.node import (
     join_address,
     mesh_interface_addresses,
 )
+from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.enrol import (
+    MAX_MEMBERS_IN_ANSWER,
+    EnrolRequest,
+    EnrolResult,
+    EnrolServer,
+    PeerInfo,
+    chain_verifier,
+)
+from meshd.pki.token import check_network, parse_token
+from meshd.pki.trust import EXPIRY_WARNING, PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.plugins import PluginHost
-from meshd.token import check_network, parse_token
-from meshd.trust import EXPIRY_WARNING, PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.types import (
     Admission,
     ConfigView,

@@ -23,7 +23,6 @@ import click
 from tabulate import tabulate
 
 from meshd import control
-from meshd.ca import CertChain, NetworkCA
 from meshd.cli import CliState
 from meshd.config import Config
 from meshd.errors import ConfigError, EnrolError, EnrolRefused, MeshdError, StateError
@@ -37,9 +36,17 @@ from meshd.node import (
     new_rpc_key,
     ula_prefix,
 )
+from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.token import (
+    Seed,
+    Token,
+    create_token,
+    parse_token,
+    read_token_source,
+    split_endpoint,
+)
 from meshd.plugins import PluginHost
 from meshd.state import write_secret
-from meshd.token import Seed, Token, create_token, parse_token, read_token_source, split_endpoint
 from meshd.types import MeshAddresses, Network, NodeIdentity
 
 TOKEN_FILE = "join-token"
@@ -420,7 +427,7 @@ def join(
     addresses = _allocate(state.plugins, network, keys, name, address, frozenset(taken))
     own_endpoint = endpoint or _local_endpoint(config)
 
-    from meshd.enrol import enrol
+    from meshd.pki.enrol import enrol
 
     errors = []
     result = None

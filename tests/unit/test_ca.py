@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshd.ca import (
+from meshd.errors import IdentityError
+from meshd.identity import WireGuardKeyPair
+from meshd.pki.ca import (
     CLOCK_SKEW,
     DAY,
     CertChain,
@@ -27,8 +29,6 @@ from meshd.ca import (
     verify_chain,
     verify_revocation,
 )
-from meshd.errors import IdentityError
-from meshd.identity import WireGuardKeyPair
 
 NOW = 1_790_000_000
 ADDR4 = IPv4Address("100.80.0.7")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from meshd.ca import NetworkCA
 from meshd.identity import WireGuardKeyPair
-from meshd.token import Seed, create_token
+from meshd.pki.ca import NetworkCA
+from meshd.pki.token import Seed, create_token
 
 
 def meshd(tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.ca import CertChain, NetworkCA, RevocationList, check_binding
-from meshd.enrol import (
+from meshd.errors import EnrolError, EnrolRefused, IdentityError
+from meshd.identity import WireGuardKeyPair
+from meshd.pki.ca import CertChain, NetworkCA, RevocationList, check_binding
+from meshd.pki.enrol import (
     MAX_REQUEST,
     EnrolRequest,
     EnrolResult,
@@ -31,9 +33,7 @@ from meshd.enrol import (
     proof_message,
     verify_proof,
 )
-from meshd.errors import EnrolError, EnrolRefused, IdentityError
-from meshd.identity import WireGuardKeyPair
-from meshd.token import Seed, Token, create_token, parse_token
+from meshd.pki.token import Seed, Token, create_token, parse_token
 
 LOOPBACK = "127.0.0.1"
 DEADLINE = 30.0  # generous: a loaded 2-core machine must not make these flaky

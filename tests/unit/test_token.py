@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.ca import DAY, NetworkCA, verify_chain
 from meshd.errors import IdentityError, TokenError
 from meshd.identity import WireGuardKeyPair
-from meshd.token import (
+from meshd.pki.ca import DAY, NetworkCA, verify_chain
+from meshd.pki.token import (
     TOKEN_PREFIX,
     Seed,
     Token,

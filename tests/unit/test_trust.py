@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshd.ca import CertChain, NetworkCA
 from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.trust import PENDING, REVOCATIONS_PER_PAGE, Trust
+from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.trust import PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.types import NodeRecord
 
 CA = NetworkCA.generate("lab")

@@ -37,7 +37,7 @@ chain in which any certificate matches one is refused.
 
 Encoding: a small deterministic binary format of fixed-width fields and
 length-prefixed strings (:class:`BinaryWriter` / :class:`BinaryReader`, shared
-with :mod:`meshd.token`), followed by the 64-byte Ed25519 signature over
+with :mod:`meshd.pki.token`), followed by the 64-byte Ed25519 signature over
 everything before it. Every decoder refuses trailing bytes, so the encoding of a
 value is unique and flipping any byte either breaks the structure or the
 signature. A node certificate is ~190 bytes; a node + enrolment chain ~400.

@@ -8,7 +8,7 @@ CA-signed Ed25519 key with which the new machine signs its own node certificate,
 so joining works while the CA machine is offline. The CA signs the whole token.
 
 Text form: ``meshd1-`` followed by the unpadded base64url of the binary
-encoding (:mod:`meshd.ca`'s deterministic format). Whitespace (line wrapping
+encoding (:mod:`meshd.pki.ca`'s deterministic format). Whitespace (line wrapping
 in an e-mail) is ignored. :func:`parse_token` refuses, with one line saying
 which: text that is not a meshd token, a damaged one, one whose signature does
 not match (tampered), an expired one; :func:`check_network` refuses a token for
@@ -61,7 +61,9 @@ from typing import TextIO
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from meshd.ca import (
+from meshd.errors import IdentityError, TokenError
+from meshd.identity import decode_key, encode_key
+from meshd.pki.ca import (
     CLOCK_SKEW,
     DEFAULT_NODE_LIFETIME,
     KEY_LEN,
@@ -74,9 +76,7 @@ from meshd.ca import (
     Role,
     network_id_of,
 )
-from meshd.ca import verify as verify_cert
-from meshd.errors import IdentityError, TokenError
-from meshd.identity import decode_key, encode_key
+from meshd.pki.ca import verify as verify_cert
 from meshd.types import IPAddress, Network
 
 log = logging.getLogger(__name__)

@@ -59,9 +59,9 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from meshd.ca import CertChain, Certificate, RevocationList
 from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
-from meshd.token import Token, split_endpoint
+from meshd.pki.ca import CertChain, Certificate, RevocationList
+from meshd.pki.token import Token, split_endpoint
 from meshd.types import IPAddress
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ checked against its chain, and revocations are verified, kept and persisted
 in ``<state_dir>/revocations``.
 
 A member is *certified* when its chain leads to the network CA (directly or
-through an enrolment key, :func:`meshd.ca.verify_chain`), nothing in it is
+through an enrolment key, :func:`meshd.pki.ca.verify_chain`), nothing in it is
 revoked or expired, and its node certificate binds the member's name and
 WireGuard key. Addresses the certificate binds are *certified addresses*: they
 win any address conflict against a claim the certificate does not cover.
@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshd.ca import CertChain, Revocation, RevocationList
 from meshd.errors import IdentityError
+from meshd.pki.ca import CertChain, Revocation, RevocationList
 from meshd.state import atomic_write
 from meshd.types import IPAddress, NodeRecord
 
