@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 from meshd.errors import NetlinkError, WireGuardError
 from meshd.netlink import IPInterface, Netlink
@@ -189,6 +190,39 @@ class WireGuardInterface:
         """
         async with self._lock:
             return await self._pass(tuple(peers))
+
+    async def set_addresses(self, addresses: Sequence[IPInterface]) -> None:
+        """Put exactly ``addresses`` on the link (this node moved to a new mesh address)."""
+        async with self._lock:
+            self.spec = replace(self.spec, addresses=tuple(addresses))
+            await (await self._nl()).sync_addresses(self.ifname, self.spec.addresses)
+
+    async def set_private_key(self, private_key: str) -> None:
+        """Switch the device to a new private key; kept for a rebuild after a restart."""
+        async with self._lock:
+            self.spec = replace(self.spec, private_key=private_key)
+            await self.backend.configure_device(self.spec.device)
+
+    def poke(self, peers: Iterable[PeerConfig]) -> None:
+        """Start a handshake with each peer now, rather than after WireGuard's 5 s retry:
+        one empty UDP datagram (discard port) to its first allowed address goes into the
+        tunnel, and traffic into the tunnel makes WireGuard initiate at once."""
+        for peer in peers:
+            if not peer.allowed_ips:
+                continue
+            address = peer.allowed_ips[0].network_address
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                    sock.setblocking(False)
+                    sock.sendto(b"", (str(address), 9))
+            except OSError as exc:
+                log.debug("cannot poke %s: %s", address, exc)
+
+    @property
+    def backend_name(self) -> str:
+        """``kernel`` or ``userspace``, for status and diagnostics."""
+        return self.backend.name
 
     async def state(self) -> DeviceState:
         return await self.backend.read_state()
