@@ -52,7 +52,6 @@ from meshd.types import MeshAddresses, Network, NodeIdentity
 TOKEN_FILE = "join-token"
 DEFAULT_CIDR = "100.80.0.0/16"
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
-_TAKEN_RE = re.compile(r"address (\S+) is taken by ")
 MAX_ADDRESS_RETRIES = 4
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -171,12 +170,13 @@ def _start_agent(state: CliState, mode: str) -> None:
 
 def run_agent(state: CliState) -> None:
     from meshd.agent import Agent
+    from meshd.tasks import run_until_stopped
 
     # The default loop, not uvloop: pyroute2's asyncio netlink opens AF_NETLINK datagram
     # endpoints, which uvloop refuses ("invalid family 16"). No packet passes through
     # this loop, so its speed hardly matters.
     agent = Agent(state.config, state.plugins, NodeStore(state.config.state_dir))
-    asyncio.run(agent.run())
+    run_until_stopped(agent.run())
 
 
 start_options = [
@@ -438,12 +438,15 @@ def join(
                 result = asyncio.run(enrol(host, port, token_, cert, own_endpoint))
                 break
             except EnrolRefused as exc:
-                clash = _TAKEN_RE.search(exc.reason)
-                if clash is None:
+                if exc.taken is None:
                     errors.append(str(exc))
                     break
                 # The seed knows a member holding our address: take another one.
-                taken.add(ipaddress.ip_address(clash.group(1)))
+                try:
+                    taken.add(ipaddress.ip_address(exc.taken))
+                except ValueError:
+                    errors.append(str(exc))
+                    break
                 moved = _allocate(state.plugins, network, keys, name, None, frozenset(taken))
                 click.echo(f"meshd: {exc.reason}; using {moved.ipv4} instead", err=True)
                 addresses = moved

@@ -19,6 +19,12 @@ Rules:
   prefixes. :func:`address_owners` tells the agent when this node must move.
 - A member routed through a relay is not a peer of its own: its addresses are
   added to the relay's allowed IPs.
+- Known peers (learnt at enrolment or restored from the last run) fill in what
+  gossip has not described yet: each keeps only the prefixes nobody else holds
+  (a joiner whose IPv4 address turns out taken still needs its IPv6 gossip
+  address, to learn that it must move). A known peer is forgotten once gossip
+  speaks for its key (a peer, or a member that left or whose certificate was
+  refused), or when it stayed unseen ``known_grace`` seconds while others are alive.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from meshd.node import KnownPeer
+from meshd.pki.trust import PENDING
 from meshd.types import (
     Admission,
     IPAddress,
@@ -71,12 +79,24 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class KnownEntry:
+    """A known peer and how long ago it was learnt (seconds)."""
+
+    peer: KnownPeer
+    age: float
+
+
+@dataclass(frozen=True)
 class DesiredState:
     peers: tuple[PeerConfig, ...]
     # member name -> why it is not a peer (unadmitted, no record, address conflict...)
     excluded: Mapping[str, str] = field(default_factory=dict)
     # member name -> name of the relay it goes through
     relayed: Mapping[str, str] = field(default_factory=dict)
+    # keys of known peers gossip now speaks for, or that stayed unseen too long
+    forget: tuple[str, ...] = ()
+    # keys of known peers kept as peers although gossip has not described them
+    unconfirmed: tuple[str, ...] = ()
 
 
 def host_prefix(address: IPAddress) -> IPNetwork:
@@ -111,8 +131,10 @@ def compute(
     policy: Policy,
     keepalive: int | None = None,
     own_certified: Iterable[IPAddress] = (),
+    known: Sequence[KnownEntry] = (),
+    known_grace: float = 120.0,
 ) -> DesiredState:
-    """The full desired peer set for this node."""
+    """The full desired peer set for this node: gossip's members, then known peers."""
     excluded: dict[str, str] = {}
     candidates: list[Member] = []
     for member in members:
@@ -188,11 +210,66 @@ def compute(
             preshared_key=peer.preshared_key,
         )
 
+    gossip_peers = _without_overlaps(tuple(peers.values()))
+    merged, forget, unconfirmed = _merge_known(
+        gossip_peers, members, own_name, own_record, known, keepalive, known_grace
+    )
     return DesiredState(
-        peers=_without_overlaps(tuple(peers.values())),
+        peers=merged,
         excluded=excluded,
         relayed=relayed,
+        forget=forget,
+        unconfirmed=unconfirmed,
     )
+
+
+def _settled(member: Member) -> bool:
+    """Gossip has decided about this member: gone, or its certificate refused."""
+    if member.state in (MemberState.LEAVING, MemberState.LEFT, MemberState.REAPED):
+        return True
+    return member.certificate_error not in (None, PENDING)
+
+
+def _merge_known(
+    peers: tuple[PeerConfig, ...],
+    members: Sequence[Member],
+    own_name: str,
+    own_record: NodeRecord,
+    known: Sequence[KnownEntry],
+    keepalive: int | None,
+    grace: float,
+) -> tuple[tuple[PeerConfig, ...], tuple[str, ...], tuple[str, ...]]:
+    desired_keys = {p.public_key for p in peers}
+    by_key = {m.record.public_key: m for m in members if m.record}
+    taken = {prefix for p in peers for prefix in p.allowed_ips}
+    taken.update(host_prefix(a) for a in own_record.addresses)
+    others_alive = any(m.state is MemberState.ALIVE and m.name != own_name for m in members)
+    merged = list(peers)
+    forget: list[str] = []
+    unconfirmed: list[str] = []
+    for entry in sorted(known, key=lambda e: e.peer.public_key):
+        key = entry.peer.public_key
+        member = by_key.get(key)
+        if key in desired_keys or (member is not None and _settled(member)):
+            forget.append(key)
+            continue
+        if others_alive and entry.age > grace:
+            forget.append(key)
+            continue
+        free = tuple(p for p in entry.peer.allowed_ips if p not in taken)
+        if not free:
+            continue
+        merged.append(
+            PeerConfig(
+                public_key=key,
+                allowed_ips=free,
+                endpoint=entry.peer.endpoint,
+                keepalive=keepalive,
+            )
+        )
+        taken.update(free)
+        unconfirmed.append(key)
+    return tuple(merged), tuple(forget), tuple(unconfirmed)
 
 
 def _without_overlaps(peers: tuple[PeerConfig, ...]) -> tuple[PeerConfig, ...]:

@@ -100,7 +100,10 @@ class EnrolError(MeshdError):
 
 
 class EnrolRefused(EnrolError):
-    def __init__(self, reason: str, *, seed: str | None = None) -> None:
+    """``taken``: the mesh address the seed found held by another member, if that was why."""
+
+    def __init__(self, reason: str, *, seed: str | None = None, taken: str | None = None) -> None:
         self.reason = reason
         self.seed = seed
+        self.taken = taken
         super().__init__(f"seed {seed} refused enrolment: {reason}" if seed else reason)

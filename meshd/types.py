@@ -64,6 +64,8 @@ class NodeRecord:
     routes: tuple[IPNetwork, ...] = ()
     cert: str = ""
     version: int = 0
+    # A digest of the revocations the node holds: members that differ exchange them.
+    revocations: str = ""
 
 
 class MemberState(str, enum.Enum):

@@ -20,6 +20,8 @@ Tags (keys kept to one letter; binary fields are unpadded standard base64)::
     r  roles, sorted, comma-separated ([a-z0-9_-], 1-32 chars each)
     n  routes: base64 of (family byte, prefix length, the prefix's significant bytes) each
     c  certificate reference, verbatim text
+    x  digest of the revocations this node holds ([A-Za-z0-9_-], at most 16 characters):
+       two members with different digests exchange revocations; equal ones need not
 
 Empty optional fields are left out. Tags this codec does not know are ignored
 (other software may tag the node), so a record can grow new fields.
@@ -44,9 +46,10 @@ from meshd.types import IPAddress, IPNetwork, NodeRecord
 
 TAGS_LIMIT = 512
 CODEC_VERSION = "1"
-RECORD_KEYS = frozenset("mvkapercn")
+RECORD_KEYS = frozenset("mvkapercnx")
 
 _ROLE_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+_DIGEST_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _MAX_ITEMS = 64
 _MAX_VERSION = 2**64 - 1
 
@@ -164,6 +167,10 @@ def encode_record(
         tags["n"] = _b64(b"".join(_route_item(r) for r in record.routes))
     if record.cert:
         tags["c"] = record.cert
+    if record.revocations:
+        if not _DIGEST_RE.match(record.revocations):
+            raise RecordError(f"revocation digest {record.revocations!r} is malformed")
+        tags["x"] = record.revocations
     others = {k: v for k, v in (extra_tags or {}).items() if k not in RECORD_KEYS}
     size = tags_size({**others, **tags})
     if size > limit:
@@ -303,6 +310,9 @@ def _decode(tags: Mapping[str, object]) -> NodeRecord:
         raise RecordError("roles: malformed")
     endpoints = text("e")
     routes = text("n")
+    digest = text("x")
+    if digest and not _DIGEST_RE.match(digest):
+        raise RecordError("revocation digest: malformed")
     return NodeRecord(
         public_key=base64.b64encode(key).decode("ascii"),
         addresses=_decode_addresses(text("a")),
@@ -312,4 +322,5 @@ def _decode(tags: Mapping[str, object]) -> NodeRecord:
         routes=_decode_routes(routes) if routes else (),
         cert=text("c"),
         version=_decimal(tags, "v", "version", 0, _MAX_VERSION),
+        revocations=digest,
     )

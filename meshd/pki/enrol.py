@@ -120,7 +120,11 @@ def _load_json(data: bytes, expected_type: str, *, refusal_allowed: bool = False
     kind = message.get("type")
     if kind == "refused" and refusal_allowed:
         reason = message.get("reason")
-        raise EnrolRefused(_clean_reason(reason if isinstance(reason, str) else "no reason given"))
+        taken = message.get("taken")
+        raise EnrolRefused(
+            _clean_reason(reason if isinstance(reason, str) else "no reason given"),
+            taken=_clean_reason(taken) if isinstance(taken, str) else None,
+        )
     if kind != expected_type:
         raise IdentityError(f"malformed enrolment message: expected {expected_type!r}")
     return message
@@ -348,10 +352,11 @@ async def _write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
     await writer.drain()
 
 
-def _refusal(reason: str) -> bytes:
-    return json.dumps(
-        {"type": "refused", "v": PROTOCOL_VERSION, "reason": _clean_reason(reason)}
-    ).encode("utf-8")
+def _refusal(reason: str, taken: str | None = None) -> bytes:
+    message = {"type": "refused", "v": PROTOCOL_VERSION, "reason": _clean_reason(reason)}
+    if taken is not None:
+        message["taken"] = taken
+    return json.dumps(message).encode("utf-8")
 
 
 class EnrolServer:
@@ -470,7 +475,7 @@ class EnrolServer:
             outcome = self._on_enrolled(request)
             result = await outcome if inspect.isawaitable(outcome) else outcome
         except EnrolRefused as exc:
-            await self._refuse(writer, source, exc.reason)
+            await self._refuse(writer, source, exc.reason, taken=exc.taken)
             return
         except IdentityError as exc:
             await self._refuse(writer, source, str(exc))
@@ -488,9 +493,11 @@ class EnrolServer:
         await _write_frame(writer, result.encode())
 
     @staticmethod
-    async def _refuse(writer: asyncio.StreamWriter, source: str, reason: str) -> None:
+    async def _refuse(
+        writer: asyncio.StreamWriter, source: str, reason: str, *, taken: str | None = None
+    ) -> None:
         log.info("refused enrolment from %s: %s", source, reason)
-        await _write_frame(writer, _refusal(reason))
+        await _write_frame(writer, _refusal(reason, taken))
 
 
 def _seed_label(host: str, port: int) -> str:

@@ -15,6 +15,8 @@ Knowing the gossip key alone makes nobody certified.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import struct
 import time
@@ -141,6 +143,13 @@ class Trust:
         except IdentityError as exc:
             # Refusing to start would be worse: log loudly, keep what gossip re-teaches.
             log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+
+    def digest(self) -> str:
+        """A short digest of the revocations held ("" for none): equal digests, equal lists."""
+        if not len(self.revoked):
+            return ""
+        encoded = b"".join(sorted(r.encode() for r in self.revoked))
+        return base64.urlsafe_b64encode(hashlib.sha256(encoded).digest()[:9]).decode("ascii")
 
     def page(self, number: int) -> bytes:
         """Page ``number`` of the revocations, for a Serf query answer: count, then items."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshd.agent import UNHEARD_GRACE, unheard_peers
+from meshd.agent.presence import UNHEARD_GRACE, unheard_peers
 
 ALIVE = {"ka": "a", "kb": "b", "kc": "c"}
 

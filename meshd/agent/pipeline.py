@@ -1,0 +1,158 @@
+"""One pass, in one direction: view -> certified members -> desired state -> apply -> notify.
+
+Nothing in the chain calls back up into the agent. Each member is certified
+once per pass (the trust store caches verdicts by name, key and chain
+reference); the result, with the desired state, becomes the runtime's
+:class:`~meshd.agent.runtime.Snapshot`, which every other room reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+from meshd.agent.runtime import Runtime, Snapshot
+from meshd.desired import DesiredState, compute
+from meshd.errors import MeshdError
+from meshd.node import KnownPeer, gossip_address
+from meshd.pki.trust import Trust
+from meshd.types import (
+    Admission,
+    Member,
+    MemberState,
+    MeshView,
+    NodeRecord,
+    PathChoice,
+    PeerConfig,
+)
+
+log = logging.getLogger(__name__)
+
+# A peer learnt at enrolment or restored from disk, not (yet) seen in gossip,
+# is kept this long after gossip has other members.
+KNOWN_PEER_GRACE = 120.0
+
+
+def certify(
+    members: Iterable[Member],
+    trust: Trust,
+    own_name: str,
+    departed: Mapping[str, float],
+) -> tuple[Member, ...]:
+    """Each member with the trust store's verdict on its record.
+
+    A "failed" member that announced its leave counts as left: a leave can reach a
+    node as "failed" first (it missed the leave intent; push/pull repairs it up to
+    30 s later), and a failed member keeps its peer.
+    """
+    result = []
+    for member in members:
+        record = member.record
+        if record is not None and member.name != own_name:
+            verdict = trust.verdict(member.name, record)
+            member = dataclasses.replace(
+                member,
+                certified=verdict.certified,
+                certificate_error=verdict.error,
+                certified_addresses=verdict.addresses,
+            )
+            if member.state is MemberState.FAILED and record.public_key in departed:
+                member = dataclasses.replace(member, state=MemberState.LEFT)
+        result.append(member)
+    return tuple(result)
+
+
+class HookPolicy:
+    """The desired-state policy, answered by the plugins."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def admit(self, member: Member) -> Admission | None:
+        return self._rt.plugins.admit_peer(self._rt.face, member)
+
+    def select_path(self, member: Member) -> PathChoice:
+        return self._rt.plugins.select_path(self._rt.face, member)
+
+    def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
+        return self._rt.plugins.peer_config(self._rt.face, member, peer)
+
+
+class Pipeline:
+    """Runs passes for one agent; the only writer of ``runtime.snapshot``."""
+
+    def __init__(self, runtime: Runtime, own_record: NodeRecord) -> None:
+        self._rt = runtime
+        self._policy = HookPolicy(runtime)
+        self._fallback_record = own_record
+
+    def observe(self) -> tuple[Member, ...]:
+        """The view's members, certified; also forgets departures of members back alive."""
+        rt = self._rt
+        view = rt.gossip.view.members.values() if rt.has_gossip else ()
+        members = certify(view, rt.trust, rt.name, rt.departed)
+        for member in members:
+            if member.state is MemberState.ALIVE and member.record is not None:
+                rt.departed.pop(member.record.public_key, None)
+        return members
+
+    def desire(self, members: tuple[Member, ...]) -> DesiredState:
+        rt = self._rt
+        own = rt.published or self._fallback_record
+        desired = compute(
+            own_name=rt.name,
+            own_record=own,
+            members=members,
+            policy=self._policy,
+            keepalive=rt.config.wireguard.keepalive or None,
+            own_certified=rt.own_chain.node.addresses,
+            known=rt.known.entries(time.monotonic()),
+            known_grace=KNOWN_PEER_GRACE,
+        )
+        for key in desired.forget:
+            peer = rt.known.get(key)
+            if peer is not None:
+                log.debug("%s: gossip speaks for it now, or it stayed unseen", peer.name)
+        rt.known.forget(desired.forget)
+        return desired
+
+    async def run(self, members: tuple[Member, ...]) -> Snapshot:
+        """Compute, apply the difference, and tell the plugins when something changed."""
+        rt = self._rt
+        desired = self.desire(members)
+        snapshot = Snapshot(members, desired)
+        rt.snapshot = snapshot
+        result = await rt.iface.reconcile(desired.peers)
+        if result.operations:
+            self._save_peers(snapshot)
+            view = MeshView(node=rt.identity, members=members, peers=desired.peers)
+            rt.plugins.mesh_changed(rt.face, view)
+        return snapshot
+
+    def _save_peers(self, snapshot: Snapshot) -> None:
+        """The peers just applied, with what a restart needs to re-join and re-admit them."""
+        rt = self._rt
+        by_key = snapshot.by_key()
+        saved = []
+        for peer in snapshot.desired.peers:
+            member = by_key.get(peer.public_key)
+            if member is not None and member.record is not None:
+                chain = rt.trust.chain(member.record.cert)
+                saved.append(
+                    KnownPeer(
+                        member.name,
+                        peer.public_key,
+                        peer.allowed_ips,
+                        peer.endpoint,
+                        str(gossip_address(member.record.addresses)),
+                        chain.encode() if chain else None,
+                    )
+                )
+            elif (known := rt.known.get(peer.public_key)) is not None:
+                saved.append(known)
+        try:
+            rt.store.save_peers(saved)
+        except MeshdError as exc:
+            log.warning("cannot save the peer cache: %s", exc)

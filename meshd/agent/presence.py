@@ -1,0 +1,260 @@
+"""Presence: this node's record in gossip, and gossip joined to the others.
+
+- :meth:`Presence.record` builds the record (addresses, endpoints from the
+  plugins, roles, certificate reference) and :meth:`publish` sets it as Serf tags.
+- :meth:`join_loop` asks Serf to join known peers until another member is alive,
+  and again whenever this node finds itself alone.
+- :meth:`reannounce_loop` publishes the record again while an alive member never
+  shook hands with this node (see its docstring), and every ``REPUBLISH_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
+
+from meshd.agent.runtime import Gossip, Runtime, bounded
+from meshd.desired import STATIC_ROLE
+from meshd.errors import GossipError, MeshdError
+from meshd.gossip.record import encode_record
+from meshd.gossip.rpc import SerfEvent
+from meshd.gossip.supervisor import SerfAgent, SerfSettings
+from meshd.gossip.view import MembershipView, publish_record
+from meshd.node import gossip_address, join_address
+from meshd.types import MemberState, NodeRecord
+from meshd.util import b64encode
+
+log = logging.getLogger(__name__)
+
+RESYNC_INTERVAL = 5.0
+JOIN_RETRY = 2.0
+# Serf tries a join's targets one after another, each for up to 10 s (memberlist's TCP
+# timeout) when the target's WireGuard does not know this node yet.
+JOIN_TIMEOUT_PER_TARGET = 10.0
+# An alive member with no WireGuard handshake this long may never have heard of this
+# node: announce it again, then less and less often.
+UNHEARD_GRACE = 5.0
+REANNOUNCE_MAX = 60.0
+REPUBLISH_INTERVAL = 60.0
+# Serf's log tells the view of every member change at once; the poll is the safety net.
+VIEW_POLL_INTERVAL = 1.0
+
+
+class Presence:
+    """This node's record and its place in gossip."""
+
+    def __init__(self, runtime: Runtime, announce_chain: Callable[[], Awaitable[None]]) -> None:
+        self._rt = runtime
+        self._announce_chain = announce_chain
+        self._version = 0
+        self._published_at = 0.0
+        self._join_call: asyncio.Task[None] | None = None
+
+    def record(self) -> NodeRecord:
+        """This node's record as it should be published now (a new version each time)."""
+        rt = self._rt
+        state = rt.state
+        extras = rt.plugins.node_record(rt.face)
+        roles = set(extras.roles)
+        if state.static_address:
+            roles.add(STATIC_ROLE)
+        self._version = max(self._version + 1, int(time.time() * 1000))
+        return NodeRecord(
+            public_key=state.keys.public_key,
+            addresses=state.addresses.all(),
+            port=rt.config.wireguard.port,
+            endpoints=rt.plugins.endpoint_candidates(rt.face),
+            roles=frozenset(roles),
+            routes=extras.routes,
+            cert=rt.own_chain.ref,
+            version=self._version,
+            revocations=rt.trust.digest(),
+        )
+
+    async def publish(self, record: NodeRecord | None = None) -> None:
+        rt = self._rt
+        record = record or self.record()
+        await publish_record(rt.gossip.client, record)
+        rt.published = record
+        self._published_at = time.monotonic()
+        log.info(
+            "published record v%d: %s at %s",
+            record.version,
+            ", ".join(map(str, record.addresses)),
+            ", ".join(record.endpoints) or "no endpoint",
+        )
+
+    async def start_gossip(self, on_event: Callable[[SerfEvent], None]) -> None:
+        """Start Serf on this node's mesh address, with the record in its first alive message."""
+        rt = self._rt
+        cfg, state = rt.config, rt.state
+        record = self.record()
+        bind = str(gossip_address(state.addresses.all()))
+        settings = SerfSettings(
+            node_name=state.name,
+            state_dir=rt.store.serf_dir,
+            rpc_auth_key=state.rpc_key,
+            bind_addr=bind,
+            bind_port=cfg.gossip.port,
+            advertise_addr=join_address(bind, cfg.gossip.port),
+            rpc_addr=cfg.gossip.rpc_addr,
+            gossip_keys=(b64encode(state.gossip_key),),
+            profile=cfg.gossip.profile,
+            # A member that missed the tag update that would follow would see this node
+            # without a record.
+            tags=encode_record(record),
+            log_level="info" if log.isEnabledFor(logging.DEBUG) else "warn",
+        )
+        serf = SerfAgent(settings, serf_binary=cfg.gossip.serf_binary)
+        await serf.start()
+        rt.tasks.start(serf.supervise(), name="serf")
+        client = serf.client()
+        await client.connect()
+        # No snapshot nudge (a query, so a broadcast, from every node on every change):
+        # a restarted agent re-joins from peers.json, not from Serf's snapshot.
+        view = MembershipView(
+            client, on_event=on_event, poll_interval=VIEW_POLL_INTERVAL, flush_snapshot=False
+        )
+        rt.gossip = Gossip(serf, client, view)
+        rt.tasks.start(view.run(), name="membership")
+        await self.publish(record)
+
+    async def stop_gossip(self, *, leave: bool, timeout: float) -> None:
+        """Stop Serf (leaving the mesh gracefully first with ``leave``), within ``timeout``."""
+        rt = self._rt
+        if not rt.has_gossip:
+            return
+        gossip = rt.gossip
+        # Stop supervising first: a leave ends the Serf agent on purpose.
+        await rt.tasks.cancel(rt.tasks.named("serf", "membership", "gossip-join-call"), 0.5)
+        if leave:
+            await bounded(gossip.client.leave(), "the graceful leave", timeout)
+        await bounded(gossip.client.close(), "closing the Serf connection", 0.5)
+        await bounded(gossip.serf.stop(), "stopping serf", timeout)
+        rt.gossip = None
+        rt.joined.clear()
+
+    def join_targets(self) -> list[str]:
+        port = self._rt.config.gossip.port
+        return [join_address(p.gossip_addr, port) for p in self._rt.known if p.gossip_addr]
+
+    async def join_loop(self) -> None:
+        """Ask Serf to join known peers until another member is alive, and again if alone."""
+        rt = self._rt
+        while True:
+            if not rt.has_gossip:  # restarting on a new address
+                await asyncio.sleep(JOIN_RETRY)
+                continue
+            view = rt.gossip.view
+            others_alive = any(
+                m.state is MemberState.ALIVE and m.name != rt.name for m in view.members.values()
+            )
+            if others_alive:
+                if not rt.joined.is_set():
+                    await self._announce_chain()
+                    rt.joined.set()
+            elif self._join_call is None or self._join_call.done():
+                targets = self.join_targets()
+                if targets:
+                    self._join_call = rt.tasks.start(self._join(targets), name="gossip-join-call")
+            await asyncio.sleep(JOIN_RETRY)
+
+    async def _join(self, targets: list[str]) -> None:
+        """One Serf join, on an RPC connection of its own.
+
+        Serf answers the requests of one connection in order, and a join can take
+        ``JOIN_TIMEOUT_PER_TARGET`` seconds per target that does not know this node yet:
+        on the shared connection it froze the view, record updates and query answers
+        for tens of seconds.
+        """
+        gossip = self._rt.gossip
+        client = gossip.serf.client(
+            stream=None,
+            reconnect=False,
+            timeout=JOIN_TIMEOUT_PER_TARGET * len(targets) + JOIN_RETRY,
+        )
+        try:
+            await client.connect()
+            joined = await client.join(targets)
+            log.info("gossip: joined %d of %s", joined, ", ".join(targets))
+            gossip.view.poll_now()
+        except GossipError as exc:
+            log.debug("gossip join of %s failed: %s", targets, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def reannounce_loop(self) -> None:
+        """Publish this node's record again while an alive member never shook hands with it.
+
+        A member hears of a newcomer only from third parties: the newcomer's own gossip
+        is dropped by the WireGuard of every member that does not know its key yet. Serf
+        sends each broadcast a few times only (memberlist's retransmit limit), so a member
+        can miss the newcomer's alive message; it then learns of it only at a push/pull
+        (every 30 s, with a random partner), and until then the pair has no tunnel. A
+        record update is a new alive message, passed on by every member that knows us.
+        """
+        rt = self._rt
+        unheard_since: dict[str, float] = {}
+        delay, next_at = UNHEARD_GRACE, 0.0
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL / 2)
+            try:
+                stats = {p.public_key: p for p in await rt.iface.peer_stats()}
+            except MeshdError as exc:
+                log.debug("cannot read the peers' handshakes: %s", exc)
+                continue
+            now = time.monotonic()
+            snapshot = rt.snapshot
+            alive = {
+                m.record.public_key: m.name
+                for m in snapshot.others(rt.name)
+                if m.state is MemberState.ALIVE and m.record
+            }
+            unheard_since, unheard = unheard_peers(
+                alive,
+                {p.public_key for p in snapshot.desired.peers},
+                {key: peer.last_handshake for key, peer in stats.items()},
+                unheard_since,
+                now,
+            )
+            if not unheard:
+                delay, next_at = UNHEARD_GRACE, 0.0
+                if now - self._published_at > REPUBLISH_INTERVAL:
+                    # A heartbeat: a member that missed a tag update gets the record again.
+                    with contextlib.suppress(MeshdError):
+                        await self.publish()
+                continue
+            if now < next_at:
+                continue
+            log.info("no handshake yet with %s: announcing this node again", ", ".join(unheard))
+            try:
+                await self.publish()
+            except MeshdError as exc:
+                log.warning("cannot publish this node's record again: %s", exc)
+            await self._announce_chain()
+            next_at = now + delay
+            delay = min(delay * 2, REANNOUNCE_MAX)
+
+
+def unheard_peers(
+    alive: Mapping[str, str],
+    desired: AbstractSet[str],
+    handshakes: Mapping[str, float | None],
+    since: Mapping[str, float],
+    now: float,
+    grace: float = UNHEARD_GRACE,
+) -> tuple[dict[str, float], list[str]]:
+    """Alive members (key -> name) that are desired peers but never shook hands with us.
+
+    Returns when each of them was first seen so (to pass back in as ``since`` next
+    time) and the sorted names of those silent for at least ``grace`` seconds.
+    """
+    silent = {
+        key: since.get(key, now) for key in alive if key in desired and handshakes.get(key) is None
+    }
+    return silent, sorted(alive[key] for key, first in silent.items() if now - first >= grace)

@@ -1,0 +1,264 @@
+"""What the rooms of the agent share, and the small face plugins get of it.
+
+:class:`Runtime` holds the handles every room needs (config, store, trust,
+plugins, the interface, gossip) and the few pieces of state that cross rooms,
+each with the one room that writes it. Rooms read the last pass's
+:class:`Snapshot` instead of asking each other: members are certified once per
+pass, by the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshd.config import Config
+from meshd.desired import DesiredState, KnownEntry
+from meshd.gossip.rpc import SerfClient
+from meshd.gossip.supervisor import SerfAgent
+from meshd.gossip.view import MembershipView
+from meshd.node import KnownPeer, NodeState, NodeStore
+from meshd.pki.ca import CertChain
+from meshd.pki.trust import Trust
+from meshd.plugins import PluginHost
+from meshd.tasks import cancel_and_wait
+from meshd.types import (
+    ConfigView,
+    IPAddress,
+    Member,
+    MemberState,
+    Network,
+    NodeIdentity,
+    NodeRecord,
+)
+from meshd.wireguard import WireGuardInterface
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One pass's result: the certified members and the desired state computed from them."""
+
+    members: tuple[Member, ...] = ()
+    desired: DesiredState = field(default_factory=lambda: DesiredState(peers=()))
+
+    def others(self, own_name: str) -> Iterator[Member]:
+        return (m for m in self.members if m.name != own_name)
+
+    def alive_certified(self, own_name: str) -> list[Member]:
+        return [m for m in self.others(own_name) if m.state is MemberState.ALIVE and m.certified]
+
+    def by_key(self) -> dict[str, Member]:
+        # By key, not name: a machine that re-joins under an old name has a new key.
+        return {m.record.public_key: m for m in self.members if m.record}
+
+
+@dataclass
+class Gossip:
+    """This node's Serf: the child process, the RPC client and the membership view."""
+
+    serf: SerfAgent
+    client: SerfClient
+    view: MembershipView
+
+
+class KnownPeers:
+    """Peers learnt at enrolment or restored from disk that gossip has not described yet."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, tuple[KnownPeer, float]] = {}
+
+    def add(self, peer: KnownPeer, now: float | None = None) -> None:
+        self._peers[peer.public_key] = (peer, time.monotonic() if now is None else now)
+
+    def get(self, key: str) -> KnownPeer | None:
+        found = self._peers.get(key)
+        return found[0] if found else None
+
+    def forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._peers.pop(key, None)
+
+    def entries(self, now: float) -> tuple[KnownEntry, ...]:
+        """The desired-state input: each peer with its age."""
+        return tuple(KnownEntry(peer, now - since) for peer, since in self._peers.values())
+
+    def __iter__(self) -> Iterator[KnownPeer]:
+        return iter([peer for peer, _ in self._peers.values()])
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._peers
+
+
+class TaskSet:
+    """The agent's tasks: a failed one stops the agent; all end within a deadline."""
+
+    def __init__(self, on_failure: Any) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_failure = on_failure
+        self.stopping = False
+
+    def start(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or self.stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed: %s", task.get_name(), exc, exc_info=exc)
+            self._on_failure()
+
+    def named(self, *names: str) -> list[asyncio.Task[Any]]:
+        return [t for t in self._tasks if t.get_name() in names]
+
+    async def cancel(self, tasks: Iterable[asyncio.Task[Any]], timeout: float) -> list[str]:
+        return await cancel_and_wait(list(tasks), timeout)
+
+    async def cancel_all(self, timeout: float) -> list[str]:
+        self.stopping = True
+        return await cancel_and_wait(list(self._tasks), timeout)
+
+
+class Runtime:
+    """The shared handles and cross-room state of one running agent.
+
+    Writers: ``state`` by addressing (moves) and operations (rotations);
+    ``gossip`` by the lifecycle and addressing (a restart on a new address);
+    ``snapshot`` by the pipeline only; ``published`` by presence only;
+    ``known`` by the lifecycle (restore), the seed (enrolled joiners), addressing
+    and the pipeline (forgetting what gossip now speaks for).
+    """
+
+    def __init__(self, config: Config, plugins: PluginHost, store: NodeStore) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.store = store
+        self.state: NodeState = store.load()
+        self.trust = Trust(self.state.ca_public_key, store.dir)
+        self.known = KnownPeers()
+        # Keys whose owner announced its leave: a "failed" one of them counts as left.
+        self.departed: dict[str, float] = {}
+        self.snapshot = Snapshot()
+        self.published: NodeRecord | None = None
+        self.local_addresses: tuple[IPAddress, ...] = ()
+        self.joined = asyncio.Event()
+        self.kicked = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.tasks = TaskSet(self.stop_requested.set)
+        self._iface: WireGuardInterface | None = None
+        self._gossip: Gossip | None = None
+        self.face = PluginFace(self)
+
+    @property
+    def iface(self) -> WireGuardInterface:
+        assert self._iface is not None, "the interface is opened first"
+        return self._iface
+
+    @iface.setter
+    def iface(self, value: WireGuardInterface) -> None:
+        self._iface = value
+
+    @property
+    def has_iface(self) -> bool:
+        return self._iface is not None
+
+    @property
+    def gossip(self) -> Gossip:
+        assert self._gossip is not None, "gossip starts before anything uses it"
+        return self._gossip
+
+    @gossip.setter
+    def gossip(self, value: Gossip | None) -> None:
+        self._gossip = value
+
+    @property
+    def has_gossip(self) -> bool:
+        return self._gossip is not None
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return NodeIdentity(name=self.state.name, public_key=self.state.keys.public_key)
+
+    @property
+    def own_chain(self) -> CertChain:
+        return CertChain.decode(self.state.chain)
+
+    def kick(self) -> None:
+        """Ask for a pass now."""
+        self.kicked.set()
+
+
+class PluginFace:
+    """What hooks get as ``agent`` (:class:`meshd.types.AgentAPI`): read-only facts and
+    ``spawn``, never the engine's own objects."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return self._rt.identity
+
+    @property
+    def network(self) -> Network:
+        return self._rt.state.network
+
+    @property
+    def config(self) -> ConfigView:
+        return self._rt.config.view()
+
+    @property
+    def listen_port(self) -> int:
+        return self._rt.config.wireguard.port
+
+    @property
+    def local_addresses(self) -> tuple[IPAddress, ...]:
+        return self._rt.local_addresses
+
+    @property
+    def state_dir(self) -> Path:
+        return self._rt.store.dir
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """The members of the last pass, certified."""
+        return self._rt.snapshot.members
+
+    def spawn(self, coro: Awaitable[None], *, name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("plugin task %s failed", name)
+
+        self._rt.tasks.start(guarded(), name=name)
+
+
+async def bounded(step: Awaitable[Any], what: str, timeout: float) -> None:
+    """Await one shutdown step for at most ``timeout``; its failure is logged, not raised."""
+    try:
+        await asyncio.wait_for(step, timeout)
+    except asyncio.TimeoutError:
+        log.warning("%s did not finish within %.1f s; going on", what, timeout)
+    except Exception as exc:
+        log.warning("%s failed: %s", what, exc)
