@@ -118,15 +118,18 @@ class PluginHost:
         return results
 
     def _call_first(self, hook: str, **kwargs: Any) -> Any:
-        for plugin, function, argnames in self._impls(hook):
-            try:
-                value = function(**{name: kwargs[name] for name in argnames})
-            except Exception:
-                log.exception("plugin %r failed in %s; asking the next plugin", plugin, hook)
-                continue
-            if value is not None:
-                return value
-        return None
+        """A *firstresult* hook, called by pluggy: the first non-None answer wins.
+
+        A plugin's MeshdError is raised as it is (IPAM's "no free address left" is
+        what the user must read); any other exception becomes a PluginError naming
+        the hook. The caller decides what a failure means (refuse, fall back).
+        """
+        try:
+            return getattr(self.pm.hook, hook)(**kwargs)
+        except MeshdError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"a plugin failed in {hook}: {type(exc).__name__}: {exc}") from exc
 
     def configure(self, config: ConfigView) -> None:
         """Let each plugin read its section; a plugin's ConfigError stops the command."""

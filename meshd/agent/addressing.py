@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from meshd.agent.runtime import Runtime
 from meshd.desired import Claim, address_owners, claim_of
+from meshd.errors import MeshdError
 from meshd.node import KnownPeer, gossip_address, mesh_interface_addresses
 from meshd.types import IPAddress, Member, MemberState
 
@@ -68,9 +69,13 @@ class Addressing:
         taken = {
             a for m in members if m.record and m.state in _CLAIMING for a in m.record.addresses
         }
-        offer = rt.plugins.allocate_address(
-            rt.state.network, rt.identity, frozenset(taken | set(own.addresses))
-        )
+        try:
+            offer = rt.plugins.allocate_address(
+                rt.state.network, rt.identity, frozenset(taken | set(own.addresses))
+            )
+        except MeshdError as exc:
+            log.error("address %s is kept by %s and cannot move: %s", lost[0], winner, exc)
+            return False
         if offer is None:
             log.error("address %s is kept by %s and no plugin offers another", lost[0], winner)
             return False

@@ -18,8 +18,10 @@ from meshd.desired import DesiredState, compute
 from meshd.errors import MeshdError
 from meshd.node import KnownPeer, gossip_address
 from meshd.pki.trust import Trust
+from meshd.plugins import PluginHost
 from meshd.types import (
     Admission,
+    AgentAPI,
     Member,
     MemberState,
     MeshView,
@@ -65,19 +67,29 @@ def certify(
 
 
 class HookPolicy:
-    """The desired-state policy, answered by the plugins."""
+    """The desired-state policy (:class:`meshd.desired.Policy`), answered by the plugins."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, plugins: PluginHost, agent: AgentAPI) -> None:
+        self._plugins = plugins
+        self._agent = agent
 
     def admit(self, member: Member) -> Admission | None:
-        return self._rt.plugins.admit_peer(self._rt.face, member)
+        try:
+            return self._plugins.admit_peer(self._agent, member)
+        except MeshdError as exc:
+            # Fail closed for this member only: the rest of the mesh is still computed.
+            log.warning("admission of %s failed: %s", member.name, exc)
+            return Admission(admit=False, reason=f"admission failed: {exc}")
 
     def select_path(self, member: Member) -> PathChoice:
-        return self._rt.plugins.select_path(self._rt.face, member)
+        try:
+            return self._plugins.select_path(self._agent, member)
+        except MeshdError as exc:
+            log.warning("path selection for %s failed, going direct: %s", member.name, exc)
+            return PathChoice()
 
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
-        return self._rt.plugins.peer_config(self._rt.face, member, peer)
+        return self._plugins.peer_config(self._agent, member, peer)
 
 
 class Pipeline:
@@ -85,7 +97,7 @@ class Pipeline:
 
     def __init__(self, runtime: Runtime, own_record: NodeRecord) -> None:
         self._rt = runtime
-        self._policy = HookPolicy(runtime)
+        self._policy = HookPolicy(runtime.plugins, runtime.face)
         self._fallback_record = own_record
 
     def observe(self) -> tuple[Member, ...]:

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshd.desired import STATIC_ROLE, compute
+from meshd.desired import STATIC_ROLE, KnownEntry, compute
 from meshd.identity import WireGuardKeyPair
+from meshd.node import KnownPeer
 from meshd.types import Admission, Member, MemberState, NodeRecord, PathChoice, PeerConfig
+from meshd.wireguard.backend import PeerState
+from meshd.wireguard.reconcile import plan_peers
 
 
 @dataclass
@@ -141,3 +144,118 @@ def test_no_prefix_is_ever_given_to_two_peers_and_order_does_not_matter(rows, rn
     assert {p.public_key: set(p.allowed_ips) for p in first.peers} == {
         p.public_key: set(p.allowed_ips) for p in second.peers
     }
+
+
+# --- known peers and idempotence ---------------------------------------------------
+
+
+def known(i: int, address: str, age: float = 1.0) -> KnownEntry:
+    peer = KnownPeer(
+        name=f"k{i}",
+        public_key=KEYS[i],
+        allowed_ips=(ipaddress.ip_network(address),),
+        endpoint=f"198.18.1.{i + 1}:51820",
+    )
+    return KnownEntry(peer, age)
+
+
+def test_a_known_peer_fills_in_until_gossip_speaks_for_it() -> None:
+    own = record(0, "100.80.0.1")
+    state = compute(
+        own_name="n0", own_record=own, members=[], policy=AdmitAll(), known=[known(1, "100.80.0.2")]
+    )
+    assert [p.public_key for p in state.peers] == [KEYS[1]]
+    assert state.unconfirmed == (KEYS[1],)
+    # Gossip now describes it: the gossip peer wins and the known entry is forgotten.
+    state = compute(
+        own_name="n0",
+        own_record=own,
+        members=[member(1, "100.80.0.2")],
+        policy=AdmitAll(),
+        known=[known(1, "100.80.0.2")],
+    )
+    assert state.forget == (KEYS[1],)
+    assert state.unconfirmed == ()
+
+
+def test_a_known_peer_keeps_only_the_prefixes_nobody_else_holds() -> None:
+    entry = KnownEntry(
+        KnownPeer(
+            "k2",
+            KEYS[2],
+            (ipaddress.ip_network("100.80.0.3/32"), ipaddress.ip_network("fd00::3/128")),
+            None,
+        ),
+        1.0,
+    )
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=[member(1, "100.80.0.3")],  # gossip says n1 holds 100.80.0.3
+        policy=AdmitAll(),
+        known=[entry],
+    )
+    by_key = {p.public_key: p for p in state.peers}
+    assert by_key[KEYS[2]].allowed_ips == (ipaddress.ip_network("fd00::3/128"),)
+
+
+def test_a_known_peer_unseen_too_long_is_forgotten_once_others_are_alive() -> None:
+    args = dict(own_name="n0", own_record=record(0, "100.80.0.1"), policy=AdmitAll())
+    old = known(3, "100.80.0.4", age=500.0)
+    alone = compute(members=[], known=[old], known_grace=120.0, **args)  # type: ignore[arg-type]
+    assert alone.forget == ()  # nobody else alive: it may be the only way back
+    seen = compute(
+        members=[member(1, "100.80.0.2")],
+        known=[old],
+        known_grace=120.0,
+        **args,  # type: ignore[arg-type]
+    )
+    assert seen.forget == (KEYS[3],)
+
+
+def as_live(peers: tuple[PeerConfig, ...]) -> list[PeerState]:
+    """What the interface reports after the desired peers were applied."""
+    return [
+        PeerState(
+            public_key=p.public_key,
+            endpoint=p.endpoint,
+            allowed_ips=p.allowed_ips,
+            keepalive=p.keepalive,
+        )
+        for p in peers
+    ]
+
+
+@st.composite
+def meshes(draw: st.DrawFn) -> tuple[list[Member], list[KnownEntry]]:
+    members = []
+    for i in draw(st.sets(st.integers(1, 7), max_size=7)):
+        address = f"100.80.0.{draw(st.integers(2, 6))}"  # small range: conflicts happen
+        state = draw(st.sampled_from(list(MemberState)))
+        members.append(member(i, address, state, static=draw(st.booleans())))
+    entries = [
+        known(i, f"100.80.0.{draw(st.integers(2, 6))}", age=draw(st.floats(0, 300)))
+        for i in draw(st.sets(st.integers(1, 7), max_size=4))
+    ]
+    return members, entries
+
+
+@given(mesh=meshes(), relay=st.booleans())
+def test_a_pass_is_idempotent(mesh: tuple[list[Member], list[KnownEntry]], relay: bool) -> None:
+    """Compute, apply (as WireGuard would report it), compute again: no operation left."""
+    members, entries = mesh
+    policy = AdmitAll(relay_via={"n3": "n1"} if relay else None)
+    args = dict(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=members,
+        policy=policy,
+        keepalive=25,
+        known=entries,
+    )
+    first = compute(**args)  # type: ignore[arg-type]
+    live = as_live(first.peers)
+    kept = [e for e in entries if e.peer.public_key not in first.forget]
+    second = compute(**{**args, "known": kept})  # type: ignore[arg-type]
+    assert not plan_peers(live, second.peers)
+    assert second.peers == first.peers

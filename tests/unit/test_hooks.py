@@ -15,6 +15,9 @@ import click
 import pytest
 
 from meshd import hookimpl, hookspecs
+from meshd.agent.pipeline import HookPolicy
+from meshd.desired import compute
+from meshd.errors import ConfigError, PluginError
 from meshd.plugins import build_plugin_host
 from meshd.types import (
     Admission,
@@ -34,6 +37,7 @@ from meshd.types import (
 
 NET = Network("lab", "abcd", ipaddress.IPv4Network("100.80.0.0/16"))
 KEY = "A" * 43 + "="
+OWN_KEY = "B" * 43 + "="
 MEMBER = Member(
     "n2",
     "100.80.0.2",
@@ -166,4 +170,51 @@ def test_a_failing_plugin_is_isolated_in_the_running_loop() -> None:
     assert "198.18.0.1:51820" in host.endpoint_candidates(
         agent
     )  # the standard plugin still answers
-    assert host.select_path(agent, MEMBER) == PathChoice()
+    # A firstresult hook goes through pluggy; its failure is named, and the engine's
+    # policy falls back (direct path) instead of losing the pass.
+    with pytest.raises(PluginError, match="meshd_select_path: RuntimeError: boom"):
+        host.select_path(agent, MEMBER)
+    assert HookPolicy(host, agent).select_path(MEMBER) == PathChoice()
+
+
+def test_a_plugins_meshd_error_is_reported_as_it_is() -> None:
+    class Full:
+        @hookimpl(tryfirst=True)
+        def meshd_allocate_address(self, network: Any, node: Any, taken: Any) -> None:
+            raise ConfigError("no free address left in 100.80.0.0/30", key="plugins.ipam")
+
+    host = build_plugin_host(extra_plugins=[("full", Full())])
+    with pytest.raises(ConfigError, match="no free address left"):
+        host.allocate_address(NET, FakeAgent().identity, frozenset())
+
+
+def test_plugins_change_what_desired_compute_gets() -> None:
+    """The engine's own computation, driven by a real plugin host: the recorder's answers
+    (its admission refusal, then a relay, extra allowed IPs and a keepalive) show up in
+    the desired state."""
+    agent = FakeAgent()
+    own = NodeRecord(public_key=OWN_KEY, addresses=(ipaddress.ip_address("100.80.0.1"),), port=1)
+
+    refusing = build_plugin_host(extra_plugins=[("recorder", Recorder())])
+    state = compute(
+        own_name="n1", own_record=own, members=[MEMBER], policy=HookPolicy(refusing, agent)
+    )
+    assert state.peers == ()
+    assert state.excluded[MEMBER.name] == "not admitted: acl says no"
+
+    class Shaper:
+        @hookimpl(tryfirst=True)
+        def meshd_admit_peer(self, agent: Any, member: Member) -> Admission:
+            return Admission(admit=True)
+
+        @hookimpl
+        def meshd_peer_config(self, agent: Any, member: Member, peer: Any) -> PeerPatch:
+            return PeerPatch(extra_allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),), keepalive=5)
+
+    shaping = build_plugin_host(extra_plugins=[("shaper", Shaper())])
+    state = compute(
+        own_name="n1", own_record=own, members=[MEMBER], policy=HookPolicy(shaping, agent)
+    )
+    (peer,) = state.peers
+    assert ipaddress.ip_network("10.9.0.0/24") in peer.allowed_ips
+    assert peer.keepalive == 5
