@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
 import click
 from tabulate import tabulate
@@ -21,7 +20,7 @@ from tabulate import tabulate
 from meshd import __version__
 from meshd import config as config_mod
 from meshd.errors import MeshdError
-from meshd.plugins import PluginHost, build_plugin_host
+from meshd.invocation import CliState
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +36,6 @@ LAZY_COMMANDS: dict[str, str] = {
     "status": "meshd.commands:status",
     "token": "meshd.commands:token",
 }
-
-
-@dataclass
-class CliState:
-    """Per-invocation state: the global options, and config/plugins once loaded."""
-
-    config_path: str | None = None
-    state_dir: str | None = None
-    _config: config_mod.Config | None = None
-    _plugins: PluginHost | None = field(default=None, repr=False)
-
-    @property
-    def config(self) -> config_mod.Config:
-        if self._config is None:
-            self._config = config_mod.load(self.config_path, state_dir=self.state_dir)
-        return self._config
-
-    @property
-    def plugins(self) -> PluginHost:
-        if self._plugins is None:
-            self._plugins = build_plugin_host(self.config.disabled_plugins)
-            self._plugins.configure(self.config.view())
-        return self._plugins
 
 
 class MeshdGroup(click.Group):

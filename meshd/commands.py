@@ -6,12 +6,9 @@ a taken state directory or an unreachable seed leave no state behind.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import ipaddress
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,98 +20,37 @@ import click
 from tabulate import tabulate
 
 from meshd import control
-from meshd.cli import CliState
-from meshd.config import Config
-from meshd.errors import ConfigError, EnrolError, EnrolRefused, MeshdError, StateError
-from meshd.identity import WireGuardKeyPair
-from meshd.node import (
-    KnownPeer,
-    NodeState,
-    NodeStore,
-    gossip_address,
-    host_prefixes,
-    new_rpc_key,
-    ula_prefix,
+from meshd.bootstrap import (
+    check_endpoint,
+    create_network,
+    join_network,
+    local_endpoint,
+    parse_duration,
 )
-from meshd.pki.ca import CertChain, NetworkCA
+from meshd.errors import InputError, StateError
+from meshd.invocation import CliState
+from meshd.node import (
+    NodeStore,
+)
+from meshd.pki.ca import NetworkCA
 from meshd.pki.token import (
     Seed,
     Token,
     create_token,
     parse_token,
     read_token_source,
-    split_endpoint,
 )
-from meshd.plugins import PluginHost
 from meshd.state import write_secret
-from meshd.types import MeshAddresses, Network, NodeIdentity
 
 TOKEN_FILE = "join-token"
 DEFAULT_CIDR = "100.80.0.0/16"
-_DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
-MAX_ADDRESS_RETRIES = 4
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    """``90``, ``30m``, ``24h``, ``7d`` as seconds."""
-    match = _DURATION_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
-    return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _endpoint_option(value: str | None) -> str | None:
-    if value is None:
-        return None
     try:
-        split_endpoint(value)
-    except MeshdError as exc:
+        return check_endpoint(value)
+    except InputError as exc:
         raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def _local_endpoint(config: Config) -> str:
-    """This machine's first address outside the mesh, with the WireGuard port."""
-    from meshd.netlink import Netlink
-
-    async def first() -> str | None:
-        async with Netlink() as nl:
-            found = await nl.host_addresses(exclude=[config.wireguard.interface])
-        for iface in found:
-            if iface.version == 4:
-                return f"{iface.ip}:{config.wireguard.port}"
-        return None
-
-    endpoint = asyncio.run(first())
-    if endpoint is None:
-        raise ConfigError("this machine has no usable address: give --endpoint HOST:PORT")
-    return endpoint
-
-
-def _allocate(
-    plugins: PluginHost,
-    network: Network,
-    keys: WireGuardKeyPair,
-    name: str,
-    static: str | None,
-    taken: frozenset[Any],
-) -> MeshAddresses:
-    if static is not None:
-        try:
-            address = ipaddress.IPv4Address(static)
-        except ValueError:
-            raise click.BadParameter(f"{static!r} is not an IPv4 address") from None
-        if address not in network.cidr4:
-            raise click.BadParameter(f"{address} is outside the network's range {network.cidr4}")
-        if address in taken:
-            raise click.BadParameter(f"{address} is already used by a seed")
-        derived = plugins.allocate_address(network, NodeIdentity(name, keys.public_key), taken)
-        return MeshAddresses(ipv4=address, ipv6=derived.ipv6 if derived else None, static=True)
-    found = plugins.allocate_address(network, NodeIdentity(name, keys.public_key), taken)
-    if found is None:
-        raise StateError("no IPAM plugin offered an address (is the ipam plugin disabled?)")
-    return found
 
 
 def _write_token(path: Path | None, token: Token, *, echo: bool) -> None:
@@ -273,55 +209,24 @@ def init(
       scp /var/lib/meshd/join-token other-host:
       other-host$ meshd join THIS-HOST --token-file join-token
     """
-    config = state.config
-    store = NodeStore(config.state_dir)
-    if store.exists():
-        raise StateError(f"{store.dir} already holds a node; use another --state-dir")
-    try:
-        cidr4 = ipaddress.IPv4Network(cidr)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--cidr") from None
-    if cidr4.prefixlen > 30:
-        raise click.BadParameter("the range must hold more than two hosts", param_hint="--cidr")
-    ttl = parse_duration(token_ttl)
-    ca = NetworkCA.generate(network_name)
-    network = Network(
-        name=network_name,
-        network_id=ca.network_id,
-        cidr4=cidr4,
-        cidr6=ula_prefix(ca.network_id) if ipv6 else None,
+    created = create_network(
+        state.config,
+        state.plugins,
+        network_name=network_name,
+        cidr=cidr,
+        ipv6=ipv6,
+        address=address,
+        endpoint=endpoint,
+        token_ttl=parse_duration(token_ttl, option="--token-ttl"),
     )
-    keys = WireGuardKeyPair.generate()
-    name = config.node.name
-    addresses = _allocate(state.plugins, network, keys, name, address, frozenset())
-    seed_endpoint = endpoint or _local_endpoint(config)
-    cert = ca.issue_node_cert(name, keys.public_key, addresses.all())
-    node = NodeState(
-        network=network,
-        ca_public_key=ca.public_key,
-        name=name,
-        keys=keys,
-        addresses=addresses,
-        chain=CertChain(cert).encode(),
-        gossip_key=os.urandom(32),
-        rpc_key=new_rpc_key(),
-        static_address=addresses.static,
-    )
-    token = create_token(
-        ca,
-        gossip_key=node.gossip_key,
-        cidr4=network.cidr4,
-        cidr6=network.cidr6,
-        seeds=[Seed(seed_endpoint, config.enrol.port, keys.public_key, addresses.ipv4)],
-        ttl=ttl,
-    )
-    store.create(node, ca_secret=ca.secret)
+    node, network = created.node, created.node.network
     click.echo(
-        f"network {network_name} ({network.network_id}) created: {cidr4}"
+        f"network {network_name} ({network.network_id}) created: {network.cidr4}"
         + (f", {network.cidr6}" if network.cidr6 else "")
     )
-    click.echo(f"this node: {name} at {', '.join(map(str, addresses.all()))}")
-    _write_token(token_file or store.path(TOKEN_FILE), token, echo=print_token)
+    click.echo(f"this node: {node.name} at {', '.join(map(str, node.addresses.all()))}")
+    store = NodeStore(state.config.state_dir)
+    _write_token(token_file or store.path(TOKEN_FILE), created.token, echo=print_token)
     _start_agent(state, start)
 
 
@@ -354,7 +259,7 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
         )
     ca = NetworkCA.from_secret(node.network.name, secret)
     seed = Seed(
-        endpoint or _local_endpoint(state.config),
+        endpoint or local_endpoint(state.config),
         state.config.enrol.port,
         node.keys.public_key,
         node.addresses.ipv4,
@@ -366,21 +271,12 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
         cidr4=node.network.cidr4,
         cidr6=node.network.cidr6,
         seeds=[seed],
-        ttl=parse_duration(ttl),
+        ttl=parse_duration(ttl, option="--ttl"),
     )
     if out == "-":
         _write_token(None, created, echo=True)
     else:
         _write_token(Path(out) if out else store.path(TOKEN_FILE), created, echo=False)
-
-
-def _seed_targets(seed: str | None, token_: Token, enrol_port: int) -> list[tuple[str, int]]:
-    if seed is None:
-        return [(s.enrol_host, s.enrol_port) for s in token_.seeds]
-    host, sep, port = seed.rpartition(":")
-    if sep and port.isdigit() and not seed.endswith("]"):
-        return [(host.strip("[]"), int(port))]
-    return [(seed.strip("[]"), enrol_port)]
 
 
 @click.command()
@@ -413,78 +309,22 @@ def join(
     Example:
       meshd join 192.0.2.10 --token-file join-token
     """
-    config = state.config
-    store = NodeStore(config.state_dir)
     token_ = parse_token(read_token_source(token_source), int(time.time()))
     # The agent this command may become, or start, must not inherit the secret.
     os.environ.pop("MESHD_TOKEN", None)
-    if store.exists():
-        raise StateError(f"{store.dir} already holds a node; use another --state-dir")
-    network = token_.network
-    keys = WireGuardKeyPair.generate()
-    name = config.node.name
-    taken: set[Any] = {s.address for s in token_.seeds}
-    addresses = _allocate(state.plugins, network, keys, name, address, frozenset(taken))
-    own_endpoint = endpoint or _local_endpoint(config)
-
-    from meshd.pki.enrol import enrol
-
-    errors = []
-    result = None
-    for host, port in _seed_targets(seed, token_, config.enrol.port):
-        for _ in range(MAX_ADDRESS_RETRIES):
-            cert = token_.enrolment.sign_node_cert(name, keys.public_key, addresses.all())
-            try:
-                result = asyncio.run(enrol(host, port, token_, cert, own_endpoint))
-                break
-            except EnrolRefused as exc:
-                if exc.taken is None:
-                    errors.append(str(exc))
-                    break
-                # The seed knows a member holding our address: take another one.
-                try:
-                    taken.add(ipaddress.ip_address(exc.taken))
-                except ValueError:
-                    errors.append(str(exc))
-                    break
-                moved = _allocate(state.plugins, network, keys, name, None, frozenset(taken))
-                click.echo(f"meshd: {exc.reason}; using {moved.ipv4} instead", err=True)
-                addresses = moved
-            except EnrolError as exc:
-                errors.append(str(exc))
-                break
-        if result is not None:
-            break
-    if result is None:
-        raise EnrolError("; ".join(errors) or "the token names no seed: give SEED-HOST")
-    known = [
-        KnownPeer(
-            name=p.name,
-            public_key=p.public_key,
-            allowed_ips=host_prefixes(p.addresses),
-            endpoint=p.endpoint,
-            gossip_addr=str(gossip_address(p.addresses)),
-            chain=p.chain.encode(),
-        )
-        for p in (result.seed, *result.members)
-        if p.public_key != keys.public_key
-    ]
-    node = NodeState(
-        network=network,
-        ca_public_key=token_.ca_public_key,
-        name=name,
-        keys=keys,
-        addresses=addresses,
-        chain=CertChain(cert, (token_.enrolment.cert,)).encode(),
-        gossip_key=token_.gossip_key,
-        rpc_key=new_rpc_key(),
-        static_address=addresses.static,
+    joined = join_network(
+        state.config,
+        state.plugins,
+        token_,
+        seed=seed,
+        address=address,
+        endpoint=endpoint,
+        report=lambda line: click.echo(f"meshd: {line}", err=True),
     )
-    store.create(node)
-    store.save_peers(known)
+    node, network = joined.node, joined.node.network
     click.echo(
-        f"joined network {network.name} ({network.network_id}) through {result.seed.name}: "
-        f"this node is {name} at {', '.join(map(str, addresses.all()))}"
+        f"joined network {network.name} ({network.network_id}) through {joined.seed_name}: "
+        f"this node is {node.name} at {', '.join(map(str, node.addresses.all()))}"
     )
     _start_agent(state, start)
 

@@ -2,6 +2,7 @@
 
     MeshdError                 anything meshd reports to a user
      ├── ConfigError            bad config file, key or value (names file, key, reason)
+     ├── InputError             a bad value given on the command line (names the option)
      ├── StateError             the state directory or a state file is unusable
      ├── IdentityError          a malformed key, certificate or signature
      │    └── TokenError        a join token that is tampered, expired, foreign or garbage
@@ -41,6 +42,16 @@ class ConfigError(MeshdError):
         self.reason = reason
         where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class InputError(MeshdError):
+    """A bad value given by the user; ``option`` names where it came from (e.g. ``--cidr``)."""
+
+    exit_code = 2  # what click uses for usage errors
+
+    def __init__(self, reason: str, *, option: str | None = None) -> None:
+        self.option = option
+        super().__init__(f"{option}: {reason}" if option else reason)
 
 
 class StateError(MeshdError):

@@ -200,7 +200,7 @@ def test_a_known_peer_keeps_only_the_prefixes_nobody_else_holds() -> None:
 
 
 def test_a_known_peer_unseen_too_long_is_forgotten_once_others_are_alive() -> None:
-    args = dict(own_name="n0", own_record=record(0, "100.80.0.1"), policy=AdmitAll())
+    args = {"own_name": "n0", "own_record": record(0, "100.80.0.1"), "policy": AdmitAll()}
     old = known(3, "100.80.0.4", age=500.0)
     alone = compute(members=[], known=[old], known_grace=120.0, **args)  # type: ignore[arg-type]
     assert alone.forget == ()  # nobody else alive: it may be the only way back
@@ -245,14 +245,14 @@ def test_a_pass_is_idempotent(mesh: tuple[list[Member], list[KnownEntry]], relay
     """Compute, apply (as WireGuard would report it), compute again: no operation left."""
     members, entries = mesh
     policy = AdmitAll(relay_via={"n3": "n1"} if relay else None)
-    args = dict(
-        own_name="n0",
-        own_record=record(0, "100.80.0.1"),
-        members=members,
-        policy=policy,
-        keepalive=25,
-        known=entries,
-    )
+    args = {
+        "own_name": "n0",
+        "own_record": record(0, "100.80.0.1"),
+        "members": members,
+        "policy": policy,
+        "keepalive": 25,
+        "known": entries,
+    }
     first = compute(**args)  # type: ignore[arg-type]
     live = as_live(first.peers)
     kept = [e for e in entries if e.peer.public_key not in first.forget]
