@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -348,3 +348,35 @@ async def open_netlink(netns: str | None = None) -> AsyncIterator[Netlink]:
         yield nl
     finally:
         nl.close()
+
+
+# rtnetlink multicast groups (linux/rtnetlink.h): address changes of either family.
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV6_IFADDR = 0x100
+
+
+async def watch_addresses(on_change: Callable[[], None]) -> None:
+    """Call ``on_change`` after every address added or removed in this namespace.
+
+    Netlink address events, not polling: the kernel tells the moment a DHCP lease
+    renews with a new address or a laptop moves. Runs until cancelled.
+    """
+    try:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE
+        )
+        sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
+    except OSError as exc:
+        raise NetlinkError(f"cannot watch address changes: {_reason(exc)}") from exc
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                await loop.sock_recv(sock, 65536)
+            except OSError as exc:
+                # ENOBUFS: events were lost; the caller re-reads everything anyway.
+                if exc.errno != errno.ENOBUFS:
+                    raise NetlinkError(f"watching address changes: {_reason(exc)}") from exc
+            on_change()
+    finally:
+        sock.close()

@@ -44,7 +44,6 @@ from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
 from meshd.gossip.rpc import SerfEvent, UserEvent
-from meshd.netlink import Netlink
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.ca import CertChain
 from meshd.pki.enrol import EnrolServer, chain_verifier
@@ -132,7 +131,7 @@ class Agent:
         )
         rt.iface = await self._open_interface(spec)
         rt.tasks.start(rt.iface.supervise(), name="wireguard")
-        await self._refresh_local_addresses()
+        await self.presence.refresh_local_addresses()
 
         for peer in rt.store.load_peers():
             rt.known.add(peer)
@@ -162,6 +161,7 @@ class Agent:
         rt.tasks.start(self.presence.join_loop(), name="gossip-join")
         rt.tasks.start(self.exchange.revocation_loop(), name="revocation-sync")
         rt.tasks.start(self.presence.reannounce_loop(), name="reannounce")
+        rt.tasks.start(self.presence.roam_loop(), name="roaming")
 
     async def _wait_joined(self) -> None:
         """Until gossip has joined another member: at once for a node that knows nobody
@@ -189,11 +189,6 @@ class Agent:
                     raise
                 log.info("interface %s not ready yet (%s); retrying", spec.ifname, exc)
                 await asyncio.sleep(0.5)
-
-    async def _refresh_local_addresses(self) -> None:
-        async with Netlink() as nl:
-            found = await nl.host_addresses(exclude=[self._rt.config.wireguard.interface])
-        self._rt.local_addresses = tuple(i.ip for i in found)
 
     async def _restart_gossip(self) -> None:
         """Serf again, on this node's new address: leave, start afresh, re-join known peers.

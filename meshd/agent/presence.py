@@ -24,6 +24,7 @@ from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
+from meshd.netlink import Netlink, watch_addresses
 from meshd.node import gossip_address, join_address
 from meshd.types import MemberState, NodeRecord
 from meshd.util import b64encode
@@ -40,6 +41,8 @@ JOIN_TIMEOUT_PER_TARGET = 10.0
 UNHEARD_GRACE = 5.0
 REANNOUNCE_MAX = 60.0
 REPUBLISH_INTERVAL = 60.0
+# Address events come in bursts (a flush then an add): republish once, after this.
+ROAM_SETTLE = 0.1
 # Serf's log tells the view of every member change at once; the poll is the safety net.
 VIEW_POLL_INTERVAL = 1.0
 
@@ -137,6 +140,46 @@ class Presence:
         await bounded(gossip.serf.stop(), "stopping serf", timeout)
         rt.gossip = None
         rt.joined.clear()
+
+    async def refresh_local_addresses(self) -> None:
+        rt = self._rt
+        async with Netlink() as nl:
+            found = await nl.host_addresses(exclude=[rt.config.wireguard.interface])
+        rt.local_addresses = tuple(i.ip for i in found)
+
+    async def roam_loop(self) -> None:
+        """Republish at once when this machine's addresses change (netlink events).
+
+        Others take the new endpoint from the record; before that, a packet into
+        every tunnel reaches each peer from the new address, and WireGuard moves the
+        peer's endpoint to where authenticated packets come from.
+        """
+        rt = self._rt
+        changed = asyncio.Event()
+        watcher = rt.tasks.start(watch_addresses(changed.set), name="address-watch")
+        try:
+            while True:
+                await changed.wait()
+                await asyncio.sleep(ROAM_SETTLE)  # one burst of events, one republish
+                changed.clear()
+                try:
+                    before = rt.local_addresses
+                    await self.refresh_local_addresses()
+                    if rt.local_addresses == before:
+                        continue
+                    log.info(
+                        "this machine's addresses changed: %s",
+                        ", ".join(map(str, rt.local_addresses)) or "none",
+                    )
+                    await rt.iface.forget_sources()
+                    rt.iface.poke(rt.snapshot.desired.peers)
+                    record = self.record()
+                    if rt.published is None or record.endpoints != rt.published.endpoints:
+                        await self.publish(record)
+                except MeshdError as exc:
+                    log.warning("cannot republish after an address change: %s", exc)
+        finally:
+            watcher.cancel()
 
     def join_targets(self) -> list[str]:
         port = self._rt.config.gossip.port

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field, replace
 from meshd.errors import NetlinkError, WireGuardError
 from meshd.netlink import IPInterface, Netlink
 from meshd.types import IPNetwork, PeerConfig
-from meshd.wireguard.backend import DeviceConfig, DeviceState, PeerOp, PeerState, WireGuardBackend
+from meshd.wireguard.backend import (
+    DeviceConfig,
+    DeviceState,
+    OpKind,
+    PeerOp,
+    PeerState,
+    WireGuardBackend,
+)
 from meshd.wireguard.kernel import KernelBackend
 from meshd.wireguard.reconcile import RoutePlan, plan_peers, plan_routes
 from meshd.wireguard.userspace import UserspaceBackend
@@ -202,6 +209,23 @@ class WireGuardInterface:
         async with self._lock:
             self.spec = replace(self.spec, private_key=private_key)
             await self.backend.configure_device(self.spec.device)
+
+    async def forget_sources(self) -> None:
+        """This machine's addresses changed: set every peer's endpoint again.
+
+        WireGuard sends to a peer from the source address it used last (wireguard-go's
+        sticky sockets); once that address is gone every send fails with "network is
+        unreachable" until the endpoint is set anew, which clears the remembered source.
+        """
+        async with self._lock:
+            peers = (await self.backend.read_state()).peers
+            ops = [
+                PeerOp(OpKind.UPDATE, p.public_key, endpoint=p.endpoint)
+                for p in peers
+                if p.endpoint is not None
+            ]
+            if ops:
+                await self.backend.apply(ops)
 
     def poke(self, peers: Iterable[PeerConfig]) -> None:
         """Start a handshake with each peer now, rather than after WireGuard's 5 s retry:
