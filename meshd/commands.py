@@ -285,7 +285,8 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
     "--token-file",
     "token_source",
     metavar="FILE",
-    help="Read the token from FILE ('-' for stdin) [default: env MESHD_TOKEN].",
+    help="Read the token from FILE ('-' for stdin), removed after a successful join "
+    "[default: env MESHD_TOKEN].",
 )
 @address_option
 @endpoint_option
@@ -322,6 +323,9 @@ def join(
         report=lambda line: click.echo(f"meshd: {line}", err=True),
     )
     node, network = joined.node, joined.node.network
+    if token_source not in (None, "-") and not token_source.startswith("env:"):
+        # A token is a secret that admits machines: once used, it has no business here.
+        Path(token_source).unlink(missing_ok=True)
     click.echo(
         f"joined network {network.name} ({network.network_id}) through {joined.seed_name}: "
         f"this node is {node.name} at {', '.join(map(str, node.addresses.all()))}"
@@ -414,20 +418,55 @@ def leave(state: CliState) -> None:
 
 @click.command()
 @click.argument("node")
+@click.option(
+    "--keep-token",
+    is_flag=True,
+    help="Do not revoke the token NODE joined with (other machines may still join with it).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def revoke(state: CliState, node: str, yes: bool) -> None:
+def revoke(state: CliState, node: str, keep_token: bool, yes: bool) -> None:
     """Throw NODE out of the network for good, on a machine holding the CA key.
 
     Signs a revocation of NODE's certificate and WireGuard key and gossips it:
     every member drops NODE as a peer at once and refuses that identity from
     then on, also members that were down (they learn it when they return).
-    NODE can only come back with a new token and a new key.
+
+    The token NODE joined with is revoked too (unless --keep-token): nobody can
+    join with it any more, so a wiped NODE cannot come back with its old token
+    file. Machines that joined with that token earlier keep their place. NODE
+    can come back only with a new token, as a new identity.
+
+    \b
+    Example:
+      meshd revoke edge-7
+      meshd token revoke --token-file old-token     # a token on its own
     """
     if not yes:
         click.confirm(f"revoke {node} for good?", abort=True)
-    result = control.call(state.config.state_dir, "revoke", name=node)
+    result = control.call(state.config.state_dir, "revoke", name=node, keep_token=keep_token)
     click.echo(f"revoked {result['revoked']} (certificate {result['certificate']})")
+    if result.get("token_revoked"):
+        click.echo(f"revoked the token it joined with (enrolment key {result['token_revoked']})")
+
+
+@token.command("revoke")
+@click.option(
+    "--token-file",
+    "token_source",
+    metavar="FILE",
+    help="The token to revoke ('-' for stdin) [default: env MESHD_TOKEN].",
+)
+@click.pass_obj
+def token_revoke(state: CliState, token_source: str | None) -> None:
+    """Revoke a token on a machine holding the CA key: nobody can join with it any more.
+
+    Machines that already joined with it keep their place; revoke them one by one
+    with 'meshd revoke NODE'.
+    """
+    text = read_token_source(token_source)
+    result = control.call(state.config.state_dir, "revoke-token", token=text)
+    click.echo(f"revoked the token (enrolment key {result['revoked_token']})")
 
 
 @click.group()

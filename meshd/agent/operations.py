@@ -21,7 +21,7 @@ from meshd.agent.runtime import Runtime
 from meshd.control import Handler
 from meshd.errors import GossipError, IdentityError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.ca import CertChain, NetworkCA, Revocation
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.types import Member
@@ -58,6 +58,7 @@ class Operations:
             "status": self.status,
             "leave": self.leave,
             "revoke": self.revoke,
+            "revoke-token": self.revoke_token,
             "rotate-gossip": self.rotate_gossip,
             "rotate-wireguard": self.rotate_wireguard,
         }
@@ -66,14 +67,28 @@ class Operations:
         self._request_stop(True)
         return {"leaving": self._rt.name}
 
-    async def revoke(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Sign a revocation of member ``name`` (needs the CA key here) and gossip it."""
+    def _ca(self) -> NetworkCA:
         rt = self._rt
         secret = rt.store.ca_secret()
         if secret is None:
             raise IdentityError(
                 "this machine does not hold the network CA key: revoke where 'meshd init' ran"
             )
+        return NetworkCA.from_secret(rt.state.network.name, secret)
+
+    async def _publish_revocation(self, revocation: Revocation) -> None:
+        self._rt.trust.add(revocation)
+        await self._revoke(revocation.encode())
+
+    async def revoke(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Revoke member ``name``'s certificate and key (needs the CA key here) and gossip it.
+
+        Unless ``keep_token``, the enrolment key that signed it is revoked too: the
+        token it joined with admits nobody any more (machines that joined with it
+        earlier keep their certificates).
+        """
+        rt = self._rt
+        ca = self._ca()
         name = str(request.get("name", ""))
         chain = None
         for member in rt.snapshot.members:
@@ -84,12 +99,35 @@ class Operations:
                 f"no certificate known for {name!r}: it must be (or have been) a member "
                 "this node has seen"
             )
-        ca = NetworkCA.from_secret(rt.state.network.name, secret)
-        revocation = ca.revoke(chain.node, include_key=True)
-        rt.trust.add(revocation)
-        await self._revoke(revocation.encode())
-        log.warning("revoked %s (certificate %s)", name, chain.ref)
-        return {"revoked": name, "certificate": chain.ref, "public_key": chain.node.public_key}
+        await self._publish_revocation(ca.revoke(chain.node, include_key=True))
+        token_revoked = None
+        if chain.issuers and not request.get("keep_token"):
+            enrolment = chain.issuers[0]
+            await self._publish_revocation(ca.revoke(enrolment, include_key=True))
+            token_revoked = enrolment.name
+        log.warning(
+            "revoked %s (certificate %s)%s",
+            name,
+            chain.ref,
+            f" and the enrolment key {token_revoked!r} it joined with" if token_revoked else "",
+        )
+        return {
+            "revoked": name,
+            "certificate": chain.ref,
+            "public_key": chain.node.public_key,
+            "token_revoked": token_revoked,
+        }
+
+    async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Revoke the enrolment key of a token: nobody can join with it any more."""
+        rt = self._rt
+        ca = self._ca()
+        token = parse_token(str(request.get("token", "")), int(time.time()))
+        check_network(token, rt.state.network.network_id)
+        enrolment = token.enrolment.cert
+        await self._publish_revocation(ca.revoke(enrolment, include_key=True))
+        log.warning("revoked the enrolment key %r of a token", enrolment.name)
+        return {"revoked_token": enrolment.name, "expired_at": token.expires_at}
 
     async def rotate_gossip(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """A new gossip key on every member: install everywhere, make it primary, drop the old.

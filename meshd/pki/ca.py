@@ -490,7 +490,11 @@ def verify_chain(
             raise IdentityError(f"{cert.describe()} belongs to network {cert.network_id}")
         if revoked is not None:
             revocation = revoked.find(cert)
-            if revocation is not None:
+            # A revoked enrolment key signs nothing new; what it signed before stays
+            # valid (other machines joined with the same token), unless revoked itself.
+            if revocation is not None and not (
+                cert.role is Role.ENROL and node_cert.not_before < revocation.revoked_at
+            ):
                 raise IdentityError(
                     f"{cert.describe()} was revoked at {_utc(revocation.revoked_at)}"
                 )
