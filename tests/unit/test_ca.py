@@ -282,6 +282,18 @@ def test_revoking_the_enrolment_key_shuts_out_its_node_certs(
         node_chain.verify(ca.public_key, NOW + 100, revoked=revoked)
 
 
+def test_a_revoked_enrolment_key_keeps_what_it_signed_before(
+    ca: NetworkCA, enrolment: EnrolmentKey, node_chain: CertChain, wg_key: str
+) -> None:
+    """Revoking a token cuts off new joins only: machines admitted earlier stay."""
+    revoked = RevocationList()
+    revoked.add(ca.revoke(enrolment.cert, now=NOW + 100), ca.public_key)
+    node_chain.verify(ca.public_key, NOW + 300, revoked=revoked)  # signed at NOW + 60
+    later = enrolment.sign_node_cert("node-2", wg_key, [ADDR4], now=NOW + 200)
+    with pytest.raises(IdentityError, match=r"enrol certificate .* revoked"):
+        verify_chain(later, (enrolment.cert,), ca.public_key, NOW + 200, revoked=revoked)
+
+
 def test_revocation_signed_by_another_ca_is_refused(ca: NetworkCA, node_chain: CertChain) -> None:
     other = NetworkCA.generate("lab")
     forged = other.revoke(node_chain.node, now=NOW)
