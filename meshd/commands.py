@@ -364,6 +364,12 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences from a rogue
+    member's name, say) shown escaped, never sent raw."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _path(row: dict[str, Any]) -> str:
     if row.get("excluded"):
         return f"excluded: {row['excluded']}"
@@ -384,7 +390,7 @@ def status(state: CliState, as_json: bool) -> None:
         return
     node = result["node"]
     click.echo(
-        f"{node['name']}  network {node['network']} ({node['network_id']})  "
+        f"{_printable(node['name'])}  network {node['network']} ({node['network_id']})  "
         f"{', '.join(node['addresses'])}  {node['interface']}:{node['listen_port']}"
     )
     rows = [
@@ -401,6 +407,7 @@ def status(state: CliState, as_json: bool) -> None:
         for r in result["peers"]
     ]
     headers = ["PEER", "ADDRESSES", "GOSSIP", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PATH"]
+    rows = [[_printable(str(cell)) for cell in row] for row in rows]
     click.echo(tabulate(rows, headers=headers) if rows else "no other members yet")
 
 

@@ -30,6 +30,7 @@ from meshd.errors import IdentityError, MeshdError
 from meshd.gossip.rpc import QueryEvent, SerfEvent, UserEvent
 from meshd.pki.ca import CertChain
 from meshd.pki.trust import REVOCATIONS_PER_PAGE
+from meshd.quietlog import Throttle
 from meshd.types import Member, MemberState
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class TrustExchange:
         self._backoff: dict[str, float] = {}
         self._fetching: asyncio.Task[None] | None = None
         self._last_fetch = 0.0
+        self._quiet = Throttle(log)
         self.fetches = 0
         """Chain queries sent since start (for tests and diagnostics)."""
 
@@ -88,7 +90,7 @@ class TrustExchange:
         try:
             revocation = self._rt.trust.add_revocation(data)
         except MeshdError as exc:
-            log.warning("ignored a revocation from %s: %s", source, exc)
+            self._quiet.warning(source, "ignored a revocation from %s: %s", source, exc)
             return
         if revocation is not None:
             log.warning(

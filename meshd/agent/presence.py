@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +20,7 @@ from collections.abc import Set as AbstractSet
 
 from meshd.agent.runtime import Gossip, Runtime, bounded
 from meshd.desired import STATIC_ROLE
-from meshd.errors import GossipError, MeshdError
+from meshd.errors import GossipError, MeshdError, RecordError
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -66,16 +67,18 @@ class Presence:
         if state.static_address:
             roles.add(STATIC_ROLE)
         self._version = max(self._version + 1, int(time.time() * 1000))
-        return NodeRecord(
-            public_key=state.keys.public_key,
-            addresses=state.addresses.all(),
-            port=rt.config.wireguard.port,
-            endpoints=rt.plugins.endpoint_candidates(rt.face),
-            roles=frozenset(roles),
-            routes=extras.routes,
-            cert=rt.own_chain.ref,
-            version=self._version,
-            revocations=rt.trust.digest(),
+        return fit_record(
+            NodeRecord(
+                public_key=state.keys.public_key,
+                addresses=state.addresses.all(),
+                port=rt.config.wireguard.port,
+                endpoints=rt.plugins.endpoint_candidates(rt.face),
+                roles=frozenset(roles),
+                routes=extras.routes,
+                cert=rt.own_chain.ref,
+                version=self._version,
+                revocations=rt.trust.digest(),
+            )
         )
 
     async def publish(self, record: NodeRecord | None = None) -> None:
@@ -282,6 +285,29 @@ class Presence:
             await self._announce_chain()
             next_at = now + delay
             delay = min(delay * 2, REANNOUNCE_MAX)
+
+
+def fit_record(record: NodeRecord) -> NodeRecord:
+    """``record`` with as many endpoint candidates as fit Serf's tag limit.
+
+    The plugins rank candidates best first, so the last ones go: a host with sixty
+    addresses still publishes a record (it used to fail to start).
+    """
+    endpoints = record.endpoints
+    while True:
+        candidate = dataclasses.replace(record, endpoints=endpoints)
+        try:
+            encode_record(candidate)
+        except RecordError:
+            if not endpoints:
+                raise
+            endpoints = endpoints[:-1]
+            continue
+        if len(endpoints) < len(record.endpoints):
+            log.debug(
+                "record: %d of %d endpoint candidates fit", len(endpoints), len(record.endpoints)
+            )
+        return candidate
 
 
 def unheard_peers(

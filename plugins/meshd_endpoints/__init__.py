@@ -55,10 +55,15 @@ def meshd_endpoint_candidates(agent: AgentAPI) -> list[str]:
     found = list(_settings["advertise"])
     if _settings["local"]:
         mesh = [agent.network.cidr4, agent.network.cidr6]
-        for address in agent.local_addresses:
-            if any(net is not None and address in net for net in mesh):
-                continue
-            if isinstance(address, ipaddress.IPv6Address) and address.is_private:
-                continue  # ULAs are rarely reachable from other sites; keep lists short
-            found.append(_endpoint(address, agent.listen_port))
+        usable = [
+            address
+            for address in agent.local_addresses
+            if not any(net is not None and address in net for net in mesh)
+            # ULAs are rarely reachable from other sites; keep lists short
+            and not (isinstance(address, ipaddress.IPv6Address) and address.is_private)
+        ]
+        # Best first (the record keeps what fits, from the front): public before
+        # private, IPv4 before IPv6; the kernel's order otherwise.
+        usable.sort(key=lambda a: (not a.is_global, a.version))
+        found.extend(_endpoint(address, agent.listen_port) for address in usable)
     return found

@@ -1,20 +1,31 @@
 """Attacks from the security review, each as a test (issue: security findings).
 
 A revoked machine must not come back with the token it joined with, while the
-machines that joined earlier with that same token keep their place.
+machines that joined earlier with that same token keep their place; a rogue's
+name full of terminal escapes is printed escaped; a host with sixty addresses
+still starts and joins.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from meshd.gossip.record import encode_record
+from meshd.gossip.supervisor import SerfAgent, SerfSettings
+from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
+from meshd.types import NodeRecord
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -28,7 +39,7 @@ def mesh() -> Iterator[MeshLab]:
     reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
     if reason:
         pytest.skip(reason)
-    lab = Lab.create(nodes=len(NODES) + 1, topology="flat")
+    lab = Lab.create(nodes=len(NODES) + 2, topology="flat")
     try:
         yield MeshLab(lab)
     finally:
@@ -86,3 +97,68 @@ def test_a_fresh_token_still_admits_a_new_machine(mesh: MeshLab) -> None:
     started = time.monotonic()
     mesh.wait_full_mesh(["n1", "n2", "n3", "n5"], timeout=60)
     print(f"n5 in the full mesh {time.monotonic() - started:.1f} s after its agent started")
+
+
+ESCAPES = "evil\x1b]0;pwned\x07\x1b[2J"
+
+
+def test_a_rogue_name_with_terminal_escapes_is_printed_escaped(mesh: MeshLab) -> None:
+    """A bare serf agent with the gossip key joins under a name that would set the window
+    title and clear the screen; status shows it, escaped."""
+    host = "n3"
+    address = mesh.mesh_address(host)
+    seed = json.loads(mesh.meshd("n1", "status", "--json").stdout)["node"]["addresses"][1]
+    record = NodeRecord(
+        public_key=WireGuardKeyPair.generate().public_key,
+        addresses=(ipaddress.ip_address("100.80.251.1"),),
+        port=51820,
+        version=1,
+    )
+    settings = SerfSettings(
+        node_name=ESCAPES,
+        state_dir=Path(mesh.lab.node_dir(host)) / "rogue-escapes",
+        rpc_auth_key=secrets.token_hex(8),
+        bind_addr=address,
+        bind_port=7960,
+        advertise_addr=f"{address}:7960",
+        rpc_addr="127.0.0.1:8060",
+        gossip_keys=((mesh.state_dir(host) / "gossip.key").read_text().strip(),),
+        tags=encode_record(record),
+        extra={"start_join": [f"[{seed}]:7946"]},
+    )
+    rogue = SerfAgent(settings, netns=mesh.lab.netns_of(host))
+
+    async def scenario() -> str:
+        await rogue.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                listed = json.loads(mesh.meshd("n1", "status", "--json").stdout)["peers"]
+                if any(ESCAPES in p["name"] for p in listed):
+                    return str(mesh.meshd("n1", "status").stdout)
+                await asyncio.sleep(0.3)
+            pytest.fail("the rogue never showed up in n1's status")
+        finally:
+            await rogue.stop()
+
+    table = asyncio.run(scenario())
+    assert "\x1b" not in table
+    assert "\x07" not in table
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J" in table
+
+
+def test_a_host_with_sixty_addresses_starts_and_joins(mesh: MeshLab) -> None:
+    node = mesh.lab.node("n6")
+    # Sixty more addresses of the lab's own subnet, on the lab host itself.
+    base = ipaddress.ip_interface(node.cidr)
+    for i in range(60):
+        extra = f"{base.network.network_address + 150 + i}/{base.network.prefixlen}"
+        mesh.lab.run("n6", ["ip", "address", "add", extra, "dev", node.interface])
+    mesh.join("n6", "n2")
+    mesh.start("n6")
+    mesh.wait_full_mesh(["n1", "n2", "n6"], timeout=60)
+    status = mesh.status("n6")
+    assert status is not None
+    published = status["node"]["endpoints"]
+    print(f"n6 publishes {len(published)} of its 61 addresses: {published[:3]}...")
+    assert 0 < len(published) < 61
