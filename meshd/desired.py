@@ -8,8 +8,11 @@ diffs the result against the live interface and applies only the difference.
 Rules:
 
 - Members that are alive or failed are candidates: a failed member keeps its
-  peer entry so it can come back within Serf's reconnect window; leaving, left
-  and reaped members are dropped.
+  peer entry so it can come back within Serf's reconnect window. Leaving and
+  left are Serf states anyone with the gossip key can forge (``force-leave``):
+  such a member stays a candidate while its WireGuard handshake is recent
+  (``recent``), unless it said goodbye itself through its own tunnel
+  (``departed``, authenticated by WireGuard). Reaped members are dropped.
 - A member without a decodable record, or whose record the policy does not
   admit, is left out with the reason.
 - Two members claiming one mesh address: one keeps it (an address its
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +56,7 @@ STATIC_ROLE = "static-addr"
 # "leaving" is a graceful leave under way: its peer goes now, not when "left" arrives
 # (a node that misses that last message would keep it until push/pull, 30 s later).
 _CANDIDATE_STATES = frozenset({MemberState.ALIVE, MemberState.FAILED})
+_UNAUTHENTICATED_GONE = frozenset({MemberState.LEAVING, MemberState.LEFT})
 
 
 class Policy(Protocol):
@@ -133,6 +138,8 @@ def compute(
     own_certified: Iterable[IPAddress] = (),
     known: Sequence[KnownEntry] = (),
     known_grace: float = 120.0,
+    recent: AbstractSet[str] = frozenset(),
+    departed: AbstractSet[str] = frozenset(),
 ) -> DesiredState:
     """The full desired peer set for this node: gossip's members, then known peers."""
     excluded: dict[str, str] = {}
@@ -140,9 +147,15 @@ def compute(
     for member in members:
         if member.name == own_name:
             continue
-        if member.state not in _CANDIDATE_STATES:
-            continue
         record = member.record
+        if record is not None and record.public_key in departed:
+            continue
+        if member.state not in _CANDIDATE_STATES and not (
+            member.state in _UNAUTHENTICATED_GONE
+            and record is not None
+            and record.public_key in recent
+        ):
+            continue
         if record is None:
             excluded[member.name] = f"no valid record: {member.record_error or 'none published'}"
             continue
@@ -212,7 +225,7 @@ def compute(
 
     gossip_peers = _without_overlaps(tuple(peers.values()))
     merged, forget, unconfirmed = _merge_known(
-        gossip_peers, members, own_name, own_record, known, keepalive, known_grace
+        gossip_peers, members, own_name, own_record, known, keepalive, known_grace, departed
     )
     return DesiredState(
         peers=merged,
@@ -238,6 +251,7 @@ def _merge_known(
     known: Sequence[KnownEntry],
     keepalive: int | None,
     grace: float,
+    departed: AbstractSet[str],
 ) -> tuple[tuple[PeerConfig, ...], tuple[str, ...], tuple[str, ...]]:
     desired_keys = {p.public_key for p in peers}
     by_key = {m.record.public_key: m for m in members if m.record}
@@ -250,7 +264,7 @@ def _merge_known(
     for entry in sorted(known, key=lambda e: e.peer.public_key):
         key = entry.peer.public_key
         member = by_key.get(key)
-        if key in desired_keys or (member is not None and _settled(member)):
+        if key in desired_keys or key in departed or (member is not None and _settled(member)):
             forget.append(key)
             continue
         if others_alive and entry.age > grace:

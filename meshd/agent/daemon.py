@@ -35,6 +35,7 @@ import time
 from meshd import systemd
 from meshd.agent.addressing import Addressing
 from meshd.agent.exchange import TrustExchange
+from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
 from meshd.agent.operations import Operations
 from meshd.agent.pipeline import Pipeline
 from meshd.agent.presence import RESYNC_INTERVAL, Presence
@@ -43,7 +44,7 @@ from meshd.agent.seed import Seed
 from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
-from meshd.gossip.rpc import SerfEvent, UserEvent
+from meshd.gossip.rpc import SerfEvent
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.ca import CertChain
 from meshd.pki.enrol import EnrolServer, chain_verifier
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 INTERFACE_WAIT = 15.0
 READY_TIMEOUT = 30.0
-LEAVE_EVENT = "meshd-leave"
 # systemd waits 90 s by default; the issue of record asks for 3 s, children included.
 SHUTDOWN_BUDGET = 2.5
 
@@ -162,6 +162,7 @@ class Agent:
         rt.tasks.start(self.exchange.revocation_loop(), name="revocation-sync")
         rt.tasks.start(self.presence.reannounce_loop(), name="reannounce")
         rt.tasks.start(self.presence.roam_loop(), name="roaming")
+        rt.tasks.start(GoodbyeListener(rt).run(), name="goodbye")
 
     async def _wait_joined(self) -> None:
         """Until gossip has joined another member: at once for a node that knows nobody
@@ -198,6 +199,9 @@ class Agent:
         """
         await self.presence.stop_gossip(leave=True, timeout=SHUTDOWN_BUDGET)
         await self.presence.start_gossip(self._on_gossip_event)
+        # Goodbyes arrive on the gossip address: listen on the new one.
+        await self._rt.tasks.cancel(self._rt.tasks.named("goodbye"), 0.5)
+        self._rt.tasks.start(GoodbyeListener(self._rt).run(), name="goodbye")
 
     async def _shutdown(self) -> None:
         """Every step bounded; about SHUTDOWN_BUDGET seconds at most in all."""
@@ -207,14 +211,10 @@ class Agent:
             rt.plugins.shutdown(rt.face)
         except Exception:
             log.exception("a plugin failed at shutdown")
-        if self._leave and rt.has_gossip:
-            await bounded(
-                rt.gossip.client.user_event(
-                    LEAVE_EVENT, rt.state.keys.public_key.encode(), coalesce=False
-                ),
-                "announcing the leave",
-                0.3,
-            )
+        if self._leave and rt.has_iface:
+            # Through each peer's tunnel, so nobody can forge it (see agent/goodbye.py).
+            targets = goodbye_targets(rt, rt.snapshot.desired.peers)
+            await bounded(say_goodbye(rt.state.keys.public_key, targets), "saying goodbye", 0.3)
         # Tasks first (they use what is closed below), then what they used, children last.
         await rt.tasks.cancel_all(0.5)
         await self.presence.stop_gossip(leave=self._leave, timeout=0.8)
@@ -237,13 +237,6 @@ class Agent:
         self._rt.kick()
 
     def _on_gossip_event(self, event: SerfEvent) -> None:
-        rt = self._rt
-        if isinstance(event, UserEvent) and event.name == LEAVE_EVENT:
-            key = event.payload.decode("ascii", "replace")
-            if key != rt.state.keys.public_key:
-                rt.departed[key] = time.monotonic()
-                rt.kick()
-            return
         self.exchange.on_event(event)
 
     # --- the loop --------------------------------------------------------

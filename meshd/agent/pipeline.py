@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # A peer learnt at enrolment or restored from disk, not (yet) seen in gossip,
 # is kept this long after gossip has other members.
 KNOWN_PEER_GRACE = 120.0
+# A live WireGuard session re-handshakes at least every 2 minutes (REKEY_AFTER_TIME,
+# driven by the keepalives): a handshake younger than this means the peer is there.
+RECENT_HANDSHAKE = 150.0
 
 
 def certify(
@@ -45,9 +48,8 @@ def certify(
 ) -> tuple[Member, ...]:
     """Each member with the trust store's verdict on its record.
 
-    A "failed" member that announced its leave counts as left: a leave can reach a
-    node as "failed" first (it missed the leave intent; push/pull repairs it up to
-    30 s later), and a failed member keeps its peer.
+    A member that said goodbye through its tunnel (``departed``) is shown as left,
+    whatever Serf says yet (a leave can reach a node as "failed" first).
     """
     result = []
     for member in members:
@@ -60,7 +62,7 @@ def certify(
                 certificate_error=verdict.error,
                 certified_addresses=verdict.addresses,
             )
-            if member.state is MemberState.FAILED and record.public_key in departed:
+            if member.state is not MemberState.LEFT and record.public_key in departed:
                 member = dataclasses.replace(member, state=MemberState.LEFT)
         result.append(member)
     return tuple(result)
@@ -122,6 +124,8 @@ class Pipeline:
             own_certified=rt.own_chain.node.addresses,
             known=rt.known.entries(time.monotonic()),
             known_grace=KNOWN_PEER_GRACE,
+            recent=rt.recent_handshakes(RECENT_HANDSHAKE),
+            departed=frozenset(rt.departed),
         )
         for key in desired.forget:
             peer = rt.known.get(key)

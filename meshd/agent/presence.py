@@ -254,6 +254,9 @@ class Presence:
             except MeshdError as exc:
                 log.debug("cannot read the peers' handshakes: %s", exc)
                 continue
+            rt.handshakes = {
+                key: peer.last_handshake for key, peer in stats.items() if peer.last_handshake
+            }
             now = time.monotonic()
             snapshot = rt.snapshot
             alive = {

@@ -150,8 +150,10 @@ class Runtime:
         self.state: NodeState = store.load()
         self.trust = Trust(self.state.ca_public_key, store.dir)
         self.known = KnownPeers()
-        # Keys whose owner announced its leave: a "failed" one of them counts as left.
+        # Keys whose owner said goodbye through its own tunnel (agent/goodbye.py).
         self.departed: dict[str, float] = {}
+        # Last WireGuard handshake (epoch seconds) per peer key, read by presence.
+        self.handshakes: dict[str, float] = {}
         self.snapshot = Snapshot()
         self.published: NodeRecord | None = None
         self.local_addresses: tuple[IPAddress, ...] = ()
@@ -200,6 +202,11 @@ class Runtime:
     @property
     def own_chain(self) -> CertChain:
         return CertChain.decode(self.state.chain)
+
+    def recent_handshakes(self, within: float) -> frozenset[str]:
+        """Keys of peers whose last handshake is at most ``within`` seconds old."""
+        now = time.time()
+        return frozenset(k for k, at in self.handshakes.items() if now - at <= within)
 
     def kick(self) -> None:
         """Ask for a pass now."""
