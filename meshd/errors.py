@@ -15,6 +15,7 @@
      │    └── RecordError          a node record that cannot be encoded or decoded
      ├── WireGuardError         configuring a WireGuard interface failed
      ├── NetlinkError           addresses, links or routes could not be changed
+     ├── FirewallError          meshd's nftables table could not be installed or removed
      ├── LabError               the network-namespace lab
      └── EnrolError             enrolment with a seed failed (unreachable, timed out)
           └── EnrolRefused      the seed refused the request; ``reason`` says why
@@ -95,6 +96,10 @@ class RecordError(GossipError):
 
 
 class WireGuardError(MeshdError):
+    pass
+
+
+class FirewallError(MeshdError):
     pass
 
 

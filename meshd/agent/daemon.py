@@ -32,7 +32,7 @@ import logging
 import signal
 import time
 
-from meshd import systemd
+from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
 from meshd.agent.exchange import TrustExchange
 from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
@@ -222,6 +222,7 @@ class Agent:
             await bounded(self._enrol.stop(), "stopping the enrolment port", 0.2)
         if self._control is not None:
             await bounded(self._control.stop(), "stopping the control socket", 0.2)
+        await bounded(firewall.remove(), "removing meshd's nftables table", 0.3)
         if rt.has_iface:
             await bounded(rt.iface.close(), "removing the interface", 0.8)
         if self._leave:

@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from collections.abc import Set as AbstractSet
 
+from meshd import firewall
+from meshd.agent.goodbye import goodbye_port
 from meshd.agent.runtime import Gossip, Runtime, bounded
 from meshd.desired import STATIC_ROLE
-from meshd.errors import GossipError, MeshdError, RecordError
+from meshd.errors import FirewallError, GossipError, MeshdError, RecordError
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -37,6 +40,8 @@ JOIN_RETRY = 2.0
 # Serf tries a join's targets one after another, each for up to 10 s (memberlist's TCP
 # timeout) when the target's WireGuard does not know this node yet.
 JOIN_TIMEOUT_PER_TARGET = 10.0
+# Serf tries a join's targets one after another: a few are enough.
+JOIN_TARGETS = 8
 # An alive member with no WireGuard handshake this long may never have heard of this
 # node: announce it again, then less and less often.
 UNHEARD_GRACE = 5.0
@@ -115,6 +120,14 @@ class Presence:
             tags=encode_record(record),
             log_level="info" if log.isEnabledFor(logging.DEBUG) else "warn",
         )
+        try:
+            await firewall.protect_gossip(
+                gossip_address(state.addresses.all()),
+                (cfg.gossip.port, goodbye_port(cfg.gossip.port)),
+                rt.iface.ifname,
+            )
+        except FirewallError as exc:
+            log.warning("gossip stays reachable from the underlay: %s", exc)
         serf = SerfAgent(settings, serf_binary=cfg.gossip.serf_binary)
         await serf.start()
         rt.tasks.start(serf.supervise(), name="serf")
@@ -185,8 +198,16 @@ class Presence:
             watcher.cancel()
 
     def join_targets(self) -> list[str]:
-        port = self._rt.config.gossip.port
-        return [join_address(p.gossip_addr, port) for p in self._rt.known if p.gossip_addr]
+        """Known peers, then every member gossip ever showed us: a node that finds itself
+        alone (restarted, or wrongly dropped by the others) gets back through any of them."""
+        rt = self._rt
+        port = rt.config.gossip.port
+        addresses = [p.gossip_addr for p in rt.known if p.gossip_addr]
+        others = [m for m in rt.snapshot.others(rt.name) if m.record is not None]
+        random.shuffle(others)
+        addresses += [str(gossip_address(m.record.addresses)) for m in others if m.record]
+        unique = list(dict.fromkeys(addresses))
+        return [join_address(a, port) for a in unique[:JOIN_TARGETS]]
 
     async def join_loop(self) -> None:
         """Ask Serf to join known peers until another member is alive, and again if alone."""
