@@ -377,7 +377,9 @@ class EnrolServer:
         burst: float = 5,
         refill_per_second: float = 0.5,
         timeout: float = 10.0,
-        max_connections: int = 32,
+        first_frame_timeout: float = 3.0,
+        max_connections: int = 128,
+        max_per_source: int = 4,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -385,7 +387,14 @@ class EnrolServer:
         self._on_enrolled = on_enrolled
         self._limiter = RateLimiter(burst, refill_per_second)
         self._timeout = timeout
+        self._first_frame_timeout = first_frame_timeout
         self._max_connections = max_connections
+        self._max_per_source = max_per_source
+        # Conversations by source (an IPv6 /64 counts as one), oldest first; and those
+        # still waiting for their request, which a newcomer may push out.
+        self._by_source: dict[str, list[asyncio.Task[None]]] = {}
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._writers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self._bound_port = port
         self._conversations: set[asyncio.Task[None]] = set()
@@ -426,10 +435,46 @@ class EnrolServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def _admit(
+        self, task: asyncio.Task[None], key: str, writer: asyncio.StreamWriter
+    ) -> str | None:
+        """Make room for a new conversation from source ``key``; why not, or None.
+
+        Idle connections must not lock honest joiners out: one source holds at most
+        ``max_per_source`` conversations, and when the server is full a newcomer pushes
+        out a waiting conversation of the source that holds the most, as long as that
+        source holds more than the newcomer's.
+        """
+        mine = self._by_source.setdefault(key, [])
+        if len(mine) >= self._max_per_source:
+            return "too many connections from your address, retry later"
+        if len(self._conversations) >= self._max_connections:
+            crowded = max(self._by_source.values(), key=len)
+            victim = next((t for t in crowded if t in self._waiting), None)
+            if victim is None or len(crowded) <= len(mine) + 1:
+                return "seed is busy, retry later"
+            # Closing its connection ends its conversation (its read fails).
+            self._writers[victim].close()
+            self._forget(victim)
+        mine.append(task)
+        self._writers[task] = writer
+        self._conversations.add(task)
+        self._waiting.add(task)
+        return None
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._conversations.discard(task)
+        self._waiting.discard(task)
+        self._writers.pop(task, None)
+        for key, tasks in list(self._by_source.items()):
+            if task in tasks:
+                tasks.remove(task)
+                if not tasks:
+                    del self._by_source[key]
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._conversations.add(task)
+        assert task is not None
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         try:
@@ -437,35 +482,51 @@ class EnrolServer:
                 log.debug("enrolment from %s refused: rate limited", source)
                 await _write_frame(writer, _refusal("rate limited: too many attempts, retry later"))
                 return
-            if len(self._conversations) > self._max_connections:
-                await _write_frame(writer, _refusal("seed is busy, retry later"))
+            refusal = self._admit(task, RateLimiter.source_key(source), writer)
+            if refusal is not None:
+                log.debug("enrolment from %s refused: %s", source, refusal)
+                await _write_frame(writer, _refusal(refusal))
                 return
-            await asyncio.wait_for(self._converse(reader, writer, source), self._timeout)
+            await asyncio.wait_for(
+                self._converse(reader, writer, source, accepted=task), self._timeout
+            )
         except asyncio.TimeoutError:
             log.info("enrolment from %s timed out", source)
         except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
             log.debug("enrolment connection from %s ended: %s", source, exc)
+        except asyncio.CancelledError:
+            # Only stop() cancels. Ending normally: Python 3.11's stream callback calls
+            # task.exception() on a cancelled task and logs a spurious traceback.
+            log.debug("enrolment from %s cut off: the server stops", source)
         except Exception:
             # Whatever one client does, the server goes on serving the others.
             log.exception("unexpected failure in an enrolment from %s", source)
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
-            if task is not None:
-                self._conversations.discard(task)
+            self._forget(task)
 
     async def _converse(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        source: str,
+        *,
+        accepted: asyncio.Task[None],
     ) -> None:
         nonce = os.urandom(NONCE_LEN)
         hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": _b64(nonce)}
         await _write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
-            body = await _read_frame(reader, MAX_REQUEST)
+            # A short deadline for the request: an idle connection holds a place.
+            body = await asyncio.wait_for(
+                _read_frame(reader, MAX_REQUEST), self._first_frame_timeout
+            )
         except IdentityError as exc:
             await self._refuse(writer, source, str(exc))
             return
+        self._waiting.discard(accepted)
         # Reading errors (EOF, reset) end the conversation in _accept; from here on, any
         # failure is answered with a reason.
         try:

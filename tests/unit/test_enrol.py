@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import logging
@@ -389,6 +390,40 @@ def test_silent_client_is_cut_off_and_server_goes_on() -> None:
             assert reader.at_eof()
             writer.close()
             await enrol(LOOPBACK, server.port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+
+    run(scenario)
+
+
+def test_an_honest_joiner_gets_in_while_300_idle_connections_are_held() -> None:
+    """The attack from the security review: 295 idle connections from 59 addresses
+    locked honest joiners out for 10 s. Loopback has a whole /8 to connect from."""
+    net = Network()
+
+    async def scenario() -> None:
+        async with net.server() as server:
+            held = []
+            for i in range(300):
+                source = f"127.0.{1 + i // 5 // 250}.{1 + (i // 5) % 250}"  # 60 sources, 5 each
+                reader, writer = await asyncio.open_connection(
+                    LOOPBACK, server.port, local_addr=(source, 0)
+                )
+                held.append((reader, writer))
+            started = asyncio.get_running_loop().time()
+            result = await enrol(
+                LOOPBACK, server.port, net.token, joiner_cert(net.token), "192.0.2.9:1"
+            )
+            took = asyncio.get_running_loop().time() - started
+            assert result.seed.public_key == net.seed_key
+            assert took < 3.0  # before any idle connection's own deadline freed a place
+            refused = 0
+            for reader, writer in held:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    header = await asyncio.wait_for(reader.readexactly(4), 1)
+                    body = await reader.readexactly(struct.unpack(">I", header)[0])
+                    refused += b"refused" in body
+                writer.close()
+            # Past the caps the rest were turned away at once, with a reason.
+            assert refused >= 60
 
     run(scenario)
 
