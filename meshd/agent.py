@@ -48,6 +48,7 @@ from meshd.errors import (
     SerfCommandError,
     WireGuardError,
 )
+from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import QueryEvent, SerfClient, UserEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -327,7 +328,7 @@ class Agent:
         cfg, state = self._config, self.state
         record = self._record()
         settings = SerfSettings(
-            node_name=state.name,
+            node_name=serf_node_name(state.name, state.keys.public_key),
             state_dir=self.store.serf_dir,
             rpc_auth_key=state.rpc_key,
             bind_addr=str(gossip_address(state.addresses.all())),
@@ -679,7 +680,7 @@ class Agent:
             if record.cert in self._fetching or now < self._fetch_failed.get(record.cert, 0):
                 continue
             self._fetching.add(record.cert)
-            self._start_task(self._fetch_chain(member.name, record.cert), name="fetch-chain")
+            self._start_task(self._fetch_chain(member.serf_name, record.cert), name="fetch-chain")
 
     async def _fetch_chain(self, name: str, ref: str) -> None:
         """Ask the member, and a few certified peers that may hold a copy, for a chain."""
@@ -687,9 +688,9 @@ class Agent:
             client = self._client
             assert client is not None
             helpers = [
-                m.name
+                m.serf_name
                 for m in self._members()
-                if m.certified and m.state is MemberState.ALIVE and m.name != name
+                if m.certified and m.state is MemberState.ALIVE and m.serf_name != name
             ]
             asked = [name, *random.sample(helpers, min(CHAIN_HELPERS, len(helpers)))]
             log.debug("asking %s for the certificate chain of %s", ", ".join(asked), name)
@@ -728,7 +729,7 @@ class Agent:
         if client is None:
             return
         others = [
-            m.name
+            m.serf_name
             for m in self._members()
             if m.state is MemberState.ALIVE and m.certified and m.name != self.state.name
         ]
