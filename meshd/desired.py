@@ -15,8 +15,9 @@ Rules:
 - Two admitted members under one name are two incarnations of one machine
   (wiped and joined again with a new key, or restarted after a key rotation;
   Serf keeps the old one as failed or left): only the current one is a
-  candidate, the alive one, else the one with the newer record. An
-  unadmitted newcomer never displaces the member it claims to replace.
+  candidate, the alive one, else the one with the newer record
+  (:func:`current_incarnations`). An unadmitted newcomer never displaces
+  the member it claims to replace.
 - Two members claiming one mesh address: one keeps it (an address its
   certificate binds beats one it does not, then a static address beats a
   derived one, then the lower public key wins); the loser's claim is left out
@@ -109,12 +110,14 @@ def claim_of(name: str, record: NodeRecord, certified: Iterable[IPAddress] = ())
 
 
 def current_incarnations(members: Iterable[Member]) -> list[Member]:
-    """One member per name, in first-seen order: alive before any other state, then the
-    newer record (a node's record version grows with the wall clock)."""
+    """One member per name, in first-seen order: a certified one before an uncertified
+    one (a newcomer with only the gossip key never hides the member it claims to be),
+    then alive before any other state, then the newer record (a node's record version
+    grows with the wall clock)."""
 
-    def rank(member: Member) -> tuple[bool, int]:
+    def rank(member: Member) -> tuple[bool, bool, int]:
         version = member.record.version if member.record else -1
-        return (member.state is MemberState.ALIVE, version)
+        return (member.certified, member.state is MemberState.ALIVE, version)
 
     chosen: dict[str, Member] = {}
     for member in members:

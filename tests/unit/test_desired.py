@@ -202,3 +202,10 @@ def test_current_incarnations_keep_one_member_per_name_in_first_seen_order() -> 
         ("n3", KEYS[4]),
         ("n1", KEYS[1]),
     ]
+
+
+def test_a_certified_incarnation_wins_over_an_uncertified_alive_one() -> None:
+    real = dataclasses.replace(incarnation(3, 3, MemberState.FAILED, version=5), certified=True)
+    rogue = incarnation(3, 4, MemberState.ALIVE, version=9)
+    assert current_incarnations([rogue, real]) == [real]
+    assert current_incarnations([real, rogue]) == [real]
