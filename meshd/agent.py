@@ -38,7 +38,15 @@ from typing import Any
 from meshd import systemd
 from meshd.config import Config
 from meshd.control import ControlServer
-from meshd.desired import STATIC_ROLE, Claim, DesiredState, address_owners, claim_of, compute
+from meshd.desired import (
+    STATIC_ROLE,
+    Claim,
+    DesiredState,
+    address_owners,
+    claim_of,
+    compute,
+    current_incarnations,
+)
 from meshd.errors import (
     EnrolRefused,
     GossipError,
@@ -1019,7 +1027,7 @@ class Agent:
             )
         name = str(request.get("name", ""))
         chain = None
-        for member in self._members():
+        for member in current_incarnations(self._members()):
             if member.name == name and member.record is not None:
                 chain = self.trust.chain(member.record.cert)
         if chain is None:
@@ -1120,7 +1128,7 @@ class Agent:
         peers_by_key = {p.public_key: p for p in self._desired.peers}
         rows: list[dict[str, Any]] = []
         seen_keys: set[str] = set()
-        for member in sorted(self._members(), key=lambda m: m.name):
+        for member in sorted(current_incarnations(self._members()), key=lambda m: m.name):
             if member.name == state.name:
                 continue
             key = member.record.public_key if member.record else None
