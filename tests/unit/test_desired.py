@@ -209,3 +209,37 @@ def test_a_certified_incarnation_wins_over_an_uncertified_alive_one() -> None:
     rogue = incarnation(3, 4, MemberState.ALIVE, version=9)
     assert current_incarnations([rogue, real]) == [real]
     assert current_incarnations([real, rogue]) == [real]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 3), st.sampled_from(list(MemberState)), st.integers(0, 99)),
+        max_size=7,
+        unique_by=lambda row: row[2],  # distinct record versions: no ties to break by order
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_one_peer_per_name_whatever_the_incarnations_and_their_order(rows, rnd) -> None:
+    # Row k is an incarnation of n{name} under its own key KEYS[k + 1].
+    members = [incarnation(i, k + 1, state, v) for k, (i, state, v) in enumerate(rows)]
+    own = record(0, "100.80.0.1")
+    first = compute(own_name="n0", own_record=own, members=members, policy=AdmitAll())
+    shuffled = list(members)
+    rnd.shuffle(shuffled)
+    second = compute(own_name="n0", own_record=own, members=shuffled, policy=AdmitAll())
+    assert set(first.peers) == set(second.peers)
+    name_of = {m.record.public_key: m.name for m in members if m.record}
+    names = [name_of[p.public_key] for p in first.peers]
+    assert len(names) == len(set(names))
+    # Each name that has an alive or failed incarnation has a peer: the best-ranked one.
+    for name in {m.name for m in members if m.state in (MemberState.ALIVE, MemberState.FAILED)}:
+        best = max(
+            (
+                m
+                for m in members
+                if m.name == name and m.state in (MemberState.ALIVE, MemberState.FAILED)
+            ),
+            key=lambda m: (m.state is MemberState.ALIVE, m.record.version if m.record else -1),
+        )
+        assert best.record is not None
+        assert best.record.public_key in {p.public_key for p in first.peers}
