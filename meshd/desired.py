@@ -15,6 +15,12 @@ Rules:
   (``departed``, authenticated by WireGuard). Reaped members are dropped.
 - A member without a decodable record, or whose record the policy does not
   admit, is left out with the reason.
+- Two admitted members under one name are two incarnations of one machine
+  (wiped and joined again with a new key, or restarted after a key rotation;
+  Serf keeps the old one as failed or left): only the current one is a
+  candidate, the alive one, else the one with the newer record
+  (:func:`current_incarnations`). An unadmitted newcomer never displaces
+  the member it claims to replace.
 - Two members claiming one mesh address: one keeps it (an address its
   certificate binds beats one it does not, then a static address beats a
   derived one, then the lower public key wins); the loser's claim is left out
@@ -128,6 +134,24 @@ def claim_of(name: str, record: NodeRecord, certified: Iterable[IPAddress] = ())
     )
 
 
+def current_incarnations(members: Iterable[Member]) -> list[Member]:
+    """One member per name, in first-seen order: a certified one before an uncertified
+    one (a newcomer with only the gossip key never hides the member it claims to be),
+    then alive before any other state, then the newer record (a node's record version
+    grows with the wall clock)."""
+
+    def rank(member: Member) -> tuple[bool, bool, int]:
+        version = member.record.version if member.record else -1
+        return (member.certified, member.state is MemberState.ALIVE, version)
+
+    chosen: dict[str, Member] = {}
+    for member in members:
+        held = chosen.get(member.name)
+        if held is None or rank(member) > rank(held):
+            chosen[member.name] = member
+    return list(chosen.values())
+
+
 def compute(
     *,
     own_name: str,
@@ -169,6 +193,7 @@ def compute(
             )
             continue
         candidates.append(member)
+    candidates = current_incarnations(candidates)
 
     owners = address_owners(
         [(claim_of(own_name, own_record, own_certified), own_record.addresses)]

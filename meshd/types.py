@@ -86,6 +86,12 @@ class Member:
     leads to the network CA, nothing in it is revoked or expired, and it binds
     the member's name and WireGuard key (``certificate_error`` says why not).
     ``certified_addresses`` are the addresses its certificate binds.
+
+    ``name`` is the node's name, the one its certificate binds and people see;
+    ``serf_name`` is its member name in Serf (``name.<key suffix>``, see
+    :mod:`meshd.gossip.names`), the one to hand to Serf (a query's node filter).
+    A machine that was wiped and joined again under its old name is a new Serf
+    member: for a while the view holds both, under one ``name``.
     """
 
     name: str
@@ -96,6 +102,7 @@ class Member:
     certified: bool = False
     certificate_error: str | None = None
     certified_addresses: tuple[IPAddress, ...] = ()
+    serf_name: str = ""
 
 
 @dataclass(frozen=True)

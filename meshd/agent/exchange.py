@@ -188,11 +188,11 @@ class TrustExchange:
         assert member.record is not None
         ref = member.record.cert
         helpers = [
-            m.name
+            m.serf_name
             for m in members
             if m.certified and m.state is MemberState.ALIVE and m.name not in (member.name, rt.name)
         ]
-        asked = [member.name, *random.sample(helpers, min(CHAIN_HELPERS, len(helpers)))]
+        asked = [member.serf_name, *random.sample(helpers, min(CHAIN_HELPERS, len(helpers)))]
         self.fetches += 1
         try:
             result = await rt.gossip.client.query(
@@ -236,7 +236,7 @@ class TrustExchange:
         rt = self._rt
         ours = rt.trust.digest()
         differ = [
-            m.name
+            m.serf_name
             for m in rt.snapshot.alive_certified(rt.name)
             if m.record is not None and m.record.revocations != ours
         ]

@@ -19,6 +19,7 @@ from typing import Any
 
 from meshd.agent.runtime import Runtime
 from meshd.control import Handler
+from meshd.desired import current_incarnations
 from meshd.errors import GossipError, IdentityError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import CertChain, NetworkCA, Revocation
@@ -91,7 +92,7 @@ class Operations:
         ca = self._ca()
         name = str(request.get("name", ""))
         chain = None
-        for member in rt.snapshot.members:
+        for member in current_incarnations(rt.snapshot.members):
             if member.name == name and member.record is not None:
                 chain = rt.trust.chain(member.record.cert)
         if chain is None:
@@ -184,7 +185,7 @@ class Operations:
         peer_keys = {p.public_key for p in desired.peers}
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for member in sorted(snapshot.others(rt.name), key=lambda m: m.name):
+        for member in sorted(current_incarnations(snapshot.others(rt.name)), key=lambda m: m.name):
             key = member.record.public_key if member.record else None
             if key:
                 seen.add(key)

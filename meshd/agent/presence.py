@@ -24,6 +24,7 @@ from meshd.agent.goodbye import goodbye_port
 from meshd.agent.runtime import Gossip, Runtime, bounded
 from meshd.desired import STATIC_ROLE
 from meshd.errors import FirewallError, GossipError, MeshdError, RecordError
+from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -106,7 +107,7 @@ class Presence:
         record = self.record()
         bind = str(gossip_address(state.addresses.all()))
         settings = SerfSettings(
-            node_name=state.name,
+            node_name=serf_node_name(state.name, state.keys.public_key),
             state_dir=rt.store.serf_dir,
             rpc_auth_key=state.rpc_key,
             bind_addr=bind,

@@ -44,6 +44,8 @@ class Seed:
             if (
                 member.name == name
                 and member.state is MemberState.ALIVE
+                # A gossip-key holder alone must not block a wiped machine's re-join.
+                and member.certified
                 and member.record
                 and member.record.public_key != key
             ):

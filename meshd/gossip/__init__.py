@@ -6,4 +6,6 @@
   ``serf agent`` child with its generated config.
 - :mod:`meshd.gossip.record`: ``encode_record`` / ``decode_record``, NodeRecord <-> tags.
 - :mod:`meshd.gossip.view`: ``MembershipView`` with its change feed, ``publish_record``.
+- :mod:`meshd.gossip.names`: ``serf_node_name`` / ``display_name``, a node's name <-> its
+  Serf member name (name plus a key suffix, so a wiped machine re-joins under its name).
 """

@@ -25,17 +25,24 @@ A member's tags are decoded with :func:`meshd.gossip.record.decode_record`; an
 undecodable record gives ``Member.record = None`` and ``record_error`` with the
 reason: the loop never stops on bad gossip.
 
+Members are keyed by their Serf name (``name.<key suffix>``, see
+:mod:`meshd.gossip.names`), unique in Serf; ``Member.name`` is the name people
+see. A machine wiped and joined again under its old name is a new Serf member,
+so its old incarnation (failed or left) and the new one are both in the view
+under one ``Member.name``: which of them counts is the engine's decision
+(:func:`meshd.desired.compute` takes the alive one, else the newer record).
+
 The change feed (for the agent)::
 
     view = MembershipView(client)
     task = asyncio.create_task(view.run())
     async for update in view.subscribe():      # ViewUpdate
-        update.members      # Mapping[name, Member]: the whole current view (reaped excluded)
-        update.changes      # tuple[MemberChange]: name, before (None if new), after
+        update.members      # Mapping[serf name, Member]: the whole current view (reaped excluded)
+        update.changes      # tuple[MemberChange]: serf_name, before (None if new), after
         ...                 # (after.state is REAPED when a member went away)
 
 A subscriber that is slower than the view does not queue snapshots: pending
-updates coalesce into one (latest members; per name the first ``before`` and
+updates coalesce into one (latest members; per member the first ``before`` and
 the last ``after``), which is what a level-triggered reconcile wants.
 ``view.members`` is always the latest snapshot; ``await view.wait_for(pred, seconds)``
 waits until ``pred(view.members)`` holds.
@@ -62,6 +69,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from meshd.errors import GossipError, RecordError
+from meshd.gossip.names import display_name
 from meshd.gossip.record import RECORD_KEYS, decode_record, encode_record
 from meshd.gossip.rpc import (
     MemberEvent,
@@ -93,7 +101,7 @@ SNAPSHOT_NUDGE_DELAY = 0.6  # Serf flushes a line appended > 0.5 s after its las
 class MemberChange:
     """One member before and after a change; ``before`` is None for a new member."""
 
-    name: str
+    serf_name: str
     before: Member | None
     after: Member
 
@@ -137,9 +145,9 @@ class ViewSubscription:
 
     def _push(self, update: ViewUpdate) -> None:
         for change in update.changes:
-            earlier = self._pending.get(change.name)
+            earlier = self._pending.get(change.serf_name)
             before = earlier.before if earlier is not None else change.before
-            self._pending[change.name] = MemberChange(change.name, before, change.after)
+            self._pending[change.serf_name] = MemberChange(change.serf_name, before, change.after)
         self._members = update.members
         self._generation = update.generation
         self._ready.set()
@@ -190,7 +198,7 @@ class MembershipView:
 
     @property
     def members(self) -> Mapping[str, Member]:
-        """The latest snapshot (read-only), reaped members excluded."""
+        """The latest snapshot (read-only) by Serf name, reaped members excluded."""
         return self._snapshot
 
     def subscribe(self, *, initial: bool = True) -> ViewSubscription:
@@ -203,18 +211,19 @@ class MembershipView:
         return subscription
 
     def _member(self, serf: SerfMember) -> Member:
-        # Decoding is cached per name and tag set: a poll of an unchanged mesh costs no decode.
+        # Decoding is cached per member and tag set: a poll of an unchanged mesh costs no decode.
         key = tuple(sorted(serf.tags.items()))
         cached = self._decoded.get(serf.name)
         if cached is not None and cached[0] == key:
             base = cached[1]
         else:
+            base = Member(
+                display_name(serf.name), serf.gossip_addr, MemberState.ALIVE, serf_name=serf.name
+            )
             try:
-                base = Member(
-                    serf.name, serf.gossip_addr, MemberState.ALIVE, decode_record(serf.tags)
-                )
+                base = replace(base, record=decode_record(serf.tags))
             except RecordError as exc:
-                base = Member(serf.name, serf.gossip_addr, MemberState.ALIVE, None, str(exc))
+                base = replace(base, record_error=str(exc))
             self._decoded[serf.name] = (key, base)
         return replace(base, gossip_addr=serf.gossip_addr, state=member_state(serf.status))
 
@@ -250,7 +259,7 @@ class MembershipView:
         for change in changes:
             log.debug(
                 "member %s: %s -> %s",
-                change.name,
+                change.serf_name,
                 change.before.state.value if change.before else "new",
                 change.after.state.value,
             )

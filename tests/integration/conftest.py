@@ -7,6 +7,8 @@ Mark them with the ``root`` marker, naming the programs they need besides
     pytestmark = pytest.mark.root("serf", "wireguard-go")    # a whole module
     @requires_root("wg")                                      # one test (same thing)
 
+``eventually(check, timeout, what)`` waits on an observable condition with a deadline.
+
 ``lab_factory`` builds labs and tears down every lab it built when the test
 ends, passed or failed:
 
@@ -25,6 +27,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,6 +51,19 @@ def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
     if missing:
         return f"needs {', '.join(missing)} installed"
     return None
+
+
+def eventually(
+    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
+) -> float:
+    """Wait until ``check()`` holds, polling every 0.2 s; fail with ``what`` (and what
+    ``detail()`` tells) after ``timeout`` seconds. Returns the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}")
+        time.sleep(0.2)
+    return time.monotonic() - started
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from meshd.gossip.names import display_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.identity import WireGuardKeyPair
@@ -106,7 +107,7 @@ def test_forged_leaves_lose_no_ping_of_a_healthy_member(mesh: MeshLab) -> None:
             target = None
             while target is None:
                 names = [m.name for m in await client.members()]
-                target = next((n for n in names if n.split("-")[0] == VICTIM), None)
+                target = next((n for n in names if display_name(n) == VICTIM), None)
                 await asyncio.sleep(0.2)
             started = time.monotonic()
             for at in BURSTS:

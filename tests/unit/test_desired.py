@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshd.desired import STATIC_ROLE, KnownEntry, compute
+from meshd.desired import STATIC_ROLE, KnownEntry, compute, current_incarnations
 from meshd.identity import WireGuardKeyPair
 from meshd.node import KnownPeer
 from meshd.types import Admission, Member, MemberState, NodeRecord, PathChoice, PeerConfig
@@ -20,8 +22,11 @@ from meshd.wireguard.reconcile import plan_peers
 class AdmitAll:
     refuse: frozenset[str] = frozenset()
     relay_via: dict[str, str] | None = None
+    refuse_keys: frozenset[str] = frozenset()
 
     def admit(self, member: Member) -> Admission | None:
+        if member.record and member.record.public_key in self.refuse_keys:
+            return Admission(admit=False, reason="uncertified")
         if member.name in self.refuse:
             return Admission(admit=False, reason="test refusal")
         return Admission(admit=True)
@@ -259,3 +264,100 @@ def test_a_pass_is_idempotent(mesh: tuple[list[Member], list[KnownEntry]], relay
     second = compute(**{**args, "known": kept})  # type: ignore[arg-type]
     assert not plan_peers(live, second.peers)
     assert second.peers == first.peers
+
+
+def incarnation(i: int, key: int, state: MemberState, version: int) -> Member:
+    """Node n{i} under key KEYS[key]: a wiped machine comes back with a new key."""
+    address = f"100.80.0.{key + 1}"
+    rec = dataclasses.replace(record(key, address), version=version)
+    return Member(name=f"n{i}", gossip_addr=address, state=state, record=rec)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_of_two_incarnations_of_a_name_the_alive_one_is_the_peer(order: int) -> None:
+    old = incarnation(3, 3, MemberState.FAILED, version=9)  # even with a newer record
+    new = incarnation(3, 4, MemberState.ALIVE, version=5)
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=[member(1, "100.80.0.2"), old, new][::order],
+        policy=AdmitAll(),
+    )
+    assert sorted(p.public_key for p in state.peers) == sorted([KEYS[1], KEYS[4]])
+    assert state.excluded == {}
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_of_two_failed_incarnations_the_newer_record_is_the_peer(order: int) -> None:
+    old = incarnation(3, 3, MemberState.FAILED, version=5)
+    new = incarnation(3, 4, MemberState.FAILED, version=9)
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=[old, new][::order],
+        policy=AdmitAll(),
+    )
+    assert [p.public_key for p in state.peers] == [KEYS[4]]
+
+
+def test_an_unadmitted_newcomer_does_not_displace_the_member_it_claims_to_replace() -> None:
+    real = incarnation(3, 3, MemberState.FAILED, version=5)
+    rogue = incarnation(3, 4, MemberState.ALIVE, version=9)
+    policy = AdmitAll(refuse_keys=frozenset({KEYS[4]}))
+    state = compute(
+        own_name="n0", own_record=record(0, "100.80.0.1"), members=[real, rogue], policy=policy
+    )
+    assert [p.public_key for p in state.peers] == [KEYS[3]]
+
+
+def test_current_incarnations_keep_one_member_per_name_in_first_seen_order() -> None:
+    members = [
+        incarnation(3, 3, MemberState.LEFT, version=1),
+        member(1, "100.80.0.2"),
+        incarnation(3, 4, MemberState.ALIVE, version=2),
+    ]
+    assert [(m.name, m.record and m.record.public_key) for m in current_incarnations(members)] == [
+        ("n3", KEYS[4]),
+        ("n1", KEYS[1]),
+    ]
+
+
+def test_a_certified_incarnation_wins_over_an_uncertified_alive_one() -> None:
+    real = dataclasses.replace(incarnation(3, 3, MemberState.FAILED, version=5), certified=True)
+    rogue = incarnation(3, 4, MemberState.ALIVE, version=9)
+    assert current_incarnations([rogue, real]) == [real]
+    assert current_incarnations([real, rogue]) == [real]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 3), st.sampled_from(list(MemberState)), st.integers(0, 99)),
+        max_size=7,
+        unique_by=lambda row: row[2],  # distinct record versions: no ties to break by order
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_one_peer_per_name_whatever_the_incarnations_and_their_order(rows, rnd) -> None:
+    # Row k is an incarnation of n{name} under its own key KEYS[k + 1].
+    members = [incarnation(i, k + 1, state, v) for k, (i, state, v) in enumerate(rows)]
+    own = record(0, "100.80.0.1")
+    first = compute(own_name="n0", own_record=own, members=members, policy=AdmitAll())
+    shuffled = list(members)
+    rnd.shuffle(shuffled)
+    second = compute(own_name="n0", own_record=own, members=shuffled, policy=AdmitAll())
+    assert set(first.peers) == set(second.peers)
+    name_of = {m.record.public_key: m.name for m in members if m.record}
+    names = [name_of[p.public_key] for p in first.peers]
+    assert len(names) == len(set(names))
+    # Each name that has an alive or failed incarnation has a peer: the best-ranked one.
+    for name in {m.name for m in members if m.state in (MemberState.ALIVE, MemberState.FAILED)}:
+        best = max(
+            (
+                m
+                for m in members
+                if m.name == name and m.state in (MemberState.ALIVE, MemberState.FAILED)
+            ),
+            key=lambda m: (m.state is MemberState.ALIVE, m.record.version if m.record else -1),
+        )
+        assert best.record is not None
+        assert best.record.public_key in {p.public_key for p in first.peers}

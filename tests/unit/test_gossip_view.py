@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from ipaddress import ip_address
 
 from meshd.errors import SerfConnectionError
+from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import MemberEvent, SerfEvent, SerfMember, StreamGap, UserEvent
 from meshd.gossip.view import MembershipView, member_state, publish_record
@@ -83,7 +84,7 @@ def test_states_and_records_are_decoded() -> None:
     bad = sm(3, tags={"m": "1", "k": "nope"})
     update = view.apply([sm(1), sm(2, "failed"), bad, sm(4, tags={"role": "web"})])
     assert update is not None
-    assert {c.name for c in update.changes} == {"n1", "n2", "n3", "n4"}
+    assert {c.serf_name for c in update.changes} == {"n1", "n2", "n3", "n4"}
     assert view.members["n1"].record == rec(1)
     assert view.members["n1"].gossip_addr == "192.0.2.1:7946"
     assert view.members["n2"].state is MemberState.FAILED
@@ -119,7 +120,7 @@ def test_a_gone_member_that_left_or_failed_is_reaped() -> None:
     view.apply([sm(1), sm(2, "left"), sm(3, "failed")])
     update = view.apply([sm(1)])
     assert update is not None
-    assert {c.name: c.after.state for c in update.changes} == {
+    assert {c.serf_name: c.after.state for c in update.changes} == {
         "n2": MemberState.REAPED,
         "n3": MemberState.REAPED,
     }
@@ -149,11 +150,11 @@ def test_subscription_coalesces_changes_for_a_slow_reader() -> None:
         view.apply([sm(1)])
         feed = view.subscribe()
         first = await feed.__anext__()
-        assert [(c.name, c.before) for c in first.changes] == [("n1", None)]
+        assert [(c.serf_name, c.before) for c in first.changes] == [("n1", None)]
         view.apply([sm(1, version=2)])
         view.apply([sm(1, version=3), sm(2)])
         update = await asyncio.wait_for(feed.__anext__(), 1)
-        by_name = {c.name: c for c in update.changes}
+        by_name = {c.serf_name: c for c in update.changes}
         assert by_name["n1"].before is not None
         assert by_name["n1"].before.record == rec(1, 1)
         assert by_name["n1"].after.record == rec(1, 3)
@@ -213,3 +214,36 @@ def test_publish_record_sets_tags_and_deletes_stale_keys() -> None:
         assert "k" not in serf.deleted
 
     asyncio.run(scenario())
+
+
+def test_two_incarnations_of_one_name_are_two_members_under_that_name() -> None:
+    # n3 was wiped and joined again with a new key: Serf keeps the old member as failed.
+    old_key, new_key = rec(3).public_key, rec(13).public_key
+    old = SerfMember(
+        serf_node_name("n3", old_key), "192.0.2.3", 7946, encode_record(rec(3)), "failed"
+    )
+    new = SerfMember(
+        serf_node_name("n3", new_key), "192.0.2.13", 7946, encode_record(rec(13, 2)), "alive"
+    )
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    update = view.apply([sm(1), old, new])
+    assert update is not None
+    assert {c.serf_name for c in update.changes} == {"n1", old.name, new.name}
+    assert {(m.name, m.serf_name, m.state) for m in view.members.values()} == {
+        ("n1", "n1", MemberState.ALIVE),
+        ("n3", old.name, MemberState.FAILED),
+        ("n3", new.name, MemberState.ALIVE),
+    }
+    assert view.members[new.name].record == rec(13, 2)
+    # The old one is reaped on its own; the new one stays.
+    view.apply([sm(1), new])
+    assert [m.serf_name for m in view.members.values() if m.name == "n3"] == [new.name]
+
+
+def test_an_undecodable_record_keeps_the_members_names() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    serf_name = serf_node_name("n5", rec(5).public_key)
+    view.apply([SerfMember(serf_name, "192.0.2.5", 7946, {"role": "web"}, "alive")])
+    member = view.members[serf_name]
+    assert (member.name, member.serf_name, member.record) == ("n5", serf_name, None)
+    assert "no meshd record" in (member.record_error or "")
