@@ -430,9 +430,15 @@ def leave(state: CliState) -> None:
     is_flag=True,
     help="Do not revoke the token NODE joined with (other machines may still join with it).",
 )
+@click.option(
+    "--key",
+    metavar="PUBLIC-KEY",
+    help="Revoke this WireGuard key of NODE (a machine no member remembers, or its old key "
+    "after 'meshd key rotate-wireguard').",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def revoke(state: CliState, node: str, keep_token: bool, yes: bool) -> None:
+def revoke(state: CliState, node: str, keep_token: bool, key: str | None, yes: bool) -> None:
     """Throw NODE out of the network for good, on a machine holding the CA key.
 
     Signs a revocation of NODE's certificate and WireGuard key and gossips it:
@@ -447,12 +453,18 @@ def revoke(state: CliState, node: str, keep_token: bool, yes: bool) -> None:
     \b
     Example:
       meshd revoke edge-7
+      meshd revoke edge-7 --key OLD-PUBLIC-KEY        # e.g. the key before a rotation
       meshd token revoke --token-file old-token     # a token on its own
     """
     if not yes:
         click.confirm(f"revoke {node} for good?", abort=True)
-    result = control.call(state.config.state_dir, "revoke", name=node, keep_token=keep_token)
-    click.echo(f"revoked {result['revoked']} (certificate {result['certificate']})")
+    result = control.call(
+        state.config.state_dir, "revoke", name=node, keep_token=keep_token, key=key
+    )
+    if result["certificate"] is None:
+        click.echo(f"revoked the key {result['public_key']} of {result['revoked']}")
+    else:
+        click.echo(f"revoked {result['revoked']} (certificate {result['certificate']})")
     if result.get("token_revoked"):
         click.echo(f"revoked the token it joined with (enrolment key {result['token_revoked']})")
 

@@ -91,6 +91,11 @@ class Operations:
         rt = self._rt
         ca = self._ca()
         name = str(request.get("name", ""))
+        if request.get("key"):
+            key = str(request["key"])
+            await self._publish_revocation(ca.revoke_key(name, key))
+            log.warning("revoked the WireGuard key %s of %s", key, name)
+            return {"revoked": name, "certificate": None, "public_key": key, "token_revoked": None}
         chain = None
         for member in current_incarnations(rt.snapshot.members):
             if member.name == name and member.record is not None:
@@ -98,7 +103,8 @@ class Operations:
         if chain is None:
             raise IdentityError(
                 f"no certificate known for {name!r}: it must be (or have been) a member "
-                "this node has seen"
+                "this node has seen; for a machine nobody remembers, or an old key after "
+                "a rotation, revoke its key: meshd revoke NAME --key KEY"
             )
         await self._publish_revocation(ca.revoke(chain.node, include_key=True))
         token_revoked = None

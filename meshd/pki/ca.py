@@ -744,6 +744,19 @@ class NetworkCA:
             revoked_at=_now(now),
         )
 
+    def revoke_key(self, name: str, public_key: str, *, now: int | None = None) -> Revocation:
+        """Revoke every certificate of the WireGuard key ``public_key`` (``name`` is for
+        people): for a machine no member remembers, or a key replaced by a rotation."""
+        decode_key(public_key, what="the key to revoke")
+        return _sign_revocation(
+            self.signing_key,
+            network_id=self.network_id,
+            name=check_name(name),
+            serial=_NO_SERIAL,
+            public_key=public_key,
+            revoked_at=_now(now),
+        )
+
 
 # --- revocations ---------------------------------------------------------------------
 

@@ -149,9 +149,11 @@ def test_gossip_is_closed_to_an_underlay_neighbour(mesh: MeshLab) -> None:
     Serf's port: dropped by meshd's nftables table on n4. Through the mesh it answers."""
     target = mesh.status("n4")["node"]["addresses"][1]  # type: ignore[index]
     n4_eth = mesh.lab.node("n4").interface
-    link_local = mesh.lab.run(
-        "n4", ["ip", "-6", "-o", "address", "show", "dev", n4_eth, "scope", "link"]
-    ).stdout.split()[3].split("/")[0]
+    link_local = (
+        mesh.lab.run("n4", ["ip", "-6", "-o", "address", "show", "dev", n4_eth, "scope", "link"])
+        .stdout.split()[3]
+        .split("/")[0]
+    )
     probe = (
         "import socket,sys\n"
         "try:\n"

@@ -162,3 +162,20 @@ def test_a_host_with_sixty_addresses_starts_and_joins(mesh: MeshLab) -> None:
     published = status["node"]["endpoints"]
     print(f"n6 publishes {len(published)} of its 61 addresses: {published[:3]}...")
     assert 0 < len(published) < 61
+
+
+def test_a_key_nobody_remembers_can_be_revoked(mesh: MeshLab) -> None:
+    ghost = WireGuardKeyPair.generate().public_key
+    before = {n: mesh.status(n)["node"]["revocations"] for n in ("n1", "n2", "n3")}  # type: ignore[index]
+    refused = mesh.meshd("n1", "revoke", "ghost", "--yes", check=False)
+    assert refused.returncode != 0
+    assert "--key" in refused.stderr
+    done = mesh.meshd("n1", "revoke", "ghost", "--key", ghost, "--yes")
+    assert f"revoked the key {ghost} of ghost" in done.stdout
+    deadline = time.monotonic() + 10
+    while any(
+        mesh.status(n)["node"]["revocations"] != before[n] + 1  # type: ignore[index]
+        for n in before
+    ):
+        assert time.monotonic() < deadline, "the key revocation did not reach every node"
+        time.sleep(0.2)

@@ -294,6 +294,24 @@ def test_a_revoked_enrolment_key_keeps_what_it_signed_before(
         verify_chain(later, (enrolment.cert,), ca.public_key, NOW + 200, revoked=revoked)
 
 
+def test_revoking_a_key_alone_covers_every_certificate_of_it(
+    ca: NetworkCA, enrolment: EnrolmentKey, wg_key: str
+) -> None:
+    revoked = RevocationList()
+    revocation = ca.revoke_key("node-1", wg_key, now=NOW)
+    assert Revocation.decode(revocation.encode()) == revocation
+    revoked.add(revocation, ca.public_key)
+    any_cert = enrolment.sign_node_cert("node-1", wg_key, [ADDR4], now=NOW + 10)
+    with pytest.raises(IdentityError, match="revoked"):
+        verify_chain(any_cert, (enrolment.cert,), ca.public_key, NOW + 10, revoked=revoked)
+    other = enrolment.sign_node_cert(
+        "node-1", WireGuardKeyPair.generate().public_key, [ADDR4], now=NOW + 10
+    )
+    verify_chain(other, (enrolment.cert,), ca.public_key, NOW + 10, revoked=revoked)
+    with pytest.raises(IdentityError):
+        ca.revoke_key("node-1", "not a key")
+
+
 def test_revocation_signed_by_another_ca_is_refused(ca: NetworkCA, node_chain: CertChain) -> None:
     other = NetworkCA.generate("lab")
     forged = other.revoke(node_chain.node, now=NOW)
