@@ -25,7 +25,6 @@ from meshd.node import (
     NodeStore,
     gossip_address,
     host_prefixes,
-    new_rpc_key,
     ula_prefix,
 )
 from meshd.pki.ca import CertChain, NetworkCA
@@ -150,7 +149,6 @@ def create_network(
         addresses=addresses,
         chain=CertChain(cert).encode(),
         gossip_key=os.urandom(32),
-        rpc_key=new_rpc_key(),
         static_address=addresses.static,
     )
     token = create_token(
@@ -238,7 +236,6 @@ def join_network(
                 addresses=addresses,
                 chain=CertChain(cert, (token.enrolment.cert,)).encode(),
                 gossip_key=token.gossip_key,
-                rpc_key=new_rpc_key(),
                 static_address=addresses.static,
             )
             store.create(node)

@@ -7,7 +7,6 @@ Files in the state directory (0700)::
     wireguard.key   the WireGuard private key                           (0600)
     gossip.key      the network's gossip key at creation (Serf then keeps
                     its own keyring in serf/keyring.json)               (0600)
-    rpc.key         the Serf RPC auth key                               (0600)
     ca.key          the network CA's secret, only where it was created  (0600)
     peers.json      the peers last applied, restored at start so a rebooted
                     node has a data plane before gossip converges       (0644)
@@ -47,7 +46,6 @@ class NodeState:
     addresses: MeshAddresses
     chain: bytes
     gossip_key: bytes = field(repr=False)
-    rpc_key: str = field(repr=False)
     static_address: bool = False
 
 
@@ -130,7 +128,6 @@ class NodeStore:
         ensure_private_dir(self.dir)
         write_secret(self.path("wireguard.key"), state.keys.private_key + "\n")
         write_secret(self.path("gossip.key"), _b64(state.gossip_key) + "\n")
-        write_secret(self.path("rpc.key"), state.rpc_key + "\n")
         if ca_secret is not None:
             write_secret(self.path("ca.key"), _b64(ca_secret) + "\n")
         self.save_node(state)
@@ -235,7 +232,6 @@ class NodeStore:
                 addresses=addresses,
                 chain=_unb64(node["chain"], "chain"),
                 gossip_key=_unb64(self._secret("gossip.key"), "gossip.key"),
-                rpc_key=self._secret("rpc.key"),
                 static_address=bool(node.get("static_address", False)),
             )
         except (KeyError, TypeError, ValueError, IdentityError) as exc:

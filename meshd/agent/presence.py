@@ -30,7 +30,7 @@ from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.netlink import Netlink, watch_addresses
-from meshd.node import gossip_address, join_address
+from meshd.node import gossip_address, join_address, new_rpc_key
 from meshd.types import MemberState, NodeRecord
 from meshd.util import b64encode
 
@@ -109,7 +109,8 @@ class Presence:
         settings = SerfSettings(
             node_name=serf_node_name(state.name, state.keys.public_key),
             state_dir=rt.store.serf_dir,
-            rpc_auth_key=state.rpc_key,
+            # A fresh key every start: one learnt from an old run opens nothing.
+            rpc_auth_key=new_rpc_key(),
             bind_addr=bind,
             bind_port=cfg.gossip.port,
             advertise_addr=join_address(bind, cfg.gossip.port),

@@ -335,8 +335,11 @@ class SerfClient:
         reconnect: bool = True,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
+        verify_server: Callable[[], bool] | None = None,
     ) -> None:
         self.rpc_addr = rpc_addr
+        # Asked before the auth key is sent: is the listener the agent we mean to talk to?
+        self._verify_server = verify_server
         self._host, self._port = _parse_addr(rpc_addr)
         self._auth_key = auth_key
         self._netns = netns
@@ -419,6 +422,12 @@ class SerfClient:
 
     async def _open(self) -> None:
         reader, writer = await self._dial()
+        if self._verify_server is not None and not self._verify_server():
+            writer.close()
+            raise SerfConnectionError(
+                f"the RPC port {self.rpc_addr} is not served by our Serf agent: "
+                "its auth key is not sent"
+            )
         conn = _Connection(reader, writer)
         self._conn = conn
         self._reader_task = asyncio.create_task(self._read_loop(conn), name="serf-rpc-reader")

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from typing import Any
 from meshd.errors import ConfigError, SerfConnectionError, StateError
 from meshd.gossip.rpc import SerfClient
 from meshd.process import ChildProcess, RestartHook, find_binary
+from meshd.procnet import listens
 from meshd.state import atomic_write, ensure_private_dir, write_secret
 
 log = logging.getLogger(__name__)
@@ -212,13 +215,40 @@ class SerfAgent:
         return self._child.running
 
     def client(self, **options: Any) -> SerfClient:
-        """A client for this agent's RPC port (in its namespace); call ``connect()`` on it."""
+        """A client for this agent's RPC port (in its namespace); call ``connect()`` on it.
+
+        It sends the auth key only after checking that the port is served by this
+        agent's own process (see :mod:`meshd.procnet`).
+        """
         return SerfClient(
             self.settings.rpc_addr,
             auth_key=self.settings.rpc_auth_key,
             netns=self.netns,
+            verify_server=self._serves_rpc,
             **options,
         )
+
+    def _serves_rpc(self) -> bool:
+        pid = self.pid
+        host, _, port = self.settings.rpc_addr.rpartition(":")
+        return pid is not None and listens(pid, host.strip("[]"), int(port))
+
+    def _choose_rpc_port(self) -> None:
+        """Keep the configured RPC port when it is free, else take a free one: a port
+        squatted by someone else must not keep the agent from starting."""
+        host, _, port = self.settings.rpc_addr.rpartition(":")
+        bare = host.strip("[]")
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((bare, int(port)))
+                return
+            except OSError:
+                probe.bind((bare, 0))
+                free = probe.getsockname()[1]
+        log.warning("Serf's RPC port %s is taken by another process; using port %d", port, free)
+        self.settings = dataclasses.replace(self.settings, rpc_addr=f"{host}:{free}")
 
     def write_files(self) -> None:
         """Write serf.json and tags.json, and keyring.json when there is none yet."""
@@ -233,6 +263,8 @@ class SerfAgent:
 
     async def start(self) -> None:
         """Write the files, start the agent and wait until it answers RPC."""
+        if self.netns is None:  # a probe in another namespace would test the wrong port
+            self._choose_rpc_port()
         self.write_files()
         try:
             await self._child.start()

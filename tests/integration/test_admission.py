@@ -297,7 +297,7 @@ def test_key_rotations_while_pinging_lose_no_pair_for_more_than_a_few_seconds(
 def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:
     secrets_of_n1 = [
         (mesh.state_dir("n1") / name).read_text().strip()
-        for name in ("wireguard.key", "gossip.key", "rpc.key")
+        for name in ("wireguard.key", "gossip.key")
     ]
     pids = [p["pid"] for p in mesh.lab.processes() if p["alive"]]
     children = subprocess.run(
@@ -315,5 +315,5 @@ def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:
         log = mesh.lab.log_path(node, "agent").read_text()
         for secret in secrets_of_n1:
             assert secret not in log
-    for name in ("wireguard.key", "gossip.key", "rpc.key", "ca.key"):
+    for name in ("wireguard.key", "gossip.key", "ca.key"):
         assert (mesh.state_dir("n1") / name).stat().st_mode & 0o777 == 0o600

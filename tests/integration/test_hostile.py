@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,66 @@ def test_a_key_nobody_remembers_can_be_revoked(mesh: MeshLab) -> None:
     ):
         assert time.monotonic() < deadline, "the key revocation did not reach every node"
         time.sleep(0.2)
+
+
+SQUATTER = """
+import socket, sys
+out = open(sys.argv[1], "ab", buffering=0)
+server = socket.socket()
+server.bind(("127.0.0.1", 7373))
+server.listen()
+out.write(b"")  # listening
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.settimeout(5)
+    try:
+        while data := conn.recv(4096):
+            out.write(data)
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+def test_a_squatter_on_the_rpc_port_learns_nothing_and_the_agent_starts(mesh: MeshLab) -> None:
+    """An unprivileged user binds Serf's RPC port while the agent restarts, hoping to be
+    sent the RPC auth key (it was, before: then it read the gossip key)."""
+    # Somewhere the unprivileged user can reach (pytest's tmp_path is root's alone).
+    tmp_path = Path(tempfile.mkdtemp(prefix="meshd-squat-"))
+    caught = tmp_path / "caught"
+    caught.touch()
+    caught.chmod(0o666)
+    tmp_path.chmod(0o755)
+    script = tmp_path / "squat.py"
+    script.write_text(SQUATTER)
+    script.chmod(0o644)
+    mesh.stop("n2")
+    pid = mesh.lab.spawn(
+        "n2",
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            str(script),
+            str(caught),
+        ],
+        name="squatter",
+    )
+    try:
+        log = mesh.lab.log_path("n2", "squatter")
+        deadline = time.monotonic() + 10
+        while "listening" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, "the squatter did not start"
+            time.sleep(0.1)
+        mesh.start("n2")
+        mesh.wait_full_mesh(["n1", "n2", "n3"], timeout=60)
+        assert caught.read_bytes() == b"", caught.read_bytes()[:200]
+    finally:
+        mesh.lab.kill("n2", "squatter")
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert pid > 0

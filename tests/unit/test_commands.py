@@ -114,7 +114,7 @@ def test_init_writes_a_0600_token_and_refuses_to_run_twice(tmp_path: Path) -> No
     token = tmp_path / "state" / "join-token"
     assert token.read_text().startswith("meshd1-")
     assert token.stat().st_mode & 0o777 == 0o600
-    for secret in ("wireguard.key", "gossip.key", "rpc.key", "ca.key"):
+    for secret in ("wireguard.key", "gossip.key", "ca.key"):
         assert (tmp_path / "state" / secret).stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     before = sorted(p.name for p in (tmp_path / "state").iterdir())
