@@ -36,8 +36,8 @@ WireGuard key; a :class:`RevocationList` only ever holds verified ones, and a
 chain in which any certificate matches one is refused.
 
 Encoding: a small deterministic binary format of fixed-width fields and
-length-prefixed strings (:class:`BinaryWriter` / :class:`BinaryReader`, shared
-with :mod:`meshd.pki.token`), followed by the 64-byte Ed25519 signature over
+length-prefixed strings (:mod:`meshd.binary`, shared with :mod:`meshd.pki.token`),
+followed by the 64-byte Ed25519 signature over
 everything before it. Every decoder refuses trailing bytes, so the encoding of a
 value is unique and flipping any byte either breaks the structure or the
 signature. A node certificate is ~190 bytes; a node + enrolment chain ~400.
@@ -71,12 +71,12 @@ the reason to refuse. A revocation (~150 bytes) fits a Serf user event.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import enum
 import hashlib
 import ipaddress
 import re
-import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +85,8 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from nacl.utils import random
 
-from meshd.errors import IdentityError
+from meshd.binary import MAX_U64, BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, IdentityError
 from meshd.identity import decode_key, encode_key
 from meshd.types import IPAddress
 
@@ -100,7 +101,7 @@ MAX_CHAIN_LEN = 1
 CLOCK_SKEW = 300
 DAY = 86400
 DEFAULT_NODE_LIFETIME = 365 * DAY
-MAX_TIME = 2**63 - 1
+MAX_TIME = MAX_U64
 
 _FORMAT_VERSION = 1
 _CERT_MAGIC = b"MC"
@@ -148,128 +149,21 @@ def _utc(seconds: int) -> str:
         return f"{seconds} (unix seconds)"
 
 
-# --- the binary encoding -------------------------------------------------------------
+def read_name(reader: BinaryReader, what: str) -> str:
+    """A DNS label from ``reader``, as :func:`check_name` would accept it."""
+    value = reader.text()
+    if not _NAME_RE.fullmatch(value):
+        raise reader.fail(f"{what} is not a DNS label")
+    return value
 
 
-class BinaryWriter:
-    """Builds the deterministic binary encoding: fixed-width integers, length-prefixed bytes."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def raw(self, data: bytes) -> BinaryWriter:
-        self._parts.append(data)
-        return self
-
-    def u8(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">B", value))
-
-    def u16(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">H", value))
-
-    def u32(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">I", value))
-
-    def u64(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">Q", value))
-
-    def short_bytes(self, data: bytes) -> BinaryWriter:
-        if len(data) > 0xFF:
-            raise IdentityError(f"a short field holds at most 255 bytes, got {len(data)}")
-        return self.u8(len(data)).raw(data)
-
-    def long_bytes(self, data: bytes) -> BinaryWriter:
-        if len(data) > 0xFFFF:
-            raise IdentityError(f"a field holds at most 65535 bytes, got {len(data)}")
-        return self.u16(len(data)).raw(data)
-
-    def text(self, value: str) -> BinaryWriter:
-        return self.short_bytes(value.encode("utf-8"))
-
-    def address(self, address: IPAddress) -> BinaryWriter:
-        return self.u8(address.version).raw(address.packed)
-
-    def getvalue(self) -> bytes:
-        return b"".join(self._parts)
-
-
-class BinaryReader:
-    """Reads what :class:`BinaryWriter` wrote; any shortfall or junk is an IdentityError."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = bytes(data)
-        self._pos = 0
-        self.what = what
-
-    def fail(self, reason: str) -> IdentityError:
-        return IdentityError(f"malformed {self.what}: {reason}")
-
-    def raw(self, count: int) -> bytes:
-        end = self._pos + count
-        if end > len(self._data):
-            raise self.fail("truncated")
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        value: int = self.raw(1)[0]
-        return value
-
-    def u16(self) -> int:
-        value: int = struct.unpack(">H", self.raw(2))[0]
-        return value
-
-    def u32(self) -> int:
-        value: int = struct.unpack(">I", self.raw(4))[0]
-        return value
-
-    def u64(self) -> int:
-        value: int = struct.unpack(">Q", self.raw(8))[0]
-        if value > MAX_TIME:
-            raise self.fail("number out of range")
-        return value
-
-    def short_bytes(self) -> bytes:
-        return self.raw(self.u8())
-
-    def long_bytes(self) -> bytes:
-        return self.raw(self.u16())
-
-    def text(self) -> str:
-        try:
-            return self.short_bytes().decode("utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise self.fail("text is not UTF-8") from exc
-
-    def name(self, what: str) -> str:
-        value = self.text()
-        if not _NAME_RE.fullmatch(value):
-            raise self.fail(f"{what} is not a DNS label")
-        return value
-
-    def address(self) -> IPAddress:
-        version = self.u8()
-        if version == 4:
-            return ipaddress.IPv4Address(self.raw(4))
-        if version == 6:
-            return ipaddress.IPv6Address(self.raw(16))
-        raise self.fail(f"unknown address family {version}")
-
-    def magic(self, expected: bytes) -> None:
-        if self.raw(len(expected)) != expected:
-            raise self.fail("not a meshd encoding (wrong magic)")
-        version = self.u8()
-        if version != _FORMAT_VERSION:
-            raise self.fail(f"unsupported format version {version}")
-
-    @property
-    def offset(self) -> int:
-        return self._pos
-
-    def end(self) -> None:
-        if self._pos != len(self._data):
-            raise self.fail(f"{len(self._data) - self._pos} unexpected trailing bytes")
+@contextlib.contextmanager
+def _malformed() -> Iterator[None]:
+    """Report what the binary reader cannot read as an IdentityError."""
+    try:
+        yield
+    except DecodeError as exc:
+        raise IdentityError(str(exc)) from exc
 
 
 def _signing_key(secret: bytes, what: str) -> SigningKey:
@@ -314,8 +208,7 @@ class Certificate:
         """The bytes the issuer signs: everything but the signature."""
         return (
             BinaryWriter()
-            .raw(_CERT_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_CERT_MAGIC, _FORMAT_VERSION)
             .u8(int(self.role))
             .raw(self.serial)
             .raw(bytes.fromhex(self.network_id))
@@ -338,9 +231,10 @@ class Certificate:
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
         """Parse a certificate; IdentityError if malformed. The signature is not checked."""
-        reader = BinaryReader(data, "certificate")
-        cert = _read_certificate(reader)
-        reader.end()
+        with _malformed():
+            reader = BinaryReader(data, "certificate")
+            cert = _read_certificate(reader)
+            reader.end()
         return cert
 
     @property
@@ -352,7 +246,7 @@ class Certificate:
 
 
 def _read_certificate(reader: BinaryReader) -> Certificate:
-    reader.magic(_CERT_MAGIC)
+    reader.header(_CERT_MAGIC, _FORMAT_VERSION)
     try:
         role = Role(reader.u8())
     except ValueError as exc:
@@ -360,7 +254,7 @@ def _read_certificate(reader: BinaryReader) -> Certificate:
     serial = reader.raw(SERIAL_LEN)
     network_id = reader.raw(KEY_ID_LEN).hex()
     issuer = reader.raw(KEY_ID_LEN)
-    name = reader.name("name")
+    name = read_name(reader, "name")
     public_key = encode_key(reader.raw(KEY_LEN))
     count = reader.u8()
     if count > MAX_ADDRESSES:
@@ -548,7 +442,7 @@ class CertChain:
     issuers: tuple[Certificate, ...] = ()
 
     def encode(self) -> bytes:
-        writer = BinaryWriter().raw(_CHAIN_MAGIC).u8(_FORMAT_VERSION)
+        writer = BinaryWriter().header(_CHAIN_MAGIC, _FORMAT_VERSION)
         writer.u8(1 + len(self.issuers))
         for cert in (self.node, *self.issuers):
             writer.long_bytes(cert.encode())
@@ -557,13 +451,14 @@ class CertChain:
     @classmethod
     def decode(cls, data: bytes) -> CertChain:
         """Parse a chain; IdentityError on anything malformed (signatures are not checked)."""
-        reader = BinaryReader(data, "certificate chain")
-        reader.magic(_CHAIN_MAGIC)
-        count = reader.u8()
-        if not 1 <= count <= 1 + MAX_CHAIN_LEN:
-            raise reader.fail(f"{count} certificates")
-        certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
-        reader.end()
+        with _malformed():
+            reader = BinaryReader(data, "certificate chain")
+            reader.header(_CHAIN_MAGIC, _FORMAT_VERSION)
+            count = reader.u8()
+            if not 1 <= count <= 1 + MAX_CHAIN_LEN:
+                raise reader.fail(f"{count} certificates")
+            certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
+            reader.end()
         return cls(node=certs[0], issuers=tuple(certs[1:]))
 
     @property
@@ -762,8 +657,7 @@ class Revocation:
     def signed_part(self) -> bytes:
         writer = (
             BinaryWriter()
-            .raw(_REVOCATION_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_REVOCATION_MAGIC, _FORMAT_VERSION)
             .raw(bytes.fromhex(self.network_id))
             .raw(self.issuer_key_id)
             .raw(self.serial)
@@ -782,21 +676,22 @@ class Revocation:
     @classmethod
     def decode(cls, data: bytes) -> Revocation:
         """Parse a revocation; IdentityError if malformed. The signature is not checked."""
-        reader = BinaryReader(data, "revocation")
-        reader.magic(_REVOCATION_MAGIC)
-        network_id = reader.raw(KEY_ID_LEN).hex()
-        issuer = reader.raw(KEY_ID_LEN)
-        serial = reader.raw(SERIAL_LEN)
-        has_key = reader.u8()
-        if has_key not in (0, 1):
-            raise reader.fail("bad key flag")
-        public_key = encode_key(reader.raw(KEY_LEN)) if has_key else ""
-        name = reader.name("name")
-        revoked_at = reader.u64()
-        signature = reader.raw(SIGNATURE_LEN)
-        reader.end()
-        if serial == _NO_SERIAL and not public_key:
-            raise reader.fail("names neither a serial nor a key")
+        with _malformed():
+            reader = BinaryReader(data, "revocation")
+            reader.header(_REVOCATION_MAGIC, _FORMAT_VERSION)
+            network_id = reader.raw(KEY_ID_LEN).hex()
+            issuer = reader.raw(KEY_ID_LEN)
+            serial = reader.raw(SERIAL_LEN)
+            has_key = reader.u8()
+            if has_key not in (0, 1):
+                raise reader.fail("bad key flag")
+            public_key = encode_key(reader.raw(KEY_LEN)) if has_key else ""
+            name = read_name(reader, "name")
+            revoked_at = reader.u64()
+            signature = reader.raw(SIGNATURE_LEN)
+            reader.end()
+            if serial == _NO_SERIAL and not public_key:
+                raise reader.fail("names neither a serial nor a key")
         return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
 
     def matches(self, cert: Certificate) -> bool:
@@ -870,7 +765,7 @@ class RevocationList:
 
     def encode(self) -> bytes:
         """All revocations, for the agent's state file."""
-        writer = BinaryWriter().raw(_REVOCATION_LIST_MAGIC).u8(_FORMAT_VERSION)
+        writer = BinaryWriter().header(_REVOCATION_LIST_MAGIC, _FORMAT_VERSION)
         writer.u32(len(self._all))
         for encoded in self._all:
             writer.long_bytes(encoded)
@@ -879,12 +774,13 @@ class RevocationList:
     @classmethod
     def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
         """Read :meth:`encode`'s output, verifying every revocation again."""
-        reader = BinaryReader(data, "revocation list")
-        reader.magic(_REVOCATION_LIST_MAGIC)
         revoked = cls()
-        for _ in range(reader.u32()):
-            revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
-        reader.end()
+        with _malformed():
+            reader = BinaryReader(data, "revocation list")
+            reader.header(_REVOCATION_LIST_MAGIC, _FORMAT_VERSION)
+            for _ in range(reader.u32()):
+                revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
+            reader.end()
         return revoked
 
     def __iter__(self) -> Iterator[Revocation]:

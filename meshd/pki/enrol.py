@@ -50,7 +50,6 @@ import ipaddress
 import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
 from meshd.pki.ca import CertChain, Certificate, RevocationList
 from meshd.pki.token import Token, split_endpoint
@@ -75,22 +75,21 @@ MAX_HELLO = 1024
 MAX_ANSWER = 512 * 1024
 MAX_MEMBERS_IN_ANSWER = 256
 MAX_REASON = 300
-_HEADER = struct.Struct(">I")
 _PROOF_DOMAIN = b"meshd enrol proof v1\x00"
 
 
 def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:
     """What the enrolment key signs to prove the joiner holds the token on this connection."""
     endpoint_bytes = endpoint.encode("utf-8")
-    return b"".join(
-        (
-            _PROOF_DOMAIN,
-            nonce,
-            _HEADER.pack(len(chain)),
-            chain,
-            _HEADER.pack(len(endpoint_bytes)),
-            endpoint_bytes,
-        )
+    return (
+        BinaryWriter()
+        .raw(_PROOF_DOMAIN)
+        .raw(nonce)
+        .u32(len(chain))
+        .raw(chain)
+        .u32(len(endpoint_bytes))
+        .raw(endpoint_bytes)
+        .getvalue()
     )
 
 
@@ -336,15 +335,14 @@ class RateLimiter:
 
 
 async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    header = await reader.readexactly(_HEADER.size)
-    (length,) = _HEADER.unpack(header)
+    length = BinaryReader(await reader.readexactly(4), "frame header").u32()
     if length > limit:
         raise IdentityError(f"message of {length} bytes is larger than {limit}")
     return await reader.readexactly(length)
 
 
 async def _write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
-    writer.write(_HEADER.pack(len(body)) + body)
+    writer.write(BinaryWriter().u32(len(body)).raw(body).getvalue())
     await writer.drain()
 
 

@@ -61,20 +61,20 @@ from typing import TextIO
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from meshd.errors import IdentityError, TokenError
+from meshd.binary import BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, IdentityError, TokenError
 from meshd.identity import decode_key, encode_key
 from meshd.pki.ca import (
     CLOCK_SKEW,
     DEFAULT_NODE_LIFETIME,
     KEY_LEN,
     SIGNATURE_LEN,
-    BinaryReader,
-    BinaryWriter,
     Certificate,
     EnrolmentKey,
     NetworkCA,
     Role,
     network_id_of,
+    read_name,
 )
 from meshd.pki.ca import verify as verify_cert
 from meshd.types import IPAddress, Network
@@ -158,8 +158,7 @@ class Token:
     def signed_part(self) -> bytes:
         writer = (
             BinaryWriter()
-            .raw(_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_MAGIC, _FORMAT_VERSION)
             .text(self.network_name)
             .raw(self.ca_public_key)
             .raw(self.gossip_key)
@@ -255,8 +254,8 @@ def _decode_text(text: str) -> bytes:
 
 def _read_token(raw: bytes) -> Token:
     reader = BinaryReader(raw, "token")
-    reader.magic(_MAGIC)
-    network_name = reader.name("network name")
+    reader.header(_MAGIC, _FORMAT_VERSION)
+    network_name = read_name(reader, "network name")
     ca_public_key = reader.raw(KEY_LEN)
     gossip_key = reader.raw(KEY_LEN)
     cidr4 = _network4(reader.raw(4), reader.u8(), reader)
@@ -318,7 +317,7 @@ def parse_token(text: str, now: int) -> Token:
     raw = _decode_text(text)
     try:
         token = _read_token(raw)
-    except IdentityError as exc:
+    except (DecodeError, IdentityError) as exc:
         raise TokenError(f"token is damaged or truncated ({exc})") from exc
     signed = raw[: -len(token.signature)]
     try:
