@@ -75,10 +75,13 @@ def test_trailing_bytes_are_refused(items: list[tuple[str, Any]], junk: bytes) -
     ],
 )
 def test_junk_is_a_decode_error_the_caller_converts(data: bytes, field: str, reason: str) -> None:
-    reader = BinaryReader(data, "test value")
-    with pytest.raises(DecodeError, match=reason) as caught:
+    def read() -> None:
+        reader = BinaryReader(data, "test value")
         reader.header(b"MT", 3)
         getattr(reader, field)()
+
+    with pytest.raises(DecodeError, match=reason) as caught:
+        read()
     assert not isinstance(caught.value, MeshdError)
 
 
@@ -89,20 +92,22 @@ def test_u64_above_the_signed_range_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "value"),
+    ("kind", "value", "reason"),
     [
-        ("u8", 256),
-        ("u8", -1),
-        ("u16", 0x1_0000),
-        ("u32", -1),
-        ("u64", 2**64),
-        ("short_bytes", bytes(256)),
-        ("long_bytes", bytes(0x1_0000)),
-        ("text", "é" * 128),
+        ("u8", 256, "a byte holds 0 to 255"),
+        ("u8", -1, "a byte holds 0 to 255"),
+        ("u16", 0x1_0000, "does not fit 2 bytes"),
+        ("u32", -1, "does not fit 4 bytes"),
+        ("u64", 2**64, "does not fit 8 bytes"),
+        ("short_bytes", bytes(256), "at most 255 bytes"),
+        ("long_bytes", bytes(0x1_0000), "at most 65535 bytes"),
+        ("text", "é" * 128, "at most 255 bytes"),
     ],
 )
-def test_a_value_the_format_cannot_hold_is_a_value_error(kind: str, value: Any) -> None:
-    with pytest.raises(ValueError) as caught:
+def test_a_value_the_format_cannot_hold_is_a_value_error(
+    kind: str, value: Any, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason) as caught:
         getattr(BinaryWriter(), kind)(value)
     assert not isinstance(caught.value, DecodeError)
 
