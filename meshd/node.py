@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import IdentityError, StateError
+from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
 from meshd.types import IPAddress, IPNetwork, MeshAddresses, Network, PeerConfig
@@ -298,8 +299,8 @@ def gossip_address(addresses: tuple[IPAddress, ...]) -> IPAddress:
     return next((a for a in addresses if a.version == 6), addresses[0])
 
 
-def join_address(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+# The old name, kept only until meshd.agent imports meshd.hostport.format_host_port.
+join_address = format_host_port
 
 
 def host_prefixes(addresses: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:

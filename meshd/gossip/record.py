@@ -39,7 +39,8 @@ import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 
-from meshd.errors import RecordError
+from meshd.errors import DecodeError, RecordError
+from meshd.hostport import format_host_port, parse_ip_port
 from meshd.types import IPAddress, IPNetwork, NodeRecord
 
 TAGS_LIMIT = 512
@@ -90,23 +91,18 @@ def _family_bytes(address: IPAddress) -> bytes:
 
 
 def _endpoint_item(endpoint: str) -> bytes:
-    host, sep, port = endpoint.rpartition(":")
-    if sep and port.isdigit() and 0 < int(port) < 65536:
-        try:
-            addr = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
-        except ValueError:
-            addr = None
+    try:
+        addr, port = parse_ip_port(endpoint)
+    except DecodeError:
+        pass  # a host name, or text only its author understands: carried verbatim
+    else:
         # Binary only when decoding gives back the very same text.
-        if addr is not None and _format_endpoint(addr, int(port)) == endpoint:
-            return _family_bytes(addr) + int(port).to_bytes(2, "big")
+        if format_host_port(addr, port) == endpoint:
+            return _family_bytes(addr) + port.to_bytes(2, "big")
     raw = endpoint.encode()
     if not raw or len(raw) > 255:
         raise RecordError(f"endpoint {endpoint!r} must be 1-255 bytes")
     return bytes([0, len(raw)]) + raw
-
-
-def _format_endpoint(addr: IPAddress, port: int) -> str:
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
 
 
 def _route_item(route: IPNetwork) -> bytes:
@@ -232,7 +228,7 @@ def _decode_endpoints(text: str) -> tuple[str, ...]:
         port = int.from_bytes(reader.take(2), "big")
         if port == 0:
             raise RecordError("endpoints: port 0")
-        endpoints.append(_format_endpoint(addr, port))
+        endpoints.append(format_host_port(addr, port))
     return tuple(endpoints)
 
 

@@ -53,7 +53,8 @@ from typing import Any, Literal, Protocol
 
 import msgpack
 
-from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd.errors import DecodeError, SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd.hostport import format_host_port, parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class SerfMember:
 
     @property
     def gossip_addr(self) -> str:
-        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+        return format_host_port(self.addr, self.port)
 
 
 @dataclass(frozen=True)
@@ -264,10 +265,10 @@ def _key_response(body: Mapping[str, Any]) -> KeyResponse:
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SerfConnectionError(f"RPC address {addr!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(addr)
+    except DecodeError as exc:
+        raise SerfConnectionError(f"RPC address {exc}") from exc
 
 
 def _connect_in_netns(host: str, port: int, netns: str, timeout: float) -> socket.socket:

@@ -60,6 +60,7 @@ from nacl.signing import VerifyKey
 
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
+from meshd.hostport import format_host_port
 from meshd.pki.ca import CertChain, Certificate, RevocationList
 from meshd.pki.token import Token, split_endpoint
 from meshd.types import IPAddress
@@ -491,10 +492,6 @@ class EnrolServer:
         await _write_frame(writer, _refusal(reason))
 
 
-def _seed_label(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def enrol(
     host: str,
     port: int,
@@ -516,7 +513,7 @@ async def enrol(
     chain = CertChain(cert, (token.enrolment.cert,))
     chain.verify(token.ca_public_key, now, at_admission=True)
     split_endpoint(endpoint)
-    seed = _seed_label(host, port)
+    seed = format_host_port(host, port)
     try:
         return await asyncio.wait_for(_ask(host, port, token, chain, endpoint, seed, now), timeout)
     except asyncio.TimeoutError as exc:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -63,6 +62,7 @@ from nacl.signing import VerifyKey
 
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError, TokenError
+from meshd.hostport import parse_host_port
 from meshd.identity import decode_key, encode_key
 from meshd.pki.ca import (
     CLOCK_SKEW,
@@ -88,25 +88,14 @@ MAX_SEEDS = 16
 MAX_TOKEN_CHARS = 16384
 _MAGIC = b"MT"
 _FORMAT_VERSION = 1
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) as (host, port); IdentityError if malformed."""
-    host, sep, port_text = endpoint.rpartition(":")
-    if not sep or not port_text.isdigit() or not port_text.isascii():
-        raise IdentityError(f"endpoint {endpoint!r} must be host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise IdentityError(f"endpoint {endpoint!r} has a port out of range")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1])), port
-        except ValueError as exc:
-            raise IdentityError(f"endpoint {endpoint!r} has a bad IPv6 address") from exc
-    if not _HOST_RE.fullmatch(host):
-        raise IdentityError(f"endpoint {endpoint!r} has a bad host name")
-    return host, port
+    try:
+        return parse_host_port(endpoint)
+    except DecodeError as exc:
+        raise IdentityError(f"endpoint {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -120,6 +109,8 @@ class Seed:
 
     def __post_init__(self) -> None:
         split_endpoint(self.endpoint)
+        if len(self.endpoint) > 255:  # a token holds it as a short text field
+            raise IdentityError(f"endpoint {self.endpoint[:40]!r}... is over 255 characters")
         if not 0 < self.enrol_port < 65536:
             raise IdentityError(f"enrolment port {self.enrol_port} out of range")
         decode_key(self.public_key, what="seed public key")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import ip_address, ip_network
 
 import msgpack
 import pytest
@@ -19,6 +19,7 @@ from meshd.gossip.record import (
     encode_record,
     tags_size,
 )
+from meshd.hostport import format_host_port
 from meshd.types import NodeRecord
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -131,12 +132,8 @@ addresses = st.lists(st.one_of(v4, v6), min_size=1, max_size=3).map(tuple)
 ports = st.integers(1, 65535)
 
 
-def _endpoint(addr: IPv4Address | IPv6Address, port: int) -> str:
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
-
-
 endpoints = st.one_of(
-    st.builds(_endpoint, st.one_of(v4, v6), ports),
+    st.builds(format_host_port, st.one_of(v4, v6), ports),
     st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= 255),
 )
 roles = st.frozensets(st.from_regex(r"[a-z0-9_-]{1,12}", fullmatch=True), max_size=4)

@@ -285,8 +285,8 @@ def test_a_prefix_inside_another_peers_prefix_is_allowed():
         (PeerConfig(KEYS[0][:-2] + "=="), IdentityError, "peer public key"),
         (PeerConfig(KEYS[0], preshared_key="secret"), IdentityError, "preshared key of peer"),
         (PeerConfig(KEYS[0], endpoint="example.org:51820"), WireGuardError, "not an IP address"),
-        (PeerConfig(KEYS[0], endpoint="198.18.0.1"), WireGuardError, "is not IP:PORT"),
-        (PeerConfig(KEYS[0], endpoint="198.18.0.1:70000"), WireGuardError, "is not IP:PORT"),
+        (PeerConfig(KEYS[0], endpoint="198.18.0.1"), WireGuardError, "is not HOST:PORT"),
+        (PeerConfig(KEYS[0], endpoint="198.18.0.1:70000"), WireGuardError, "port out of range"),
         (PeerConfig(KEYS[0], keepalive=70000), WireGuardError, "keepalive 70000"),
     ],
 )

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd.errors import WireGuardError
+from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.wireguard.backend import ZERO_KEY, DeviceConfig, OpKind, PeerOp, PeerState
 from meshd.wireguard.uapi import encode_set, parse_errno, parse_get
@@ -112,18 +113,7 @@ networks = st.one_of(
         strict=st.just(False),
     ),
 )
-endpoints = st.one_of(
-    st.builds(
-        lambda a, p: f"{ipaddress.IPv4Address(a)}:{p}",
-        st.integers(0, 2**32 - 1),
-        st.integers(1, 65535),
-    ),
-    st.builds(
-        lambda a, p: f"[{ipaddress.IPv6Address(a).compressed}]:{p}",
-        st.integers(0, 2**128 - 1),
-        st.integers(1, 65535),
-    ),
-)
+endpoints = st.builds(format_host_port, st.ip_addresses(), st.integers(1, 65535))
 peer_states = st.builds(
     PeerState,
     public_key=keys,
