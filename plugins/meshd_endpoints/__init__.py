@@ -15,15 +15,9 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from meshd import hookimpl
-from meshd.errors import ConfigError
-from meshd.types import AgentAPI, ConfigView
+from meshd import AgentAPI, ConfigError, ConfigView, format_host_port, hookimpl
 
 _settings: dict[str, Any] = {"advertise": (), "local": True}
-
-
-def _endpoint(host: Any, port: int) -> str:
-    return f"[{host}]:{port}" if getattr(host, "version", 4) == 6 else f"{host}:{port}"
 
 
 @hookimpl
@@ -60,5 +54,5 @@ def meshd_endpoint_candidates(agent: AgentAPI) -> list[str]:
                 continue
             if isinstance(address, ipaddress.IPv6Address) and address.is_private:
                 continue  # ULAs are rarely reachable from other sites; keep lists short
-            found.append(_endpoint(address, agent.listen_port))
+            found.append(format_host_port(address, agent.listen_port))
     return found
