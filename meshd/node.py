@@ -18,8 +18,6 @@ existing node, so a second ``meshd init`` or ``join`` cannot lose a network.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import ipaddress
 import json
@@ -28,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd.errors import IdentityError, StateError
+from meshd.b64 import decode_b64, encode_b64
+from meshd.errors import DecodeError, IdentityError, StateError
 from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
@@ -71,7 +70,7 @@ class KnownPeer:
             "allowed_ips": [str(p) for p in self.allowed_ips],
             "endpoint": self.endpoint,
             "gossip_addr": self.gossip_addr,
-            "chain": _b64(self.chain) if self.chain else None,
+            "chain": encode_b64(self.chain) if self.chain else None,
         }
 
     @classmethod
@@ -94,15 +93,11 @@ class KnownPeer:
         )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _unb64(text: str, what: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise StateError(f"{what} is not valid base64") from exc
+        return decode_b64(text)
+    except DecodeError as exc:
+        raise StateError(f"{what} is {exc}") from exc
 
 
 class NodeStore:
@@ -130,10 +125,10 @@ class NodeStore:
             )
         ensure_private_dir(self.dir)
         write_secret(self.path("wireguard.key"), state.keys.private_key + "\n")
-        write_secret(self.path("gossip.key"), _b64(state.gossip_key) + "\n")
+        write_secret(self.path("gossip.key"), encode_b64(state.gossip_key) + "\n")
         write_secret(self.path("rpc.key"), state.rpc_key + "\n")
         if ca_secret is not None:
-            write_secret(self.path("ca.key"), _b64(ca_secret) + "\n")
+            write_secret(self.path("ca.key"), encode_b64(ca_secret) + "\n")
         self.save_node(state)
         network = state.network
         atomic_write(
@@ -144,7 +139,7 @@ class NodeStore:
                     "network_id": network.network_id,
                     "cidr4": str(network.cidr4),
                     "cidr6": str(network.cidr6) if network.cidr6 else None,
-                    "ca_public_key": _b64(state.ca_public_key),
+                    "ca_public_key": encode_b64(state.ca_public_key),
                 },
                 indent=2,
             )
@@ -161,7 +156,7 @@ class NodeStore:
                     "ipv4": str(state.addresses.ipv4),
                     "ipv6": str(state.addresses.ipv6) if state.addresses.ipv6 else None,
                     "static_address": state.static_address,
-                    "chain": _b64(state.chain),
+                    "chain": encode_b64(state.chain),
                 },
                 indent=2,
             )
@@ -175,7 +170,7 @@ class NodeStore:
 
     def save_gossip_key(self, key: bytes) -> None:
         """After a gossip key rotation: the key new tokens carry."""
-        write_secret(self.path("gossip.key"), _b64(key) + "\n")
+        write_secret(self.path("gossip.key"), encode_b64(key) + "\n")
 
     def current_gossip_key(self) -> str | None:
         """The primary gossip key in Serf's own keyring file (Serf rewrites it, primary

@@ -33,12 +33,11 @@ Public API:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import DecodeError, RecordError
 from meshd.hostport import format_host_port, parse_ip_port
 from meshd.types import IPAddress, IPNetwork, NodeRecord
@@ -74,16 +73,14 @@ def tags_size(tags: Mapping[str, str]) -> int:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii").rstrip("=")
+    return encode_b64(data, padded=False)
 
 
 def _unb64(text: str, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise RecordError(f"{what}: not a string")
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RecordError(f"{what}: not valid base64") from exc
+        return decode_b64(text, padded=False)
+    except DecodeError as exc:
+        raise RecordError(f"{what}: {exc}") from exc
 
 
 def _family_bytes(address: IPAddress) -> bytes:
@@ -300,7 +297,7 @@ def _decode(tags: Mapping[str, object]) -> NodeRecord:
     endpoints = text("e")
     routes = text("n")
     return NodeRecord(
-        public_key=base64.b64encode(key).decode("ascii"),
+        public_key=encode_b64(key),
         addresses=_decode_addresses(text("a")),
         port=_decimal(tags, "p", "port", 1, 65535),
         endpoints=_decode_endpoints(endpoints) if endpoints else (),

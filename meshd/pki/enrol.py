@@ -42,8 +42,6 @@ Public API::
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import inspect
 import ipaddress
@@ -58,8 +56,9 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.binary import BinaryReader, BinaryWriter
-from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
+from meshd.errors import DecodeError, EnrolError, EnrolRefused, IdentityError, MeshdError
 from meshd.hostport import format_host_port
 from meshd.pki.ca import CertChain, Certificate, RevocationList
 from meshd.pki.token import Token, split_endpoint
@@ -94,17 +93,11 @@ def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:
     )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise IdentityError(f"malformed enrolment message: {what} is not a string")
+def _unb64(value: object, what: str) -> bytes:
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise IdentityError(f"malformed enrolment message: {what} is not base64") from exc
+        return decode_b64(value)
+    except DecodeError as exc:
+        raise IdentityError(f"malformed enrolment message: {what} is {exc}") from exc
 
 
 def _load_json(data: bytes, expected_type: str, *, refusal_allowed: bool = False) -> dict[str, Any]:
@@ -166,9 +159,9 @@ class EnrolRequest:
             {
                 "type": "enrol",
                 "v": PROTOCOL_VERSION,
-                "chain": _b64(self.chain.encode()),
+                "chain": encode_b64(self.chain.encode()),
                 "endpoint": self.endpoint,
-                "proof": _b64(self.proof),
+                "proof": encode_b64(self.proof),
             }
         ).encode("utf-8")
 
@@ -222,7 +215,7 @@ class PeerInfo:
         return self.chain.node.addresses
 
     def to_json(self) -> dict[str, Any]:
-        return {"chain": _b64(self.chain.encode()), "endpoint": self.endpoint}
+        return {"chain": encode_b64(self.chain.encode()), "endpoint": self.endpoint}
 
     @classmethod
     def from_json(cls, value: Any) -> PeerInfo:
@@ -453,7 +446,7 @@ class EnrolServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str
     ) -> None:
         nonce = os.urandom(NONCE_LEN)
-        hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": _b64(nonce)}
+        hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": encode_b64(nonce)}
         await _write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
             body = await _read_frame(reader, MAX_REQUEST)

@@ -13,7 +13,6 @@ back to :mod:`meshd.wireguard.userspace` where creating the link fails.
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import ipaddress
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
+from meshd.b64 import encode_b64
 from meshd.errors import NetlinkError, WireGuardError
 from meshd.hostport import format_host_port
 from meshd.netlink import Netlink, netns_socket
@@ -53,7 +53,7 @@ def _key_text(value: Any) -> str | None:
     if hasattr(value, "get") and not isinstance(value, (bytes, str)):
         value = value.get("value") or value.get("key")
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode() if len(value) == 32 else value.decode()
+        return encode_b64(value) if len(value) == 32 else value.decode()
     return str(value)
 
 

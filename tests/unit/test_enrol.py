@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import CertChain, NetworkCA, RevocationList, check_binding
@@ -280,7 +280,7 @@ async def signed_exchange(
     try:
         header = await reader.readexactly(4)
         hello = json.loads(await reader.readexactly(struct.unpack(">I", header)[0]))
-        nonce = nonce_override or base64.b64decode(hello["nonce"])
+        nonce = nonce_override or decode_b64(hello["nonce"])
         proof = token.enrolment.sign(proof_message(nonce, chain.encode(), endpoint))
         request = EnrolRequest(chain=chain, endpoint=endpoint, proof=proof)
         writer.write(frame(request.encode()))
@@ -527,7 +527,7 @@ JSON = st.recursive(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["enrol", "refused", "x"]), "v": st.sampled_from([1, 2, "1"])},
         optional={
-            "chain": JSON | st.binary().map(lambda b: base64.b64encode(b).decode()),
+            "chain": JSON | st.binary().map(lambda b: encode_b64(b)),
             "endpoint": JSON,
             "proof": JSON,
         },

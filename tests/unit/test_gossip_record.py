@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 from ipaddress import ip_address, ip_network
 
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.b64 import encode_b64
 from meshd.errors import RecordError
 from meshd.gossip.record import (
     RECORD_KEYS,
@@ -22,7 +22,7 @@ from meshd.gossip.record import (
 from meshd.hostport import format_host_port
 from meshd.types import NodeRecord
 
-KEY = base64.b64encode(bytes(range(32))).decode()
+KEY = encode_b64(bytes(range(32)))
 
 
 def record(**changes: object) -> NodeRecord:
@@ -125,7 +125,7 @@ def test_malformed_tags_give_a_record_error(tags: dict[str, str], reason: str) -
 
 # ---- properties
 
-keys = st.binary(min_size=32, max_size=32).map(lambda b: base64.b64encode(b).decode())
+keys = st.binary(min_size=32, max_size=32).map(lambda b: encode_b64(b))
 v4 = st.ip_addresses(v=4)
 v6 = st.ip_addresses(v=6)
 addresses = st.lists(st.one_of(v4, v6), min_size=1, max_size=3).map(tuple)
@@ -181,7 +181,7 @@ def test_small_records_always_fit(rec: NodeRecord) -> None:
 
 tag_values = st.one_of(
     st.text(max_size=60),
-    st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode().rstrip("=")),
+    st.binary(max_size=60).map(lambda b: encode_b64(b, padded=False)),
     st.integers().map(str),
 )
 
@@ -201,7 +201,7 @@ def test_random_tag_maps_never_crash_the_decoder(tags: dict[str, str]) -> None:
 @given(st.sampled_from("kaenrpvc"), st.binary(max_size=80))
 def test_random_bytes_in_any_field_never_crash_the_decoder(key: str, data: bytes) -> None:
     tags = encode_record(record())
-    tags[key] = base64.b64encode(data).decode().rstrip("=")
+    tags[key] = encode_b64(data, padded=False)
     with contextlib.suppress(RecordError):
         decode_record(tags)
 

@@ -6,13 +6,13 @@ integration test); what it sends is checked here, without root.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 
+from meshd.b64 import encode_b64
 from meshd.wireguard.backend import ZERO_KEY, OpKind, PeerOp
 from meshd.wireguard.kernel import _key_text, _peer_dict
 
-KEY = base64.b64encode(b"\x07" * 32).decode()
+KEY = encode_b64(b"\x07" * 32)
 
 
 def test_add_carries_every_field_and_replaces_allowed_ips():

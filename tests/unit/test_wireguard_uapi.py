@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import WireGuardError
 from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
@@ -17,11 +17,11 @@ from meshd.wireguard.uapi import encode_set, parse_errno, parse_get
 
 PRIVATE = WireGuardKeyPair.generate()
 PEER = WireGuardKeyPair.generate().public_key
-PSK = base64.b64encode(b"\x42" * 32).decode()
+PSK = encode_b64(b"\x42" * 32)
 
 
 def hexkey(key: str) -> str:
-    return base64.b64decode(key).hex()
+    return decode_b64(key).hex()
 
 
 SAMPLE = f"""private_key={hexkey(PRIVATE.private_key)}
@@ -100,7 +100,7 @@ def render_get(peers: list[PeerState], listen_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-keys = st.binary(min_size=32, max_size=32).map(lambda raw: base64.b64encode(raw).decode())
+keys = st.binary(min_size=32, max_size=32).map(lambda raw: encode_b64(raw))
 networks = st.one_of(
     st.builds(
         ipaddress.IPv4Network,
