@@ -88,6 +88,7 @@ from nacl.utils import random
 from meshd.binary import MAX_U64, BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError
 from meshd.identity import decode_key, encode_key
+from meshd.timetext import utc
 from meshd.types import IPAddress
 
 KEY_LEN = 32
@@ -140,13 +141,6 @@ def check_name(name: str, *, what: str = "name") -> str:
 
 def _now(now: int | None) -> int:
     return int(time.time()) if now is None else now
-
-
-def _utc(seconds: int) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds} (unix seconds)"
 
 
 def read_name(reader: BinaryReader, what: str) -> str:
@@ -348,10 +342,10 @@ def _sign_certificate(
 def _check_window(cert: Certificate, now: int) -> None:
     if now + CLOCK_SKEW < cert.not_before:
         raise IdentityError(
-            f"{cert.describe()} is not valid before {_utc(cert.not_before)} (check the clock)"
+            f"{cert.describe()} is not valid before {utc(cert.not_before)} (check the clock)"
         )
     if now > cert.not_after:
-        raise IdentityError(f"{cert.describe()} expired at {_utc(cert.not_after)}")
+        raise IdentityError(f"{cert.describe()} expired at {utc(cert.not_after)}")
 
 
 def verify(cert: Certificate, signer_public_key: bytes, now: int) -> None:
@@ -386,7 +380,7 @@ def verify_chain(
             revocation = revoked.find(cert)
             if revocation is not None:
                 raise IdentityError(
-                    f"{cert.describe()} was revoked at {_utc(revocation.revoked_at)}"
+                    f"{cert.describe()} was revoked at {utc(revocation.revoked_at)}"
                 )
     if not chain:
         verify(node_cert, ca_public_key, now)
@@ -405,7 +399,7 @@ def verify_chain(
     if not enrol_cert.not_before - CLOCK_SKEW <= node_cert.not_before <= enrol_cert.not_after:
         raise IdentityError(
             f"{node_cert.describe()} was not made while its enrolment key was valid "
-            f"({_utc(enrol_cert.not_before)} to {_utc(enrol_cert.not_after)})"
+            f"({utc(enrol_cert.not_before)} to {utc(enrol_cert.not_after)})"
         )
     if node_cert.not_after - node_cert.not_before > enrol_cert.max_child_lifetime:
         raise IdentityError(
@@ -417,7 +411,7 @@ def verify_chain(
         if abs(node_cert.not_before - now) > CLOCK_SKEW:
             raise IdentityError(
                 f"{node_cert.describe()} was not made just now (not_before "
-                f"{_utc(node_cert.not_before)}); check the joining machine's clock"
+                f"{utc(node_cert.not_before)}); check the joining machine's clock"
             )
 
 

@@ -77,6 +77,7 @@ from meshd.pki.ca import (
     read_name,
 )
 from meshd.pki.ca import verify as verify_cert
+from meshd.timetext import ago, utc
 from meshd.types import IPAddress, Network
 
 log = logging.getLogger(__name__)
@@ -209,20 +210,6 @@ def create_token(
     return dataclasses.replace(unsigned, signature=signature)
 
 
-def _utc(seconds: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
-
-
-def _ago(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"
-
-
 def _decode_text(text: str) -> bytes:
     compact = "".join(text.split())
     if not compact.startswith(TOKEN_PREFIX):
@@ -328,12 +315,12 @@ def parse_token(text: str, now: int) -> Token:
         raise TokenError("token's enrolment certificate does not fit the token")
     if now > token.expires_at:
         raise TokenError(
-            f"token expired at {_utc(token.expires_at)} ({_ago(now - token.expires_at)} ago); "
+            f"token expired at {utc(token.expires_at)} ({ago(token.expires_at, now)}); "
             "make a new one with 'meshd token create'"
         )
     if now + CLOCK_SKEW < token.issued_at:
         raise TokenError(
-            f"token is not valid before {_utc(token.issued_at)}; check this machine's clock"
+            f"token is not valid before {utc(token.issued_at)}; check this machine's clock"
         )
     return token
 
