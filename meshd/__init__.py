@@ -19,26 +19,24 @@ import pluggy
 
 from meshd.errors import ConfigError, MeshdError
 
-if TYPE_CHECKING:
-    from meshd.hostport import format_host_port
-    from meshd.types import (
-        Admission,
-        AgentAPI,
-        ConfigView,
-        IPAddress,
-        IPNetwork,
-        Member,
-        MemberState,
-        MeshAddresses,
-        MeshView,
-        Network,
-        NodeIdentity,
-        NodeRecord,
-        PathChoice,
-        PeerConfig,
-        PeerPatch,
-        RecordExtras,
-    )
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from meshd.hostport import format_host_port as format_host_port
+    from meshd.types import Admission as Admission
+    from meshd.types import AgentAPI as AgentAPI
+    from meshd.types import ConfigView as ConfigView
+    from meshd.types import IPAddress as IPAddress
+    from meshd.types import IPNetwork as IPNetwork
+    from meshd.types import Member as Member
+    from meshd.types import MemberState as MemberState
+    from meshd.types import MeshAddresses as MeshAddresses
+    from meshd.types import MeshView as MeshView
+    from meshd.types import Network as Network
+    from meshd.types import NodeIdentity as NodeIdentity
+    from meshd.types import NodeRecord as NodeRecord
+    from meshd.types import PathChoice as PathChoice
+    from meshd.types import PeerConfig as PeerConfig
+    from meshd.types import PeerPatch as PeerPatch
+    from meshd.types import RecordExtras as RecordExtras
 
 __version__ = "0.1.0"
 

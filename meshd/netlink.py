@@ -286,13 +286,7 @@ class Netlink:
         index = await self._index(ifname)
         for net in prefixes:
             with _converted(f"adding route {net} dev {ifname}"):
-                await self._sock.route(
-                    "replace",
-                    dst=net.with_prefixlen,
-                    oif=index,
-                    table=_MAIN_TABLE,
-                    proto=MESHD_ROUTE_PROTO,
-                )
+                await self._route("replace", net, index)
 
     async def remove_routes(self, ifname: str, prefixes: Sequence[IPNetwork]) -> None:
         """Remove meshd's routes to ``prefixes``; one that is already gone is fine."""
@@ -300,16 +294,16 @@ class Netlink:
         for net in prefixes:
             with _converted(f"removing route {net} dev {ifname}"):
                 try:
-                    await self._sock.route(
-                        "del",
-                        dst=net.with_prefixlen,
-                        oif=index,
-                        table=_MAIN_TABLE,
-                        proto=MESHD_ROUTE_PROTO,
-                    )
+                    await self._route("del", net, index)
                 except PyrouteNetlinkError as exc:
                     if exc.code != errno.ESRCH:
                         raise
+
+    async def _route(self, action: str, net: IPNetwork, index: int) -> None:
+        # Always in the main table and with meshd's protocol: how routes() knows ours.
+        await self._sock.route(
+            action, dst=net.with_prefixlen, oif=index, table=_MAIN_TABLE, proto=MESHD_ROUTE_PROTO
+        )
 
 
 @contextlib.asynccontextmanager

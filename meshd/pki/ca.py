@@ -80,6 +80,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -173,11 +174,35 @@ def _check_signature(signer_public_key: bytes, signed: bytes, signature: bytes, 
         raise IdentityError(f"{what}: bad signature (tampered, or signed by another key)") from exc
 
 
+class SignedValue:
+    """What certificates, revocations and tokens share: a signed part, then its signature.
+
+    Mixed into frozen dataclasses that have a ``signature`` field (empty until signed).
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    kind: ClassVar[str]
+    signature: bytes
+
+    def signed_part(self) -> bytes:
+        raise NotImplementedError
+
+    def signed_by(self, signing_key: SigningKey) -> Self:
+        """This value with ``signing_key``'s signature over :meth:`signed_part`."""
+        return dataclasses.replace(self, signature=signing_key.sign(self.signed_part()).signature)
+
+    def signed_encoding(self) -> bytes:
+        """The signed part followed by the signature; IdentityError when unsigned."""
+        if len(self.signature) != SIGNATURE_LEN:
+            raise IdentityError(f"cannot encode an unsigned {self.kind}")
+        return self.signed_part() + self.signature
+
+
 # --- certificates --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Certificate:
+class Certificate(SignedValue):
     """A signed binding of a name and a public key to a network.
 
     ``public_key`` is base64 of 32 bytes: the node's WireGuard key for
@@ -197,6 +222,7 @@ class Certificate:
     max_child_lifetime: int
     issuer_key_id: bytes
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "certificate"
 
     def signed_part(self) -> bytes:
         """The bytes the issuer signs: everything but the signature."""
@@ -218,9 +244,7 @@ class Certificate:
         )
 
     def encode(self) -> bytes:
-        if len(self.signature) != SIGNATURE_LEN:
-            raise IdentityError("cannot encode an unsigned certificate")
-        return self.signed_part() + self.signature
+        return self.signed_encoding()
 
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
@@ -334,9 +358,7 @@ def _sign_certificate(
     problem = _shape_problem(unsigned)
     if problem:
         raise IdentityError(f"cannot issue this certificate: {problem}")
-    return dataclasses.replace(
-        unsigned, signature=signing_key.sign(unsigned.signed_part()).signature
-    )
+    return unsigned.signed_by(signing_key)
 
 
 def _check_window(cert: Certificate, now: int) -> None:
@@ -634,7 +656,7 @@ class NetworkCA:
 
 
 @dataclass(frozen=True)
-class Revocation:
+class Revocation(SignedValue):
     """A CA-signed statement: the certificate ``serial`` and/or the key ``public_key`` is out.
 
     ``name`` says whom it concerns, for people; matching uses serial and key only.
@@ -647,6 +669,7 @@ class Revocation:
     revoked_at: int
     issuer_key_id: bytes
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "revocation"
 
     def signed_part(self) -> bytes:
         writer = (
@@ -663,9 +686,7 @@ class Revocation:
         return writer.text(self.name).u64(self.revoked_at).getvalue()
 
     def encode(self) -> bytes:
-        if len(self.signature) != SIGNATURE_LEN:
-            raise IdentityError("cannot encode an unsigned revocation")
-        return self.signed_part() + self.signature
+        return self.signed_encoding()
 
     @classmethod
     def decode(cls, data: bytes) -> Revocation:
@@ -714,9 +735,7 @@ def _sign_revocation(
         revoked_at=revoked_at,
         issuer_key_id=key_id(bytes(signing_key.verify_key)),
     )
-    return dataclasses.replace(
-        unsigned, signature=signing_key.sign(unsigned.signed_part()).signature
-    )
+    return unsigned.signed_by(signing_key)
 
 
 def verify_revocation(revocation: Revocation, ca_public_key: bytes) -> None:

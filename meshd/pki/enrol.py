@@ -132,15 +132,10 @@ def _endpoint(value: Any, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class EnrolRequest:
-    """A joiner's request as the seed received it (``nonce`` and ``source`` set by the seed)."""
+class _ChainedNode:
+    """The node a certificate chain vouches for: its name, WireGuard key and addresses."""
 
     chain: CertChain
-    endpoint: str
-    proof: bytes
-    nonce: bytes = b""
-    source: str = ""
 
     @property
     def name(self) -> str:
@@ -153,6 +148,17 @@ class EnrolRequest:
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
         return self.chain.node.addresses
+
+
+@dataclass(frozen=True)
+class EnrolRequest(_ChainedNode):
+    """A joiner's request as the seed received it (``nonce`` and ``source`` set by the seed)."""
+
+    chain: CertChain
+    endpoint: str
+    proof: bytes
+    nonce: bytes = b""
+    source: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -196,23 +202,11 @@ def verify_proof(request: EnrolRequest) -> None:
 
 
 @dataclass(frozen=True)
-class PeerInfo:
+class PeerInfo(_ChainedNode):
     """A member as the joiner learns it: its certificate chain and its WireGuard endpoint."""
 
     chain: CertChain
     endpoint: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.chain.node.name
-
-    @property
-    def public_key(self) -> str:
-        return self.chain.node.public_key
-
-    @property
-    def addresses(self) -> tuple[IPAddress, ...]:
-        return self.chain.node.addresses
 
     def to_json(self) -> dict[str, Any]:
         return {"chain": encode_b64(self.chain.encode()), "endpoint": self.endpoint}

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import logging
 import os
 import re
@@ -55,7 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import TextIO
+from typing import ClassVar, TextIO
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -73,6 +72,7 @@ from meshd.pki.ca import (
     EnrolmentKey,
     NetworkCA,
     Role,
+    SignedValue,
     network_id_of,
     read_name,
 )
@@ -123,7 +123,7 @@ class Seed:
 
 
 @dataclass(frozen=True)
-class Token:
+class Token(SignedValue):
     """A parsed, signature-checked join token. ``gossip_key`` and ``enrolment`` are secret."""
 
     network_name: str
@@ -136,6 +136,7 @@ class Token:
     issued_at: int
     expires_at: int
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "token"
 
     @property
     def network_id(self) -> str:
@@ -206,8 +207,7 @@ def create_token(
         issued_at=now,
         expires_at=enrolment.cert.not_after,
     )
-    signature = ca.signing_key.sign(unsigned.signed_part()).signature
-    return dataclasses.replace(unsigned, signature=signature)
+    return unsigned.signed_by(ca.signing_key)
 
 
 def _decode_text(text: str) -> bytes:
