@@ -25,6 +25,7 @@ from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
+from tests.integration.conftest import mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -33,24 +34,10 @@ NODES = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
-
-    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
-    if reason:
-        pytest.skip(reason)
-    lab = Lab.create(nodes=8, topology="flat")
-    try:
-        built = MeshLab(lab)
+    with mesh_lab(nodes=8) as built:
         built.up(NODES, seed=11)
         built.wait_full_mesh(NODES, timeout=90)
         yield built
-    finally:
-        lab.down()
-
-
-def wg_peers(mesh: MeshLab, node: str) -> set[str]:
-    out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "peers"]).stdout
-    return set(out.split())
 
 
 def status(mesh: MeshLab, node: str) -> dict:

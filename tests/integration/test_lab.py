@@ -18,21 +18,11 @@ from meshd.errors import LabError
 from meshd.lab import Lab
 from meshd.lab.netns import list_netns
 from meshd.lab.plan import NETNS_PREFIX, netns_prefix, random_lab_id
+from tests.conftest import run_meshd
 
 pytestmark = pytest.mark.root("ping", "sysctl")
 
 LabFactory = Callable[..., Lab]
-
-
-def meshd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real command line, in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def alive(pid: int) -> bool:
@@ -63,18 +53,18 @@ def test_cli_up_flat_four_nodes_pings_every_host_and_down_cleans_up() -> None:
     lab_id = random_lab_id()
     others = non_lab_namespaces()
     try:
-        up = meshd("lab", "up", "--nodes", "4", "--lab", lab_id)
+        up = run_meshd("lab", "up", "--nodes", "4", "--lab", lab_id)
         assert up.returncode == 0, up.stderr
         assert "reachability" in up.stdout
         assert "FAIL" not in up.stdout
-        status = json.loads(meshd("lab", "status", "--lab", lab_id, "--json").stdout)
+        status = json.loads(run_meshd("lab", "status", "--lab", lab_id, "--json").stdout)
         assert [n["name"] for n in status["nodes"]] == ["n1", "n2", "n3", "n4"]
         # Through `meshd lab exec`: n1 -> n4 answers, and a lab address nobody holds does not
         # (the exit code of the command is the exit code of exec).
         n4 = status["nodes"][3]["address"]
         ping = ["ping", "-c", "1", "-w", "3"]
-        assert meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, n4).returncode == 0
-        miss = meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, "198.18.0.250")
+        assert run_meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, n4).returncode == 0
+        miss = run_meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, "198.18.0.250")
         assert miss.returncode == 1
         # Every other pair through the API.
         lab = Lab.load(lab_id)
@@ -83,12 +73,12 @@ def test_cli_up_flat_four_nodes_pings_every_host_and_down_cleans_up() -> None:
         assert len(matrix["pairs"]) == 12
         assert all(p["reachable"] and p["rtt_ms"] is not None for p in matrix["pairs"])
     finally:
-        down = meshd("lab", "down", "--lab", lab_id)
+        down = run_meshd("lab", "down", "--lab", lab_id)
     assert down.returncode == 0, down.stderr
     assert f"lab {lab_id} is down" in down.stdout
     assert not [n for n in list_netns() if n.startswith(netns_prefix(lab_id))]
     assert others <= non_lab_namespaces()
-    again = meshd("lab", "down", "--lab", lab_id)
+    again = run_meshd("lab", "down", "--lab", lab_id)
     assert again.returncode == 0
     assert "nothing to do" in again.stdout
 

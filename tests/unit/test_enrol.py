@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, NetworkCA, RevocationList, check_binding
+from meshd.pki.ca import CertChain, Certificate, NetworkCA, RevocationList, check_binding
 from meshd.pki.enrol import (
     MAX_REQUEST,
     EnrolRequest,
@@ -222,12 +222,17 @@ def test_revoked_token_is_refused_with_reason() -> None:
     run(scenario)
 
 
-def test_expired_token_is_refused_by_the_seed() -> None:
-    # Made two hours ago with a one-hour life: the client would refuse it itself, so speak
-    # the protocol by hand, as a modified client would.
+def expired_network() -> tuple[Network, Certificate]:
+    """A network whose token was made two hours ago with a one-hour life, and a joiner's cert."""
     then = int(time.time()) - 7200
     net = Network(ttl=3600, now=then)
-    cert = joiner_cert(net.token, now=then + 10)
+    return net, joiner_cert(net.token, now=then + 10)
+
+
+def test_expired_token_is_refused_by_the_seed() -> None:
+    # The client would refuse it itself, so speak the protocol by hand, as a modified
+    # client would.
+    net, cert = expired_network()
 
     async def scenario() -> None:
         async with net.server() as server:
@@ -242,9 +247,7 @@ def test_expired_token_is_refused_by_the_seed() -> None:
 
 
 def test_expired_token_is_refused_by_the_client_before_connecting() -> None:
-    then = int(time.time()) - 7200
-    net = Network(ttl=3600, now=then)
-    cert = joiner_cert(net.token, now=then + 10)
+    net, cert = expired_network()
 
     async def scenario() -> None:
         with pytest.raises(IdentityError, match="expired"):

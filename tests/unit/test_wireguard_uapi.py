@@ -14,6 +14,7 @@ from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.wireguard.backend import ZERO_KEY, DeviceConfig, OpKind, PeerOp, PeerState
 from meshd.wireguard.uapi import encode_set, parse_errno, parse_get
+from tests.unit.conftest import add_with_every_field
 
 PRIVATE = WireGuardKeyPair.generate()
 PEER = WireGuardKeyPair.generate().public_key
@@ -142,14 +143,7 @@ def test_parse_get_reads_back_every_field(peers, port):
 
 
 def test_set_carries_device_then_peers_and_never_replaces_all_peers():
-    add = PeerOp(
-        OpKind.ADD,
-        PEER,
-        endpoint="[fd00::0:9]:51820",
-        keepalive=25,
-        preshared_key=PSK,
-        allowed_ips=(ipaddress.ip_network("100.64.0.2/32"),),
-    )
+    add = add_with_every_field(PEER, PSK)
     text = encode_set(DeviceConfig(PRIVATE.private_key, 51820), [add]).decode()
     assert text == (
         f"set=1\nprivate_key={hexkey(PRIVATE.private_key)}\nlisten_port=51820\n"
