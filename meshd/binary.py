@@ -142,7 +142,10 @@ class BinaryReader:
             raise self.fail("text is not UTF-8") from exc
 
     def address(self) -> IPAddress:
-        version = self.u8()
+        return self.address_of(self.u8())
+
+    def address_of(self, version: int) -> IPAddress:
+        """The packed address of IP ``version`` (a version byte the caller read itself)."""
         if version == 4:
             return ipaddress.IPv4Address(self.raw(4))
         if version == 6:

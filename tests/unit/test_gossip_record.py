@@ -212,3 +212,30 @@ def test_non_maps_and_non_string_values_give_a_record_error(value: object) -> No
         decode_record(value)  # type: ignore[arg-type]
     with pytest.raises(RecordError):
         decode_record({"m": "1", "k": value, "a": value, "p": value, "v": value})  # type: ignore[dict-item]
+
+
+def test_the_wire_format_does_not_drift() -> None:
+    # Other nodes, of other versions, read these bytes: a change of encoder must not change them.
+    known = NodeRecord(
+        public_key=encode_b64(bytes(range(32))),
+        addresses=(ip_address("100.64.0.1"), ip_address("fd00::1")),
+        port=51820,
+        endpoints=("192.0.2.1:51820", "[2001:db8::1]:5", "host.example:7", "[::ffff:1.2.3.4]:9"),
+        routes=(ip_network("10.9.0.0/16"), ip_network("2001:db8::/33"), ip_network("0.0.0.0/0")),
+        roles=frozenset({"gw"}),
+        cert="abc",
+        version=7,
+    )
+    tags = {
+        "a": "BGRAAAEG/QAAAAAAAAAAAAAAAAAAAQ",
+        "c": "abc",
+        "e": "BMAAAgHKbAYgAQ24AAAAAAAAAAAAAAABAAUADmhvc3QuZXhhbXBsZTo3ABJbOjpmZmZmOjEuMi4zLjRdOjk",
+        "k": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+        "m": "1",
+        "n": "BBAKCQYhIAENuAAEAA",
+        "p": "51820",
+        "r": "gw",
+        "v": "7",
+    }
+    assert encode_record(known) == tags
+    assert decode_record(tags) == known
