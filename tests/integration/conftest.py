@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -120,3 +121,18 @@ def wg_peers(mesh: MeshLab, node: str) -> set[str]:
     """The public keys of the peers on ``node``'s mesh interface, as ``wg`` lists them."""
     out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "peers"]).stdout
     return set(out.split())
+
+
+def eventually(
+    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
+) -> float:
+    """Wait until ``check()`` holds, or fail the test naming ``what`` (and ``detail()``).
+
+    Returns how long it took.
+    """
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}".rstrip())
+        time.sleep(0.2)
+    return time.monotonic() - started

@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
-from tests.integration.conftest import mesh_lab, wg_peers
+from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -44,15 +44,6 @@ def status(mesh: MeshLab, node: str) -> dict:
     found = mesh.status(node)
     assert found is not None, f"the agent on {node} does not answer"
     return found
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
-        time.sleep(0.3)
-    return time.monotonic() - started
 
 
 def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: int) -> SerfAgent:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from meshd.lab.mesh import MeshLab
-from tests.integration.conftest import mesh_lab, wg_peers
+from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -34,17 +33,6 @@ def public_key(mesh: MeshLab, node: str) -> str:
     found = mesh.status(node)
     assert found is not None, f"agent on {node} does not answer"
     return str(found["node"]["public_key"])
-
-
-def eventually(
-    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
-) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def assert_full_mesh(mesh: MeshLab, nodes: list[str]) -> None:
