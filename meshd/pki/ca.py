@@ -71,16 +71,15 @@ the reason to refuse. A revocation (~150 bytes) fits a Serf user event.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import enum
 import hashlib
 import ipaddress
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -104,6 +103,7 @@ CLOCK_SKEW = 300
 DAY = 86400
 DEFAULT_NODE_LIFETIME = 365 * DAY
 MAX_TIME = MAX_U64
+T = TypeVar("T")
 
 _FORMAT_VERSION = 1
 _CERT_MAGIC = b"MC"
@@ -152,13 +152,19 @@ def read_name(reader: BinaryReader, what: str) -> str:
     return value
 
 
-@contextlib.contextmanager
-def _malformed() -> Iterator[None]:
-    """Report what the binary reader cannot read as an IdentityError."""
+def _decode(data: bytes, what: str, magic: bytes, read: Callable[[BinaryReader], T]) -> T:
+    """What ``read`` makes of the encoding of a ``what`` after its header.
+
+    Nothing may trail it; anything malformed is an IdentityError.
+    """
     try:
-        yield
+        reader = BinaryReader(data, what)
+        reader.header(magic, _FORMAT_VERSION)
+        value = read(reader)
+        reader.end()
     except DecodeError as exc:
         raise IdentityError(str(exc)) from exc
+    return value
 
 
 def _signing_key(secret: bytes, what: str) -> SigningKey:
@@ -249,11 +255,7 @@ class Certificate(SignedValue):
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
         """Parse a certificate; IdentityError if malformed. The signature is not checked."""
-        with _malformed():
-            reader = BinaryReader(data, "certificate")
-            cert = _read_certificate(reader)
-            reader.end()
-        return cert
+        return _decode(data, "certificate", _CERT_MAGIC, _read_certificate)
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -264,7 +266,6 @@ class Certificate(SignedValue):
 
 
 def _read_certificate(reader: BinaryReader) -> Certificate:
-    reader.header(_CERT_MAGIC, _FORMAT_VERSION)
     try:
         role = Role(reader.u8())
     except ValueError as exc:
@@ -467,15 +468,15 @@ class CertChain:
     @classmethod
     def decode(cls, data: bytes) -> CertChain:
         """Parse a chain; IdentityError on anything malformed (signatures are not checked)."""
-        with _malformed():
-            reader = BinaryReader(data, "certificate chain")
-            reader.header(_CHAIN_MAGIC, _FORMAT_VERSION)
+
+        def read(reader: BinaryReader) -> CertChain:
             count = reader.u8()
             if not 1 <= count <= 1 + MAX_CHAIN_LEN:
                 raise reader.fail(f"{count} certificates")
             certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
-            reader.end()
-        return cls(node=certs[0], issuers=tuple(certs[1:]))
+            return cls(node=certs[0], issuers=tuple(certs[1:]))
+
+        return _decode(data, "certificate chain", _CHAIN_MAGIC, read)
 
     @property
     def ref(self) -> str:
@@ -691,9 +692,8 @@ class Revocation(SignedValue):
     @classmethod
     def decode(cls, data: bytes) -> Revocation:
         """Parse a revocation; IdentityError if malformed. The signature is not checked."""
-        with _malformed():
-            reader = BinaryReader(data, "revocation")
-            reader.header(_REVOCATION_MAGIC, _FORMAT_VERSION)
+
+        def read(reader: BinaryReader) -> Revocation:
             network_id = reader.raw(KEY_ID_LEN).hex()
             issuer = reader.raw(KEY_ID_LEN)
             serial = reader.raw(SERIAL_LEN)
@@ -704,10 +704,11 @@ class Revocation(SignedValue):
             name = read_name(reader, "name")
             revoked_at = reader.u64()
             signature = reader.raw(SIGNATURE_LEN)
-            reader.end()
             if serial == _NO_SERIAL and not public_key:
                 raise reader.fail("names neither a serial nor a key")
-        return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
+            return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
+
+        return _decode(data, "revocation", _REVOCATION_MAGIC, read)
 
     def matches(self, cert: Certificate) -> bool:
         if cert.network_id != self.network_id:
@@ -787,14 +788,14 @@ class RevocationList:
     @classmethod
     def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
         """Read :meth:`encode`'s output, verifying every revocation again."""
-        revoked = cls()
-        with _malformed():
-            reader = BinaryReader(data, "revocation list")
-            reader.header(_REVOCATION_LIST_MAGIC, _FORMAT_VERSION)
+
+        def read(reader: BinaryReader) -> RevocationList:
+            revoked = cls()
             for _ in range(reader.u32()):
                 revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
-            reader.end()
-        return revoked
+            return revoked
+
+        return _decode(data, "revocation list", _REVOCATION_LIST_MAGIC, read)
 
     def __iter__(self) -> Iterator[Revocation]:
         return iter(self._all.values())
