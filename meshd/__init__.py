@@ -3,8 +3,9 @@
 The public API for plugins is what this package exports, and a plugin imports
 nothing else of meshd: ``hookimpl``, the errors a hook may raise
 (``ConfigError``), the frozen dataclasses and protocols the hooks pass (from
-:mod:`meshd.types`) and ``format_host_port`` for the endpoints a plugin
-publishes. Everything else is the engine and may change.
+:mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
+raises ``DecodeError``) for the endpoints a plugin publishes or reads.
+Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
 will run): the types and helpers are loaded on first use.
@@ -17,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from meshd.errors import ConfigError, MeshdError
+from meshd.errors import ConfigError, DecodeError, MeshdError
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.hostport import format_host_port as format_host_port
+    from meshd.hostport import parse_host_port as parse_host_port
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
     from meshd.types import ConfigView as ConfigView
@@ -49,6 +51,7 @@ __all__ = [
     "AgentAPI",
     "ConfigError",
     "ConfigView",
+    "DecodeError",
     "IPAddress",
     "IPNetwork",
     "Member",
@@ -66,9 +69,10 @@ __all__ = [
     "__version__",
     "format_host_port",
     "hookimpl",
+    "parse_host_port",
 ]
 # Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
-_HOMES = {"format_host_port": "meshd.hostport"}
+_HOMES = {"format_host_port": "meshd.hostport", "parse_host_port": "meshd.hostport"}
 
 
 def __getattr__(name: str) -> Any:

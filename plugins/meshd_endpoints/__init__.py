@@ -15,7 +15,15 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from meshd import AgentAPI, ConfigError, ConfigView, format_host_port, hookimpl
+from meshd import (
+    AgentAPI,
+    ConfigError,
+    ConfigView,
+    DecodeError,
+    format_host_port,
+    hookimpl,
+    parse_host_port,
+)
 
 _settings: dict[str, Any] = {"advertise": (), "local": True}
 
@@ -27,12 +35,15 @@ def meshd_configure(config: ConfigView) -> None:
     for key, value in section.items():
         where = f"plugins.endpoints.{key}"
         if key == "advertise":
-            if not isinstance(value, list) or not all(
-                isinstance(v, str) and ":" in v for v in value
-            ):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(
                     'must be a list of "host:port" strings', file=config.path, key=where
                 )
+            for endpoint in value:
+                try:
+                    parse_host_port(endpoint)
+                except DecodeError as exc:
+                    raise ConfigError(f"{exc}", file=config.path, key=where) from None
             _settings["advertise"] = tuple(value)
         elif key == "local":
             if not isinstance(value, bool):
