@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -36,6 +35,7 @@ import time
 from collections.abc import Mapping
 from ipaddress import ip_address
 
+from meshd.b64 import encode_b64
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -49,7 +49,7 @@ CLI_SPAWNS = [0]
 
 def record(index: int, version: int) -> NodeRecord:
     return NodeRecord(
-        public_key=base64.b64encode(bytes([index]) * 32).decode(),
+        public_key=encode_b64(bytes([index]) * 32),
         addresses=(ip_address(f"100.80.0.{index}"),),
         port=51820,
         version=version,
@@ -88,7 +88,7 @@ async def bench(
     lab: Lab, reps: int, poll: float | None, cli: bool
 ) -> tuple[list[float], list[float]]:
     auth = secrets.token_urlsafe(16)
-    gossip_key = base64.b64encode(os.urandom(32)).decode()
+    gossip_key = encode_b64(os.urandom(32))
     agents: list[SerfAgent] = []
     clients: list[SerfClient] = []
     tasks: list[asyncio.Task[None]] = []

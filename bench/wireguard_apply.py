@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import ipaddress
 import os
 import statistics
@@ -23,6 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from meshd.b64 import encode_b64
 from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.state import write_secret
@@ -35,7 +35,7 @@ def make_peers(count: int) -> list[PeerConfig]:
     peers = []
     for i in range(count):
         # Any 32 bytes are a usable public key for configuration purposes.
-        key = base64.b64encode(os.urandom(32)).decode()
+        key = encode_b64(os.urandom(32))
         address = ipaddress.ip_address("100.64.0.0") + 10 + i
         peers.append(
             PeerConfig(

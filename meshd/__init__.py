@@ -1,16 +1,87 @@
 """meshd: a WireGuard mesh network with no server.
 
-The public API for plugins is what this package exports: ``hookimpl`` and the
-frozen dataclasses in :mod:`meshd.types`. Everything else is the engine.
+The public API for plugins is what this package exports, and a plugin imports
+nothing else of meshd: ``hookimpl``, the errors a hook may raise
+(``ConfigError``), the frozen dataclasses and protocols the hooks pass (from
+:mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
+raises ``DecodeError``) for the endpoints a plugin publishes or reads.
+Everything else is the engine and may change.
+
+Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
+will run): the types and helpers are loaded on first use.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+from meshd.errors import ConfigError, DecodeError, MeshdError
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from meshd.hostport import format_host_port as format_host_port
+    from meshd.hostport import parse_host_port as parse_host_port
+    from meshd.types import Admission as Admission
+    from meshd.types import AgentAPI as AgentAPI
+    from meshd.types import ConfigView as ConfigView
+    from meshd.types import IPAddress as IPAddress
+    from meshd.types import IPNetwork as IPNetwork
+    from meshd.types import Member as Member
+    from meshd.types import MemberState as MemberState
+    from meshd.types import MeshAddresses as MeshAddresses
+    from meshd.types import MeshView as MeshView
+    from meshd.types import Network as Network
+    from meshd.types import NodeIdentity as NodeIdentity
+    from meshd.types import NodeRecord as NodeRecord
+    from meshd.types import PathChoice as PathChoice
+    from meshd.types import PeerConfig as PeerConfig
+    from meshd.types import PeerPatch as PeerPatch
+    from meshd.types import RecordExtras as RecordExtras
 
 __version__ = "0.1.0"
 
 PROJECT = "meshd"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["PROJECT", "__version__", "hookimpl"]
+__all__ = [
+    "PROJECT",
+    "Admission",
+    "AgentAPI",
+    "ConfigError",
+    "ConfigView",
+    "DecodeError",
+    "IPAddress",
+    "IPNetwork",
+    "Member",
+    "MemberState",
+    "MeshAddresses",
+    "MeshView",
+    "MeshdError",
+    "Network",
+    "NodeIdentity",
+    "NodeRecord",
+    "PathChoice",
+    "PeerConfig",
+    "PeerPatch",
+    "RecordExtras",
+    "__version__",
+    "format_host_port",
+    "hookimpl",
+    "parse_host_port",
+]
+# Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
+_HOMES = {"format_host_port": "meshd.hostport", "parse_host_port": "meshd.hostport"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'meshd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES.get(name, "meshd.types")), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshd.config import Config
-from meshd.errors import EnrolError, EnrolRefused, InputError, MeshdError, StateError
+from meshd.errors import DecodeError, EnrolError, EnrolRefused, InputError, MeshdError, StateError
+from meshd.hostport import format_host_port, parse_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.node import (
     KnownPeer,
@@ -65,7 +66,7 @@ def local_endpoint(config: Config) -> str:
             found = await nl.host_addresses(exclude=[config.wireguard.interface])
         for iface in found:
             if iface.version == 4:
-                return f"{iface.ip}:{config.wireguard.port}"
+                return format_host_port(iface.ip, config.wireguard.port)
         return None
 
     endpoint = asyncio.run(first())
@@ -167,10 +168,14 @@ def seed_targets(seed: str | None, token: Token, enrol_port: int) -> list[tuple[
     """Where to enrol: ``seed`` (``HOST``, ``HOST:PORT``, ``[V6]:PORT``) or the token's seeds."""
     if seed is None:
         return [(s.enrol_host, s.enrol_port) for s in token.seeds]
-    host, sep, port = seed.rpartition(":")
-    if sep and port.isdigit() and not seed.endswith("]"):
-        return [(host.strip("[]"), int(port))]
-    return [(seed.strip("[]"), enrol_port)]
+    try:
+        return [parse_host_port(seed)]
+    except DecodeError:
+        pass
+    try:
+        return [parse_host_port(format_host_port(seed.strip("[]"), enrol_port))]
+    except DecodeError as exc:
+        raise InputError(f"{seed!r} is not HOST or HOST:PORT ({exc})", option="SEED") from None
 
 
 @dataclass(frozen=True)

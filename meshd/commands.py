@@ -6,7 +6,6 @@ a taken state directory or an unreachable seed leave no state behind.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import click
 from tabulate import tabulate
 
 from meshd import control
+from meshd.b64 import decode_b64
 from meshd.bootstrap import (
     check_endpoint,
     create_network,
@@ -27,7 +27,7 @@ from meshd.bootstrap import (
     local_endpoint,
     parse_duration,
 )
-from meshd.errors import InputError, StateError
+from meshd.errors import DecodeError, InputError, StateError
 from meshd.invocation import CliState
 from meshd.node import (
     NodeStore,
@@ -41,9 +41,17 @@ from meshd.pki.token import (
     read_token_source,
 )
 from meshd.state import write_secret
+from meshd.timetext import ago, utc
 
 TOKEN_FILE = "join-token"
 DEFAULT_CIDR = "100.80.0.0/16"
+
+
+def _gossip_key(text: str) -> bytes:
+    try:
+        return decode_b64(text)
+    except DecodeError as exc:
+        raise StateError(f"Serf's keyring holds a malformed key: {exc}") from None
 
 
 def _endpoint_option(value: str | None) -> str | None:
@@ -57,7 +65,7 @@ def _write_token(path: Path | None, token: Token, *, echo: bool) -> None:
     text = token.encode()
     if path is not None:
         write_secret(path, text + "\n")
-        expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
+        expires = utc(token.expires_at)
         click.echo(f"join token written to {path} (0600, expires {expires})", err=echo)
     if echo:
         click.echo(text)
@@ -267,7 +275,7 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
     current = store.current_gossip_key()
     created = create_token(
         ca,
-        gossip_key=base64.b64decode(current) if current else node.gossip_key,
+        gossip_key=_gossip_key(current) if current else node.gossip_key,
         cidr4=node.network.cidr4,
         cidr6=node.network.cidr6,
         seeds=[seed],
@@ -344,17 +352,6 @@ def agent(state: CliState) -> None:
     run_agent(state)
 
 
-def _ago(timestamp: float | None) -> str:
-    if not timestamp:
-        return "never"
-    seconds = max(0, int(time.time() - timestamp))
-    if seconds < 120:
-        return f"{seconds}s ago"
-    if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h ago"
-
-
 def _bytes(count: int) -> str:
     size = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -399,7 +396,7 @@ def status(state: CliState, as_json: bool) -> None:
             ", ".join(r["addresses"]),
             r["gossip"],
             r["endpoint"] or "-",
-            _ago(r["last_handshake"]),
+            ago(r["last_handshake"]),
             _bytes(r["rx_bytes"]),
             _bytes(r["tx_bytes"]),
             _path(r),

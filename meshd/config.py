@@ -10,7 +10,6 @@ Unknown keys and bad values are refused with the file, the key and the reason.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import socket
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd.errors import ConfigError
+from meshd.errors import ConfigError, DecodeError
+from meshd.hostport import parse_ip_port
 from meshd.types import ConfigView
 
 if sys.version_info >= (3, 11):
@@ -71,14 +71,12 @@ def _keepalive(value: Any) -> str | None:
 
 
 def _loopback_addr(value: Any) -> str | None:
-    host, sep, port = value.rpartition(":")
     try:
-        if not sep or not port.isdigit() or _port(int(port)):
-            return "must be HOST:PORT"
-        if not ipaddress.ip_address(host.strip("[]")).is_loopback:
-            return "must be a loopback address (the RPC port must never face a network)"
-    except ValueError:
-        return "must be a loopback IP address and port, e.g. 127.0.0.1:7373"
+        address, _ = parse_ip_port(value)
+    except DecodeError:
+        return "must be a loopback IP address and port, HOST:PORT, e.g. 127.0.0.1:7373"
+    if not address.is_loopback:
+        return "must be a loopback address (the RPC port must never face a network)"
     return None
 
 

@@ -23,6 +23,13 @@
 Outside errors (OSError, pyroute2's NetlinkError, msgpack's errors) are converted
 at the adapter that calls them, ``raise WireGuardError("...") from exc``; only
 ``meshd.cli.main`` turns a MeshdError into a message and an exit code.
+
+Outside the tree, on purpose:
+
+    ValueError
+     └── DecodeError            bytes or text a shared codec cannot read (meshd.binary,
+                                meshd.hostport, meshd.b64); the caller knows what the
+                                value was and converts it, so it never reaches a user
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ class MeshdError(Exception):
     """Base of every error meshd reports; ``str()`` is one line for a user."""
 
     exit_code = 1
+
+
+class DecodeError(ValueError):
+    """A shared codec could not read its input; ``str()`` says what and why."""
 
 
 class ConfigError(MeshdError):

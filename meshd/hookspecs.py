@@ -3,6 +3,9 @@
 A plugin is a module or object with functions marked ``@meshd.hookimpl`` whose
 names and parameters match the specs below (a plugin may accept a subset of the
 parameters). It is registered through the ``meshd.plugins`` entry-point group.
+It imports only the package ``meshd`` itself (``from meshd import hookimpl,
+ConfigError, AgentAPI``): the types below and the errors a hook raises are all
+exported there, and nothing deeper is promised to stay put.
 
 Hooks are synchronous decisions over data already in hand: pluggy does not await,
 so an ``async def`` implementation would "answer" with an un-awaited coroutine.
@@ -57,7 +60,7 @@ def meshd_configure(config: ConfigView) -> None:
 
     :param config: the configuration; ``config.section("name")`` is the plugin's
         ``[plugins.name]`` table.
-    :returns: nothing. Raise :class:`meshd.errors.ConfigError` (naming the key)
+    :returns: nothing. Raise :class:`meshd.ConfigError` (naming the key)
         to refuse a bad value: the command stops with that message.
 
     Calling rule: all implementations are called.
@@ -135,7 +138,7 @@ def meshd_admit_peer(agent: AgentAPI, member: Member) -> Admission | None:
     Called for every alive or failed member with a decoded record, on every
     reconcile pass (answers must be cheap; cache by ``member.record.version``).
 
-    :returns: an :class:`~meshd.types.Admission`; ``admit=False`` keeps the
+    :returns: an :class:`~meshd.Admission`; ``admit=False`` keeps the
         member out and its ``reason`` is logged once. ``None`` defers.
 
     Calling rule: firstresult; a member nobody admits is not a peer.
@@ -149,7 +152,7 @@ def meshd_peer_config(agent: AgentAPI, member: Member, peer: PeerConfig) -> Peer
     Called for every admitted member on every reconcile pass, with the peer the
     engine computed (its mesh addresses as allowed IPs, its best endpoint).
 
-    :returns: a :class:`~meshd.types.PeerPatch`: extra allowed IPs (egress
+    :returns: a :class:`~meshd.PeerPatch`: extra allowed IPs (egress
         routes) are added, an endpoint or keepalive replaces the engine's.
 
     Calling rule: all results are merged in call order.

@@ -5,14 +5,13 @@ Keys travel as the standard base64 of their 32 bytes, exactly as ``wg`` prints t
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass, field
 
 from nacl.bindings import crypto_scalarmult_base
 from nacl.utils import random
 
-from meshd.errors import IdentityError
+from meshd.b64 import decode_b64, encode_b64
+from meshd.errors import DecodeError, IdentityError
 
 KEY_LEN = 32
 
@@ -29,9 +28,9 @@ def decode_key(text: str, *, what: str = "key") -> bytes:
     """The 32 bytes of a base64 WireGuard key; IdentityError names what was wrong."""
     cleaned = text.strip()
     try:
-        raw = base64.b64decode(cleaned, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise IdentityError(f"{what} is not valid base64") from exc
+        raw = decode_b64(cleaned)
+    except DecodeError as exc:
+        raise IdentityError(f"{what} is {exc}") from exc
     if len(raw) != KEY_LEN or len(cleaned) != 44:
         raise IdentityError(f"{what} must be 32 bytes (44 base64 characters), got {len(raw)} bytes")
     return raw
@@ -40,7 +39,7 @@ def decode_key(text: str, *, what: str = "key") -> bytes:
 def encode_key(raw: bytes) -> str:
     if len(raw) != KEY_LEN:
         raise IdentityError(f"a key must be 32 bytes, got {len(raw)}")
-    return base64.b64encode(raw).decode("ascii")
+    return encode_b64(raw)
 
 
 def public_key_of(private_key: str) -> str:

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import logging
-import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
 from meshd.errors import NetlinkError
+from meshd.netns import call_in_netns
 from meshd.types import IPNetwork
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,6 @@ MESHD_ROUTE_PROTO = 109
 """rtnetlink protocol number on meshd's routes (unassigned in iproute2's rt_protos)."""
 
 _MAIN_TABLE = 254
-_CLONE_NEWNET = 0x40000000
-_NETNS_DIR = "/run/netns"
 _SOCKET_BUFFER = 1 << 20
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -79,39 +75,15 @@ def _converted(action: str) -> Any:
 
 
 def netns_socket(netns: str, proto: int = socket.NETLINK_ROUTE) -> socket.socket:
-    """A netlink socket of protocol ``proto`` living in the named network namespace.
+    """A netlink socket of protocol ``proto`` living in the named network namespace."""
 
-    ``setns`` switches only the calling thread, so a throwaway thread enters the
-    namespace and makes the socket, which stays in that namespace for good. (pyroute2's
-    own ``netns=`` forks a child to do this, which can hang a multi-threaded process.)
-    A namespace that does not exist is an error, never created.
-    """
-    result: list[socket.socket | BaseException] = []
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        return sock
 
-    def enter_and_create() -> None:
-        try:
-            fd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, os.strerror(code))
-            finally:
-                os.close(fd)
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-            result.append(sock)
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
-
-    worker = threading.Thread(target=enter_and_create, name=f"netns-{netns}")
-    worker.start()
-    worker.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    return call_in_netns(netns, make)
 
 
 class Netlink:
@@ -314,13 +286,7 @@ class Netlink:
         index = await self._index(ifname)
         for net in prefixes:
             with _converted(f"adding route {net} dev {ifname}"):
-                await self._sock.route(
-                    "replace",
-                    dst=net.with_prefixlen,
-                    oif=index,
-                    table=_MAIN_TABLE,
-                    proto=MESHD_ROUTE_PROTO,
-                )
+                await self._route("replace", net, index)
 
     async def remove_routes(self, ifname: str, prefixes: Sequence[IPNetwork]) -> None:
         """Remove meshd's routes to ``prefixes``; one that is already gone is fine."""
@@ -328,16 +294,16 @@ class Netlink:
         for net in prefixes:
             with _converted(f"removing route {net} dev {ifname}"):
                 try:
-                    await self._sock.route(
-                        "del",
-                        dst=net.with_prefixlen,
-                        oif=index,
-                        table=_MAIN_TABLE,
-                        proto=MESHD_ROUTE_PROTO,
-                    )
+                    await self._route("del", net, index)
                 except PyrouteNetlinkError as exc:
                     if exc.code != errno.ESRCH:
                         raise
+
+    async def _route(self, action: str, net: IPNetwork, index: int) -> None:
+        # Always in the main table and with meshd's protocol: how routes() knows ours.
+        await self._sock.route(
+            action, dst=net.with_prefixlen, oif=index, table=_MAIN_TABLE, proto=MESHD_ROUTE_PROTO
+        )
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,6 @@ existing node, so a second ``meshd init`` or ``join`` cannot lose a network.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import ipaddress
 import json
@@ -27,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd.errors import IdentityError, StateError
+from meshd.b64 import decode_b64, encode_b64
+from meshd.errors import DecodeError, IdentityError, StateError
 from meshd.identity import WireGuardKeyPair
 from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
 from meshd.types import IPAddress, IPNetwork, MeshAddresses, Network, PeerConfig
@@ -68,7 +67,7 @@ class KnownPeer:
             "allowed_ips": [str(p) for p in self.allowed_ips],
             "endpoint": self.endpoint,
             "gossip_addr": self.gossip_addr,
-            "chain": _b64(self.chain) if self.chain else None,
+            "chain": encode_b64(self.chain) if self.chain else None,
         }
 
     @classmethod
@@ -91,15 +90,11 @@ class KnownPeer:
         )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _unb64(text: str, what: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise StateError(f"{what} is not valid base64") from exc
+        return decode_b64(text)
+    except DecodeError as exc:
+        raise StateError(f"{what} is {exc}") from exc
 
 
 class NodeStore:
@@ -127,9 +122,9 @@ class NodeStore:
             )
         ensure_private_dir(self.dir)
         write_secret(self.path("wireguard.key"), state.keys.private_key + "\n")
-        write_secret(self.path("gossip.key"), _b64(state.gossip_key) + "\n")
+        write_secret(self.path("gossip.key"), encode_b64(state.gossip_key) + "\n")
         if ca_secret is not None:
-            write_secret(self.path("ca.key"), _b64(ca_secret) + "\n")
+            write_secret(self.path("ca.key"), encode_b64(ca_secret) + "\n")
         self.save_node(state)
         network = state.network
         atomic_write(
@@ -140,7 +135,7 @@ class NodeStore:
                     "network_id": network.network_id,
                     "cidr4": str(network.cidr4),
                     "cidr6": str(network.cidr6) if network.cidr6 else None,
-                    "ca_public_key": _b64(state.ca_public_key),
+                    "ca_public_key": encode_b64(state.ca_public_key),
                 },
                 indent=2,
             )
@@ -157,7 +152,7 @@ class NodeStore:
                     "ipv4": str(state.addresses.ipv4),
                     "ipv6": str(state.addresses.ipv6) if state.addresses.ipv6 else None,
                     "static_address": state.static_address,
-                    "chain": _b64(state.chain),
+                    "chain": encode_b64(state.chain),
                 },
                 indent=2,
             )
@@ -171,7 +166,7 @@ class NodeStore:
 
     def save_gossip_key(self, key: bytes) -> None:
         """After a gossip key rotation: the key new tokens carry."""
-        write_secret(self.path("gossip.key"), _b64(key) + "\n")
+        write_secret(self.path("gossip.key"), encode_b64(key) + "\n")
 
     def current_gossip_key(self) -> str | None:
         """The primary gossip key in Serf's own keyring file (Serf rewrites it, primary
@@ -292,10 +287,6 @@ def gossip_address(addresses: tuple[IPAddress, ...]) -> IPAddress:
     until the old entry is reaped, 24 hours later.
     """
     return next((a for a in addresses if a.version == 6), addresses[0])
-
-
-def join_address(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def host_prefixes(addresses: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:

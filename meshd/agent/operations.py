@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from meshd.agent.runtime import Runtime
+from meshd.b64 import encode_b64
 from meshd.control import Handler
 from meshd.desired import current_incarnations
 from meshd.errors import GossipError, IdentityError, SerfCommandError
@@ -26,7 +27,6 @@ from meshd.pki.ca import CertChain, NetworkCA, Revocation
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.types import Member
-from meshd.util import b64encode
 from meshd.wireguard.backend import PeerState
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,9 @@ class Operations:
         client = rt.gossip.client
         needed = 1 + len(rt.snapshot.alive_certified(rt.name))
         # The primary key Serf uses now: another node may have rotated it since we started.
-        old = rt.store.current_gossip_key() or b64encode(rt.state.gossip_key)
+        old = rt.store.current_gossip_key() or encode_b64(rt.state.gossip_key)
         new_key = os.urandom(32)
-        new = b64encode(new_key)
+        new = encode_b64(new_key)
         await _key_step("install", client.install_key, new, needed)
         await _key_step("use", client.use_key, new, needed)
         rt.state = dataclasses.replace(rt.state, gossip_key=new_key)

@@ -22,6 +22,7 @@ from collections.abc import Set as AbstractSet
 from meshd import firewall
 from meshd.agent.goodbye import goodbye_port
 from meshd.agent.runtime import Gossip, Runtime, bounded
+from meshd.b64 import encode_b64
 from meshd.desired import STATIC_ROLE
 from meshd.errors import FirewallError, GossipError, MeshdError, RecordError
 from meshd.gossip.names import serf_node_name
@@ -29,10 +30,10 @@ from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
+from meshd.hostport import format_host_port
 from meshd.netlink import Netlink, watch_addresses
-from meshd.node import gossip_address, join_address, new_rpc_key
+from meshd.node import gossip_address, new_rpc_key
 from meshd.types import MemberState, NodeRecord
-from meshd.util import b64encode
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,9 @@ class Presence:
             rpc_auth_key=new_rpc_key(),
             bind_addr=bind,
             bind_port=cfg.gossip.port,
-            advertise_addr=join_address(bind, cfg.gossip.port),
+            advertise_addr=format_host_port(bind, cfg.gossip.port),
             rpc_addr=cfg.gossip.rpc_addr,
-            gossip_keys=(b64encode(state.gossip_key),),
+            gossip_keys=(encode_b64(state.gossip_key),),
             profile=cfg.gossip.profile,
             # A member that missed the tag update that would follow would see this node
             # without a record.
@@ -209,7 +210,7 @@ class Presence:
         random.shuffle(others)
         addresses += [str(gossip_address(m.record.addresses)) for m in others if m.record]
         unique = list(dict.fromkeys(addresses))
-        return [join_address(a, port) for a in unique[:JOIN_TARGETS]]
+        return [format_host_port(a, port) for a in unique[:JOIN_TARGETS]]
 
     async def join_loop(self) -> None:
         """Ask Serf to join known peers until another member is alive, and again if alone."""

@@ -35,14 +35,18 @@ Public API:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
-from meshd.errors import RecordError
+from meshd.b64 import decode_b64, encode_b64
+from meshd.binary import BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, RecordError
+from meshd.hostport import format_host_port, parse_ip_port
 from meshd.types import IPAddress, IPNetwork, NodeRecord
+
+T = TypeVar("T")
 
 TAGS_LIMIT = 512
 CODEC_VERSION = "1"
@@ -76,45 +80,42 @@ def tags_size(tags: Mapping[str, str]) -> int:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii").rstrip("=")
+    return encode_b64(data, padded=False)
 
 
 def _unb64(text: str, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise RecordError(f"{what}: not a string")
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RecordError(f"{what}: not valid base64") from exc
+        return decode_b64(text, padded=False)
+    except DecodeError as exc:
+        raise RecordError(f"{what}: {exc}") from exc
 
 
-def _family_bytes(address: IPAddress) -> bytes:
-    return bytes([address.version]) + address.packed
+def _pack(items: Iterable[T], write: Callable[[BinaryWriter, T], object]) -> bytes:
+    writer = BinaryWriter()
+    for item in items:
+        write(writer, item)
+    return writer.getvalue()
 
 
-def _endpoint_item(endpoint: str) -> bytes:
-    host, sep, port = endpoint.rpartition(":")
-    if sep and port.isdigit() and 0 < int(port) < 65536:
-        try:
-            addr = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
-        except ValueError:
-            addr = None
+def _write_endpoint(writer: BinaryWriter, endpoint: str) -> None:
+    try:
+        addr, port = parse_ip_port(endpoint)
+    except DecodeError:
+        pass  # a host name, or text only its author understands: carried verbatim
+    else:
         # Binary only when decoding gives back the very same text.
-        if addr is not None and _format_endpoint(addr, int(port)) == endpoint:
-            return _family_bytes(addr) + int(port).to_bytes(2, "big")
+        if format_host_port(addr, port) == endpoint:
+            writer.address(addr).u16(port)
+            return
     raw = endpoint.encode()
     if not raw or len(raw) > 255:
         raise RecordError(f"endpoint {endpoint!r} must be 1-255 bytes")
-    return bytes([0, len(raw)]) + raw
+    writer.u8(0).short_bytes(raw)
 
 
-def _format_endpoint(addr: IPAddress, port: int) -> str:
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
-
-
-def _route_item(route: IPNetwork) -> bytes:
+def _write_route(writer: BinaryWriter, route: IPNetwork) -> None:
     significant = (route.prefixlen + 7) // 8
-    return bytes([route.version, route.prefixlen]) + route.network_address.packed[:significant]
+    writer.u8(route.version).u8(route.prefixlen).raw(route.network_address.packed[:significant])
 
 
 def _check_count(what: str, items: tuple[object, ...] | frozenset[str]) -> None:
@@ -153,18 +154,18 @@ def encode_record(
         "m": CODEC_VERSION,
         "v": str(record.version),
         "k": _b64(key),
-        "a": _b64(b"".join(_family_bytes(a) for a in record.addresses)),
+        "a": _b64(_pack(record.addresses, BinaryWriter.address)),
         "p": str(record.port),
     }
     if record.endpoints:
-        tags["e"] = _b64(b"".join(_endpoint_item(e) for e in record.endpoints))
+        tags["e"] = _b64(_pack(record.endpoints, _write_endpoint))
     if record.roles:
         bad = sorted(r for r in record.roles if not _ROLE_RE.match(r))
         if bad:
             raise RecordError(f"role names must match [a-z0-9_-]{{1,32}}: {bad!r}")
         tags["r"] = ",".join(sorted(record.roles))
     if record.routes:
-        tags["n"] = _b64(b"".join(_route_item(r) for r in record.routes))
+        tags["n"] = _b64(_pack(record.routes, _write_route))
     if record.cert:
         tags["c"] = record.cert
     if record.revocations:
@@ -182,78 +183,58 @@ def encode_record(
     return tags
 
 
-class _Reader:
-    """Walks a packed byte string, raising RecordError on a short read."""
+def _reader(text: str, what: str) -> BinaryReader:
+    return BinaryReader(_unb64(text, what), what)
 
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data = data
-        self.pos = 0
-        self.what = what
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise RecordError(f"{self.what}: truncated")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def items(self) -> Iterator[int]:
-        count = 0
-        while self.pos < len(self.data):
-            count += 1
-            if count > _MAX_ITEMS:
-                raise RecordError(f"{self.what}: more than {_MAX_ITEMS} entries")
-            yield self.byte()
-
-    def address(self, family: int) -> IPAddress:
-        if family == 4:
-            return ipaddress.IPv4Address(self.take(4))
-        if family == 6:
-            return ipaddress.IPv6Address(self.take(16))
-        raise RecordError(f"{self.what}: unknown address family {family}")
+def _families(reader: BinaryReader) -> Iterator[int]:
+    """The family byte that starts each entry, until the end; at most _MAX_ITEMS entries."""
+    count = 0
+    while reader.remaining:
+        count += 1
+        if count > _MAX_ITEMS:
+            raise reader.fail(f"more than {_MAX_ITEMS} entries")
+        yield reader.u8()
 
 
 def _decode_addresses(text: str) -> tuple[IPAddress, ...]:
-    reader = _Reader(_unb64(text, "addresses"), "addresses")
-    addresses = tuple(reader.address(family) for family in reader.items())
+    reader = _reader(text, "addresses")
+    addresses = tuple(reader.address_of(family) for family in _families(reader))
     if not addresses:
         raise RecordError("addresses: empty")
     return addresses
 
 
 def _decode_endpoints(text: str) -> tuple[str, ...]:
-    reader = _Reader(_unb64(text, "endpoints"), "endpoints")
+    reader = _reader(text, "endpoints")
     endpoints: list[str] = []
-    for family in reader.items():
+    for family in _families(reader):
         if family == 0:
-            raw = reader.take(reader.byte())
+            raw = reader.short_bytes()
             try:
                 endpoints.append(raw.decode())
             except UnicodeDecodeError as exc:
                 raise RecordError("endpoints: a host name is not UTF-8") from exc
             continue
-        addr = reader.address(family)
-        port = int.from_bytes(reader.take(2), "big")
+        addr = reader.address_of(family)
+        port = reader.u16()
         if port == 0:
             raise RecordError("endpoints: port 0")
-        endpoints.append(_format_endpoint(addr, port))
+        endpoints.append(format_host_port(addr, port))
     return tuple(endpoints)
 
 
 def _decode_routes(text: str) -> tuple[IPNetwork, ...]:
-    reader = _Reader(_unb64(text, "routes"), "routes")
+    reader = _reader(text, "routes")
     routes: list[IPNetwork] = []
-    for family in reader.items():
+    for family in _families(reader):
         width = {4: 4, 6: 16}.get(family)
         if width is None:
             raise RecordError(f"routes: unknown address family {family}")
-        prefixlen = reader.byte()
+        prefixlen = reader.u8()
         if prefixlen > width * 8:
             raise RecordError(f"routes: prefix length {prefixlen} too long")
-        packed = reader.take((prefixlen + 7) // 8).ljust(width, b"\0")
+        packed = reader.raw((prefixlen + 7) // 8).ljust(width, b"\0")
         try:
             routes.append(ipaddress.ip_network((packed, prefixlen)))
         except ValueError as exc:
@@ -280,6 +261,8 @@ def decode_record(tags: Mapping[str, object]) -> NodeRecord:
         return _decode(tags)
     except RecordError:
         raise
+    except DecodeError as exc:
+        raise RecordError(str(exc)) from exc
     except Exception as exc:  # a decoder bug must not take the membership loop down
         raise RecordError(f"undecodable record: {type(exc).__name__}") from exc
 
@@ -314,7 +297,7 @@ def _decode(tags: Mapping[str, object]) -> NodeRecord:
     if digest and not _DIGEST_RE.match(digest):
         raise RecordError("revocation digest: malformed")
     return NodeRecord(
-        public_key=base64.b64encode(key).decode("ascii"),
+        public_key=encode_b64(key),
         addresses=_decode_addresses(text("a")),
         port=_decimal(tags, "p", "port", 1, 65535),
         endpoints=_decode_endpoints(endpoints) if endpoints else (),

@@ -21,10 +21,9 @@ Events (member-*, user, query) go into a bounded queue read with
 events are dropped (never the connection's replies) and a
 ``StreamGap("overflow")`` marks the hole.
 
-Network namespaces: with ``netns="NAME"`` the socket is made in a short-lived
-thread that entered ``/run/netns/NAME`` (setns affects only the calling thread,
-and a socket stays in the namespace it was made in), so a process in the root
-namespace talks to an agent whose RPC port is 127.0.0.1 inside a lab node.
+Network namespaces: with ``netns="NAME"`` the socket is made inside that
+namespace (:func:`meshd.netns.call_in_netns`) and stays there, so a process in
+the root namespace talks to an agent whose RPC port is 127.0.0.1 inside a lab node.
 
 Public API (see :class:`SerfRPC` for the calls)::
 
@@ -39,13 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import logging
-import os
 import re
 import socket
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
@@ -53,13 +49,14 @@ from typing import Any, Literal, Protocol
 
 import msgpack
 
-from meshd.errors import SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd.errors import DecodeError, SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd.hostport import format_host_port, parse_host_port
+from meshd.netns import call_in_netns
 
 log = logging.getLogger(__name__)
 
 IPC_VERSION = 1
 _EOF = object()
-_CLONE_NEWNET = 0x40000000
 _AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
 
 # Which replies carry a body after their header (notes/serf-rpc.md, "Wire format").
@@ -92,7 +89,7 @@ class SerfMember:
 
     @property
     def gossip_addr(self) -> str:
-        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+        return format_host_port(self.addr, self.port)
 
 
 @dataclass(frozen=True)
@@ -264,38 +261,10 @@ def _key_response(body: Mapping[str, Any]) -> KeyResponse:
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SerfConnectionError(f"RPC address {addr!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def _connect_in_netns(host: str, port: int, netns: str, timeout: float) -> socket.socket:
-    """Connect from a throwaway thread inside ``netns``; the socket stays in that namespace."""
-    result: list[socket.socket | BaseException] = []
-
-    def work() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(socket.create_connection((host, port), timeout=timeout))
-        except BaseException as exc:
-            result.append(exc)
-
-    # A fresh thread, never a pool's: it ends inside the namespace and nothing reuses it.
-    thread = threading.Thread(target=work, name=f"serf-rpc-netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    try:
+        return parse_host_port(addr)
+    except DecodeError as exc:
+        raise SerfConnectionError(f"RPC address {exc}") from exc
 
 
 # ---------------------------------------------------------------- the client
@@ -412,8 +381,9 @@ class SerfClient:
                 return await asyncio.wait_for(
                     asyncio.open_connection(self._host, self._port), self._timeout
                 )
+            address, timeout = (self._host, self._port), self._timeout
             sock = await asyncio.to_thread(
-                _connect_in_netns, self._host, self._port, self._netns, self._timeout
+                call_in_netns, self._netns, lambda: socket.create_connection(address, timeout)
             )
             return await asyncio.open_connection(sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import re
@@ -48,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd.errors import ConfigError, SerfConnectionError, StateError
+from meshd.errors import ConfigError, DecodeError, SerfConnectionError, StateError
 from meshd.gossip.rpc import SerfClient
+from meshd.hostport import format_host_port, parse_ip_port
 from meshd.process import ChildProcess, RestartHook, find_binary
 from meshd.procnet import listens
 from meshd.state import atomic_write, ensure_private_dir, write_secret
@@ -92,12 +92,9 @@ def _forward_line(line: str) -> None:
 
 
 def _check_loopback(rpc_addr: str) -> None:
-    host, sep, port = rpc_addr.rpartition(":")
     try:
-        loopback = (
-            bool(sep) and port.isdigit() and ipaddress.ip_address(host.strip("[]")).is_loopback
-        )
-    except ValueError:
+        loopback = parse_ip_port(rpc_addr)[0].is_loopback
+    except DecodeError:
         loopback = False
     if not loopback:
         raise ConfigError(
@@ -134,11 +131,9 @@ class SerfSettings:
 
     def agent_config(self, directory: Path) -> dict[str, Any]:
         """The serf agent's JSON configuration, with files under ``directory``."""
-        host = self.bind_addr
-        bind = f"[{host}]:{self.bind_port}" if ":" in host else f"{host}:{self.bind_port}"
         config: dict[str, Any] = {
             "node_name": self.node_name,
-            "bind": bind,
+            "bind": format_host_port(self.bind_addr, self.bind_port),
             "rpc_addr": self.rpc_addr,
             "rpc_auth": self.rpc_auth_key,
             "profile": self.profile,

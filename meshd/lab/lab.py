@@ -119,6 +119,15 @@ def _alive(pid: int, start: int | None = None) -> bool:
     return now is not None and (start is None or now == start)
 
 
+def _bridge_port(bridge: str, port: str, peer: str, peer_netns: str) -> list[str]:
+    """A veth pair as ``ip -batch`` lines: ``port`` on ``bridge``, ``peer`` in ``peer_netns``."""
+    return [
+        f"link add {port} type veth peer name {peer} netns {peer_netns}",
+        f"link set {port} master {bridge}",
+        f"link set {port} up",
+    ]
+
+
 class Lab:
     """A built lab. See the module docstring; the constructor is internal."""
 
@@ -209,11 +218,7 @@ class Lab:
         ]
         on_switch += [(r.name, ROUTER_WAN_IFNAME, r.netns) for r in plan.routers]
         for port, peer, peer_netns in on_switch:
-            switch_cmds += [
-                f"link add {port} type veth peer name {peer} netns {peer_netns}",
-                f"link set {port} master {BRIDGE_IFNAME}",
-                f"link set {port} up",
-            ]
+            switch_cmds += _bridge_port(BRIDGE_IFNAME, port, peer, peer_netns)
         netns.ip_batch(plan.switch, switch_cmds)
         netns.set_sysctl(plan.switch, "net.ipv4.ip_forward", "0")
         for router in plan.routers:
@@ -243,11 +248,7 @@ class Lab:
         ]
         for node in self.plan.nodes:
             if node.site == router.site:
-                cmds += [
-                    f"link add {node.name} type veth peer name {node.interface} netns {node.netns}",
-                    f"link set {node.name} master {ROUTER_LAN_IFNAME}",
-                    f"link set {node.name} up",
-                ]
+                cmds += _bridge_port(ROUTER_LAN_IFNAME, node.name, node.interface, node.netns)
         netns.ip_batch(router.netns, cmds)
         netns.set_sysctl(router.netns, "net.ipv4.ip_forward", "1")
         netns.load_nft(router.netns, router_ruleset(self.plan.nat_type or "restricted"))

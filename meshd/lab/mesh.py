@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import LabError
+from meshd.hostport import format_host_port
 from meshd.lab.lab import Lab, NodeRef
 from meshd.state import atomic_write
 
@@ -71,7 +72,7 @@ class MeshLab:
         return path
 
     def endpoint(self, node: NodeRef) -> str:
-        return f"{self.lab.node(self._name(node)).address}:{WIREGUARD_PORT}"
+        return format_host_port(self.lab.node(self._name(node)).address, WIREGUARD_PORT)
 
     def meshd(self, node: NodeRef, *args: str, check: bool = True, timeout: float = 60) -> Any:
         """Run ``meshd --config <node's> ARGS`` inside the node."""

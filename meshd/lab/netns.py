@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from meshd.errors import LabError
+from meshd.netns import NETNS_DIR
 
 log = logging.getLogger(__name__)
 
-NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` mounts namespaces
+NETNS_RUN_DIR = Path(NETNS_DIR)
 
 
 def require_root() -> None:

@@ -265,36 +265,26 @@ def _plan_nat(lab_id: str, nodes: int, sites: int, public: int, nat_type: str) -
     hosts: list[LabNode] = []
     per_site = [0] * sites
     for i in range(1, nodes + 1):
-        name = f"n{i}"
+        router: LabRouter | None = None
         if i <= public:
-            hosts.append(
-                LabNode(
-                    name=name,
-                    index=i,
-                    netns=netns_name(lab_id, name),
-                    address=f"{INET_PREFIX}.{PUBLIC_BASE + i}",
-                    prefixlen=24,
-                    site=None,
-                    public=True,
-                    gateway=None,
-                )
-            )
-            continue
-        s = (i - public - 1) % sites
-        per_site[s] += 1
-        if per_site[s] > 253:
-            raise LabError(f"site s{s + 1} would have more than 253 hosts")
-        router = routers[s]
+            address = f"{INET_PREFIX}.{PUBLIC_BASE + i}"
+        else:
+            s = (i - public - 1) % sites
+            per_site[s] += 1
+            if per_site[s] > 253:
+                raise LabError(f"site s{s + 1} would have more than 253 hosts")
+            router = routers[s]
+            address = f"{SITE_PREFIX}.{s + 1}.{1 + per_site[s]}"
         hosts.append(
             LabNode(
-                name=name,
+                name=f"n{i}",
                 index=i,
-                netns=netns_name(lab_id, name),
-                address=f"{SITE_PREFIX}.{s + 1}.{1 + per_site[s]}",
+                netns=netns_name(lab_id, f"n{i}"),
+                address=address,
                 prefixlen=24,
-                site=router.site,
-                public=False,
-                gateway=router.lan_address,
+                site=router.site if router else None,
+                public=router is None,
+                gateway=router.lan_address if router else None,
             )
         )
     return LabPlan(lab_id, "nat", netns_name(lab_id, "inet"), tuple(hosts), routers, nat_type)

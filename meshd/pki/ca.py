@@ -36,8 +36,8 @@ WireGuard key; a :class:`RevocationList` only ever holds verified ones, and a
 chain in which any certificate matches one is refused.
 
 Encoding: a small deterministic binary format of fixed-width fields and
-length-prefixed strings (:class:`BinaryWriter` / :class:`BinaryReader`, shared
-with :mod:`meshd.pki.token`), followed by the 64-byte Ed25519 signature over
+length-prefixed strings (:mod:`meshd.binary`, shared with :mod:`meshd.pki.token`),
+followed by the 64-byte Ed25519 signature over
 everything before it. Every decoder refuses trailing bytes, so the encoding of a
 value is unique and flipping any byte either breaks the structure or the
 signature. A node certificate is ~190 bytes; a node + enrolment chain ~400.
@@ -76,17 +76,19 @@ import enum
 import hashlib
 import ipaddress
 import re
-import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, TypeVar
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from nacl.utils import random
 
-from meshd.errors import IdentityError
+from meshd.binary import MAX_U64, BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, IdentityError
 from meshd.identity import decode_key, encode_key
+from meshd.timetext import utc
 from meshd.types import IPAddress
 
 KEY_LEN = 32
@@ -100,7 +102,8 @@ MAX_CHAIN_LEN = 1
 CLOCK_SKEW = 300
 DAY = 86400
 DEFAULT_NODE_LIFETIME = 365 * DAY
-MAX_TIME = 2**63 - 1
+MAX_TIME = MAX_U64
+T = TypeVar("T")
 
 _FORMAT_VERSION = 1
 _CERT_MAGIC = b"MC"
@@ -141,135 +144,27 @@ def _now(now: int | None) -> int:
     return int(time.time()) if now is None else now
 
 
-def _utc(seconds: int) -> str:
+def read_name(reader: BinaryReader, what: str) -> str:
+    """A DNS label from ``reader``, as :func:`check_name` would accept it."""
+    value = reader.text()
+    if not _NAME_RE.fullmatch(value):
+        raise reader.fail(f"{what} is not a DNS label")
+    return value
+
+
+def _decode(data: bytes, what: str, magic: bytes, read: Callable[[BinaryReader], T]) -> T:
+    """What ``read`` makes of the encoding of a ``what`` after its header.
+
+    Nothing may trail it; anything malformed is an IdentityError.
+    """
     try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds} (unix seconds)"
-
-
-# --- the binary encoding -------------------------------------------------------------
-
-
-class BinaryWriter:
-    """Builds the deterministic binary encoding: fixed-width integers, length-prefixed bytes."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def raw(self, data: bytes) -> BinaryWriter:
-        self._parts.append(data)
-        return self
-
-    def u8(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">B", value))
-
-    def u16(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">H", value))
-
-    def u32(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">I", value))
-
-    def u64(self, value: int) -> BinaryWriter:
-        return self.raw(struct.pack(">Q", value))
-
-    def short_bytes(self, data: bytes) -> BinaryWriter:
-        if len(data) > 0xFF:
-            raise IdentityError(f"a short field holds at most 255 bytes, got {len(data)}")
-        return self.u8(len(data)).raw(data)
-
-    def long_bytes(self, data: bytes) -> BinaryWriter:
-        if len(data) > 0xFFFF:
-            raise IdentityError(f"a field holds at most 65535 bytes, got {len(data)}")
-        return self.u16(len(data)).raw(data)
-
-    def text(self, value: str) -> BinaryWriter:
-        return self.short_bytes(value.encode("utf-8"))
-
-    def address(self, address: IPAddress) -> BinaryWriter:
-        return self.u8(address.version).raw(address.packed)
-
-    def getvalue(self) -> bytes:
-        return b"".join(self._parts)
-
-
-class BinaryReader:
-    """Reads what :class:`BinaryWriter` wrote; any shortfall or junk is an IdentityError."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = bytes(data)
-        self._pos = 0
-        self.what = what
-
-    def fail(self, reason: str) -> IdentityError:
-        return IdentityError(f"malformed {self.what}: {reason}")
-
-    def raw(self, count: int) -> bytes:
-        end = self._pos + count
-        if end > len(self._data):
-            raise self.fail("truncated")
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        value: int = self.raw(1)[0]
-        return value
-
-    def u16(self) -> int:
-        value: int = struct.unpack(">H", self.raw(2))[0]
-        return value
-
-    def u32(self) -> int:
-        value: int = struct.unpack(">I", self.raw(4))[0]
-        return value
-
-    def u64(self) -> int:
-        value: int = struct.unpack(">Q", self.raw(8))[0]
-        if value > MAX_TIME:
-            raise self.fail("number out of range")
-        return value
-
-    def short_bytes(self) -> bytes:
-        return self.raw(self.u8())
-
-    def long_bytes(self) -> bytes:
-        return self.raw(self.u16())
-
-    def text(self) -> str:
-        try:
-            return self.short_bytes().decode("utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise self.fail("text is not UTF-8") from exc
-
-    def name(self, what: str) -> str:
-        value = self.text()
-        if not _NAME_RE.fullmatch(value):
-            raise self.fail(f"{what} is not a DNS label")
-        return value
-
-    def address(self) -> IPAddress:
-        version = self.u8()
-        if version == 4:
-            return ipaddress.IPv4Address(self.raw(4))
-        if version == 6:
-            return ipaddress.IPv6Address(self.raw(16))
-        raise self.fail(f"unknown address family {version}")
-
-    def magic(self, expected: bytes) -> None:
-        if self.raw(len(expected)) != expected:
-            raise self.fail("not a meshd encoding (wrong magic)")
-        version = self.u8()
-        if version != _FORMAT_VERSION:
-            raise self.fail(f"unsupported format version {version}")
-
-    @property
-    def offset(self) -> int:
-        return self._pos
-
-    def end(self) -> None:
-        if self._pos != len(self._data):
-            raise self.fail(f"{len(self._data) - self._pos} unexpected trailing bytes")
+        reader = BinaryReader(data, what)
+        reader.header(magic, _FORMAT_VERSION)
+        value = read(reader)
+        reader.end()
+    except DecodeError as exc:
+        raise IdentityError(str(exc)) from exc
+    return value
 
 
 def _signing_key(secret: bytes, what: str) -> SigningKey:
@@ -285,11 +180,35 @@ def _check_signature(signer_public_key: bytes, signed: bytes, signature: bytes, 
         raise IdentityError(f"{what}: bad signature (tampered, or signed by another key)") from exc
 
 
+class SignedValue:
+    """What certificates, revocations and tokens share: a signed part, then its signature.
+
+    Mixed into frozen dataclasses that have a ``signature`` field (empty until signed).
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    kind: ClassVar[str]
+    signature: bytes
+
+    def signed_part(self) -> bytes:
+        raise NotImplementedError
+
+    def signed_by(self, signing_key: SigningKey) -> Self:
+        """This value with ``signing_key``'s signature over :meth:`signed_part`."""
+        return dataclasses.replace(self, signature=signing_key.sign(self.signed_part()).signature)
+
+    def signed_encoding(self) -> bytes:
+        """The signed part followed by the signature; IdentityError when unsigned."""
+        if len(self.signature) != SIGNATURE_LEN:
+            raise IdentityError(f"cannot encode an unsigned {self.kind}")
+        return self.signed_part() + self.signature
+
+
 # --- certificates --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Certificate:
+class Certificate(SignedValue):
     """A signed binding of a name and a public key to a network.
 
     ``public_key`` is base64 of 32 bytes: the node's WireGuard key for
@@ -309,13 +228,13 @@ class Certificate:
     max_child_lifetime: int
     issuer_key_id: bytes
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "certificate"
 
     def signed_part(self) -> bytes:
         """The bytes the issuer signs: everything but the signature."""
         return (
             BinaryWriter()
-            .raw(_CERT_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_CERT_MAGIC, _FORMAT_VERSION)
             .u8(int(self.role))
             .raw(self.serial)
             .raw(bytes.fromhex(self.network_id))
@@ -331,17 +250,12 @@ class Certificate:
         )
 
     def encode(self) -> bytes:
-        if len(self.signature) != SIGNATURE_LEN:
-            raise IdentityError("cannot encode an unsigned certificate")
-        return self.signed_part() + self.signature
+        return self.signed_encoding()
 
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
         """Parse a certificate; IdentityError if malformed. The signature is not checked."""
-        reader = BinaryReader(data, "certificate")
-        cert = _read_certificate(reader)
-        reader.end()
-        return cert
+        return _decode(data, "certificate", _CERT_MAGIC, _read_certificate)
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -352,7 +266,6 @@ class Certificate:
 
 
 def _read_certificate(reader: BinaryReader) -> Certificate:
-    reader.magic(_CERT_MAGIC)
     try:
         role = Role(reader.u8())
     except ValueError as exc:
@@ -360,7 +273,7 @@ def _read_certificate(reader: BinaryReader) -> Certificate:
     serial = reader.raw(SERIAL_LEN)
     network_id = reader.raw(KEY_ID_LEN).hex()
     issuer = reader.raw(KEY_ID_LEN)
-    name = reader.name("name")
+    name = read_name(reader, "name")
     public_key = encode_key(reader.raw(KEY_LEN))
     count = reader.u8()
     if count > MAX_ADDRESSES:
@@ -446,18 +359,16 @@ def _sign_certificate(
     problem = _shape_problem(unsigned)
     if problem:
         raise IdentityError(f"cannot issue this certificate: {problem}")
-    return dataclasses.replace(
-        unsigned, signature=signing_key.sign(unsigned.signed_part()).signature
-    )
+    return unsigned.signed_by(signing_key)
 
 
 def _check_window(cert: Certificate, now: int) -> None:
     if now + CLOCK_SKEW < cert.not_before:
         raise IdentityError(
-            f"{cert.describe()} is not valid before {_utc(cert.not_before)} (check the clock)"
+            f"{cert.describe()} is not valid before {utc(cert.not_before)} (check the clock)"
         )
     if now > cert.not_after:
-        raise IdentityError(f"{cert.describe()} expired at {_utc(cert.not_after)}")
+        raise IdentityError(f"{cert.describe()} expired at {utc(cert.not_after)}")
 
 
 def verify(cert: Certificate, signer_public_key: bytes, now: int) -> None:
@@ -496,7 +407,7 @@ def verify_chain(
                 cert.role is Role.ENROL and node_cert.not_before < revocation.revoked_at
             ):
                 raise IdentityError(
-                    f"{cert.describe()} was revoked at {_utc(revocation.revoked_at)}"
+                    f"{cert.describe()} was revoked at {utc(revocation.revoked_at)}"
                 )
     if not chain:
         verify(node_cert, ca_public_key, now)
@@ -515,7 +426,7 @@ def verify_chain(
     if not enrol_cert.not_before - CLOCK_SKEW <= node_cert.not_before <= enrol_cert.not_after:
         raise IdentityError(
             f"{node_cert.describe()} was not made while its enrolment key was valid "
-            f"({_utc(enrol_cert.not_before)} to {_utc(enrol_cert.not_after)})"
+            f"({utc(enrol_cert.not_before)} to {utc(enrol_cert.not_after)})"
         )
     if node_cert.not_after - node_cert.not_before > enrol_cert.max_child_lifetime:
         raise IdentityError(
@@ -527,7 +438,7 @@ def verify_chain(
         if abs(node_cert.not_before - now) > CLOCK_SKEW:
             raise IdentityError(
                 f"{node_cert.describe()} was not made just now (not_before "
-                f"{_utc(node_cert.not_before)}); check the joining machine's clock"
+                f"{utc(node_cert.not_before)}); check the joining machine's clock"
             )
 
 
@@ -552,7 +463,7 @@ class CertChain:
     issuers: tuple[Certificate, ...] = ()
 
     def encode(self) -> bytes:
-        writer = BinaryWriter().raw(_CHAIN_MAGIC).u8(_FORMAT_VERSION)
+        writer = BinaryWriter().header(_CHAIN_MAGIC, _FORMAT_VERSION)
         writer.u8(1 + len(self.issuers))
         for cert in (self.node, *self.issuers):
             writer.long_bytes(cert.encode())
@@ -561,14 +472,15 @@ class CertChain:
     @classmethod
     def decode(cls, data: bytes) -> CertChain:
         """Parse a chain; IdentityError on anything malformed (signatures are not checked)."""
-        reader = BinaryReader(data, "certificate chain")
-        reader.magic(_CHAIN_MAGIC)
-        count = reader.u8()
-        if not 1 <= count <= 1 + MAX_CHAIN_LEN:
-            raise reader.fail(f"{count} certificates")
-        certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
-        reader.end()
-        return cls(node=certs[0], issuers=tuple(certs[1:]))
+
+        def read(reader: BinaryReader) -> CertChain:
+            count = reader.u8()
+            if not 1 <= count <= 1 + MAX_CHAIN_LEN:
+                raise reader.fail(f"{count} certificates")
+            certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
+            return cls(node=certs[0], issuers=tuple(certs[1:]))
+
+        return _decode(data, "certificate chain", _CHAIN_MAGIC, read)
 
     @property
     def ref(self) -> str:
@@ -762,7 +674,7 @@ class NetworkCA:
 
 
 @dataclass(frozen=True)
-class Revocation:
+class Revocation(SignedValue):
     """A CA-signed statement: the certificate ``serial`` and/or the key ``public_key`` is out.
 
     ``name`` says whom it concerns, for people; matching uses serial and key only.
@@ -775,12 +687,12 @@ class Revocation:
     revoked_at: int
     issuer_key_id: bytes
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "revocation"
 
     def signed_part(self) -> bytes:
         writer = (
             BinaryWriter()
-            .raw(_REVOCATION_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_REVOCATION_MAGIC, _FORMAT_VERSION)
             .raw(bytes.fromhex(self.network_id))
             .raw(self.issuer_key_id)
             .raw(self.serial)
@@ -792,29 +704,28 @@ class Revocation:
         return writer.text(self.name).u64(self.revoked_at).getvalue()
 
     def encode(self) -> bytes:
-        if len(self.signature) != SIGNATURE_LEN:
-            raise IdentityError("cannot encode an unsigned revocation")
-        return self.signed_part() + self.signature
+        return self.signed_encoding()
 
     @classmethod
     def decode(cls, data: bytes) -> Revocation:
         """Parse a revocation; IdentityError if malformed. The signature is not checked."""
-        reader = BinaryReader(data, "revocation")
-        reader.magic(_REVOCATION_MAGIC)
-        network_id = reader.raw(KEY_ID_LEN).hex()
-        issuer = reader.raw(KEY_ID_LEN)
-        serial = reader.raw(SERIAL_LEN)
-        has_key = reader.u8()
-        if has_key not in (0, 1):
-            raise reader.fail("bad key flag")
-        public_key = encode_key(reader.raw(KEY_LEN)) if has_key else ""
-        name = reader.name("name")
-        revoked_at = reader.u64()
-        signature = reader.raw(SIGNATURE_LEN)
-        reader.end()
-        if serial == _NO_SERIAL and not public_key:
-            raise reader.fail("names neither a serial nor a key")
-        return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
+
+        def read(reader: BinaryReader) -> Revocation:
+            network_id = reader.raw(KEY_ID_LEN).hex()
+            issuer = reader.raw(KEY_ID_LEN)
+            serial = reader.raw(SERIAL_LEN)
+            has_key = reader.u8()
+            if has_key not in (0, 1):
+                raise reader.fail("bad key flag")
+            public_key = encode_key(reader.raw(KEY_LEN)) if has_key else ""
+            name = read_name(reader, "name")
+            revoked_at = reader.u64()
+            signature = reader.raw(SIGNATURE_LEN)
+            if serial == _NO_SERIAL and not public_key:
+                raise reader.fail("names neither a serial nor a key")
+            return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
+
+        return _decode(data, "revocation", _REVOCATION_MAGIC, read)
 
     def matches(self, cert: Certificate) -> bool:
         if cert.network_id != self.network_id:
@@ -842,9 +753,7 @@ def _sign_revocation(
         revoked_at=revoked_at,
         issuer_key_id=key_id(bytes(signing_key.verify_key)),
     )
-    return dataclasses.replace(
-        unsigned, signature=signing_key.sign(unsigned.signed_part()).signature
-    )
+    return unsigned.signed_by(signing_key)
 
 
 def verify_revocation(revocation: Revocation, ca_public_key: bytes) -> None:
@@ -887,7 +796,7 @@ class RevocationList:
 
     def encode(self) -> bytes:
         """All revocations, for the agent's state file."""
-        writer = BinaryWriter().raw(_REVOCATION_LIST_MAGIC).u8(_FORMAT_VERSION)
+        writer = BinaryWriter().header(_REVOCATION_LIST_MAGIC, _FORMAT_VERSION)
         writer.u32(len(self._all))
         for encoded in self._all:
             writer.long_bytes(encoded)
@@ -896,13 +805,14 @@ class RevocationList:
     @classmethod
     def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
         """Read :meth:`encode`'s output, verifying every revocation again."""
-        reader = BinaryReader(data, "revocation list")
-        reader.magic(_REVOCATION_LIST_MAGIC)
-        revoked = cls()
-        for _ in range(reader.u32()):
-            revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
-        reader.end()
-        return revoked
+
+        def read(reader: BinaryReader) -> RevocationList:
+            revoked = cls()
+            for _ in range(reader.u32()):
+                revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
+            return revoked
+
+        return _decode(data, "revocation list", _REVOCATION_LIST_MAGIC, read)
 
     def __iter__(self) -> Iterator[Revocation]:
         return iter(self._all.values())

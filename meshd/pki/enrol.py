@@ -42,15 +42,12 @@ Public API::
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import inspect
 import ipaddress
 import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,7 +56,10 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
+from meshd.b64 import decode_b64, encode_b64
+from meshd.binary import BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, EnrolError, EnrolRefused, IdentityError, MeshdError
+from meshd.hostport import format_host_port
 from meshd.pki.ca import CertChain, Certificate, RevocationList
 from meshd.pki.token import Token, split_endpoint
 from meshd.types import IPAddress
@@ -75,36 +75,29 @@ MAX_HELLO = 1024
 MAX_ANSWER = 512 * 1024
 MAX_MEMBERS_IN_ANSWER = 256
 MAX_REASON = 300
-_HEADER = struct.Struct(">I")
 _PROOF_DOMAIN = b"meshd enrol proof v1\x00"
 
 
 def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:
     """What the enrolment key signs to prove the joiner holds the token on this connection."""
     endpoint_bytes = endpoint.encode("utf-8")
-    return b"".join(
-        (
-            _PROOF_DOMAIN,
-            nonce,
-            _HEADER.pack(len(chain)),
-            chain,
-            _HEADER.pack(len(endpoint_bytes)),
-            endpoint_bytes,
-        )
+    return (
+        BinaryWriter()
+        .raw(_PROOF_DOMAIN)
+        .raw(nonce)
+        .u32(len(chain))
+        .raw(chain)
+        .u32(len(endpoint_bytes))
+        .raw(endpoint_bytes)
+        .getvalue()
     )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise IdentityError(f"malformed enrolment message: {what} is not a string")
+def _unb64(value: object, what: str) -> bytes:
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise IdentityError(f"malformed enrolment message: {what} is not base64") from exc
+        return decode_b64(value)
+    except DecodeError as exc:
+        raise IdentityError(f"malformed enrolment message: {what} is {exc}") from exc
 
 
 def _load_json(data: bytes, expected_type: str, *, refusal_allowed: bool = False) -> dict[str, Any]:
@@ -143,15 +136,10 @@ def _endpoint(value: Any, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class EnrolRequest:
-    """A joiner's request as the seed received it (``nonce`` and ``source`` set by the seed)."""
+class _ChainedNode:
+    """The node a certificate chain vouches for: its name, WireGuard key and addresses."""
 
     chain: CertChain
-    endpoint: str
-    proof: bytes
-    nonce: bytes = b""
-    source: str = ""
 
     @property
     def name(self) -> str:
@@ -165,14 +153,25 @@ class EnrolRequest:
     def addresses(self) -> tuple[IPAddress, ...]:
         return self.chain.node.addresses
 
+
+@dataclass(frozen=True)
+class EnrolRequest(_ChainedNode):
+    """A joiner's request as the seed received it (``nonce`` and ``source`` set by the seed)."""
+
+    chain: CertChain
+    endpoint: str
+    proof: bytes
+    nonce: bytes = b""
+    source: str = ""
+
     def encode(self) -> bytes:
         return json.dumps(
             {
                 "type": "enrol",
                 "v": PROTOCOL_VERSION,
-                "chain": _b64(self.chain.encode()),
+                "chain": encode_b64(self.chain.encode()),
                 "endpoint": self.endpoint,
-                "proof": _b64(self.proof),
+                "proof": encode_b64(self.proof),
             }
         ).encode("utf-8")
 
@@ -207,26 +206,14 @@ def verify_proof(request: EnrolRequest) -> None:
 
 
 @dataclass(frozen=True)
-class PeerInfo:
+class PeerInfo(_ChainedNode):
     """A member as the joiner learns it: its certificate chain and its WireGuard endpoint."""
 
     chain: CertChain
     endpoint: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.chain.node.name
-
-    @property
-    def public_key(self) -> str:
-        return self.chain.node.public_key
-
-    @property
-    def addresses(self) -> tuple[IPAddress, ...]:
-        return self.chain.node.addresses
-
     def to_json(self) -> dict[str, Any]:
-        return {"chain": _b64(self.chain.encode()), "endpoint": self.endpoint}
+        return {"chain": encode_b64(self.chain.encode()), "endpoint": self.endpoint}
 
     @classmethod
     def from_json(cls, value: Any) -> PeerInfo:
@@ -340,15 +327,14 @@ class RateLimiter:
 
 
 async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    header = await reader.readexactly(_HEADER.size)
-    (length,) = _HEADER.unpack(header)
+    length = BinaryReader(await reader.readexactly(4), "frame header").u32()
     if length > limit:
         raise IdentityError(f"message of {length} bytes is larger than {limit}")
     return await reader.readexactly(length)
 
 
 async def _write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
-    writer.write(_HEADER.pack(len(body)) + body)
+    writer.write(BinaryWriter().u32(len(body)).raw(body).getvalue())
     await writer.drain()
 
 
@@ -516,7 +502,7 @@ class EnrolServer:
         accepted: asyncio.Task[None],
     ) -> None:
         nonce = os.urandom(NONCE_LEN)
-        hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": _b64(nonce)}
+        hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": encode_b64(nonce)}
         await _write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
             # A short deadline for the request: an idle connection holds a place.
@@ -561,10 +547,6 @@ class EnrolServer:
         await _write_frame(writer, _refusal(reason, taken))
 
 
-def _seed_label(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def enrol(
     host: str,
     port: int,
@@ -586,7 +568,7 @@ async def enrol(
     chain = CertChain(cert, (token.enrolment.cert,))
     chain.verify(token.ca_public_key, now, at_admission=True)
     split_endpoint(endpoint)
-    seed = _seed_label(host, port)
+    seed = format_host_port(host, port)
     try:
         return await asyncio.wait_for(_ask(host, port, token, chain, endpoint, seed, now), timeout)
     except asyncio.TimeoutError as exc:

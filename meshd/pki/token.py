@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -56,27 +54,30 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import TextIO
+from typing import ClassVar, TextIO
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from meshd.errors import IdentityError, TokenError
+from meshd.binary import BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, IdentityError, TokenError
+from meshd.hostport import parse_host_port
 from meshd.identity import decode_key, encode_key
 from meshd.pki.ca import (
     CLOCK_SKEW,
     DEFAULT_NODE_LIFETIME,
     KEY_LEN,
     SIGNATURE_LEN,
-    BinaryReader,
-    BinaryWriter,
     Certificate,
     EnrolmentKey,
     NetworkCA,
     Role,
+    SignedValue,
     network_id_of,
+    read_name,
 )
 from meshd.pki.ca import verify as verify_cert
+from meshd.timetext import ago, utc
 from meshd.types import IPAddress, Network
 
 log = logging.getLogger(__name__)
@@ -88,25 +89,14 @@ MAX_SEEDS = 16
 MAX_TOKEN_CHARS = 16384
 _MAGIC = b"MT"
 _FORMAT_VERSION = 1
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) as (host, port); IdentityError if malformed."""
-    host, sep, port_text = endpoint.rpartition(":")
-    if not sep or not port_text.isdigit() or not port_text.isascii():
-        raise IdentityError(f"endpoint {endpoint!r} must be host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise IdentityError(f"endpoint {endpoint!r} has a port out of range")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1])), port
-        except ValueError as exc:
-            raise IdentityError(f"endpoint {endpoint!r} has a bad IPv6 address") from exc
-    if not _HOST_RE.fullmatch(host):
-        raise IdentityError(f"endpoint {endpoint!r} has a bad host name")
-    return host, port
+    try:
+        return parse_host_port(endpoint)
+    except DecodeError as exc:
+        raise IdentityError(f"endpoint {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -120,6 +110,8 @@ class Seed:
 
     def __post_init__(self) -> None:
         split_endpoint(self.endpoint)
+        if len(self.endpoint) > 255:  # a token holds it as a short text field
+            raise IdentityError(f"endpoint {self.endpoint[:40]!r}... is over 255 characters")
         if not 0 < self.enrol_port < 65536:
             raise IdentityError(f"enrolment port {self.enrol_port} out of range")
         decode_key(self.public_key, what="seed public key")
@@ -131,7 +123,7 @@ class Seed:
 
 
 @dataclass(frozen=True)
-class Token:
+class Token(SignedValue):
     """A parsed, signature-checked join token. ``gossip_key`` and ``enrolment`` are secret."""
 
     network_name: str
@@ -144,6 +136,7 @@ class Token:
     issued_at: int
     expires_at: int
     signature: bytes = field(default=b"", repr=False)
+    kind: ClassVar[str] = "token"
 
     @property
     def network_id(self) -> str:
@@ -158,8 +151,7 @@ class Token:
     def signed_part(self) -> bytes:
         writer = (
             BinaryWriter()
-            .raw(_MAGIC)
-            .u8(_FORMAT_VERSION)
+            .header(_MAGIC, _FORMAT_VERSION)
             .text(self.network_name)
             .raw(self.ca_public_key)
             .raw(self.gossip_key)
@@ -215,22 +207,7 @@ def create_token(
         issued_at=now,
         expires_at=enrolment.cert.not_after,
     )
-    signature = ca.signing_key.sign(unsigned.signed_part()).signature
-    return dataclasses.replace(unsigned, signature=signature)
-
-
-def _utc(seconds: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
-
-
-def _ago(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"
+    return unsigned.signed_by(ca.signing_key)
 
 
 def _decode_text(text: str) -> bytes:
@@ -255,8 +232,8 @@ def _decode_text(text: str) -> bytes:
 
 def _read_token(raw: bytes) -> Token:
     reader = BinaryReader(raw, "token")
-    reader.magic(_MAGIC)
-    network_name = reader.name("network name")
+    reader.header(_MAGIC, _FORMAT_VERSION)
+    network_name = read_name(reader, "network name")
     ca_public_key = reader.raw(KEY_LEN)
     gossip_key = reader.raw(KEY_LEN)
     cidr4 = _network4(reader.raw(4), reader.u8(), reader)
@@ -318,7 +295,7 @@ def parse_token(text: str, now: int) -> Token:
     raw = _decode_text(text)
     try:
         token = _read_token(raw)
-    except IdentityError as exc:
+    except (DecodeError, IdentityError) as exc:
         raise TokenError(f"token is damaged or truncated ({exc})") from exc
     signed = raw[: -len(token.signature)]
     try:
@@ -338,12 +315,12 @@ def parse_token(text: str, now: int) -> Token:
         raise TokenError("token's enrolment certificate does not fit the token")
     if now > token.expires_at:
         raise TokenError(
-            f"token expired at {_utc(token.expires_at)} ({_ago(now - token.expires_at)} ago); "
+            f"token expired at {utc(token.expires_at)} ({ago(token.expires_at, now)}); "
             "make a new one with 'meshd token create'"
         )
     if now + CLOCK_SKEW < token.issued_at:
         raise TokenError(
-            f"token is not valid before {_utc(token.issued_at)}; check this machine's clock"
+            f"token is not valid before {utc(token.issued_at)}; check this machine's clock"
         )
     return token
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshd.errors import IdentityError
+from meshd.binary import BinaryReader, BinaryWriter
+from meshd.errors import DecodeError, IdentityError
 from meshd.pki.ca import CertChain, Revocation, RevocationList
 from meshd.state import atomic_write
 from meshd.types import IPAddress, NodeRecord
@@ -155,25 +155,20 @@ class Trust:
         """Page ``number`` of the revocations, for a Serf query answer: count, then items."""
         items = list(self.revoked)
         chunk = items[number * REVOCATIONS_PER_PAGE : (number + 1) * REVOCATIONS_PER_PAGE]
-        out = struct.pack(">H", len(items))
+        writer = BinaryWriter().u16(len(items))
         for revocation in chunk:
-            encoded = revocation.encode()
-            out += struct.pack(">H", len(encoded)) + encoded
-        return out
+            writer.long_bytes(revocation.encode())
+        return writer.getvalue()
 
     def merge_page(self, data: bytes) -> tuple[int, int]:
         """Add the revocations of one answered page; (how many were new, their total there)."""
+        reader = BinaryReader(data, "revocation page")
+        added = 0
         try:
-            (total,) = struct.unpack_from(">H", data)
-            offset, added = 2, 0
-            while offset < len(data):
-                (length,) = struct.unpack_from(">H", data, offset)
-                chunk = data[offset + 2 : offset + 2 + length]
-                if len(chunk) != length:
-                    raise IdentityError("truncated revocation page")
-                offset += 2 + length
-                if self.add_revocation(chunk) is not None:
+            total = reader.u16()
+            while reader.remaining:
+                if self.add_revocation(reader.long_bytes()) is not None:
                     added += 1
-        except struct.error as exc:
-            raise IdentityError(f"malformed revocation page: {exc}") from exc
+        except DecodeError as exc:
+            raise IdentityError(str(exc)) from exc
         return added, total

@@ -30,9 +30,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshd.errors import WireGuardError
+from meshd.errors import DecodeError, WireGuardError
+from meshd.hostport import format_host_port, parse_ip_port
 from meshd.identity import encode_key
-from meshd.types import IPNetwork
+from meshd.types import IPAddress, IPNetwork
 
 ZERO_KEY = encode_key(bytes(32))
 """A preshared key of 32 zero bytes: WireGuard's spelling of "no preshared key"."""
@@ -157,18 +158,15 @@ def normalize_endpoint(text: str) -> str:
 
     Host names are refused: resolving them is the caller's decision, not the data plane's.
     """
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise WireGuardError(f"endpoint {text!r} is not IP:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    return format_host_port(*parse_endpoint(text))
+
+
+def parse_endpoint(text: str) -> tuple[IPAddress, int]:
+    """The address and port of ``IP:PORT`` / ``[IPv6]:PORT``; WireGuardError if not one."""
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise WireGuardError(f"endpoint {text!r}: {host!r} is not an IP address") from exc
-    if address.version == 6:
-        return f"[{address.compressed}]:{int(port)}"
-    return f"{address.compressed}:{int(port)}"
+        return parse_ip_port(text.strip())
+    except DecodeError as exc:
+        raise WireGuardError(f"endpoint {exc}") from exc
 
 
 @functools.lru_cache(maxsize=1 << 16)

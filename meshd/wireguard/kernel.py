@@ -13,7 +13,6 @@ back to :mod:`meshd.wireguard.userspace` where creating the link fails.
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import ipaddress
 import logging
@@ -24,7 +23,9 @@ from typing import Any
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
+from meshd.b64 import encode_b64
 from meshd.errors import NetlinkError, WireGuardError
+from meshd.hostport import format_host_port
 from meshd.netlink import Netlink, netns_socket
 from meshd.types import IPNetwork
 from meshd.wireguard.backend import (
@@ -36,6 +37,7 @@ from meshd.wireguard.backend import (
     PeerState,
     RestartHook,
     normalize_endpoint,
+    parse_endpoint,
     sorted_networks,
 )
 
@@ -51,7 +53,7 @@ def _key_text(value: Any) -> str | None:
     if hasattr(value, "get") and not isinstance(value, (bytes, str)):
         value = value.get("value") or value.get("key")
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode() if len(value) == 32 else value.decode()
+        return encode_b64(value) if len(value) == 32 else value.decode()
     return str(value)
 
 
@@ -65,9 +67,9 @@ def _peer_dict(op: PeerOp) -> dict[str, Any]:
     if op.preshared_key is not None:
         peer["preshared_key"] = op.preshared_key
     if op.endpoint is not None:
-        host, _, port = normalize_endpoint(op.endpoint).rpartition(":")
-        peer["endpoint_addr"] = host.strip("[]")
-        peer["endpoint_port"] = int(port)
+        address, port = parse_endpoint(op.endpoint)
+        peer["endpoint_addr"] = str(address)
+        peer["endpoint_port"] = port
     if op.keepalive is not None:
         peer["persistent_keepalive"] = op.keepalive
     if op.allowed_ips is not None:
@@ -168,11 +170,8 @@ class KernelBackend:
                         entry["allowed"].append(ipaddress.ip_network(ip["addr"], strict=False))
                 endpoint = peer.get_attr("WGPEER_A_ENDPOINT")
                 if endpoint is not None and endpoint.get("port"):
-                    addr = endpoint["addr"]
                     entry["endpoint"] = normalize_endpoint(
-                        f"[{addr}]:{endpoint['port']}"
-                        if ":" in addr
-                        else f"{addr}:{endpoint['port']}"
+                        format_host_port(endpoint["addr"], endpoint["port"])
                     )
                 handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
                 if handshake is not None and handshake.get("tv_sec"):

@@ -10,8 +10,7 @@ anything else with the reason. ``trylast``, so an installed admission plugin
 
 from __future__ import annotations
 
-from meshd import hookimpl
-from meshd.types import Admission, AgentAPI, Member
+from meshd import Admission, AgentAPI, Member, hookimpl
 
 
 @hookimpl(trylast=True)

@@ -15,15 +15,17 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from meshd import hookimpl
-from meshd.errors import ConfigError
-from meshd.types import AgentAPI, ConfigView
+from meshd import (
+    AgentAPI,
+    ConfigError,
+    ConfigView,
+    DecodeError,
+    format_host_port,
+    hookimpl,
+    parse_host_port,
+)
 
 _settings: dict[str, Any] = {"advertise": (), "local": True}
-
-
-def _endpoint(host: Any, port: int) -> str:
-    return f"[{host}]:{port}" if getattr(host, "version", 4) == 6 else f"{host}:{port}"
 
 
 @hookimpl
@@ -33,12 +35,15 @@ def meshd_configure(config: ConfigView) -> None:
     for key, value in section.items():
         where = f"plugins.endpoints.{key}"
         if key == "advertise":
-            if not isinstance(value, list) or not all(
-                isinstance(v, str) and ":" in v for v in value
-            ):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(
                     'must be a list of "host:port" strings', file=config.path, key=where
                 )
+            for endpoint in value:
+                try:
+                    parse_host_port(endpoint)
+                except DecodeError as exc:
+                    raise ConfigError(f"{exc}", file=config.path, key=where) from None
             _settings["advertise"] = tuple(value)
         elif key == "local":
             if not isinstance(value, bool):
@@ -65,5 +70,5 @@ def meshd_endpoint_candidates(agent: AgentAPI) -> list[str]:
         # Best first (the record keeps what fits, from the front): public before
         # private, IPv4 before IPv6; the kernel's order otherwise.
         usable.sort(key=lambda a: (not a.is_global, a.version))
-        found.extend(_endpoint(address, agent.listen_port) for address in usable)
+        found.extend(format_host_port(address, agent.listen_port) for address in usable)
     return found

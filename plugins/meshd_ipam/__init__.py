@@ -17,9 +17,7 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from meshd import hookimpl
-from meshd.errors import ConfigError
-from meshd.types import ConfigView, MeshAddresses, Network, NodeIdentity
+from meshd import ConfigError, ConfigView, MeshAddresses, Network, NodeIdentity, hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ it would take down other runs' labs too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,8 +35,10 @@ from typing import Any
 import pytest
 
 from meshd.lab import Lab
+from meshd.lab.mesh import MeshLab
 
 ALWAYS_NEEDED = ("ip",)
+MESH_PROGRAMS = ("serf", "wireguard-go", "wg", "ping")
 
 
 def requires_root(*binaries: str) -> pytest.MarkDecorator:
@@ -51,19 +54,6 @@ def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
     if missing:
         return f"needs {', '.join(missing)} installed"
     return None
-
-
-def eventually(
-    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
-) -> float:
-    """Wait until ``check()`` holds, polling every 0.2 s; fail with ``what`` (and what
-    ``detail()`` tells) after ``timeout`` seconds. Returns the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -109,3 +99,42 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
             errors.append(f"{lab.lab_id}: {exc}")
     if errors:
         pytest.fail("lab teardown failed: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def mesh_lab(nodes: int) -> Iterator[MeshLab]:
+    """A flat lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture.
+
+    It goes down at the end unless ``MESHD_TEST_KEEP_LAB=1`` keeps it (and the
+    agents' logs) for a post-mortem; skipped, with the reason, when it cannot run.
+    """
+    reason = missing_requirements(MESH_PROGRAMS)
+    if reason:
+        pytest.skip(reason)
+    lab = Lab.create(nodes=nodes, topology="flat")
+    try:
+        yield MeshLab(lab)
+    finally:
+        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
+            lab.down()
+
+
+def wg_peers(mesh: MeshLab, node: str) -> set[str]:
+    """The public keys of the peers on ``node``'s mesh interface, as ``wg`` lists them."""
+    out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "peers"]).stdout
+    return set(out.split())
+
+
+def eventually(
+    check: Callable[[], bool], timeout: float, what: str, detail: Callable[[], object] = str
+) -> float:
+    """Wait until ``check()`` holds, or fail the test naming ``what`` (and ``detail()``).
+
+    Returns how long it took.
+    """
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not true after {timeout:g} s {detail()}".rstrip())
+        time.sleep(0.2)
+    return time.monotonic() - started

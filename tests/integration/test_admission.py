@@ -7,24 +7,25 @@ member's namespace, publishing a well-formed record.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import itertools
 import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshd.b64 import decode_b64
 from meshd.gossip.record import encode_record
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
+from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -33,39 +34,16 @@ NODES = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
-
-    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
-    if reason:
-        pytest.skip(reason)
-    lab = Lab.create(nodes=8, topology="flat")
-    try:
-        built = MeshLab(lab)
+    with mesh_lab(nodes=8) as built:
         built.up(NODES, seed=11)
         built.wait_full_mesh(NODES, timeout=90)
         yield built
-    finally:
-        lab.down()
-
-
-def wg_peers(mesh: MeshLab, node: str) -> set[str]:
-    out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "peers"]).stdout
-    return set(out.split())
 
 
 def status(mesh: MeshLab, node: str) -> dict:
     found = mesh.status(node)
     assert found is not None, f"the agent on {node} does not answer"
     return found
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
-        time.sleep(0.3)
-    return time.monotonic() - started
 
 
 def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: int) -> SerfAgent:
@@ -291,7 +269,7 @@ def test_key_rotations_while_pinging_lose_no_pair_for_more_than_a_few_seconds(
     keyring = (mesh.state_dir("n5") / "serf" / "keyring.json").read_text()
     new_gossip = (mesh.state_dir("n2") / "gossip.key").read_text().strip()
     assert new_gossip in keyring
-    assert base64.b64decode(new_gossip)
+    assert decode_b64(new_gossip)
 
 
 def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:

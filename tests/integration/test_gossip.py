@@ -10,7 +10,6 @@ generous (failure detection alone takes 4-6 s, a missed gossip message up to
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import secrets
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from meshd import config as config_mod
+from meshd.b64 import encode_b64
 from meshd.errors import ConfigError, SerfAuthError, SerfCommandError, SerfConnectionError
 from meshd.gossip.record import TAGS_LIMIT, encode_record, tags_size
 from meshd.gossip.rpc import QueryEvent, SerfClient, StreamGap, UserEvent
@@ -38,7 +38,7 @@ DEADLINE = 45.0  # seconds; a late gossip message is repaired by Serf's 30 s pus
 
 def record(index: int, version: int = 1) -> NodeRecord:
     return NodeRecord(
-        public_key=base64.b64encode(bytes([index]) * 32).decode(),
+        public_key=encode_b64(bytes([index]) * 32),
         addresses=(ip_address(f"100.80.0.{index}"),),
         port=51820,
         endpoints=(f"198.18.0.{index}:51820",),
@@ -64,7 +64,7 @@ async def serf_mesh(
     lab: Lab, *, auth_key: str | None = None, supervise: bool = False
 ) -> AsyncIterator[list[Node]]:
     """One supervised serf agent per lab node, joined to n1, each with a client and a view."""
-    gossip_key = base64.b64encode(os.urandom(32)).decode()
+    gossip_key = encode_b64(os.urandom(32))
     auth = auth_key or secrets.token_urlsafe(16)
     nodes: list[Node] = []
     try:
@@ -274,7 +274,7 @@ def test_calls_events_and_queries_share_one_connection(lab_factory: Callable[...
             # An error header becomes a typed exception carrying the agent's text.
             with pytest.raises(SerfCommandError, match="serf remove-key"):
                 await n1.remove_key(next(iter(keys.keys)))
-            new_key = base64.b64encode(os.urandom(32)).decode()
+            new_key = encode_b64(os.urandom(32))
             assert (await n1.install_key(new_key)).num_err == 0
             assert (await n1.use_key(new_key)).num_err == 0
             assert (await n1.remove_key(next(iter(keys.keys)))).num_err == 0

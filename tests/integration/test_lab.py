@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,21 +17,12 @@ from meshd.errors import LabError
 from meshd.lab import Lab
 from meshd.lab.netns import list_netns
 from meshd.lab.plan import NETNS_PREFIX, netns_prefix, random_lab_id
+from tests.conftest import run_meshd
+from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.root("ping", "sysctl")
 
 LabFactory = Callable[..., Lab]
-
-
-def meshd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real command line, in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def alive(pid: int) -> bool:
@@ -42,14 +32,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def non_lab_namespaces() -> set[str]:
@@ -63,18 +45,18 @@ def test_cli_up_flat_four_nodes_pings_every_host_and_down_cleans_up() -> None:
     lab_id = random_lab_id()
     others = non_lab_namespaces()
     try:
-        up = meshd("lab", "up", "--nodes", "4", "--lab", lab_id)
+        up = run_meshd("lab", "up", "--nodes", "4", "--lab", lab_id)
         assert up.returncode == 0, up.stderr
         assert "reachability" in up.stdout
         assert "FAIL" not in up.stdout
-        status = json.loads(meshd("lab", "status", "--lab", lab_id, "--json").stdout)
+        status = json.loads(run_meshd("lab", "status", "--lab", lab_id, "--json").stdout)
         assert [n["name"] for n in status["nodes"]] == ["n1", "n2", "n3", "n4"]
         # Through `meshd lab exec`: n1 -> n4 answers, and a lab address nobody holds does not
         # (the exit code of the command is the exit code of exec).
         n4 = status["nodes"][3]["address"]
         ping = ["ping", "-c", "1", "-w", "3"]
-        assert meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, n4).returncode == 0
-        miss = meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, "198.18.0.250")
+        assert run_meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, n4).returncode == 0
+        miss = run_meshd("lab", "exec", "--lab", lab_id, "n1", "--", *ping, "198.18.0.250")
         assert miss.returncode == 1
         # Every other pair through the API.
         lab = Lab.load(lab_id)
@@ -83,12 +65,12 @@ def test_cli_up_flat_four_nodes_pings_every_host_and_down_cleans_up() -> None:
         assert len(matrix["pairs"]) == 12
         assert all(p["reachable"] and p["rtt_ms"] is not None for p in matrix["pairs"])
     finally:
-        down = meshd("lab", "down", "--lab", lab_id)
+        down = run_meshd("lab", "down", "--lab", lab_id)
     assert down.returncode == 0, down.stderr
     assert f"lab {lab_id} is down" in down.stdout
     assert not [n for n in list_netns() if n.startswith(netns_prefix(lab_id))]
     assert others <= non_lab_namespaces()
-    again = meshd("lab", "down", "--lab", lab_id)
+    again = run_meshd("lab", "down", "--lab", lab_id)
     assert again.returncode == 0
     assert "nothing to do" in again.stdout
 
@@ -209,11 +191,11 @@ def test_nat_site_host_reaches_public_host_but_nothing_reaches_in(
     lab.spawn(public, [sys.executable, "-u", "-c", PUBLIC_ECHO], name="echo")
     lab.spawn(inside, [sys.executable, "-u", "-c", SITE_LISTENER, public.address], name="listener")
     echo_log, listener_log = lab.log_path(public, "echo"), lab.log_path(inside, "listener")
-    wait_for(lambda: "from" in echo_log.read_text(), "the public host to hear the site host")
+    eventually(lambda: "from" in echo_log.read_text(), 20, "the public host hears the site host")
     seen = echo_log.read_text().split()
     assert seen[1] == router.wan_address, "not masqueraded"
     mapped_port = seen[2]
-    wait_for(lambda: "reply" in listener_log.read_text(), "the reply to reach the site host")
+    eventually(lambda: "reply" in listener_log.read_text(), 20, "the reply reaches the site host")
 
     # Unsolicited traffic from outside, every way in:
     # the public host from another port, to the mapping the router made;
@@ -229,9 +211,10 @@ def test_nat_site_host_reaches_public_host_but_nothing_reaches_in(
     # The listener is alive and reading: replies keep arriving after the intruders'
     # datagrams were sent, so any of those that got through would be in its log by now.
     replies = listener_log.read_text().count("reply")
-    wait_for(
+    eventually(
         lambda: listener_log.read_text().count("reply") >= replies + 2,
-        "more replies after the intruders",
+        20,
+        "more replies came after the intruders",
     )
     received = listener_log.read_text()
     assert "intr" not in received, received
@@ -278,7 +261,7 @@ def test_nat_type_decides_whether_the_mapping_depends_on_the_destination(
     lab.spawn(public, [sys.executable, "-u", "-c", TWO_PORTS], name="ports")
     lab.spawn(inside, [sys.executable, "-c", SEND_TWO, public.address], name="sender")
     out = lab.log_path(public, "ports")
-    wait_for(lambda: len(out.read_text().split()) == 2, "both ports to hear the site host")
+    eventually(lambda: len(out.read_text().split()) == 2, 20, "both ports hear the site host")
     first, second = (int(port) for port in out.read_text().split())
     if nat_type == "restricted":
         assert first == second == 6000  # one mapping for every destination, port kept
@@ -311,7 +294,7 @@ def test_down_removes_namespaces_processes_and_files(lab_factory: LabFactory) ->
     # A grandchild nobody recorded is found through its namespace.
     pidfile = lab.node_dir("n2") / "bg.pid"
     lab.spawn("n2", ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], name="bg")
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "", "the pid file")
+    eventually(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 20, "the pid file")
     grandchild = int(pidfile.read_text())
     assert alive(sleeper)
     assert alive(grandchild)
@@ -320,7 +303,7 @@ def test_down_removes_namespaces_processes_and_files(lab_factory: LabFactory) ->
     assert not [n for n in list_netns() if n.startswith(prefix)]
     assert others <= non_lab_namespaces()
     assert not alive(sleeper)
-    wait_for(lambda: not alive(grandchild), "the grandchild to go", timeout=5)
+    eventually(lambda: not alive(grandchild), 5, "the grandchild is gone")
     assert not lab.dir.exists()
     lab.down()  # idempotent
     assert Lab.down_by_id(lab.lab_id) is False

@@ -9,16 +9,14 @@ the first start again.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 from collections.abc import Iterator
 
 import pytest
 
-from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -27,24 +25,8 @@ CORE = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
-
-    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
-    if reason:
-        pytest.skip(reason)
-    lab = Lab.create(nodes=10, topology="flat")
-    try:
-        yield MeshLab(lab)
-    finally:
-        # MESHD_TEST_KEEP_LAB=1 keeps the lab (and its agents' logs) for a post-mortem.
-        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
-            lab.down()
-
-
-def wg_peers(mesh: MeshLab, node: str) -> set[str]:
-    ifname = mesh.lab.ifname(node, "mw")
-    out = mesh.lab.run(node, ["wg", "show", ifname, "peers"]).stdout
-    return set(out.split())
+    with mesh_lab(nodes=10) as built:
+        yield built
 
 
 def public_key(mesh: MeshLab, node: str) -> str:

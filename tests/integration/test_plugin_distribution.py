@@ -8,12 +8,13 @@ the project's own environment is never changed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_meshd
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "meshd-testplugin"
 
@@ -47,14 +48,11 @@ def meshd(
     cfg = tmp_path / "meshd.toml"
     cfg.write_text(config)
     env = {
-        **os.environ,
         "PYTHONPATH": str(plugin_path),
         "MESHD_CONFIG": str(cfg),
         "MESHD_STATE_DIR": str(tmp_path / "state"),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args], capture_output=True, text=True, env=env, check=False
-    )
+    return run_meshd(*args, env=env)
 
 
 def by_name(output: str) -> dict[str, dict]:

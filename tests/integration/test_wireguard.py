@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from meshd.errors import IdentityError, NetlinkError, WireGuardError
+from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab, LabNode
 from meshd.netlink import Netlink
@@ -55,16 +56,7 @@ class Mesh:
         self.hosts = hosts
 
     def peer_of(self, host: Host, **changes: object) -> PeerConfig:
-        peer = PeerConfig(
-            public_key=host.keys.public_key,
-            allowed_ips=(
-                ipaddress.ip_network(f"{tunnel_ip(host.node.index)}/32"),
-                ipaddress.ip_network(f"{tunnel_ip6(host.node.index)}/128"),
-            ),
-            endpoint=f"{host.node.address}:{PORT}",
-            keepalive=25,
-        )
-        return replace(peer, **changes)  # type: ignore[arg-type]
+        return replace(peer_config(host.node, host.keys), **changes)  # type: ignore[arg-type]
 
     def full_mesh(self, me: Host) -> list[PeerConfig]:
         return [self.peer_of(other) for other in self.hosts if other is not me]
@@ -80,22 +72,40 @@ class Mesh:
             await asyncio.sleep(0.2)
 
 
+def interface_spec(lab: Lab, node: LabNode, keys: WireGuardKeyPair) -> InterfaceSpec:
+    """Node ``n``'s interface: tunnel addresses 100.64.0.n/16 and fd64::n/64."""
+    return InterfaceSpec(
+        ifname=lab.ifname(node),
+        private_key=keys.private_key,
+        listen_port=PORT,
+        addresses=(
+            ipaddress.ip_interface(f"{tunnel_ip(node.index)}/16"),
+            ipaddress.ip_interface(f"{tunnel_ip6(node.index)}/64"),
+        ),
+        netns=node.netns,
+    )
+
+
+def peer_config(node: LabNode, keys: WireGuardKeyPair) -> PeerConfig:
+    """How the others reach ``node``: its tunnel addresses through its lab address."""
+    return PeerConfig(
+        public_key=keys.public_key,
+        allowed_ips=(
+            ipaddress.ip_network(f"{tunnel_ip(node.index)}/32"),
+            ipaddress.ip_network(f"{tunnel_ip6(node.index)}/128"),
+        ),
+        endpoint=format_host_port(node.address, PORT),
+        keepalive=25,
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_mesh(lab: Lab) -> AsyncIterator[Mesh]:
     hosts: list[Host] = []
     try:
         for node in lab.nodes:
             keys = WireGuardKeyPair.generate()
-            spec = InterfaceSpec(
-                ifname=lab.ifname(node),
-                private_key=keys.private_key,
-                listen_port=PORT,
-                addresses=(
-                    ipaddress.ip_interface(f"{tunnel_ip(node.index)}/16"),
-                    ipaddress.ip_interface(f"{tunnel_ip6(node.index)}/64"),
-                ),
-                netns=node.netns,
-            )
+            spec = interface_spec(lab, node, keys)
             iface = await WireGuardInterface.open(spec, backend="userspace")
             task = asyncio.create_task(iface.supervise())
             hosts.append(Host(node, keys, iface, task))
@@ -317,33 +327,10 @@ def test_kernel_backend_talks_to_userspace_peer(lab_factory):
     async def main() -> None:
         n1, n2 = lab.nodes
         k1, k2 = WireGuardKeyPair.generate(), WireGuardKeyPair.generate()
-        kernel = await WireGuardInterface.open(
-            InterfaceSpec(
-                lab.ifname(n1),
-                k1.private_key,
-                PORT,
-                (ipaddress.ip_interface("100.64.0.1/16"),),
-                netns=n1.netns,
-            ),
-            backend="kernel",
-        )
-        user = await WireGuardInterface.open(
-            InterfaceSpec(
-                lab.ifname(n2),
-                k2.private_key,
-                PORT,
-                (ipaddress.ip_interface("100.64.0.2/16"),),
-                netns=n2.netns,
-            ),
-            backend="userspace",
-        )
+        kernel = await WireGuardInterface.open(interface_spec(lab, n1, k1), backend="kernel")
+        user = await WireGuardInterface.open(interface_spec(lab, n2, k2), backend="userspace")
         try:
-            peer2 = PeerConfig(
-                k2.public_key, (ipaddress.ip_network("100.64.0.2/32"),), f"{n2.address}:{PORT}", 25
-            )
-            peer1 = PeerConfig(
-                k1.public_key, (ipaddress.ip_network("100.64.0.1/32"),), f"{n1.address}:{PORT}", 25
-            )
+            peer1, peer2 = peer_config(n1, k1), peer_config(n2, k2)
             assert (await kernel.reconcile([peer2])).operations == 1
             await user.reconcile([peer1])
             assert await asyncio.to_thread(lab.ping, n1, "100.64.0.2", deadline=10) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
@@ -343,35 +344,22 @@ FUZZ = settings(
 )
 
 
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_certificate_decoder_only_raises_identity_error(data: bytes) -> None:
-    with pytest.raises(IdentityError):
-        Certificate.decode(data)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_chain_decoder_only_raises_identity_error(data: bytes) -> None:
-    with pytest.raises(IdentityError):
-        CertChain.decode(data)
-
-
-@FUZZ
-@given(st.binary(max_size=1024))
-def test_revocation_decoder_only_raises_identity_error(data: bytes) -> None:
-    with pytest.raises(IdentityError):
-        Revocation.decode(data)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_revocation_list_decoder_only_raises_identity_error(data: bytes) -> None:
-    with pytest.raises(IdentityError):
-        RevocationList.decode(data, _FUZZ_CA_KEY)
-
-
 _FUZZ_CA_KEY = NetworkCA.generate("fuzz").public_key
+Decoder = Callable[[bytes], object]
+DECODERS: dict[str, Decoder] = {
+    "certificate": Certificate.decode,
+    "chain": CertChain.decode,
+    "revocation": Revocation.decode,
+    "revocation list": lambda data: RevocationList.decode(data, _FUZZ_CA_KEY),
+}
+
+
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS.keys())
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_decoders_only_raise_identity_error(decoder: Decoder, data: bytes) -> None:
+    with pytest.raises(IdentityError):
+        decoder(data)
 
 
 @FUZZ

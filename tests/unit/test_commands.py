@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,24 +13,17 @@ import pytest
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.token import Seed, create_token
+from tests.conftest import run_meshd
 
 
 def meshd(tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "none.toml").write_text('[node]\nname = "t1"\n')
     env = {
-        **os.environ,
         "MESHD_STATE_DIR": str(tmp_path / "state"),
         "MESHD_CONFIG": str(tmp_path / "none.toml"),
+        "MESHD_TOKEN": None,
     }
-    (tmp_path / "none.toml").write_text('[node]\nname = "t1"\n')
-    env.pop("MESHD_TOKEN", None)
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        input=stdin,
-        check=False,
-    )
+    return run_meshd(*args, env=env, stdin=stdin)
 
 
 def token_text(*, ttl: int = 3600, now: int | None = None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -19,9 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, NetworkCA, RevocationList, check_binding
+from meshd.pki.ca import CertChain, Certificate, NetworkCA, RevocationList, check_binding
 from meshd.pki.enrol import (
     MAX_REQUEST,
     EnrolRequest,
@@ -223,12 +223,17 @@ def test_revoked_token_is_refused_with_reason() -> None:
     run(scenario)
 
 
-def test_expired_token_is_refused_by_the_seed() -> None:
-    # Made two hours ago with a one-hour life: the client would refuse it itself, so speak
-    # the protocol by hand, as a modified client would.
+def expired_network() -> tuple[Network, Certificate]:
+    """A network whose token was made two hours ago with a one-hour life, and a joiner's cert."""
     then = int(time.time()) - 7200
     net = Network(ttl=3600, now=then)
-    cert = joiner_cert(net.token, now=then + 10)
+    return net, joiner_cert(net.token, now=then + 10)
+
+
+def test_expired_token_is_refused_by_the_seed() -> None:
+    # The client would refuse it itself, so speak the protocol by hand, as a modified
+    # client would.
+    net, cert = expired_network()
 
     async def scenario() -> None:
         async with net.server() as server:
@@ -243,9 +248,7 @@ def test_expired_token_is_refused_by_the_seed() -> None:
 
 
 def test_expired_token_is_refused_by_the_client_before_connecting() -> None:
-    then = int(time.time()) - 7200
-    net = Network(ttl=3600, now=then)
-    cert = joiner_cert(net.token, now=then + 10)
+    net, cert = expired_network()
 
     async def scenario() -> None:
         with pytest.raises(IdentityError, match="expired"):
@@ -281,7 +284,7 @@ async def signed_exchange(
     try:
         header = await reader.readexactly(4)
         hello = json.loads(await reader.readexactly(struct.unpack(">I", header)[0]))
-        nonce = nonce_override or base64.b64decode(hello["nonce"])
+        nonce = nonce_override or decode_b64(hello["nonce"])
         proof = token.enrolment.sign(proof_message(nonce, chain.encode(), endpoint))
         request = EnrolRequest(chain=chain, endpoint=endpoint, proof=proof)
         writer.write(frame(request.encode()))
@@ -562,7 +565,7 @@ JSON = st.recursive(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["enrol", "refused", "x"]), "v": st.sampled_from([1, 2, "1"])},
         optional={
-            "chain": JSON | st.binary().map(lambda b: base64.b64encode(b).decode()),
+            "chain": JSON | st.binary().map(lambda b: encode_b64(b)),
             "endpoint": JSON,
             "proof": JSON,
         },

@@ -7,10 +7,10 @@ here only the view's own decisions (states, reaping, coalescing) are under test.
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import AsyncIterator, Callable, Mapping
 from ipaddress import ip_address
 
+from meshd.b64 import encode_b64
 from meshd.errors import SerfConnectionError
 from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
@@ -21,7 +21,7 @@ from meshd.types import MemberState, NodeRecord
 
 def rec(n: int, version: int = 1) -> NodeRecord:
     return NodeRecord(
-        public_key=base64.b64encode(bytes([n]) * 32).decode(),
+        public_key=encode_b64(bytes([n]) * 32),
         addresses=(ip_address(f"100.80.0.{n}"),),
         port=51820,
         version=version,

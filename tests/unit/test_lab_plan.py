@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from meshd.lab.plan import (
     random_lab_id,
     validate_lab_id,
 )
+from tests.conftest import run_meshd
 
 lab_ids = st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True)
 node_names = st.integers(min_value=1, max_value=250).map(lambda i: f"n{i}")
@@ -161,22 +159,12 @@ def test_load_of_a_missing_or_broken_lab(tmp_path: Path) -> None:
         Lab.load("bad", base_dir=tmp_path)
 
 
-def _meshd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        check=False,
-    )
-
-
 def test_cli_help_teaches_and_missing_lab_is_one_line(tmp_path: Path) -> None:
-    helped = _meshd("lab", "--help", env={})
+    helped = run_meshd("lab", "--help", env={})
     assert helped.returncode == 0
     for word in ("up", "exec", "status", "down", "--topology nat", "MESHD_LAB"):
         assert word in helped.stdout
-    missing = _meshd("lab", "status", env={"MESHD_LAB_DIR": str(tmp_path), "MESHD_LAB": "nope"})
+    missing = run_meshd("lab", "status", env={"MESHD_LAB_DIR": str(tmp_path), "MESHD_LAB": "nope"})
     assert missing.returncode == 1
     # One line (other labs on this machine, if any, are named after it).
     assert missing.stderr.count("\n") == 1

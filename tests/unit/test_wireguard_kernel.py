@@ -6,25 +6,16 @@ integration test); what it sends is checked here, without root.
 
 from __future__ import annotations
 
-import base64
-import ipaddress
-
+from meshd.b64 import encode_b64
 from meshd.wireguard.backend import ZERO_KEY, OpKind, PeerOp
 from meshd.wireguard.kernel import _key_text, _peer_dict
+from tests.unit.conftest import add_with_every_field
 
-KEY = base64.b64encode(b"\x07" * 32).decode()
+KEY = encode_b64(b"\x07" * 32)
 
 
 def test_add_carries_every_field_and_replaces_allowed_ips():
-    op = PeerOp(
-        OpKind.ADD,
-        KEY,
-        endpoint="[fd00::0:9]:51820",
-        keepalive=25,
-        preshared_key=ZERO_KEY,
-        allowed_ips=(ipaddress.ip_network("100.64.0.2/32"),),
-    )
-    assert _peer_dict(op) == {
+    assert _peer_dict(add_with_every_field(KEY, ZERO_KEY)) == {
         "public_key": KEY,
         "preshared_key": ZERO_KEY,
         "endpoint_addr": "fd00::9",

@@ -8,7 +8,6 @@ encoder, so the plan and the encoder are checked together.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -16,14 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.b64 import encode_b64
 from meshd.errors import IdentityError, WireGuardError
 from meshd.types import IPNetwork, PeerConfig
 from meshd.wireguard.backend import ZERO_KEY, OpKind, PeerOp, PeerState
 from meshd.wireguard.reconcile import plan_peers, plan_routes, routed_prefixes
 from meshd.wireguard.uapi import encode_set
 
-KEYS = [base64.b64encode(bytes([i + 1]) * 32).decode() for i in range(6)]
-PSKS = [base64.b64encode(bytes([0x80 + i]) * 32).decode() for i in range(2)]
+KEYS = [encode_b64(bytes([i + 1]) * 32) for i in range(6)]
+PSKS = [encode_b64(bytes([0x80 + i]) * 32) for i in range(2)]
 PREFIXES: list[IPNetwork] = [
     *(ipaddress.ip_network(f"100.64.0.{i}/32") for i in range(1, 7)),
     ipaddress.ip_network("100.64.0.0/16"),
@@ -60,7 +60,7 @@ def interpret_set(peers: dict[str, _ModelPeer], text: str) -> None:
         key, _, value = line.partition("=")
         assert key != "replace_peers", "a reconcile pass must never replace all peers"
         if key == "public_key":
-            public = base64.b64encode(bytes.fromhex(value)).decode()
+            public = encode_b64(bytes.fromhex(value))
             current_key = public
             created = public not in peers
             current = peers.setdefault(public, _ModelPeer())
@@ -79,7 +79,7 @@ def interpret_set(peers: dict[str, _ModelPeer], text: str) -> None:
             current.keepalive = int(value)
         elif key == "preshared_key":
             assert current is not None
-            current.psk = base64.b64encode(bytes.fromhex(value)).decode()
+            current.psk = encode_b64(bytes.fromhex(value))
         elif key == "replace_allowed_ips":
             assert current is not None
             current.allowed.clear()
@@ -285,8 +285,8 @@ def test_a_prefix_inside_another_peers_prefix_is_allowed():
         (PeerConfig(KEYS[0][:-2] + "=="), IdentityError, "peer public key"),
         (PeerConfig(KEYS[0], preshared_key="secret"), IdentityError, "preshared key of peer"),
         (PeerConfig(KEYS[0], endpoint="example.org:51820"), WireGuardError, "not an IP address"),
-        (PeerConfig(KEYS[0], endpoint="198.18.0.1"), WireGuardError, "is not IP:PORT"),
-        (PeerConfig(KEYS[0], endpoint="198.18.0.1:70000"), WireGuardError, "is not IP:PORT"),
+        (PeerConfig(KEYS[0], endpoint="198.18.0.1"), WireGuardError, "is not HOST:PORT"),
+        (PeerConfig(KEYS[0], endpoint="198.18.0.1:70000"), WireGuardError, "port out of range"),
         (PeerConfig(KEYS[0], keepalive=70000), WireGuardError, "keepalive 70000"),
     ],
 )

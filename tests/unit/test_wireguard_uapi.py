@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import WireGuardError
+from meshd.hostport import format_host_port
 from meshd.identity import WireGuardKeyPair
 from meshd.wireguard.backend import ZERO_KEY, DeviceConfig, OpKind, PeerOp, PeerState
 from meshd.wireguard.uapi import encode_set, parse_errno, parse_get
+from tests.unit.conftest import add_with_every_field
 
 PRIVATE = WireGuardKeyPair.generate()
 PEER = WireGuardKeyPair.generate().public_key
-PSK = base64.b64encode(b"\x42" * 32).decode()
+PSK = encode_b64(b"\x42" * 32)
 
 
 def hexkey(key: str) -> str:
-    return base64.b64decode(key).hex()
+    return decode_b64(key).hex()
 
 
 SAMPLE = f"""private_key={hexkey(PRIVATE.private_key)}
@@ -99,7 +101,7 @@ def render_get(peers: list[PeerState], listen_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-keys = st.binary(min_size=32, max_size=32).map(lambda raw: base64.b64encode(raw).decode())
+keys = st.binary(min_size=32, max_size=32).map(lambda raw: encode_b64(raw))
 networks = st.one_of(
     st.builds(
         ipaddress.IPv4Network,
@@ -112,18 +114,7 @@ networks = st.one_of(
         strict=st.just(False),
     ),
 )
-endpoints = st.one_of(
-    st.builds(
-        lambda a, p: f"{ipaddress.IPv4Address(a)}:{p}",
-        st.integers(0, 2**32 - 1),
-        st.integers(1, 65535),
-    ),
-    st.builds(
-        lambda a, p: f"[{ipaddress.IPv6Address(a).compressed}]:{p}",
-        st.integers(0, 2**128 - 1),
-        st.integers(1, 65535),
-    ),
-)
+endpoints = st.builds(format_host_port, st.ip_addresses(), st.integers(1, 65535))
 peer_states = st.builds(
     PeerState,
     public_key=keys,
@@ -152,14 +143,7 @@ def test_parse_get_reads_back_every_field(peers, port):
 
 
 def test_set_carries_device_then_peers_and_never_replaces_all_peers():
-    add = PeerOp(
-        OpKind.ADD,
-        PEER,
-        endpoint="[fd00::0:9]:51820",
-        keepalive=25,
-        preshared_key=PSK,
-        allowed_ips=(ipaddress.ip_network("100.64.0.2/32"),),
-    )
+    add = add_with_every_field(PEER, PSK)
     text = encode_set(DeviceConfig(PRIVATE.private_key, 51820), [add]).decode()
     assert text == (
         f"set=1\nprivate_key={hexkey(PRIVATE.private_key)}\nlisten_port=51820\n"

@@ -1,0 +1,30 @@
+"""Helpers shared by the unit and the integration tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
+
+def run_meshd(
+    *args: str,
+    env: Mapping[str, str | None] | None = None,
+    stdin: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """The real command line, in a process of its own, as a user runs it.
+
+    The environment is this one with ``env`` on top; a ``None`` value removes a variable.
+    """
+    merged = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "meshd", *args],
+        capture_output=True,
+        text=True,
+        env={key: value for key, value in merged.items() if value is not None},
+        input=stdin,
+        timeout=timeout,
+        check=False,
+    )
