@@ -102,6 +102,27 @@ def allocate(
     return found
 
 
+def _node(
+    network: Network,
+    ca_public_key: bytes,
+    identity: NodeIdentity,
+    keys: WireGuardKeyPair,
+    addresses: MeshAddresses,
+    chain: CertChain,
+    gossip_key: bytes,
+) -> NodeState:
+    return NodeState(
+        network=network,
+        ca_public_key=ca_public_key,
+        name=identity.name,
+        keys=keys,
+        addresses=addresses,
+        chain=chain.encode(),
+        gossip_key=gossip_key,
+        static_address=addresses.static,
+    )
+
+
 @dataclass(frozen=True)
 class Created:
     node: NodeState
@@ -142,16 +163,7 @@ def create_network(
     addresses = allocate(plugins, network, identity, address, frozenset())
     seed_endpoint = check_endpoint(endpoint) or local_endpoint(config)
     cert = ca.issue_node_cert(name, keys.public_key, addresses.all())
-    node = NodeState(
-        network=network,
-        ca_public_key=ca.public_key,
-        name=name,
-        keys=keys,
-        addresses=addresses,
-        chain=CertChain(cert).encode(),
-        gossip_key=os.urandom(32),
-        static_address=addresses.static,
-    )
+    node = _node(network, ca.public_key, identity, keys, addresses, CertChain(cert), os.urandom(32))
     token = create_token(
         ca,
         gossip_key=node.gossip_key,
@@ -233,15 +245,9 @@ def join_network(
             except EnrolError as exc:
                 errors.append(str(exc))
                 break
-            node = NodeState(
-                network=network,
-                ca_public_key=token.ca_public_key,
-                name=name,
-                keys=keys,
-                addresses=addresses,
-                chain=CertChain(cert, (token.enrolment.cert,)).encode(),
-                gossip_key=token.gossip_key,
-                static_address=addresses.static,
+            chain = CertChain(cert, (token.enrolment.cert,))
+            node = _node(
+                network, token.ca_public_key, identity, keys, addresses, chain, token.gossip_key
             )
             store.create(node)
             store.save_peers(

@@ -12,8 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from tabulate import tabulate
@@ -155,6 +156,19 @@ endpoint_option = click.option(
 )
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def token_source_option(what: str) -> Callable[[_F], _F]:
+    """``--token-file FILE`` for a command that reads a token (never from argv)."""
+    return click.option(
+        "--token-file",
+        "token_source",
+        metavar="FILE",
+        help=f"{what} [default: env MESHD_TOKEN].",
+    )
+
+
 def with_start_options(func: Any) -> Any:
     for option in reversed(start_options):
         func = option(func)
@@ -289,13 +303,7 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
 
 @click.command()
 @click.argument("seed", required=False, metavar="[SEED-HOST[:ENROL-PORT]]")
-@click.option(
-    "--token-file",
-    "token_source",
-    metavar="FILE",
-    help="Read the token from FILE ('-' for stdin), removed after a successful join "
-    "[default: env MESHD_TOKEN].",
-)
+@token_source_option("Read the token from FILE ('-' for stdin), removed after a successful join")
 @address_option
 @endpoint_option
 @with_start_options
@@ -467,12 +475,7 @@ def revoke(state: CliState, node: str, keep_token: bool, key: str | None, yes: b
 
 
 @token.command("revoke")
-@click.option(
-    "--token-file",
-    "token_source",
-    metavar="FILE",
-    help="The token to revoke ('-' for stdin) [default: env MESHD_TOKEN].",
-)
+@token_source_option("The token to revoke ('-' for stdin)")
 @click.pass_obj
 def token_revoke(state: CliState, token_source: str | None) -> None:
     """Revoke a token on a machine holding the CA key: nobody can join with it any more.
@@ -507,12 +510,7 @@ def key_rotate_gossip(state: CliState) -> None:
 
 
 @key.command("rotate-wireguard")
-@click.option(
-    "--token-file",
-    "token_source",
-    metavar="FILE",
-    help="A current join token ('-' for stdin) [default: env MESHD_TOKEN].",
-)
+@token_source_option("A current join token ('-' for stdin)")
 @click.pass_obj
 def key_rotate_wireguard(state: CliState, token_source: str | None) -> None:
     """Give this node a new WireGuard key and certificate.

@@ -24,18 +24,26 @@ it would take down other runs' labs too.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshd.gossip.record import encode_record
+from meshd.gossip.supervisor import SerfAgent, SerfSettings
+from meshd.hostport import format_host_port
+from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
+from meshd.types import NodeRecord
 
 ALWAYS_NEEDED = ("ip",)
 MESH_PROGRAMS = ("serf", "wireguard-go", "wg", "ping")
@@ -102,8 +110,11 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
 
 
 @contextlib.contextmanager
-def mesh_lab(nodes: int) -> Iterator[MeshLab]:
-    """A flat lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture.
+def mesh_lab(
+    nodes: int, *, up: Sequence[str] = (), seed: int | None = None, timeout: float = 90
+) -> Iterator[MeshLab]:
+    """A flat lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture;
+    with ``up``, those hosts already form a full mesh (``MeshLab.up`` with ``seed``).
 
     It goes down at the end unless ``MESHD_TEST_KEEP_LAB=1`` keeps it (and the
     agents' logs) for a post-mortem; skipped, with the reason, when it cannot run.
@@ -113,10 +124,46 @@ def mesh_lab(nodes: int) -> Iterator[MeshLab]:
         pytest.skip(reason)
     lab = Lab.create(nodes=nodes, topology="flat")
     try:
-        yield MeshLab(lab)
+        built = MeshLab(lab)
+        if up:
+            built.up(list(up), seed=seed)
+            built.wait_full_mesh(list(up), timeout=timeout)
+        yield built
     finally:
         if not os.environ.get("MESHD_TEST_KEEP_LAB"):
             lab.down()
+
+
+def rogue_serf(
+    mesh: MeshLab, host: str, name: str, port: int, record: NodeRecord | None = None
+) -> SerfAgent:
+    """A bare ``serf agent`` holding only the network's gossip key, bound to ``host``'s
+    mesh address (so its packets travel through ``host``'s tunnels, as a compromised
+    machine's would) and joining the first node's gossip. Not started."""
+    status = mesh.status("n1")
+    assert status is not None, "the agent on n1 does not answer"
+    address = mesh.mesh_address(host)
+    if record is None:
+        record = NodeRecord(
+            public_key=WireGuardKeyPair.generate().public_key,
+            addresses=(ipaddress.ip_address(f"100.80.250.{port % 250}"),),
+            port=51820,
+            version=1,
+        )
+    settings = SerfSettings(
+        node_name=name,
+        state_dir=Path(mesh.lab.node_dir(host)) / f"rogue-{port}",
+        rpc_auth_key=secrets.token_hex(8),
+        bind_addr=address,
+        bind_port=port,
+        advertise_addr=format_host_port(address, port),
+        rpc_addr=f"127.0.0.1:{port + 100}",
+        gossip_keys=((mesh.state_dir(host) / "gossip.key").read_text().strip(),),
+        tags=encode_record(record),
+        # meshd's gossip runs on the mesh's IPv6 addresses.
+        extra={"start_join": [format_host_port(status["node"]["addresses"][1], 7946)]},
+    )
+    return SerfAgent(settings, netns=mesh.lab.netns_of(host))
 
 
 def wg_peers(mesh: MeshLab, node: str) -> set[str]:

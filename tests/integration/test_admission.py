@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import secrets
 import subprocess
 import threading
 import time
@@ -19,13 +18,11 @@ from pathlib import Path
 import pytest
 
 from meshd.b64 import decode_b64
-from meshd.gossip.record import encode_record
-from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
-from tests.integration.conftest import eventually, mesh_lab, wg_peers
+from tests.integration.conftest import eventually, mesh_lab, rogue_serf, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -44,27 +41,6 @@ def status(mesh: MeshLab, node: str) -> dict:
     found = mesh.status(node)
     assert found is not None, f"the agent on {node} does not answer"
     return found
-
-
-def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: int) -> SerfAgent:
-    """A bare serf agent with the network's gossip key, on ``host``'s mesh address."""
-    state = mesh.state_dir(host)
-    gossip_key = (state / "gossip.key").read_text().strip()
-    address = mesh.mesh_address(host)
-    settings = SerfSettings(
-        node_name=name,
-        state_dir=Path(mesh.lab.node_dir(host)) / f"rogue-{name}",
-        rpc_auth_key=secrets.token_hex(8),
-        bind_addr=address,
-        bind_port=port,
-        advertise_addr=f"{address}:{port}",
-        rpc_addr=f"127.0.0.1:{port + 100}",
-        gossip_keys=(gossip_key,),
-        tags=encode_record(record),
-        # meshd's gossip runs on the mesh's IPv6 addresses.
-        extra={"start_join": [f"[{status(mesh, 'n1')['node']['addresses'][1]}]:7946"]},
-    )
-    return SerfAgent(settings, netns=mesh.lab.netns_of(host))
 
 
 def test_members_without_a_valid_certificate_never_become_peers(mesh: MeshLab) -> None:
@@ -87,8 +63,8 @@ def test_members_without_a_valid_certificate_never_become_peers(mesh: MeshLab) -
 
     async def scenario() -> None:
         rogues = [
-            rogue_agent(mesh, "n3", "rogue-nocert", forged[1], 7950),
-            rogue_agent(mesh, "n3", "rogue-stolen", forged[3], 7951),
+            rogue_serf(mesh, "n3", "rogue-nocert", 7950, forged[1]),
+            rogue_serf(mesh, "n3", "rogue-stolen", 7951, forged[3]),
         ]
         try:
             for agent in rogues:

@@ -8,24 +8,16 @@ is recent, and gossip cannot be reached from the underlay at all.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from meshd.gossip.names import display_name
-from meshd.gossip.record import encode_record
-from meshd.gossip.supervisor import SerfAgent, SerfSettings
-from meshd.identity import WireGuardKeyPair
-from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
-from meshd.types import NodeRecord
+from tests.integration.conftest import mesh_lab, rogue_serf
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft")
 
@@ -38,48 +30,8 @@ BURSTS = (5.0, 25.0, 45.0)  # three forged leaves 0.5 s apart at each
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
-
-    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping", "nft"))
-    if reason:
-        pytest.skip(reason)
-    lab = Lab.create(nodes=len(NODES), topology="flat")
-    try:
-        built = MeshLab(lab)
-        built.up(NODES, seed=12)
-        built.wait_full_mesh(NODES, timeout=120)
+    with mesh_lab(len(NODES), up=NODES, seed=12, timeout=120) as built:
         yield built
-    finally:
-        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
-            lab.down()
-
-
-def rogue(mesh: MeshLab, host: str) -> SerfAgent:
-    """A bare serf agent with the gossip key, on ``host``'s mesh address (so its packets
-    travel through ``host``'s tunnels, as a compromised machine's would)."""
-    address = mesh.mesh_address(host)
-    status = mesh.status("n1")
-    assert status is not None
-    seed = status["node"]["addresses"][1]
-    record = NodeRecord(
-        public_key=WireGuardKeyPair.generate().public_key,
-        addresses=(ipaddress.ip_address("100.80.252.1"),),
-        port=51820,
-        version=1,
-    )
-    settings = SerfSettings(
-        node_name="rogue",
-        state_dir=Path(mesh.lab.node_dir(host)) / "rogue-leaver",
-        rpc_auth_key=secrets.token_hex(8),
-        bind_addr=address,
-        bind_port=7980,
-        advertise_addr=f"[{address}]:7980" if ":" in address else f"{address}:7980",
-        rpc_addr="127.0.0.1:8080",
-        gossip_keys=((mesh.state_dir(host) / "gossip.key").read_text().strip(),),
-        tags=encode_record(record),
-        extra={"start_join": [f"[{seed}]:7946"]},
-    )
-    return SerfAgent(settings, netns=mesh.lab.netns_of(host))
 
 
 def test_forged_leaves_lose_no_ping_of_a_healthy_member(mesh: MeshLab) -> None:
@@ -97,7 +49,7 @@ def test_forged_leaves_lose_no_ping_of_a_healthy_member(mesh: MeshLab) -> None:
         results[node] = done.stdout
 
     async def attack() -> list[str]:
-        agent = rogue(mesh, "n5")
+        agent = rogue_serf(mesh, "n5", "rogue", 7980)
         await agent.start()
         client = agent.client()
         await client.connect()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -21,12 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from meshd.gossip.record import encode_record
-from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.identity import WireGuardKeyPair
-from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
-from meshd.types import NodeRecord
+from tests.integration.conftest import mesh_lab, rogue_serf
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
@@ -35,17 +30,8 @@ NODES = ["n1", "n2", "n3", "n4"]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
-
-    reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
-    if reason:
-        pytest.skip(reason)
-    lab = Lab.create(nodes=len(NODES) + 2, topology="flat")
-    try:
-        yield MeshLab(lab)
-    finally:
-        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
-            lab.down()
+    with mesh_lab(len(NODES) + 2) as built:
+        yield built
 
 
 def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
@@ -106,28 +92,7 @@ ESCAPES = "evil\x1b]0;pwned\x07\x1b[2J"
 def test_a_rogue_name_with_terminal_escapes_is_printed_escaped(mesh: MeshLab) -> None:
     """A bare serf agent with the gossip key joins under a name that would set the window
     title and clear the screen; status shows it, escaped."""
-    host = "n3"
-    address = mesh.mesh_address(host)
-    seed = json.loads(mesh.meshd("n1", "status", "--json").stdout)["node"]["addresses"][1]
-    record = NodeRecord(
-        public_key=WireGuardKeyPair.generate().public_key,
-        addresses=(ipaddress.ip_address("100.80.251.1"),),
-        port=51820,
-        version=1,
-    )
-    settings = SerfSettings(
-        node_name=ESCAPES,
-        state_dir=Path(mesh.lab.node_dir(host)) / "rogue-escapes",
-        rpc_auth_key=secrets.token_hex(8),
-        bind_addr=address,
-        bind_port=7960,
-        advertise_addr=f"{address}:7960",
-        rpc_addr="127.0.0.1:8060",
-        gossip_keys=((mesh.state_dir(host) / "gossip.key").read_text().strip(),),
-        tags=encode_record(record),
-        extra={"start_join": [f"[{seed}]:7946"]},
-    )
-    rogue = SerfAgent(settings, netns=mesh.lab.netns_of(host))
+    rogue = rogue_serf(mesh, "n3", ESCAPES, 7960)
 
     async def scenario() -> str:
         await rogue.start()
