@@ -14,7 +14,9 @@ process started the way the lab starts them (``python -m meshd ...``):
   needed.
 
 Each case runs ``--runs`` times: median and min of the wall time (spawn to exit,
-or to ``Agent.run`` for the agent) and the peak resident memory (ru_maxrss). Then,
+or to ``Agent.run`` for the agent), of the CPU time the process used by then
+(user + system: on a shared machine the steadier figure), and the peak resident
+memory (ru_maxrss). Then,
 from one more run under ``python -X importtime``, the import time of each case
 summed by top-level package (the self time of every module, so the packages add
 up to the whole); and for the agent, its resident memory after each step of its
@@ -46,7 +48,7 @@ import meshd.agent
 
 async def reached(self):
     rss = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-    print("REACHED", time.monotonic(), rss, flush=True)
+    print("REACHED", time.monotonic(), time.process_time(), rss, flush=True)
 
 meshd.agent.Agent.run = reached
 from meshd.cli import main
@@ -92,8 +94,9 @@ def meshd(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshd", *args]
 
 
-def run_peak(argv: Sequence[str], *, until_reached: bool = False) -> tuple[float, int]:
-    """(ms from spawn to exit, or to the child's REACHED line; its peak RSS in KiB)."""
+def run_once(argv: Sequence[str], *, until_reached: bool = False) -> tuple[float, float, int]:
+    """(wall ms from spawn to exit or to the child's REACHED line, CPU ms it used by then,
+    its peak RSS in KiB). CPU time hardly moves with the machine's load; wall time does."""
     start = time.monotonic()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -108,14 +111,15 @@ def run_peak(argv: Sequence[str], *, until_reached: bool = False) -> tuple[float
         out = pipe.read()
     _, status, usage = os.wait4(pid, 0)
     end = time.monotonic()
+    cpu = usage.ru_utime + usage.ru_stime
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(argv)} failed (status {status}); run it to see why")
     if until_reached:
         line = next((x for x in out.splitlines() if x.startswith("REACHED ")), None)
         if line is None:
             raise SystemExit(f"{' '.join(argv)} never reached Agent.run:\n{out}")
-        end = float(line.split()[1])
-    return (end - start) * 1000, usage.ru_maxrss
+        end, cpu = float(line.split()[1]), float(line.split()[2])
+    return (end - start) * 1000, cpu * 1000, usage.ru_maxrss
 
 
 def import_times(argv: Sequence[str]) -> Counter[str]:
@@ -175,14 +179,19 @@ def main() -> int:
             f"on {os.cpu_count()} cores; {sys.executable} ({sys.version.split()[0]})"
         )
         say("")
-        say(f"{'case':<28}{'median ms':>10}{'min ms':>8}{'peak RSS MiB':>14}")
+        say(f"{'':<28}{'wall ms':>16}{'CPU ms':>16}")
+        say(f"{'case':<28}{'median':>8}{'min':>8}{'median':>8}{'min':>8}{'peak RSS MiB':>14}")
         results: dict[str, Any] = {}
         for name, (argv, until_reached) in cases.items():
-            runs = [run_peak(argv, until_reached=until_reached) for _ in range(args.runs)]
-            wall = [ms for ms, _ in runs]
-            peak = statistics.median(kib for _, kib in runs) / 1024
-            say(f"{name:<28}{statistics.median(wall):>10.0f}{min(wall):>8.0f}{peak:>14.1f}")
-            results[name] = {"wall_ms": wall, "peak_rss_mib": peak}
+            runs = [run_once(argv, until_reached=until_reached) for _ in range(args.runs)]
+            wall = [ms for ms, _, _ in runs]
+            cpu = [ms for _, ms, _ in runs]
+            peak = statistics.median(kib for _, _, kib in runs) / 1024
+            say(
+                f"{name:<28}{statistics.median(wall):>8.0f}{min(wall):>8.0f}"
+                f"{statistics.median(cpu):>8.0f}{min(cpu):>8.0f}{peak:>14.1f}"
+            )
+            results[name] = {"wall_ms": wall, "cpu_ms": cpu, "peak_rss_mib": peak}
         for name, (argv, _) in cases.items():
             if name.startswith("python"):
                 continue
