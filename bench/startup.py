@@ -79,7 +79,6 @@ LADDER_STEPS = (
     "asyncio",
     "nacl.signing",
     "msgpack",
-    "pyroute2",
     "meshd.cli",
     "meshd.commands",
     "meshd.agent",
