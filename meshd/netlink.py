@@ -142,10 +142,6 @@ def _text(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def _ip_bytes(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    return address.packed
-
-
 def _family(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
@@ -167,7 +163,7 @@ class _Address:
 class _Route:
     table: int
     proto: int
-    attrs: Mapping[int, bytes]
+    oif: int | None
     dst: IPNetwork
 
 
@@ -190,11 +186,12 @@ def _parse_route(payload: bytes) -> _Route:
     attrs = parse_attributes(payload[_RTMSG.size :])
     if RTA_DST in attrs:
         dst = ipaddress.ip_address(attrs[RTA_DST])
-    else:
-        dst = ipaddress.ip_address(0) if family == socket.AF_INET else ipaddress.IPv6Address(0)
-    if RTA_TABLE in attrs:
+    else:  # a default route
+        dst = ipaddress.IPv4Address(0) if family == socket.AF_INET else ipaddress.IPv6Address(0)
+    if RTA_TABLE in attrs:  # tables above 255 are only here
         table = _U32.unpack(attrs[RTA_TABLE][:4])[0]
-    return _Route(table, proto, attrs, ipaddress.ip_network((dst, dst_len), strict=False))
+    oif = _U32.unpack(attrs[RTA_OIF][:4])[0] if RTA_OIF in attrs else None
+    return _Route(table, proto, oif, ipaddress.ip_network((dst, dst_len), strict=False))
 
 
 def _netlink_socket(proto: int = socket.NETLINK_ROUTE) -> socket.socket:
@@ -424,7 +421,7 @@ class Netlink:
         )
 
     async def _change_address(self, kind: int, flags: int, index: int, iface: IPInterface) -> None:
-        raw = _ip_bytes(iface.ip)
+        raw = iface.ip.packed
         body = _IFADDRMSG.pack(_family(iface.ip), iface.network.prefixlen, 0, 0, index)
         body += attribute(IFA_LOCAL, raw) + attribute(IFA_ADDRESS, raw)
         await self._request(kind, flags | NLM_F_ACK, body)
@@ -457,12 +454,8 @@ class Netlink:
             for payload in payloads:
                 route = _parse_route(payload)
                 # The kernel does not filter a dump by these keys: filter here.
-                oif = route.attrs.get(RTA_OIF)
-                if route.proto != MESHD_ROUTE_PROTO or route.table != _MAIN_TABLE:
-                    continue
-                if oif is None or _U32.unpack(oif[:4])[0] != index:
-                    continue
-                found.append(route.dst)
+                if (route.proto, route.table, route.oif) == (MESHD_ROUTE_PROTO, _MAIN_TABLE, index):
+                    found.append(route.dst)
         return tuple(found)
 
     async def _change_route(self, kind: int, flags: int, index: int, net: IPNetwork) -> None:
@@ -478,7 +471,7 @@ class Netlink:
             _RTN_UNICAST,
             0,
         )
-        body += attribute(RTA_DST, _ip_bytes(net.network_address))
+        body += attribute(RTA_DST, net.network_address.packed)
         body += attribute(RTA_OIF, _U32.pack(index))
         await self._request(kind, flags | NLM_F_ACK, body)
 
