@@ -509,7 +509,7 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
             )
         resources: dict[str, Any] = {}
         if args.idle:
-            time.sleep(args.settle)  # the last joiner's first minute is not idleness
+            time.sleep(args.settle)  # the last joiner's own first moments are not idleness
             resources = measure_idle(lab, [*base, joiners[-1][0]], args.idle)
         log_marks = count_log_marks(lab)
         for line in problems:
@@ -534,7 +534,7 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
 
 
 def fmt(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f} ms"
+    return cell(ms, ".0f", " ms")
 
 
 def median(values: Iterable[float | None]) -> float | None:
