@@ -2,8 +2,11 @@
 
 Commands are loaded lazily from the modules that own them (importing pyroute2
 for ``meshd version`` would be waste), and installed plugins add their own
-through the ``meshd_cli`` hook. Only :func:`main` turns errors into messages
-and exit codes: a MeshdError is one line on stderr, never a traceback.
+through the ``meshd_cli`` hook. The same goes for the heavy imports of this
+module's own commands: every command pays for this module's imports, and two
+Python start-ups (``meshd join``'s and the agent's) sit in every node's join.
+Only :func:`main` turns errors into messages and exit codes: a MeshdError is one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import os
 import sys
 
 import click
-from tabulate import tabulate
 
 from meshd import __version__
 from meshd import config as config_mod
@@ -143,6 +145,8 @@ def plugins(state: CliState, as_json: bool) -> None:
     the group 'meshd.plugins'. Disable one with  [plugins] disable = ["NAME"]
     in the config file. A plugin that failed to load is listed with its error.
     """
+    from tabulate import tabulate  # only this command prints a table
+
     infos = state.plugins.plugins()
     if as_json:
         click.echo(json.dumps({"plugins": [i.as_dict() for i in infos]}, indent=2))

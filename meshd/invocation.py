@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshd import config as config_mod
-from meshd.plugins import PluginHost, build_plugin_host
+
+if TYPE_CHECKING:
+    from meshd.plugins import PluginHost
 
 
 @dataclass
@@ -27,6 +30,10 @@ class CliState:
     @property
     def plugins(self) -> PluginHost:
         if self._plugins is None:
+            # Imported on first use: the entry-point scan's importlib.metadata costs
+            # ~4 MiB and tens of ms, and `meshd version` or `--help` never need it.
+            from meshd.plugins import build_plugin_host
+
             self._plugins = build_plugin_host(self.config.disabled_plugins)
             self._plugins.configure(self.config.view())
         return self._plugins

@@ -17,8 +17,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -38,6 +37,9 @@ from meshd.types import (
     PeerPatch,
     RecordExtras,
 )
+
+if TYPE_CHECKING:
+    from importlib import metadata
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,10 @@ class PluginHost:
 
 
 def _entry_points() -> list[metadata.EntryPoint]:
+    # importlib.metadata (email, zipfile, csv...) is loaded only when plugins are: a
+    # module that merely names PluginHost in its annotations does not pay for it.
+    from importlib import metadata
+
     found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     # Standard plugins first, then the rest by name: a stable, documented order.
     return sorted(

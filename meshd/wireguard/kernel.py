@@ -20,9 +20,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from pyroute2 import AsyncWireGuard
-from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
-
 from meshd.b64 import encode_b64
 from meshd.errors import NetlinkError, WireGuardError
 from meshd.hostport import format_host_port
@@ -89,11 +86,17 @@ class KernelBackend:
         self._stopped = asyncio.Event()
 
     def _socket(self) -> Any:
+        # pyroute2 (about 10 MiB and 70-100 ms to import) is loaded only once there is
+        # a kernel interface to talk to: with wireguard-go, the agent never needs it.
+        from pyroute2 import AsyncWireGuard
+
         if self.netns:
             return AsyncWireGuard(use_socket=netns_socket(self.netns, _NETLINK_GENERIC))
         return AsyncWireGuard()
 
     async def _genl(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
+
         try:
             wg = self._socket()
         except OSError as exc:
