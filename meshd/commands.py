@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from tabulate import tabulate
 
 from meshd import control
 from meshd.b64 import decode_b64
@@ -413,6 +412,8 @@ def status(state: CliState, as_json: bool) -> None:
     ]
     headers = ["PEER", "ADDRESSES", "GOSSIP", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PATH"]
     rows = [[_printable(str(cell)) for cell in row] for row in rows]
+    from tabulate import tabulate  # only status prints a table: spare every other command
+
     click.echo(tabulate(rows, headers=headers) if rows else "no other members yet")
 
 

@@ -52,7 +52,7 @@ REPUBLISH_INTERVAL = 60.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
 # Serf's log tells the view of every member change at once; the poll is the safety net.
-VIEW_POLL_INTERVAL = 1.0
+VIEW_POLL_INTERVAL = 2.0
 
 
 class Presence:
