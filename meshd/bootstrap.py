@@ -28,7 +28,8 @@ from meshd.node import (
     host_prefixes,
     ula_prefix,
 )
-from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import CertChain
 from meshd.pki.token import Seed, Token, create_token, split_endpoint
 from meshd.plugins import PluginHost
 from meshd.types import MeshAddresses, Network, NodeIdentity

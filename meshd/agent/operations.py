@@ -23,7 +23,9 @@ from meshd.control import Handler
 from meshd.desired import current_incarnations
 from meshd.errors import GossipError, IdentityError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, NetworkCA, Revocation
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import CertChain
+from meshd.pki.revocation import Revocation
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.types import Member

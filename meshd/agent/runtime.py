@@ -23,7 +23,7 @@ from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
 from meshd.node import KnownPeer, NodeState, NodeStore
-from meshd.pki.ca import CertChain
+from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
 from meshd.tasks import cancel_and_wait

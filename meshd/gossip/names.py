@@ -11,7 +11,7 @@ incarnation a new Serf member while people keep seeing ``<name>``::
     display_name("n3.1f0c9a2e")        -> "n3"
 
 The split is unambiguous because a meshd name is a DNS label (see
-:func:`meshd.pki.ca.check_name`): it never holds a dot. A Serf name without a
+:func:`meshd.pki.certificate.check_name`): it never holds a dot. A Serf name without a
 suffix (a bare Serf agent, an older meshd) shows as it is.
 
 The suffix only tells incarnations apart; it proves nothing (anyone with the

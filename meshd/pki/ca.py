@@ -1,505 +1,46 @@
-"""The network CA: Ed25519 certificates, enrolment keys, certificate chains, revocations.
+"""The network CA and enrolment keys: what signs certificates and revocations.
 
 A network is its CA key: ``network_id`` is a hash of the CA public key, so two
 networks with the same name never collide and a token cannot name one network
-while carrying another's key.
-
-Certificates come in two roles:
-
-- **node** — binds a node name, its WireGuard public key (base64, as ``wg``
-  prints it), its mesh addresses and a validity window to the network.
-- **enrol** — binds a short-lived Ed25519 *enrolment key* to the network. The CA
-  signs it when a join token is made; the token carries its private half, and a
-  joining node signs its own node certificate with it, so admission works while
-  the CA machine is offline.
-
-Chain rule (what :func:`verify_chain` accepts), decided here:
-
-- a node certificate signed by the CA directly is valid within its own window;
-- a node certificate signed by an enrolment key is valid within its own window
-  when the enrolment certificate is signed by the CA, its ``not_before`` lies
-  inside the enrolment certificate's window (it was issued while the enrolment
-  key was valid) and it lives no longer than the enrolment certificate's
-  ``max_child_lifetime``. Its expiry may therefore exceed the enrolment key's:
-  a token lives hours, the node certificates made with it live months.
-- ``at_admission=True`` (what a seed uses on the enrolment port) also requires
-  the enrolment certificate to be valid *now* and the node certificate to be
-  freshly made (``not_before`` within :data:`CLOCK_SKEW` of now). Without it, a
-  leaked and expired enrolment key could back-date new node certificates; those
-  still pass plain :func:`verify_chain` — revoke the enrolment certificate's
-  serial to shut them all out — but never a seed, so they never get a tunnel.
-- chains are at most one enrolment certificate long; enrolment keys cannot make
-  enrolment keys.
-
-Revocations are CA-signed records naming a certificate serial and/or a
-WireGuard key; a :class:`RevocationList` only ever holds verified ones, and a
-chain in which any certificate matches one is refused.
-
-Encoding: a small deterministic binary format of fixed-width fields and
-length-prefixed strings (:mod:`meshd.binary`, shared with :mod:`meshd.pki.token`),
-followed by the 64-byte Ed25519 signature over
-everything before it. Every decoder refuses trailing bytes, so the encoding of a
-value is unique and flipping any byte either breaks the structure or the
-signature. A node certificate is ~190 bytes; a node + enrolment chain ~400.
+while carrying another's key. The CA signs node certificates, enrolment keys
+(short-lived: a join token carries one, and a joining node signs its own node
+certificate with it, so admission works while the CA machine is offline) and
+revocations. Certificates and the chain rule are :mod:`meshd.pki.certificate`.
 
 Public API::
 
-    network_id_of(ca_public_key: bytes) -> str
-    key_id(public_key: bytes) -> bytes
     NetworkCA.generate(name) / NetworkCA.from_secret(name, secret)
       .public_key .network_id .secret
       .issue_node_cert(name, public_key, addresses, *, lifetime, now) -> Certificate
       .issue_enrolment_key(*, lifetime, node_lifetime, now) -> EnrolmentKey
       .revoke(cert, *, now, include_key=True) -> Revocation
+      .revoke_key(name, public_key, *, now) -> Revocation
     EnrolmentKey.sign_node_cert(name, public_key, addresses, *, lifetime, now) -> Certificate
-    Certificate.encode() / Certificate.decode(data)          (IdentityError if malformed)
-    CertChain(node, issuers).encode() / .decode(data) / .ref / .verify(ca, now, ...)
-    cert_ref(cert) -> str
-    verify(cert, signer_public_key, now)
-    verify_chain(node_cert, chain, ca_public_key, now, *, revoked=None, at_admission=False)
-    check_binding(cert, *, name, public_key, addresses)
-    Revocation.encode() / .decode(data); verify_revocation(rev, ca_public_key)
-    RevocationList.add(rev, ca_public_key) / .find(cert) / .encode() / .decode(data, ca_key)
-
-Admitting a gossiped member (the agent's ``meshd_admit_peer``): fetch its chain
-by ``cert_ref``, then ``chain = CertChain.decode(data)``, ``chain.verify(ca_key,
-now, revoked=revocations)`` and ``check_binding(chain.node, name=member.name,
-public_key=record.public_key, addresses=record.addresses)``; any IdentityError is
-the reason to refuse. A revocation (~150 bytes) fits a Serf user event.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import enum
-import hashlib
-import ipaddress
-import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self, TypeVar
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
-from nacl.utils import random
+from nacl.signing import SigningKey
 
-from meshd.binary import MAX_U64, BinaryReader, BinaryWriter
-from meshd.errors import DecodeError, IdentityError
+from meshd.errors import IdentityError
 from meshd.identity import decode_key, encode_key
-from meshd.timetext import utc
+from meshd.pki.certificate import (
+    DEFAULT_NODE_LIFETIME,
+    NO_SERIAL,
+    Certificate,
+    Role,
+    check_name,
+    check_window,
+    network_id_of,
+    now_or,
+    sign_certificate,
+    signing_key_from,
+)
+from meshd.pki.revocation import Revocation, sign_revocation
 from meshd.types import IPAddress
-
-KEY_LEN = 32
-SIGNATURE_LEN = 64
-KEY_ID_LEN = 8
-SERIAL_LEN = 8
-MAX_ADDRESSES = 8
-MAX_CHAIN_LEN = 1
-# Clocks of machines that have never met disagree; a certificate made "now" on
-# one must not be refused as "not yet valid" on another.
-CLOCK_SKEW = 300
-DAY = 86400
-DEFAULT_NODE_LIFETIME = 365 * DAY
-MAX_TIME = MAX_U64
-T = TypeVar("T")
-
-_FORMAT_VERSION = 1
-_CERT_MAGIC = b"MC"
-_CHAIN_MAGIC = b"MH"
-_REVOCATION_MAGIC = b"MR"
-_REVOCATION_LIST_MAGIC = b"ML"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_NO_SERIAL = bytes(SERIAL_LEN)
-
-
-class Role(enum.IntEnum):
-    """What a certificate's key may do."""
-
-    NODE = 1
-    ENROL = 2
-
-
-def key_id(public_key: bytes) -> bytes:
-    """A short, stable identifier of an Ed25519 public key (8 bytes)."""
-    return hashlib.blake2b(public_key, digest_size=KEY_ID_LEN, person=b"meshd-key-id").digest()
-
-
-def network_id_of(ca_public_key: bytes) -> str:
-    """The network id: the CA key's id as 16 hex digits."""
-    if len(ca_public_key) != KEY_LEN:
-        raise IdentityError(f"a CA public key must be {KEY_LEN} bytes, got {len(ca_public_key)}")
-    return key_id(ca_public_key).hex()
-
-
-def check_name(name: str, *, what: str = "name") -> str:
-    """``name`` if it is a DNS label (lowercase letters, digits, inner dashes, 1-63)."""
-    if not _NAME_RE.fullmatch(name):
-        raise IdentityError(f"{what} {name!r} must be a DNS label: a-z, 0-9 and inner '-', 1-63")
-    return name
-
-
-def _now(now: int | None) -> int:
-    return int(time.time()) if now is None else now
-
-
-def read_name(reader: BinaryReader, what: str) -> str:
-    """A DNS label from ``reader``, as :func:`check_name` would accept it."""
-    value = reader.text()
-    if not _NAME_RE.fullmatch(value):
-        raise reader.fail(f"{what} is not a DNS label")
-    return value
-
-
-def _decode(data: bytes, what: str, magic: bytes, read: Callable[[BinaryReader], T]) -> T:
-    """What ``read`` makes of the encoding of a ``what`` after its header.
-
-    Nothing may trail it; anything malformed is an IdentityError.
-    """
-    try:
-        reader = BinaryReader(data, what)
-        reader.header(magic, _FORMAT_VERSION)
-        value = read(reader)
-        reader.end()
-    except DecodeError as exc:
-        raise IdentityError(str(exc)) from exc
-    return value
-
-
-def _signing_key(secret: bytes, what: str) -> SigningKey:
-    if len(secret) != KEY_LEN:
-        raise IdentityError(f"{what} must be {KEY_LEN} bytes, got {len(secret)}")
-    return SigningKey(secret)
-
-
-def _check_signature(signer_public_key: bytes, signed: bytes, signature: bytes, what: str) -> None:
-    try:
-        VerifyKey(signer_public_key).verify(signed, signature)
-    except (BadSignatureError, ValueError, TypeError) as exc:
-        raise IdentityError(f"{what}: bad signature (tampered, or signed by another key)") from exc
-
-
-class SignedValue:
-    """What certificates, revocations and tokens share: a signed part, then its signature.
-
-    Mixed into frozen dataclasses that have a ``signature`` field (empty until signed).
-    """
-
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-    kind: ClassVar[str]
-    signature: bytes
-
-    def signed_part(self) -> bytes:
-        raise NotImplementedError
-
-    def signed_by(self, signing_key: SigningKey) -> Self:
-        """This value with ``signing_key``'s signature over :meth:`signed_part`."""
-        return dataclasses.replace(self, signature=signing_key.sign(self.signed_part()).signature)
-
-    def signed_encoding(self) -> bytes:
-        """The signed part followed by the signature; IdentityError when unsigned."""
-        if len(self.signature) != SIGNATURE_LEN:
-            raise IdentityError(f"cannot encode an unsigned {self.kind}")
-        return self.signed_part() + self.signature
-
-
-# --- certificates --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Certificate(SignedValue):
-    """A signed binding of a name and a public key to a network.
-
-    ``public_key`` is base64 of 32 bytes: the node's WireGuard key for
-    :attr:`Role.NODE`, the enrolment key's Ed25519 key for :attr:`Role.ENROL`.
-    ``max_child_lifetime`` (seconds) is how long certificates signed by this
-    certificate's key may live; 0 for node certificates, which sign nothing.
-    """
-
-    role: Role
-    serial: bytes
-    network_id: str
-    name: str
-    public_key: str
-    addresses: tuple[IPAddress, ...]
-    not_before: int
-    not_after: int
-    max_child_lifetime: int
-    issuer_key_id: bytes
-    signature: bytes = field(default=b"", repr=False)
-    kind: ClassVar[str] = "certificate"
-
-    def signed_part(self) -> bytes:
-        """The bytes the issuer signs: everything but the signature."""
-        return (
-            BinaryWriter()
-            .header(_CERT_MAGIC, _FORMAT_VERSION)
-            .u8(int(self.role))
-            .raw(self.serial)
-            .raw(bytes.fromhex(self.network_id))
-            .raw(self.issuer_key_id)
-            .text(self.name)
-            .raw(decode_key(self.public_key, what="certificate public key"))
-            .u8(len(self.addresses))
-            .raw(b"".join(BinaryWriter().address(a).getvalue() for a in self.addresses))
-            .u64(self.not_before)
-            .u64(self.not_after)
-            .u32(self.max_child_lifetime)
-            .getvalue()
-        )
-
-    def encode(self) -> bytes:
-        return self.signed_encoding()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Certificate:
-        """Parse a certificate; IdentityError if malformed. The signature is not checked."""
-        return _decode(data, "certificate", _CERT_MAGIC, _read_certificate)
-
-    @property
-    def public_key_bytes(self) -> bytes:
-        return decode_key(self.public_key, what="certificate public key")
-
-    def describe(self) -> str:
-        return f"{self.role.name.lower()} certificate {self.name!r} ({self.serial.hex()})"
-
-
-def _read_certificate(reader: BinaryReader) -> Certificate:
-    try:
-        role = Role(reader.u8())
-    except ValueError as exc:
-        raise reader.fail("unknown role") from exc
-    serial = reader.raw(SERIAL_LEN)
-    network_id = reader.raw(KEY_ID_LEN).hex()
-    issuer = reader.raw(KEY_ID_LEN)
-    name = read_name(reader, "name")
-    public_key = encode_key(reader.raw(KEY_LEN))
-    count = reader.u8()
-    if count > MAX_ADDRESSES:
-        raise reader.fail(f"more than {MAX_ADDRESSES} addresses")
-    addresses = tuple(reader.address() for _ in range(count))
-    not_before = reader.u64()
-    not_after = reader.u64()
-    max_child = reader.u32()
-    signature = reader.raw(SIGNATURE_LEN)
-    cert = Certificate(
-        role=role,
-        serial=serial,
-        network_id=network_id,
-        name=name,
-        public_key=public_key,
-        addresses=addresses,
-        not_before=not_before,
-        not_after=not_after,
-        max_child_lifetime=max_child,
-        issuer_key_id=issuer,
-        signature=signature,
-    )
-    problem = _shape_problem(cert)
-    if problem:
-        raise reader.fail(problem)
-    return cert
-
-
-def _shape_problem(cert: Certificate) -> str | None:
-    """What makes ``cert`` impossible whatever its signature, or None."""
-    if cert.not_before > cert.not_after:
-        return "not_before is after not_after"
-    if cert.role is Role.NODE and cert.max_child_lifetime:
-        return "a node certificate cannot sign others"
-    if cert.role is Role.NODE and not cert.addresses:
-        return "a node certificate needs at least one address"
-    if cert.role is Role.ENROL and cert.addresses:
-        return "an enrolment certificate carries no addresses"
-    if len(set(cert.addresses)) != len(cert.addresses):
-        return "duplicate addresses"
-    return None
-
-
-def cert_ref(cert: Certificate) -> str:
-    """A short reference to a certificate for the gossip tags (16 base32 characters)."""
-    digest = hashlib.blake2b(cert.encode(), digest_size=10, person=b"meshd-cert-ref").digest()
-    return base64.b32encode(digest).decode("ascii").lower()
-
-
-def _sign_certificate(
-    signing_key: SigningKey,
-    *,
-    role: Role,
-    network_id: str,
-    name: str,
-    public_key: str,
-    addresses: Iterable[IPAddress],
-    not_before: int,
-    not_after: int,
-    max_child_lifetime: int = 0,
-) -> Certificate:
-    check_name(name, what="certificate name")
-    decode_key(public_key, what="certificate public key")
-    if not 0 <= not_before <= not_after <= MAX_TIME:
-        raise IdentityError("a certificate's validity must be 0 <= not_before <= not_after")
-    if not 0 <= max_child_lifetime <= 0xFFFFFFFF:
-        raise IdentityError("max_child_lifetime out of range")
-    unique = tuple(dict.fromkeys(ipaddress.ip_address(a) for a in addresses))
-    if len(unique) > MAX_ADDRESSES:
-        raise IdentityError(f"a certificate holds at most {MAX_ADDRESSES} addresses")
-    unsigned = Certificate(
-        role=role,
-        serial=random(SERIAL_LEN),
-        network_id=network_id,
-        name=name,
-        public_key=public_key,
-        addresses=unique,
-        not_before=not_before,
-        not_after=not_after,
-        max_child_lifetime=max_child_lifetime,
-        issuer_key_id=key_id(bytes(signing_key.verify_key)),
-    )
-    problem = _shape_problem(unsigned)
-    if problem:
-        raise IdentityError(f"cannot issue this certificate: {problem}")
-    return unsigned.signed_by(signing_key)
-
-
-def _check_window(cert: Certificate, now: int) -> None:
-    if now + CLOCK_SKEW < cert.not_before:
-        raise IdentityError(
-            f"{cert.describe()} is not valid before {utc(cert.not_before)} (check the clock)"
-        )
-    if now > cert.not_after:
-        raise IdentityError(f"{cert.describe()} expired at {utc(cert.not_after)}")
-
-
-def verify(cert: Certificate, signer_public_key: bytes, now: int) -> None:
-    """Check ``cert`` was signed by ``signer_public_key`` (Ed25519, raw) and is valid at ``now``."""
-    if cert.issuer_key_id != key_id(signer_public_key):
-        raise IdentityError(f"{cert.describe()} was issued by another key")
-    _check_signature(signer_public_key, cert.signed_part(), cert.signature, cert.describe())
-    _check_window(cert, now)
-
-
-def verify_chain(
-    node_cert: Certificate,
-    chain: Sequence[Certificate],
-    ca_public_key: bytes,
-    now: int,
-    *,
-    revoked: RevocationList | None = None,
-    at_admission: bool = False,
-) -> None:
-    """Check ``node_cert`` chains to the network CA; IdentityError says why not.
-
-    ``chain`` is empty (CA-signed node certificate) or the one enrolment
-    certificate that signed it. See the module docstring for the rules.
-    """
-    network_id = network_id_of(ca_public_key)
-    if node_cert.role is not Role.NODE:
-        raise IdentityError(f"{node_cert.describe()} is not a node certificate")
-    for cert in (node_cert, *chain):
-        if cert.network_id != network_id:
-            raise IdentityError(f"{cert.describe()} belongs to network {cert.network_id}")
-        if revoked is not None:
-            revocation = revoked.find(cert)
-            # A revoked enrolment key signs nothing new; what it signed before stays
-            # valid (other machines joined with the same token), unless revoked itself.
-            if revocation is not None and not (
-                cert.role is Role.ENROL and node_cert.not_before < revocation.revoked_at
-            ):
-                raise IdentityError(
-                    f"{cert.describe()} was revoked at {utc(revocation.revoked_at)}"
-                )
-    if not chain:
-        verify(node_cert, ca_public_key, now)
-        return
-    if len(chain) > MAX_CHAIN_LEN:
-        raise IdentityError(f"certificate chain longer than {MAX_CHAIN_LEN}")
-    enrol_cert = chain[0]
-    if enrol_cert.role is not Role.ENROL:
-        raise IdentityError(f"{enrol_cert.describe()} cannot sign node certificates")
-    if enrol_cert.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{enrol_cert.describe()} was not issued by the network CA")
-    _check_signature(
-        ca_public_key, enrol_cert.signed_part(), enrol_cert.signature, enrol_cert.describe()
-    )
-    verify(node_cert, enrol_cert.public_key_bytes, now)
-    if not enrol_cert.not_before - CLOCK_SKEW <= node_cert.not_before <= enrol_cert.not_after:
-        raise IdentityError(
-            f"{node_cert.describe()} was not made while its enrolment key was valid "
-            f"({utc(enrol_cert.not_before)} to {utc(enrol_cert.not_after)})"
-        )
-    if node_cert.not_after - node_cert.not_before > enrol_cert.max_child_lifetime:
-        raise IdentityError(
-            f"{node_cert.describe()} lives longer than its enrolment key allows "
-            f"({enrol_cert.max_child_lifetime} s)"
-        )
-    if at_admission:
-        _check_window(enrol_cert, now)
-        if abs(node_cert.not_before - now) > CLOCK_SKEW:
-            raise IdentityError(
-                f"{node_cert.describe()} was not made just now (not_before "
-                f"{utc(node_cert.not_before)}); check the joining machine's clock"
-            )
-
-
-def check_binding(
-    cert: Certificate, *, name: str, public_key: str, addresses: Iterable[IPAddress]
-) -> None:
-    """Check that a gossiped member (name, WireGuard key, addresses) is what ``cert`` binds."""
-    if cert.name != name:
-        raise IdentityError(f"{cert.describe()} is for {cert.name!r}, not {name!r}")
-    if cert.public_key != public_key.strip():
-        raise IdentityError(f"{cert.describe()} binds another WireGuard key")
-    extra = [str(a) for a in addresses if a not in cert.addresses]
-    if extra:
-        raise IdentityError(f"{cert.describe()} does not cover address(es) {', '.join(extra)}")
-
-
-@dataclass(frozen=True)
-class CertChain:
-    """A node certificate with the certificates that signed it, as fetched from a node."""
-
-    node: Certificate
-    issuers: tuple[Certificate, ...] = ()
-
-    def encode(self) -> bytes:
-        writer = BinaryWriter().header(_CHAIN_MAGIC, _FORMAT_VERSION)
-        writer.u8(1 + len(self.issuers))
-        for cert in (self.node, *self.issuers):
-            writer.long_bytes(cert.encode())
-        return writer.getvalue()
-
-    @classmethod
-    def decode(cls, data: bytes) -> CertChain:
-        """Parse a chain; IdentityError on anything malformed (signatures are not checked)."""
-
-        def read(reader: BinaryReader) -> CertChain:
-            count = reader.u8()
-            if not 1 <= count <= 1 + MAX_CHAIN_LEN:
-                raise reader.fail(f"{count} certificates")
-            certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
-            return cls(node=certs[0], issuers=tuple(certs[1:]))
-
-        return _decode(data, "certificate chain", _CHAIN_MAGIC, read)
-
-    @property
-    def ref(self) -> str:
-        return cert_ref(self.node)
-
-    def verify(
-        self,
-        ca_public_key: bytes,
-        now: int,
-        *,
-        revoked: RevocationList | None = None,
-        at_admission: bool = False,
-    ) -> None:
-        verify_chain(
-            self.node, self.issuers, ca_public_key, now, revoked=revoked, at_admission=at_admission
-        )
-
-
-# --- keys that sign ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -515,7 +56,7 @@ class EnrolmentKey:
 
     @classmethod
     def from_secret(cls, secret: bytes, cert: Certificate) -> EnrolmentKey:
-        key = _signing_key(secret, "an enrolment key")
+        key = signing_key_from(secret, "an enrolment key")
         if cert.role is not Role.ENROL:
             raise IdentityError(f"{cert.describe()} is not an enrolment certificate")
         if bytes(key.verify_key) != cert.public_key_bytes:
@@ -544,15 +85,15 @@ class EnrolmentKey:
         now: int | None = None,
     ) -> Certificate:
         """A node certificate, valid from ``now`` for ``lifetime`` (default: the most allowed)."""
-        now = _now(now)
-        _check_window(self.cert, now)
+        now = now_or(now)
+        check_window(self.cert, now)
         lifetime = self.cert.max_child_lifetime if lifetime is None else lifetime
         if not 0 < lifetime <= self.cert.max_child_lifetime:
             raise IdentityError(
                 f"this enrolment key signs certificates of at most "
                 f"{self.cert.max_child_lifetime} s, not {lifetime} s"
             )
-        return _sign_certificate(
+        return sign_certificate(
             self.signing_key,
             role=Role.NODE,
             network_id=self.cert.network_id,
@@ -579,7 +120,7 @@ class NetworkCA:
     def from_secret(cls, name: str, secret: bytes) -> NetworkCA:
         return cls(
             name=check_name(name, what="network name"),
-            signing_key=_signing_key(secret, "a CA secret key"),
+            signing_key=signing_key_from(secret, "a CA secret key"),
         )
 
     @property
@@ -605,8 +146,8 @@ class NetworkCA:
         now: int | None = None,
     ) -> Certificate:
         """A node certificate signed by the CA directly (e.g. the first node at ``meshd init``)."""
-        now = _now(now)
-        return _sign_certificate(
+        now = now_or(now)
+        return sign_certificate(
             self.signing_key,
             role=Role.NODE,
             network_id=self.network_id,
@@ -628,9 +169,9 @@ class NetworkCA:
         """A new enrolment key valid ``lifetime`` s; its node certs may live ``node_lifetime`` s."""
         if lifetime <= 0 or node_lifetime <= 0:
             raise IdentityError("lifetimes must be positive")
-        now = _now(now)
+        now = now_or(now)
         key = SigningKey.generate()
-        cert = _sign_certificate(
+        cert = sign_certificate(
             self.signing_key,
             role=Role.ENROL,
             network_id=self.network_id,
@@ -647,175 +188,24 @@ class NetworkCA:
         self, cert: Certificate, *, now: int | None = None, include_key: bool = True
     ) -> Revocation:
         """Revoke ``cert`` by serial and, with ``include_key``, every certificate of its key."""
-        return _sign_revocation(
+        return sign_revocation(
             self.signing_key,
             network_id=self.network_id,
             name=cert.name,
             serial=cert.serial,
             public_key=cert.public_key if include_key else "",
-            revoked_at=_now(now),
+            revoked_at=now_or(now),
         )
 
     def revoke_key(self, name: str, public_key: str, *, now: int | None = None) -> Revocation:
         """Revoke every certificate of the WireGuard key ``public_key`` (``name`` is for
         people): for a machine no member remembers, or a key replaced by a rotation."""
         decode_key(public_key, what="the key to revoke")
-        return _sign_revocation(
+        return sign_revocation(
             self.signing_key,
             network_id=self.network_id,
             name=check_name(name),
-            serial=_NO_SERIAL,
+            serial=NO_SERIAL,
             public_key=public_key,
-            revoked_at=_now(now),
+            revoked_at=now_or(now),
         )
-
-
-# --- revocations ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Revocation(SignedValue):
-    """A CA-signed statement: the certificate ``serial`` and/or the key ``public_key`` is out.
-
-    ``name`` says whom it concerns, for people; matching uses serial and key only.
-    """
-
-    network_id: str
-    name: str
-    serial: bytes
-    public_key: str
-    revoked_at: int
-    issuer_key_id: bytes
-    signature: bytes = field(default=b"", repr=False)
-    kind: ClassVar[str] = "revocation"
-
-    def signed_part(self) -> bytes:
-        writer = (
-            BinaryWriter()
-            .header(_REVOCATION_MAGIC, _FORMAT_VERSION)
-            .raw(bytes.fromhex(self.network_id))
-            .raw(self.issuer_key_id)
-            .raw(self.serial)
-        )
-        if self.public_key:
-            writer.u8(1).raw(decode_key(self.public_key, what="revoked key"))
-        else:
-            writer.u8(0)
-        return writer.text(self.name).u64(self.revoked_at).getvalue()
-
-    def encode(self) -> bytes:
-        return self.signed_encoding()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Revocation:
-        """Parse a revocation; IdentityError if malformed. The signature is not checked."""
-
-        def read(reader: BinaryReader) -> Revocation:
-            network_id = reader.raw(KEY_ID_LEN).hex()
-            issuer = reader.raw(KEY_ID_LEN)
-            serial = reader.raw(SERIAL_LEN)
-            has_key = reader.u8()
-            if has_key not in (0, 1):
-                raise reader.fail("bad key flag")
-            public_key = encode_key(reader.raw(KEY_LEN)) if has_key else ""
-            name = read_name(reader, "name")
-            revoked_at = reader.u64()
-            signature = reader.raw(SIGNATURE_LEN)
-            if serial == _NO_SERIAL and not public_key:
-                raise reader.fail("names neither a serial nor a key")
-            return cls(network_id, name, serial, public_key, revoked_at, issuer, signature)
-
-        return _decode(data, "revocation", _REVOCATION_MAGIC, read)
-
-    def matches(self, cert: Certificate) -> bool:
-        if cert.network_id != self.network_id:
-            return False
-        if self.serial != _NO_SERIAL and cert.serial == self.serial:
-            return True
-        return bool(self.public_key) and cert.public_key == self.public_key
-
-
-def _sign_revocation(
-    signing_key: SigningKey,
-    *,
-    network_id: str,
-    name: str,
-    serial: bytes,
-    public_key: str,
-    revoked_at: int,
-) -> Revocation:
-    check_name(name, what="revoked name")
-    unsigned = Revocation(
-        network_id=network_id,
-        name=name,
-        serial=serial,
-        public_key=public_key,
-        revoked_at=revoked_at,
-        issuer_key_id=key_id(bytes(signing_key.verify_key)),
-    )
-    return unsigned.signed_by(signing_key)
-
-
-def verify_revocation(revocation: Revocation, ca_public_key: bytes) -> None:
-    """Check a revocation was signed by the network CA."""
-    what = f"revocation of {revocation.name!r}"
-    if revocation.network_id != network_id_of(ca_public_key):
-        raise IdentityError(f"{what} belongs to network {revocation.network_id}")
-    if revocation.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{what} was not issued by the network CA")
-    _check_signature(ca_public_key, revocation.signed_part(), revocation.signature, what)
-
-
-class RevocationList:
-    """The verified revocations a node knows (gossiped, persisted by the agent)."""
-
-    def __init__(self) -> None:
-        self._by_serial: dict[bytes, Revocation] = {}
-        self._by_key: dict[str, Revocation] = {}
-        self._all: dict[bytes, Revocation] = {}
-
-    def add(self, revocation: Revocation, ca_public_key: bytes) -> bool:
-        """Verify and keep ``revocation``; True when it was new."""
-        verify_revocation(revocation, ca_public_key)
-        encoded = revocation.encode()
-        if encoded in self._all:
-            return False
-        self._all[encoded] = revocation
-        if revocation.serial != _NO_SERIAL:
-            self._by_serial[revocation.serial] = revocation
-        if revocation.public_key:
-            self._by_key[revocation.public_key] = revocation
-        return True
-
-    def find(self, cert: Certificate) -> Revocation | None:
-        """The revocation that covers ``cert``, if any."""
-        for found in (self._by_serial.get(cert.serial), self._by_key.get(cert.public_key)):
-            if found is not None and found.matches(cert):
-                return found
-        return None
-
-    def encode(self) -> bytes:
-        """All revocations, for the agent's state file."""
-        writer = BinaryWriter().header(_REVOCATION_LIST_MAGIC, _FORMAT_VERSION)
-        writer.u32(len(self._all))
-        for encoded in self._all:
-            writer.long_bytes(encoded)
-        return writer.getvalue()
-
-    @classmethod
-    def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
-        """Read :meth:`encode`'s output, verifying every revocation again."""
-
-        def read(reader: BinaryReader) -> RevocationList:
-            revoked = cls()
-            for _ in range(reader.u32()):
-                revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
-            return revoked
-
-        return _decode(data, "revocation list", _REVOCATION_LIST_MAGIC, read)
-
-    def __iter__(self) -> Iterator[Revocation]:
-        return iter(self._all.values())
-
-    def __len__(self) -> int:
-        return len(self._all)

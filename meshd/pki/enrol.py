@@ -60,7 +60,8 @@ from meshd.b64 import decode_b64, encode_b64
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, EnrolError, EnrolRefused, IdentityError, MeshdError
 from meshd.hostport import format_host_port
-from meshd.pki.ca import CertChain, Certificate, RevocationList
+from meshd.pki.certificate import CertChain, Certificate
+from meshd.pki.revocation import RevocationList
 from meshd.pki.token import Token, split_endpoint
 from meshd.types import IPAddress
 

@@ -8,7 +8,7 @@ CA-signed Ed25519 key with which the new machine signs its own node certificate,
 so joining works while the CA machine is offline. The CA signs the whole token.
 
 Text form: ``meshd1-`` followed by the unpadded base64url of the binary
-encoding (:mod:`meshd.pki.ca`'s deterministic format). Whitespace (line wrapping
+encoding (:mod:`meshd.binary`, as certificates use). Whitespace (line wrapping
 in an e-mail) is ignored. :func:`parse_token` refuses, with one line saying
 which: text that is not a meshd token, a damaged one, one whose signature does
 not match (tampered), an expired one; :func:`check_network` refuses a token for
@@ -63,20 +63,19 @@ from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError, TokenError
 from meshd.hostport import parse_host_port
 from meshd.identity import decode_key, encode_key
-from meshd.pki.ca import (
+from meshd.pki.ca import EnrolmentKey, NetworkCA
+from meshd.pki.certificate import (
     CLOCK_SKEW,
     DEFAULT_NODE_LIFETIME,
     KEY_LEN,
     SIGNATURE_LEN,
     Certificate,
-    EnrolmentKey,
-    NetworkCA,
     Role,
     SignedValue,
     network_id_of,
     read_name,
 )
-from meshd.pki.ca import verify as verify_cert
+from meshd.pki.certificate import verify as verify_cert
 from meshd.timetext import ago, utc
 from meshd.types import IPAddress, Network
 

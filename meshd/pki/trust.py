@@ -6,7 +6,7 @@ checked against its chain, and revocations are verified, kept and persisted
 in ``<state_dir>/revocations``.
 
 A member is *certified* when its chain leads to the network CA (directly or
-through an enrolment key, :func:`meshd.pki.ca.verify_chain`), nothing in it is
+through an enrolment key, :func:`meshd.pki.certificate.verify_chain`), nothing in it is
 revoked or expired, and its node certificate binds the member's name and
 WireGuard key. Addresses the certificate binds are *certified addresses*: they
 win any address conflict against a claim the certificate does not cover.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError
-from meshd.pki.ca import CertChain, Revocation, RevocationList
+from meshd.pki.certificate import CertChain
+from meshd.pki.revocation import Revocation, RevocationList
 from meshd.state import atomic_write
 from meshd.types import IPAddress, NodeRecord
 

@@ -13,23 +13,20 @@ from hypothesis import strategies as st
 
 from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import (
+from meshd.pki.ca import EnrolmentKey, NetworkCA
+from meshd.pki.certificate import (
     CLOCK_SKEW,
     DAY,
     CertChain,
     Certificate,
-    EnrolmentKey,
-    NetworkCA,
-    Revocation,
-    RevocationList,
     Role,
     cert_ref,
     check_binding,
     network_id_of,
     verify,
     verify_chain,
-    verify_revocation,
 )
+from meshd.pki.revocation import Revocation, RevocationList, verify_revocation
 
 NOW = 1_790_000_000
 ADDR4 = IPv4Address("100.80.0.7")

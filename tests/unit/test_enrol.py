@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, Certificate, NetworkCA, RevocationList, check_binding
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import CertChain, Certificate, check_binding
 from meshd.pki.enrol import (
     MAX_REQUEST,
     EnrolRequest,
@@ -34,6 +35,7 @@ from meshd.pki.enrol import (
     proof_message,
     verify_proof,
 )
+from meshd.pki.revocation import RevocationList
 from meshd.pki.token import Seed, Token, create_token, parse_token
 
 LOOPBACK = "127.0.0.1"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from meshd.errors import IdentityError
 from meshd.gossip.names import SUFFIX_LENGTH, display_name, key_suffix, serf_node_name
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import check_name
+from meshd.pki.certificate import check_name
 
 # Every name check_name accepts: a DNS label (a-z, 0-9, inner '-', 1-63).
 names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")

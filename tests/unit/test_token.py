@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from meshd.errors import IdentityError, TokenError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import DAY, NetworkCA, verify_chain
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import DAY, verify_chain
 from meshd.pki.token import (
     TOKEN_PREFIX,
     Seed,

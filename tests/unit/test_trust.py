@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair
-from meshd.pki.ca import CertChain, NetworkCA
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import CertChain
 from meshd.pki.trust import PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.types import NodeRecord
 
