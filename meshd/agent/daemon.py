@@ -47,7 +47,7 @@ from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
 from meshd.gossip.rpc import SerfEvent
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
-from meshd.pki.enrol import EnrolServer, chain_verifier
+from meshd.pki.enrol_server import EnrolServer, chain_verifier
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.plugins import PluginHost
 from meshd.wireguard import InterfaceSpec, WireGuardInterface

@@ -27,14 +27,12 @@ from meshd.pki.enrol import (
     MAX_REQUEST,
     EnrolRequest,
     EnrolResult,
-    EnrolServer,
     PeerInfo,
-    RateLimiter,
-    chain_verifier,
     enrol,
     proof_message,
     verify_proof,
 )
+from meshd.pki.enrol_server import EnrolServer, RateLimiter, chain_verifier
 from meshd.pki.revocation import RevocationList
 from meshd.pki.token import Seed, Token, create_token, parse_token
 
