@@ -19,9 +19,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,10 +40,17 @@ from meshd.lab.plan import (
     LabRouter,
     ifname,
     lab_id_of_netns,
-    netns_prefix,
     plan_lab,
     random_lab_id,
     validate_lab_id,
+)
+from meshd.lab.teardown import (
+    STATE_FILE,
+    alive,
+    lab_namespaces,
+    process_start_time,
+    read_state,
+    teardown,
 )
 from meshd.state import atomic_write, ensure_private_dir
 
@@ -53,9 +58,6 @@ log = logging.getLogger(__name__)
 
 ENV_LAB_DIR = "MESHD_LAB_DIR"
 DEFAULT_LAB_DIR = Path("/run/meshd-lab")
-STATE_FILE = "lab.json"
-WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
-STOP_TIMEOUT = 5.0
 
 Progress = Callable[[str], None]
 NodeRef = LabNode | str
@@ -95,28 +97,6 @@ def lab_base_dir(base_dir: str | os.PathLike[str] | None = None) -> Path:
     if base_dir is not None:
         return Path(base_dir)
     return Path(os.environ.get(ENV_LAB_DIR) or DEFAULT_LAB_DIR)
-
-
-def _process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot); None if gone or a zombie.
-
-    Recorded with each spawned pid, so a later ``down`` never kills an
-    unrelated process that happens to reuse the number.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after it.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _alive(pid: int, start: int | None = None) -> bool:
-    now = _process_start_time(pid)
-    return now is not None and (start is None or now == start)
 
 
 def _bridge_port(bridge: str, port: str, peer: str, peer_netns: str) -> list[str]:
@@ -169,7 +149,7 @@ class Lab:
         exists = LabError(
             f"lab {lab_id} already exists; remove it with: meshd lab down --lab {lab_id}"
         )
-        if _lab_namespaces(lab_id):
+        if lab_namespaces(lab_id):
             raise exists
         try:
             directory.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +176,7 @@ class Lab:
     def load(cls, lab_id: str, *, base_dir: str | os.PathLike[str] | None = None) -> Lab:
         """The lab ``lab_id`` that some process built, from its state file."""
         directory = lab_base_dir(base_dir) / validate_lab_id(lab_id)
-        state = _read_state(directory / STATE_FILE)
+        state = read_state(directory / STATE_FILE)
         if state is None:
             raise LabError(f"no lab {lab_id!r}; start one with: meshd lab up --lab {lab_id}")
         return cls(LabPlan.from_dict(state["plan"]), directory)
@@ -353,7 +333,7 @@ class Lab:
         child_env.update(env or {})
         with self._locked_state() as state:
             for proc in state["processes"]:
-                if (proc["node"], proc["name"]) == (node_name, name) and _alive(
+                if (proc["node"], proc["name"]) == (node_name, name) and alive(
                     proc["pid"], proc["start"]
                 ):
                     raise LabError(f"{name} is already running on {node_name} (pid {proc['pid']})")
@@ -362,14 +342,14 @@ class Lab:
             state["processes"] = [
                 p
                 for p in state["processes"]
-                if (p["node"], p["name"]) != (node_name, name) and _alive(p["pid"], p["start"])
+                if (p["node"], p["name"]) != (node_name, name) and alive(p["pid"], p["start"])
             ]
             state["processes"].append(
                 {
                     "node": node_name,
                     "name": name,
                     "pid": child.pid,
-                    "start": _process_start_time(child.pid),
+                    "start": process_start_time(child.pid),
                     "argv": list(argv),
                 }
             )
@@ -378,8 +358,8 @@ class Lab:
 
     def processes(self) -> list[dict[str, Any]]:
         """The processes :meth:`spawn` started, each with an ``alive`` flag."""
-        state = _read_state(self.dir / STATE_FILE) or {"processes": []}
-        return [{**p, "alive": _alive(p["pid"], p["start"])} for p in state.get("processes", [])]
+        state = read_state(self.dir / STATE_FILE) or {"processes": []}
+        return [{**p, "alive": alive(p["pid"], p["start"])} for p in state.get("processes", [])]
 
     def kill(self, node: NodeRef, name: str, sig: int = signal.SIGTERM) -> bool:
         """Send ``sig`` to spawned process ``name`` on ``node``; False if it is not running."""
@@ -484,7 +464,7 @@ class Lab:
             raise LabError(f"lab {self.lab_id} is gone ({exc.strerror})") from exc
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            state = _read_state(self.dir / STATE_FILE)
+            state = read_state(self.dir / STATE_FILE)
             if state is None:
                 raise LabError(f"lab {self.lab_id} has no state file; was it taken down?")
             yield state
@@ -494,13 +474,13 @@ class Lab:
 
     def down(self) -> None:
         """Stop every process, delete every namespace and file of this lab. Idempotent."""
-        _teardown(self.lab_id, self.dir, self._children)
+        teardown(self.lab_id, self.dir, self._children)
 
     @classmethod
     def down_by_id(cls, lab_id: str, *, base_dir: str | os.PathLike[str] | None = None) -> bool:
         """Tear down lab ``lab_id`` from whatever is left of it; False if nothing was."""
         directory = lab_base_dir(base_dir) / validate_lab_id(lab_id)
-        return _teardown(lab_id, directory, {})
+        return teardown(lab_id, directory, {})
 
     @classmethod
     def down_all(cls, *, base_dir: str | os.PathLike[str] | None = None) -> list[str]:
@@ -539,103 +519,3 @@ class Lab:
 def _check_process_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name.startswith("."):
         raise LabError(f"bad process name {name!r}: use letters, digits, '_', '-', '.'")
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise LabError(f"cannot read lab state {path}: {exc}") from exc
-    if not isinstance(data, dict) or "plan" not in data:
-        raise LabError(f"{path} is not a lab state file")
-    data.setdefault("processes", [])
-    return data
-
-
-def _lab_namespaces(lab_id: str) -> list[str]:
-    prefix = netns_prefix(lab_id)
-    return [name for name in netns.list_netns() if name.startswith(prefix)]
-
-
-def _teardown(
-    lab_id: str, directory: Path, children: Mapping[int, subprocess.Popen[bytes]]
-) -> bool:
-    netns.require_root()
-    namespaces = _lab_namespaces(lab_id)
-    state = None
-    with contextlib.suppress(LabError):
-        state = _read_state(directory / STATE_FILE)
-    if not namespaces and state is None and not directory.exists():
-        return False
-    log.info("taking down lab %s", lab_id)
-    # Processes first: a namespace lives on while a process is inside it.
-    victims: dict[int, int | None] = {}
-    for proc in (state or {}).get("processes", []):
-        if _alive(proc["pid"], proc.get("start")):
-            victims[proc["pid"]] = proc.get("start")
-    for name in namespaces:
-        for pid in netns.netns_pids(name):
-            victims.setdefault(pid, _process_start_time(pid))
-    victims.pop(os.getpid(), None)
-    _stop_processes(victims, children)
-    for name in reversed(namespaces):  # hosts before routers before the switch
-        netns.delete_netns(name)
-    left = _lab_namespaces(lab_id)
-    if left:
-        raise LabError(f"lab {lab_id}: namespaces still present after down: {', '.join(left)}")
-    _remove_stale_wireguard_sockets(lab_id)
-    shutil.rmtree(directory, ignore_errors=True)
-    return True
-
-
-def _stop_processes(
-    victims: Mapping[int, int | None], children: Mapping[int, subprocess.Popen[bytes]]
-) -> None:
-    def signal_all(sig: int) -> None:
-        for pid, start in victims.items():
-            if _alive(pid, start):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-
-    def wait_all(seconds: float) -> bool:
-        end = time.monotonic() + seconds
-        while True:
-            for child in children.values():
-                child.poll()  # reaps our own children, which would linger as zombies
-            if not any(_alive(pid, start) for pid, start in victims.items()):
-                return True
-            if time.monotonic() > end:
-                return False
-            time.sleep(0.05)
-
-    if not victims:
-        return
-    signal_all(signal.SIGTERM)
-    if not wait_all(STOP_TIMEOUT):
-        log.warning("lab processes ignored SIGTERM for %g s; killing them", STOP_TIMEOUT)
-        signal_all(signal.SIGKILL)
-        if not wait_all(STOP_TIMEOUT):
-            left = [str(pid) for pid, start in victims.items() if _alive(pid, start)]
-            raise LabError(f"lab processes survived SIGKILL: {', '.join(left)}")
-
-
-def _remove_stale_wireguard_sockets(lab_id: str) -> None:
-    """Remove control sockets of killed wireguard-go processes of this lab.
-
-    Only sockets nobody answers on: a live one may belong to a lab whose id
-    merely ends like ours.
-    """
-    pattern = re.compile(rf"[a-z]{{1,4}}{re.escape(lab_id)}n\d+\.sock")
-    with contextlib.suppress(OSError):
-        for path in WIREGUARD_SOCKET_DIR.iterdir():
-            if not pattern.fullmatch(path.name):
-                continue
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(path))
-                except ConnectionRefusedError:
-                    path.unlink(missing_ok=True)
-                except OSError:
-                    pass
