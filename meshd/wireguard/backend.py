@@ -182,6 +182,8 @@ def parse_network(text: str) -> IPNetwork:
 
 def sorted_networks(networks: Sequence[IPNetwork] | frozenset[IPNetwork]) -> tuple[IPNetwork, ...]:
     """Networks in a stable order: IPv4 before IPv6, then by address and length."""
+    if len(networks) < 2:  # the common case (a peer's one /32), without building sort keys
+        return tuple(networks)
     return tuple(
         sorted(networks, key=lambda net: (net.version, net.network_address.packed, net.prefixlen))
     )

@@ -9,9 +9,10 @@ text over the socket.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
-from meshd.errors import WireGuardError
+from meshd.errors import IdentityError, WireGuardError
 from meshd.identity import decode_key, encode_key, public_key_of
 from meshd.types import IPNetwork
 from meshd.wireguard.backend import (
@@ -29,18 +30,41 @@ from meshd.wireguard.backend import (
 GET_REQUEST = b"get=1\n\n"
 
 
+# Keys are converted on every encode and every full read: the same few thousand strings
+# again and again, so both directions are cached (errors are not: they raise every time).
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _hex_of(key: str) -> str:
+    return decode_key(key).hex()
+
+
 def key_to_hex(key: str, *, what: str = "key") -> str:
-    return decode_key(key, what=what).hex()
+    try:
+        return _hex_of(key)
+    except IdentityError:
+        decode_key(key, what=what)  # raises again, naming what the key is
+        raise
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _key_of(text: str) -> str | None:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return encode_key(raw) if len(raw) == 32 else None
 
 
 def hex_to_key(text: str, *, what: str = "key") -> str:
+    key = _key_of(text)
+    if key is not None:
+        return key
     try:
         raw = bytes.fromhex(text)
     except ValueError as exc:
         raise WireGuardError(f"UAPI: {what} is not hex") from exc
-    if len(raw) != 32:
-        raise WireGuardError(f"UAPI: {what} is {len(raw)} bytes, not 32")
-    return encode_key(raw)
+    raise WireGuardError(f"UAPI: {what} is {len(raw)} bytes, not 32")
 
 
 def encode_set(device: DeviceConfig | None, ops: Sequence[PeerOp]) -> bytes:
