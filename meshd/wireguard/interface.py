@@ -23,8 +23,12 @@ routes each time: a pass with no change does no I/O at all, and a change touches
 only the peers that changed. What someone else does to the device (``wg set`` by
 hand, a lost route) is found by a *full check*: read the device, dump the routes,
 plan against what is really there. One runs on the first pass, after a pass that
-failed, after a rebuild, and on the first pass at least ``full_check_interval``
-(:data:`FULL_CHECK_INTERVAL`) after the last one.
+failed, after a rebuild, on the first pass at least ``full_check_interval``
+(:data:`FULL_CHECK_INTERVAL`) after the last one, and on the first pass after
+:meth:`~WireGuardInterface.peer_stats` saw peers other than the record says.
+``peer_stats`` has to read the whole device anyway (handshake times live only there;
+UAPI has no partial read), so the agent's 2.5 s handshake watch doubles as a cheap
+drift detector for peers, keys and prefixes.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class WireGuardInterface:
         self._applied: AppliedPeers | None = None
         self._routes: frozenset[IPNetwork] | None = None
         self._checked_at = 0.0
+        self._drifted = False  # peer_stats saw a device unlike the record
+        self._passes = 0
         self._lock = asyncio.Lock()
         self.rebuilds = 0
         """How many times the interface was rebuilt after its daemon died."""
@@ -210,12 +216,15 @@ class WireGuardInterface:
         return (
             self._applied is None
             or self._routes is None
+            or self._drifted
             or self._clock() - self._checked_at >= self.full_check_interval
         )
 
     async def _pass(self, peers: Sequence[PeerConfig], *, full: bool = False) -> ReconcileResult:
+        self._passes += 1
         full = full or self._full_check_due()
         if full:
+            self._drifted = False
             checked_at = self._clock()
             live = (await self.backend.read_state()).peer_map()
             ops = plan_peers(live.values(), peers)
@@ -318,8 +327,19 @@ class WireGuardInterface:
         return await self.backend.read_state()
 
     async def peer_stats(self) -> tuple[PeerState, ...]:
-        """Every live peer with endpoint, last handshake and rx/tx bytes."""
-        return (await self.backend.read_state()).peers
+        """Every live peer with endpoint, last handshake and rx/tx bytes, read from the device.
+
+        A read that disagrees with what the last pass left makes the next pass a full check.
+        """
+        passes, busy = self._passes, self._lock.locked()
+        peers = (await self.backend.read_state()).peers
+        record = self._applied
+        # Compared only when no pass ran meanwhile: one could have changed the device mid-read.
+        quiet = not busy and not self._lock.locked() and passes == self._passes
+        if quiet and record is not None and not record.matches(peers):
+            log.info("%s: the peers changed behind meshd's back; checking all", self.ifname)
+            self._drifted = True
+        return peers
 
     async def supervise(self) -> None:
         """Keep the interface alive (restart wireguard-go and rebuild); run as a task."""

@@ -293,6 +293,28 @@ class AppliedPeers:
         live = [self.live[key.strip()] for key in touched if key.strip() in self.live]
         return plan_peers(live, changed)
 
+    def matches(self, peers: Iterable[PeerState]) -> bool:
+        """Whether a read of the device shows the peers this record expects.
+
+        Endpoints are not compared: WireGuard moves them itself when a peer roams, and
+        the owner's periodic full check sets them back where meshd wants them.
+        """
+        seen = 0
+        for peer in peers:
+            seen += 1
+            mine = self.live.get(peer.public_key)
+            if (
+                mine is None
+                or mine.keepalive != peer.keepalive
+                or mine.preshared_key != peer.preshared_key
+                or (
+                    mine.allowed_ips != peer.allowed_ips
+                    and frozenset(mine.allowed_ips) != frozenset(peer.allowed_ips)
+                )
+            ):
+                return False
+        return seen == len(self.live)
+
     def after(self, desired: Sequence[PeerConfig], ops: Sequence[PeerOp]) -> AppliedPeers:
         """The record once ``ops`` (planned for ``desired``) are applied."""
         if not ops:

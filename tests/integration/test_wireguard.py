@@ -331,6 +331,21 @@ def test_a_change_behind_meshds_back_is_repaired_by_the_next_full_check(lab_fact
         assert set(shown) == {b.keys.public_key, c.keys.public_key}
         assert (await a.iface.reconcile(desired)).operations == 0
 
+        # The agent's handshake watch reads the device anyway: a drift it sees makes the
+        # next pass a full check, without waiting for the interval.
+        mesh.lab.run(a.node, ["wg", "set", ifname, "peer", c.keys.public_key, "remove"])
+        assert c.keys.public_key not in {p.public_key for p in await a.iface.peer_stats()}
+        again = await a.iface.reconcile(desired)
+        assert a.iface.full_checks == checks + 2
+        assert [(op.kind.value, op.public_key) for op in again.peer_ops] == [
+            ("add", c.keys.public_key)
+        ]
+        assert await mesh.ping(a, tunnel_ip(c.node.index)) is not None
+        # ...while a read that agrees with the record costs the next pass nothing.
+        await a.iface.peer_stats()
+        assert (await a.iface.reconcile(desired)).operations == 0
+        assert a.iface.full_checks == checks + 2
+
     run_in_lab(lab_factory, scenario, clock=clock)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import given, settings
@@ -479,6 +479,33 @@ def test_a_record_of_the_device_against_the_same_desired_peers_is_empty(state):
         for f, p in zip(fresh, desired, strict=True)
     ]
     assert AppliedPeers(desired, peer_map(state)).plan(fresh) == ()
+
+
+@settings(max_examples=300)
+@given(live=peer_sets(with_stats=True), target=peer_sets(), data=st.data())
+def test_the_record_matches_a_read_of_the_device_it_describes_and_no_other(live, target, data):
+    desired = as_desired(target)
+    ops = plan_peers(live, desired)
+    model = model_from_live(live)
+    interpret_set(model, encode_set(None, ops).decode())
+    record = AppliedPeers(desired, applied_peers(peer_map(live), ops))
+    device = live_from_model(model)  # as a read shows it: its own prefix order, its stats
+    assert record.matches(device)
+    # A roamed endpoint is WireGuard's own doing, not drift.
+    assert record.matches([replace(p, endpoint="198.18.9.9:4000") for p in device])
+    if not device:
+        return
+    victim = data.draw(st.sampled_from(device))
+    others = [p for p in device if p is not victim]
+    drifts = [
+        others,
+        [*others, replace(victim, keepalive=(victim.keepalive or 0) + 1)],
+        [*others, replace(victim, preshared_key=PSKS[0] if victim.preshared_key is None else None)],
+        [*others, replace(victim, allowed_ips=(*victim.allowed_ips, net("192.0.2.0/24")))],
+        [*others, victim, PeerState(base64.b64encode(bytes(31) + b"x").decode())],
+    ]
+    for drifted in drifts:
+        assert not record.matches(drifted)
 
 
 def test_the_record_refuses_a_prefix_an_unchanged_peer_still_holds():
