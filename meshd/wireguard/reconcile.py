@@ -283,6 +283,8 @@ class AppliedPeers:
         gone = [key for key in self.desired if key not in wanted]
         if not changed and not gone:
             return ()
+        if 2 * (len(changed) + len(gone)) > len(desired):
+            return plan_peers(self.live.values(), desired)  # most changed: no subset to save on
         touched = {peer.public_key for peer in changed}.union(gone)
         for peer in changed:
             for net in peer.allowed_ips:
