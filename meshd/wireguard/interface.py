@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from meshd.errors import NetlinkError, WireGuardError
+from meshd.identity import public_key_of
 from meshd.netlink import IPInterface, Netlink
 from meshd.types import IPNetwork, PeerConfig
 from meshd.wireguard.backend import (
@@ -226,8 +227,10 @@ class WireGuardInterface:
         if full:
             self._drifted = False
             checked_at = self._clock()
-            live = (await self.backend.read_state()).peer_map()
+            state = await self.backend.read_state()
+            live = state.peer_map()
             ops = plan_peers(live.values(), peers)
+            await self._repair_device(state)
         else:
             assert self._applied is not None
             live = self._applied.live
@@ -262,6 +265,20 @@ class WireGuardInterface:
                 len(routes.remove),
             )
         return ReconcileResult(ops, routes)
+
+    def _device_matches(self, state: DeviceState) -> bool:
+        spec = self.spec
+        return (
+            state.public_key == public_key_of(spec.private_key)
+            and spec.listen_port in (None, state.listen_port)
+            and spec.fwmark in (None, state.fwmark)
+        )
+
+    async def _repair_device(self, state: DeviceState) -> None:
+        # A key, port or fwmark set by hand: peers would not reach us with it.
+        if not self._device_matches(state):
+            log.warning("%s: private key, port or fwmark changed behind meshd's back", self.ifname)
+            await self.backend.configure_device(self.spec.device)
 
     async def _sync_routes(self, peers: Sequence[PeerConfig], *, dump: bool) -> RoutePlan:
         nl = await self._nl()
@@ -332,14 +349,18 @@ class WireGuardInterface:
         A read that disagrees with what the last pass left makes the next pass a full check.
         """
         passes, busy = self._passes, self._lock.locked()
-        peers = (await self.backend.read_state()).peers
+        state = await self.backend.read_state()
         record = self._applied
         # Compared only when no pass ran meanwhile: one could have changed the device mid-read.
         quiet = not busy and not self._lock.locked() and passes == self._passes
-        if quiet and record is not None and not record.matches(peers):
-            log.info("%s: the peers changed behind meshd's back; checking all", self.ifname)
+        if (
+            quiet
+            and record is not None
+            and not (record.matches(state.peers) and self._device_matches(state))
+        ):
+            log.info("%s: the device changed behind meshd's back; checking all", self.ifname)
             self._drifted = True
-        return peers
+        return state.peers
 
     async def supervise(self) -> None:
         """Keep the interface alive (restart wireguard-go and rebuild); run as a task."""

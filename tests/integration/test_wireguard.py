@@ -312,6 +312,7 @@ def test_a_change_behind_meshds_back_is_repaired_by_the_next_full_check(lab_fact
         mesh.lab.run(a.node, ["wg", "set", ifname, "peer", b.keys.public_key, "allowed-ips", ""])
         mesh.lab.run(a.node, ["wg", "set", ifname, "peer", c.keys.public_key, "remove"])
         mesh.lab.run(a.node, ["ip", "route", "del", f"{SERVICE}/32", "dev", ifname])
+        mesh.lab.run(a.node, ["wg", "set", ifname, "listen-port", str(PORT + 1)])
 
         # A pass before the check is due trusts the last pass: no read, nothing done.
         assert (await a.iface.reconcile(desired)).operations == 0
@@ -325,6 +326,7 @@ def test_a_change_behind_meshds_back_is_repaired_by_the_next_full_check(lab_fact
             [("update", b.keys.public_key), ("add", c.keys.public_key)]
         )
         assert repaired.routes.add == (service,)
+        assert (await a.iface.state()).listen_port == PORT
         for address in (tunnel_ip(b.node.index), tunnel_ip(c.node.index), SERVICE):
             assert await mesh.ping(a, address) is not None, f"{address} after the repair"
         shown = await asyncio.to_thread(wg_dump, mesh.lab, a)
