@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshd.errors import WireGuardError
-from meshd.identity import encode_key
+from meshd.identity import decode_key, encode_key
 from meshd.types import IPNetwork
 
 ZERO_KEY = encode_key(bytes(32))
@@ -169,6 +169,15 @@ def normalize_endpoint(text: str) -> str:
     if address.version == 6:
         return f"[{address.compressed}]:{int(port)}"
     return f"{address.compressed}:{int(port)}"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def key_hex(key: str) -> str:
+    """A base64 key as the hex UAPI carries; IdentityError (not cached) if it is no key.
+
+    Cached: a plan validates each key and the encoder converts it, every pass.
+    """
+    return decode_key(key).hex()
 
 
 @functools.lru_cache(maxsize=1 << 16)

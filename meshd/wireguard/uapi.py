@@ -21,6 +21,7 @@ from meshd.wireguard.backend import (
     OpKind,
     PeerOp,
     PeerState,
+    key_hex,
     normalize_endpoint,
     parse_network,
     sorted_networks,
@@ -29,23 +30,15 @@ from meshd.wireguard.backend import (
 GET_REQUEST = b"get=1\n\n"
 
 
-# Keys are converted on every encode and every full read: the same few thousand strings
-# again and again, so both directions are cached (errors are not: they raise every time).
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _hex_of(key: str) -> str:
-    return decode_key(key).hex()
-
-
 def key_to_hex(key: str, *, what: str = "key") -> str:
     try:
-        return _hex_of(key)
+        return key_hex(key)
     except IdentityError:
         decode_key(key, what=what)  # raises again, naming what the key is
         raise
 
 
+# Cached: a full read converts the same 1,000 keys every time (errors are not cached).
 @functools.lru_cache(maxsize=1 << 16)
 def _key_of(text: str) -> str | None:
     try:
