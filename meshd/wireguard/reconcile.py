@@ -203,6 +203,9 @@ async def reconcile_peers(
     return ops
 
 
+_NEW_PEER = PeerState("")  # what an ADD starts from: no settings, no stats
+
+
 def applied_peers(live: Mapping[str, PeerState], ops: Iterable[PeerOp]) -> dict[str, PeerState]:
     """The peers ``live`` becomes once ``ops`` are applied, by WireGuard's rules.
 
@@ -228,7 +231,7 @@ def applied_peers(live: Mapping[str, PeerState], ops: Iterable[PeerOp]) -> dict[
         if have is None:
             if op.kind is OpKind.UPDATE:  # update_only: WireGuard does not create it
                 continue
-            have = PeerState(op.public_key)
+            have = _NEW_PEER
         if op.allowed_ips is not None and owner is None:
             owner = {net: key for key, peer in after.items() for net in peer.allowed_ips}
         psk = have.preshared_key
@@ -250,13 +253,15 @@ def applied_peers(live: Mapping[str, PeerState], ops: Iterable[PeerOp]) -> dict[
         disown(have)
         for net in op.allowed_ips:
             # WireGuard takes the prefix from whichever peer held it.
-            holder = owner.get(net)
-            if holder is not None and holder != op.public_key and holder in after:
+            holder = owner.setdefault(net, op.public_key)
+            if holder == op.public_key:
+                continue
+            owner[net] = op.public_key
+            if holder in after:
                 other = after[holder]
                 after[holder] = replace(
                     other, allowed_ips=tuple(n for n in other.allowed_ips if n != net)
                 )
-            owner[net] = op.public_key
     return after
 
 
