@@ -224,30 +224,30 @@ class WireGuardInterface:
     async def _pass(self, peers: Sequence[PeerConfig], *, full: bool = False) -> ReconcileResult:
         self._passes += 1
         full = full or self._full_check_due()
-        if full:
-            self._drifted = False
+        base = None if full else self._applied
+        if base is None:
             checked_at = self._clock()
             state = await self.backend.read_state()
             live = state.peer_map()
             ops = plan_peers(live.values(), peers)
+            # Valid input; the old record is void from here: a failure below leaves none,
+            # so the next pass checks again.
+            self._applied, self._drifted = None, False
             await self._repair_device(state)
         else:
-            assert self._applied is not None
-            live = self._applied.live
-            ops = self._applied.plan(peers)
+            live = base.live
+            ops = base.plan(peers)
         # Valid input: this is what a rebuild re-applies, even if applying it fails below.
         self._desired = tuple(peers)
         if ops:
             # Until the device answers, what it holds is unknown: a failure means a full check.
-            applied, self._applied = self._applied, None
+            self._applied = None
             await self.backend.apply(ops)
-            self._applied = (
-                applied.after(peers, ops)
-                if applied is not None and not full
-                else AppliedPeers(peers, applied_peers(live, ops))
-            )
-        elif full:
-            self._applied = AppliedPeers(peers, live)
+        self._applied = (
+            base.after(peers, ops)
+            if base is not None
+            else AppliedPeers(peers, applied_peers(live, ops))
+        )
         # Routes follow the allowed prefixes: untouched by these ops, they are as the last
         # pass left them.
         routes = RoutePlan()
