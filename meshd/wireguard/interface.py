@@ -223,15 +223,14 @@ class WireGuardInterface:
 
     async def _pass(self, peers: Sequence[PeerConfig], *, full: bool = False) -> ReconcileResult:
         self._passes += 1
-        full = full or self._full_check_due()
-        base = None if full else self._applied
-        if base is None:
-            checked_at = self._clock()
+        base = None if full or self._full_check_due() else self._applied
+        checked_at = self._clock()
+        if base is None:  # a full check: plan against the device as it is
             state = await self.backend.read_state()
             live = state.peer_map()
             ops = plan_peers(live.values(), peers)
-            # Valid input; the old record is void from here: a failure below leaves none,
-            # so the next pass checks again.
+            # The input is valid and the old record void: a failure from here on leaves no
+            # record, so the next pass checks again.
             self._applied, self._drifted = None, False
             await self._repair_device(state)
         else:
@@ -240,20 +239,21 @@ class WireGuardInterface:
         # Valid input: this is what a rebuild re-applies, even if applying it fails below.
         self._desired = tuple(peers)
         if ops:
-            # Until the device answers, what it holds is unknown: a failure means a full check.
-            self._applied = None
+            self._applied = None  # unknown until the device answers
             await self.backend.apply(ops)
         self._applied = (
             base.after(peers, ops)
             if base is not None
             else AppliedPeers(peers, applied_peers(live, ops))
         )
-        # Routes follow the allowed prefixes: untouched by these ops, they are as the last
-        # pass left them.
+        # Routes follow the allowed prefixes: unless an op changed those, they are as the
+        # last pass left them.
         routes = RoutePlan()
-        if full or any(op.allowed_ips is not None or op.kind is OpKind.REMOVE for op in ops):
-            routes = await self._sync_routes(peers, dump=full)
-        if full:
+        if base is None or any(
+            op.allowed_ips is not None or op.kind is OpKind.REMOVE for op in ops
+        ):
+            routes = await self._sync_routes(peers, dump=base is None)
+        if base is None:
             self._checked_at = checked_at
             self.full_checks += 1
         if ops or routes:
