@@ -271,7 +271,7 @@ class WireGuardInterface:
         return (
             state.public_key == public_key_of(spec.private_key)
             and spec.listen_port in (None, state.listen_port)
-            and spec.fwmark in (None, state.fwmark)
+            and (spec.fwmark or None) in (None, state.fwmark)  # 0 is off, read back as None
         )
 
     async def _repair_device(self, state: DeviceState) -> None:
