@@ -68,8 +68,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "kernel", "userspace")
 REBUILD_TIMEOUT = 10.0
 FULL_CHECK_INTERVAL = 30.0
-"""Seconds between full checks of the device. The agent reconciles every 5 s, so an
-outside change lives at most ~35 s; a full check at 1,000 peers costs ~20 ms, once
+"""Seconds between full checks of the device. The agent reconciles every 5 s, so a
+lost route or an endpoint set by hand lives at most ~35 s (a changed peer, key or port
+is seen sooner, by ``peer_stats``); a full check at 1,000 peers costs ~20 ms, once
 every six passes rather than every pass. (A dead wireguard-go does not wait for it:
 its restart rebuilds the interface with a full check.)"""
 
