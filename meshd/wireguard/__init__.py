@@ -7,7 +7,9 @@ Public API (what the agent uses):
   ``peer_stats``, ``state``, ``supervise``, ``close``) and
   :class:`~meshd.wireguard.interface.ReconcileResult`;
 * :func:`~meshd.wireguard.reconcile.plan_peers` /
-  :func:`~meshd.wireguard.reconcile.plan_routes`: the pure diff;
+  :func:`~meshd.wireguard.reconcile.plan_routes`: the pure diff, and
+  :class:`~meshd.wireguard.reconcile.AppliedPeers`, the record of a pass that lets
+  the next one plan without reading the device (a full check re-reads it now and then);
 * the values :class:`~meshd.wireguard.backend.PeerState`,
   :class:`~meshd.wireguard.backend.DeviceState`, :class:`~meshd.wireguard.backend.PeerOp`
   and the :class:`~meshd.wireguard.backend.WireGuardBackend` protocol.

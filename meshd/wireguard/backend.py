@@ -32,7 +32,7 @@ from typing import Protocol
 
 from meshd.errors import DecodeError, WireGuardError
 from meshd.hostport import format_host_port, parse_ip_port
-from meshd.identity import encode_key
+from meshd.identity import decode_key, encode_key
 from meshd.types import IPAddress, IPNetwork
 
 ZERO_KEY = encode_key(bytes(32))
@@ -170,6 +170,15 @@ def parse_endpoint(text: str) -> tuple[IPAddress, int]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def key_hex(key: str) -> str:
+    """A base64 key as the hex UAPI carries; IdentityError (not cached) if it is no key.
+
+    Cached: a plan validates each key and the encoder converts it, every pass.
+    """
+    return decode_key(key).hex()
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def parse_network(text: str) -> IPNetwork:
     """A prefix as WireGuard prints it (host bits allowed); WireGuardError if it is none."""
     try:
@@ -180,6 +189,8 @@ def parse_network(text: str) -> IPNetwork:
 
 def sorted_networks(networks: Sequence[IPNetwork] | frozenset[IPNetwork]) -> tuple[IPNetwork, ...]:
     """Networks in a stable order: IPv4 before IPv6, then by address and length."""
+    if len(networks) < 2:  # the common case (a peer's one /32), without building sort keys
+        return tuple(networks)
     return tuple(
         sorted(networks, key=lambda net: (net.version, net.network_address.packed, net.prefixlen))
     )

@@ -16,6 +16,19 @@ peers (:func:`meshd.wireguard.reconcile.plan_peers`) and then the routes for eve
 allowed prefix outside the interface's own networks, removing meshd's stale routes.
 After wireguard-go restarts, the interface is rebuilt: link, addresses, device
 keys, the last desired peers and their routes.
+
+A pass plans from what the previous pass left (:class:`~meshd.wireguard.reconcile.AppliedPeers`
+and the routes it made) rather than reading 1,000 peers over UAPI and dumping the
+routes each time: a pass with no change does no I/O at all, and a change touches
+only the peers that changed. What someone else does to the device (``wg set`` by
+hand, a lost route) is found by a *full check*: read the device, dump the routes,
+plan against what is really there. One runs on the first pass, after a pass that
+failed, after a rebuild, on the first pass at least ``full_check_interval``
+(:data:`FULL_CHECK_INTERVAL`) after the last one, and on the first pass after
+:meth:`~WireGuardInterface.peer_stats` saw peers other than the record says.
+``peer_stats`` has to read the whole device anyway (handshake times live only there;
+UAPI has no partial read), so the agent's 2.5 s handshake watch doubles as a cheap
+drift detector for peers, keys and prefixes.
 """
 
 from __future__ import annotations
@@ -25,10 +38,11 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from meshd.errors import NetlinkError, WireGuardError
+from meshd.identity import public_key_of
 from meshd.netlink import IPInterface, Netlink
 from meshd.types import IPNetwork, PeerConfig
 from meshd.wireguard.backend import (
@@ -40,13 +54,25 @@ from meshd.wireguard.backend import (
     WireGuardBackend,
 )
 from meshd.wireguard.kernel import KernelBackend
-from meshd.wireguard.reconcile import RoutePlan, plan_peers, plan_routes
+from meshd.wireguard.reconcile import (
+    AppliedPeers,
+    RoutePlan,
+    applied_peers,
+    plan_peers,
+    plan_routes,
+)
 from meshd.wireguard.userspace import UserspaceBackend
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "kernel", "userspace")
 REBUILD_TIMEOUT = 10.0
+FULL_CHECK_INTERVAL = 30.0
+"""Seconds between full checks of the device. The agent reconciles every 5 s, so a
+lost route or an endpoint set by hand lives at most ~35 s (a changed peer, key or port
+is seen sooner, by ``peer_stats``); a full check at 1,000 peers costs ~20 ms, once
+every six passes rather than every pass. (A dead wireguard-go does not wait for it:
+its restart rebuilds the interface with a full check.)"""
 
 
 @dataclass(frozen=True)
@@ -102,13 +128,30 @@ async def start_backend(
 class WireGuardInterface:
     """A configured mesh interface; build it with :meth:`open`."""
 
-    def __init__(self, spec: InterfaceSpec, backend: WireGuardBackend) -> None:
+    def __init__(
+        self,
+        spec: InterfaceSpec,
+        backend: WireGuardBackend,
+        *,
+        full_check_interval: float = FULL_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.backend = backend
+        self.full_check_interval = full_check_interval
+        self._clock = clock
         self._desired: tuple[PeerConfig, ...] | None = None
+        # What the last pass left on the device; None: unknown, the next pass reads it.
+        self._applied: AppliedPeers | None = None
+        self._routes: frozenset[IPNetwork] | None = None
+        self._checked_at = 0.0
+        self._drifted = False  # peer_stats saw a device unlike the record
+        self._passes = 0
         self._lock = asyncio.Lock()
         self.rebuilds = 0
         """How many times the interface was rebuilt after its daemon died."""
+        self.full_checks = 0
+        """How many passes read the device and its routes instead of trusting the last pass."""
         # One rtnetlink socket for the interface's life: opening one in a namespace costs ~15 ms.
         self._netlink: Netlink | None = None
         backend.set_restart_hook(self._rebuild)
@@ -119,10 +162,17 @@ class WireGuardInterface:
         return self._netlink
 
     @classmethod
-    async def open(cls, spec: InterfaceSpec, *, backend: str = "auto") -> WireGuardInterface:
+    async def open(
+        cls,
+        spec: InterfaceSpec,
+        *,
+        backend: str = "auto",
+        full_check_interval: float = FULL_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> WireGuardInterface:
         """Create the interface, set its key, port, MTU and addresses, and bring it up."""
         started = await start_backend(spec.ifname, spec.netns, backend=backend)
-        iface = cls(spec, started)
+        iface = cls(spec, started, full_check_interval=full_check_interval, clock=clock)
         try:
             await iface._setup()
         except BaseException:
@@ -151,7 +201,7 @@ class WireGuardInterface:
             while True:
                 try:
                     await self._setup()
-                    result = await self._pass(self._desired or ())
+                    result = await self._pass(self._desired or (), full=True)
                     break
                 except (NetlinkError, WireGuardError) as exc:
                     if time.monotonic() > deadline:
@@ -164,20 +214,49 @@ class WireGuardInterface:
     def _on_link(self) -> list[IPNetwork]:
         return [iface.network for iface in self.spec.addresses]
 
-    async def _pass(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
-        state = await self.backend.read_state()
-        ops = plan_peers(state.peers, peers)
+    def _full_check_due(self) -> bool:
+        return (
+            self._applied is None
+            or self._routes is None
+            or self._drifted
+            or self._clock() - self._checked_at >= self.full_check_interval
+        )
+
+    async def _pass(self, peers: Sequence[PeerConfig], *, full: bool = False) -> ReconcileResult:
+        self._passes += 1
+        base = None if full or self._full_check_due() else self._applied
+        checked_at = self._clock()
+        if base is None:  # a full check: plan against the device as it is
+            state = await self.backend.read_state()
+            live = state.peer_map()
+            ops = plan_peers(live.values(), peers)
+            # The input is valid and the old record void: a failure from here on leaves no
+            # record, so the next pass checks again.
+            self._applied, self._drifted = None, False
+            await self._repair_device(state)
+        else:
+            live = base.live
+            ops = base.plan(peers)
         # Valid input: this is what a rebuild re-applies, even if applying it fails below.
         self._desired = tuple(peers)
         if ops:
+            self._applied = None  # unknown until the device answers
             await self.backend.apply(ops)
-        prefixes = [net for peer in peers for net in peer.allowed_ips]
-        nl = await self._nl()
-        routes = plan_routes(prefixes, self._on_link(), await nl.routes(self.ifname))
-        if routes.remove:
-            await nl.remove_routes(self.ifname, routes.remove)
-        if routes.add:
-            await nl.add_routes(self.ifname, routes.add)
+        self._applied = (
+            base.after(peers, ops)
+            if base is not None
+            else AppliedPeers(peers, applied_peers(live, ops))
+        )
+        # Routes follow the allowed prefixes: unless an op changed those, they are as the
+        # last pass left them.
+        routes = RoutePlan()
+        if base is None or any(
+            op.allowed_ips is not None or op.kind is OpKind.REMOVE for op in ops
+        ):
+            routes = await self._sync_routes(peers, dump=base is None)
+        if base is None:
+            self._checked_at = checked_at
+            self.full_checks += 1
         if ops or routes:
             log.info(
                 "%s: %d peer op(s), %d route(s) added, %d removed",
@@ -187,6 +266,35 @@ class WireGuardInterface:
                 len(routes.remove),
             )
         return ReconcileResult(ops, routes)
+
+    def _device_matches(self, state: DeviceState) -> bool:
+        spec = self.spec
+        return (
+            state.public_key == public_key_of(spec.private_key)
+            and spec.listen_port in (None, state.listen_port)
+            and (spec.fwmark or None) in (None, state.fwmark)  # 0 is off, read back as None
+        )
+
+    async def _repair_device(self, state: DeviceState) -> None:
+        # A key, port or fwmark set by hand: peers would not reach us with it.
+        if not self._device_matches(state):
+            log.warning("%s: private key, port or fwmark changed behind meshd's back", self.ifname)
+            await self.backend.configure_device(self.spec.device)
+
+    async def _sync_routes(self, peers: Sequence[PeerConfig], *, dump: bool) -> RoutePlan:
+        nl = await self._nl()
+        live = self._routes
+        if dump or live is None:
+            live = frozenset(await nl.routes(self.ifname))
+        prefixes = [net for peer in peers for net in peer.allowed_ips]
+        routes = plan_routes(prefixes, self._on_link(), live)
+        self._routes = None
+        if routes.remove:
+            await nl.remove_routes(self.ifname, routes.remove)
+        if routes.add:
+            await nl.add_routes(self.ifname, routes.add)
+        self._routes = live.difference(routes.remove).union(routes.add)
+        return routes
 
     async def reconcile(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
         """Make the interface's peers and routes match ``peers``; idempotent.
@@ -202,6 +310,8 @@ class WireGuardInterface:
         """Put exactly ``addresses`` on the link (this node moved to a new mesh address)."""
         async with self._lock:
             self.spec = replace(self.spec, addresses=tuple(addresses))
+            # What is on-link changed, so which prefixes need a route: the next pass checks.
+            self._routes = None
             await (await self._nl()).sync_addresses(self.ifname, self.spec.addresses)
 
     async def set_private_key(self, private_key: str) -> None:
@@ -252,8 +362,23 @@ class WireGuardInterface:
         return await self.backend.read_state()
 
     async def peer_stats(self) -> tuple[PeerState, ...]:
-        """Every live peer with endpoint, last handshake and rx/tx bytes."""
-        return (await self.backend.read_state()).peers
+        """Every live peer with endpoint, last handshake and rx/tx bytes, read from the device.
+
+        A read that disagrees with what the last pass left makes the next pass a full check.
+        """
+        passes, busy = self._passes, self._lock.locked()
+        state = await self.backend.read_state()
+        record = self._applied
+        # Compared only when no pass ran meanwhile: one could have changed the device mid-read.
+        quiet = not busy and not self._lock.locked() and passes == self._passes
+        if (
+            quiet
+            and record is not None
+            and not (record.matches(state.peers) and self._device_matches(state))
+        ):
+            log.info("%s: the device changed behind meshd's back; checking all", self.ifname)
+            self._drifted = True
+        return state.peers
 
     async def supervise(self) -> None:
         """Keep the interface alive (restart wireguard-go and rebuild); run as a task."""

@@ -99,14 +99,24 @@ def peer_config(node: LabNode, keys: WireGuardKeyPair) -> PeerConfig:
     )
 
 
+class Clock:
+    """A monotonic clock the test moves: full checks come when it says, not after a sleep."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @contextlib.asynccontextmanager
-async def open_mesh(lab: Lab) -> AsyncIterator[Mesh]:
+async def open_mesh(lab: Lab, clock: Callable[[], float] = time.monotonic) -> AsyncIterator[Mesh]:
     hosts: list[Host] = []
     try:
         for node in lab.nodes:
             keys = WireGuardKeyPair.generate()
             spec = interface_spec(lab, node, keys)
-            iface = await WireGuardInterface.open(spec, backend="userspace")
+            iface = await WireGuardInterface.open(spec, backend="userspace", clock=clock)
             task = asyncio.create_task(iface.supervise())
             hosts.append(Host(node, keys, iface, task))
         yield Mesh(lab, hosts)
@@ -120,12 +130,15 @@ async def open_mesh(lab: Lab) -> AsyncIterator[Mesh]:
 
 
 def run_in_lab(
-    lab_factory: Callable[..., Lab], scenario: Callable[[Mesh], Awaitable[None]], nodes: int = 3
+    lab_factory: Callable[..., Lab],
+    scenario: Callable[[Mesh], Awaitable[None]],
+    nodes: int = 3,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     lab = lab_factory(nodes=nodes)
 
     async def main() -> None:
-        async with open_mesh(lab) as mesh:
+        async with open_mesh(lab, clock) as mesh:
             await scenario(mesh)
 
     asyncio.run(main())
@@ -263,6 +276,7 @@ def test_kill_9_of_wireguard_go_is_healed_and_traffic_resumes(lab_factory):
         assert await mesh.ping(a, tunnel_ip(b.node.index)) is not None
 
         backend = a.iface.backend
+        checks = a.iface.full_checks
         old_pid = backend.pid  # type: ignore[attr-defined]
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
@@ -273,6 +287,7 @@ def test_kill_9_of_wireguard_go_is_healed_and_traffic_resumes(lab_factory):
 
         await poll(healed, deadline=30, what="wireguard-go restarted and the interface rebuilt")
         assert backend.restarts == 1
+        assert a.iface.full_checks == checks + 1  # the rebuild read the new device
         assert await mesh.ping(a, tunnel_ip(b.node.index), deadline=20) is not None
         assert await mesh.ping(a, SERVICE, deadline=10) is not None  # route re-made too
         # The rebuild re-applied everything: the next pass has nothing to do.
@@ -282,6 +297,68 @@ def test_kill_9_of_wireguard_go_is_healed_and_traffic_resumes(lab_factory):
         assert state.listen_port == PORT
 
     run_in_lab(lab_factory, scenario, nodes=2)
+
+
+def test_a_change_behind_meshds_back_is_repaired_by_the_next_full_check(lab_factory):
+    clock = Clock()
+
+    async def scenario(mesh: Mesh) -> None:
+        a, b, c = mesh.hosts
+        service = ipaddress.ip_network(f"{SERVICE}/32")
+        mesh.lab.run(b.node, ["ip", "addr", "add", f"{SERVICE}/32", "dev", "lo"])
+        for host in (b, c):
+            await host.iface.reconcile(mesh.full_mesh(host))
+        desired = [
+            mesh.peer_of(b, allowed_ips=(*mesh.peer_of(b).allowed_ips, service)),
+            mesh.peer_of(c),
+        ]
+        await a.iface.reconcile(desired)
+        for address in (tunnel_ip(b.node.index), tunnel_ip(c.node.index), SERVICE):
+            assert await mesh.ping(a, address) is not None
+        checks = a.iface.full_checks
+
+        # Someone edits the device by hand: b loses its prefixes, c is removed, the route goes.
+        ifname = a.iface.ifname
+        mesh.lab.run(a.node, ["wg", "set", ifname, "peer", b.keys.public_key, "allowed-ips", ""])
+        mesh.lab.run(a.node, ["wg", "set", ifname, "peer", c.keys.public_key, "remove"])
+        mesh.lab.run(a.node, ["ip", "route", "del", f"{SERVICE}/32", "dev", ifname])
+        mesh.lab.run(a.node, ["wg", "set", ifname, "listen-port", str(PORT + 1)])
+
+        # A pass before the check is due trusts the last pass: no read, nothing done.
+        assert (await a.iface.reconcile(desired)).operations == 0
+        assert a.iface.full_checks == checks
+        assert c.keys.public_key not in await asyncio.to_thread(wg_dump, mesh.lab, a)
+
+        clock.now += a.iface.full_check_interval
+        repaired = await a.iface.reconcile(desired)
+        assert a.iface.full_checks == checks + 1
+        assert sorted((op.kind.value, op.public_key) for op in repaired.peer_ops) == sorted(
+            [("update", b.keys.public_key), ("add", c.keys.public_key)]
+        )
+        assert repaired.routes.add == (service,)
+        assert (await a.iface.state()).listen_port == PORT
+        for address in (tunnel_ip(b.node.index), tunnel_ip(c.node.index), SERVICE):
+            assert await mesh.ping(a, address) is not None, f"{address} after the repair"
+        shown = await asyncio.to_thread(wg_dump, mesh.lab, a)
+        assert set(shown) == {b.keys.public_key, c.keys.public_key}
+        assert (await a.iface.reconcile(desired)).operations == 0
+
+        # The agent's handshake watch reads the device anyway: a drift it sees makes the
+        # next pass a full check, without waiting for the interval.
+        mesh.lab.run(a.node, ["wg", "set", ifname, "peer", c.keys.public_key, "remove"])
+        assert c.keys.public_key not in {p.public_key for p in await a.iface.peer_stats()}
+        again = await a.iface.reconcile(desired)
+        assert a.iface.full_checks == checks + 2
+        assert [(op.kind.value, op.public_key) for op in again.peer_ops] == [
+            ("add", c.keys.public_key)
+        ]
+        assert await mesh.ping(a, tunnel_ip(c.node.index)) is not None
+        # ...while a read that agrees with the record costs the next pass nothing.
+        await a.iface.peer_stats()
+        assert (await a.iface.reconcile(desired)).operations == 0
+        assert a.iface.full_checks == checks + 2
+
+    run_in_lab(lab_factory, scenario, clock=clock)
 
 
 def test_bad_input_changes_nothing_and_names_the_problem(lab_factory):

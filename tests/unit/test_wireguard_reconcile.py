@@ -9,7 +9,7 @@ encoder, so the plan and the encoder are checked together.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +19,13 @@ from meshd.b64 import encode_b64
 from meshd.errors import IdentityError, WireGuardError
 from meshd.types import IPNetwork, PeerConfig
 from meshd.wireguard.backend import ZERO_KEY, OpKind, PeerOp, PeerState
-from meshd.wireguard.reconcile import plan_peers, plan_routes, routed_prefixes
+from meshd.wireguard.reconcile import (
+    AppliedPeers,
+    applied_peers,
+    plan_peers,
+    plan_routes,
+    routed_prefixes,
+)
 from meshd.wireguard.uapi import encode_set
 
 KEYS = [encode_b64(bytes([i + 1]) * 32) for i in range(6)]
@@ -357,3 +363,187 @@ def test_an_apply_cut_off_anywhere_is_repaired_by_the_next_pass(live, target, da
     half_done = live_from_model(model)
     repaired = run_plan(half_done, desired)
     assert_matches(repaired, half_done, desired)
+
+
+# Planning from the last pass's record (AppliedPeers) instead of a device read.
+
+
+def config_of(peers: dict[str, PeerState] | list[PeerState]) -> dict[str, tuple]:
+    """The settings a plan compares, per key (allowed IPs as a set: order is the device's)."""
+    values = peers.values() if isinstance(peers, dict) else peers
+    return {
+        p.public_key: (p.endpoint, frozenset(p.allowed_ips), p.keepalive, p.preshared_key)
+        for p in values
+    }
+
+
+@st.composite
+def claims(draw: st.DrawFn) -> list[PeerConfig]:
+    """Desired peers whose prefixes may collide, and whose endpoints may be left to WireGuard."""
+    keys = draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=len(KEYS)))
+    return [
+        PeerConfig(
+            key,
+            tuple(draw(st.lists(st.sampled_from(PREFIXES), max_size=3, unique=True))),
+            draw(st.none() | st.sampled_from(ENDPOINTS)),
+            draw(st.sampled_from([None, 25])),
+            draw(st.none() | st.sampled_from(PSKS)),
+        )
+        for key in keys
+    ]
+
+
+def outcome(plan, *args):
+    """A plan's ops, or the type of error it raised."""
+    try:
+        return plan(*args)
+    except (WireGuardError, IdentityError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=400)
+@given(live=peer_sets(with_stats=True), target=peer_sets())
+def test_the_record_of_applied_ops_is_what_wireguard_ends_up_with(live, target):
+    desired = as_desired(target)
+    ops = plan_peers(live, desired)
+    model = model_from_live(live)
+    interpret_set(model, encode_set(None, ops).decode())
+    recorded = applied_peers({p.public_key: p for p in live}, ops)
+    assert config_of(recorded) == config_of(live_from_model(model))
+
+
+@st.composite
+def op_sequences(draw: st.DrawFn, live: list[PeerState]) -> list[PeerOp]:
+    """Any ops WireGuard would accept in a row, not only those a plan makes (a prefix
+    may be given twice, to one peer after another)."""
+    keys = {p.public_key for p in live}
+    ops = []
+    for _ in range(draw(st.integers(0, 8))):
+        key = draw(st.sampled_from(KEYS))
+        prefixes = st.lists(st.sampled_from(PREFIXES), max_size=3, unique=True).map(
+            lambda found: tuple(sorted(found, key=str))
+        )
+        if key not in keys:
+            ops.append(PeerOp(OpKind.ADD, key, allowed_ips=draw(prefixes)))
+            keys.add(key)
+        elif draw(st.booleans()):
+            ops.append(PeerOp(OpKind.REMOVE, key))
+            keys.discard(key)
+        else:
+            allowed = draw(st.none() | prefixes)
+            ops.append(
+                PeerOp(
+                    OpKind.UPDATE, key, keepalive=draw(st.none() | st.just(5)), allowed_ips=allowed
+                )
+            )
+    return ops
+
+
+@settings(max_examples=400)
+@given(live=peer_sets(), data=st.data())
+def test_the_record_follows_any_sequence_of_ops_like_wireguard(live, data):
+    ops = data.draw(op_sequences(live))
+    model = model_from_live(live)
+    interpret_set(model, encode_set(None, ops).decode())
+    assert config_of(applied_peers(peer_map(live), ops)) == config_of(live_from_model(model))
+
+
+@settings(max_examples=600)
+@given(live=peer_sets(with_stats=True), before=peer_sets(), claimed=claims(), data=st.data())
+def test_planning_from_the_record_equals_planning_from_a_device_read(live, before, claimed, data):
+    # The record of a pass, then a next desired state (valid or not) that keeps some of
+    # the previous peers as they were: the record plans exactly what a full read and
+    # plan_peers would, and raises where it raises.
+    previous = as_desired(before)
+    kept = data.draw(st.lists(st.sampled_from(previous), unique=True) if previous else st.just([]))
+    kept_keys = {p.public_key for p in kept}
+    after = kept + [p for p in claimed if p.public_key not in kept_keys]
+    record = AppliedPeers(previous, applied_peers(peer_map(live), plan_peers(live, previous)))
+    expected = outcome(plan_peers, list(record.live.values()), after)
+    assert outcome(record.plan, after) == expected
+    if isinstance(expected, tuple):
+        # ...and the record after applying it plans nothing more: idempotent with the cache.
+        following = record.after(after, expected)
+        assert following.plan(after) == ()
+        assert plan_peers(list(following.live.values()), after) == ()
+
+
+@given(state=peer_sets(with_stats=True))
+def test_a_record_of_the_device_against_the_same_desired_peers_is_empty(state):
+    desired = as_desired(state)
+    assert AppliedPeers(desired, peer_map(state)).plan(desired) == ()
+    # Fresh, equal objects (as the agent computes every pass) are no change either.
+    fresh = [PeerConfig(p.public_key, tuple(p.allowed_ips), p.endpoint) for p in desired]
+    fresh = [
+        PeerConfig(f.public_key, f.allowed_ips, f.endpoint, p.keepalive, p.preshared_key)
+        for f, p in zip(fresh, desired, strict=True)
+    ]
+    assert AppliedPeers(desired, peer_map(state)).plan(fresh) == ()
+
+
+@settings(max_examples=300)
+@given(live=peer_sets(with_stats=True), target=peer_sets(), data=st.data())
+def test_the_record_matches_a_read_of_the_device_it_describes_and_no_other(live, target, data):
+    desired = as_desired(target)
+    ops = plan_peers(live, desired)
+    model = model_from_live(live)
+    interpret_set(model, encode_set(None, ops).decode())
+    record = AppliedPeers(desired, applied_peers(peer_map(live), ops))
+    device = live_from_model(model)  # as a read shows it: its own prefix order, its stats
+    assert record.matches(device)
+    # A roamed endpoint is WireGuard's own doing, not drift.
+    assert record.matches([replace(p, endpoint="198.18.9.9:4000") for p in device])
+    if not device:
+        return
+    victim = data.draw(st.sampled_from(device))
+    others = [p for p in device if p is not victim]
+    drifts = [
+        others,
+        [*others, replace(victim, keepalive=(victim.keepalive or 0) + 1)],
+        [*others, replace(victim, preshared_key=PSKS[0] if victim.preshared_key is None else None)],
+        [*others, replace(victim, allowed_ips=(*victim.allowed_ips, net("192.0.2.0/24")))],
+        [*others, victim, PeerState(encode_b64(bytes(31) + b"x"))],
+    ]
+    for drifted in drifts:
+        assert not record.matches(drifted)
+
+
+def test_the_record_refuses_a_prefix_an_unchanged_peer_still_holds():
+    a, b = KEYS[:2]
+    shared = net("10.9.0.0/24")
+    previous = [PeerConfig(a, (shared,)), PeerConfig(b, (net("100.64.0.2/32"),))]
+    record = AppliedPeers(previous, applied_peers({}, plan_peers([], previous)))
+    with pytest.raises(WireGuardError, match=r"10\.9\.0\.0/24 is on two peers"):
+        record.plan([previous[0], PeerConfig(b, (net("100.64.0.2/32"), shared))])
+
+
+def peer_map(peers: list[PeerState]) -> dict[str, PeerState]:
+    return {p.public_key: p for p in peers}
+
+
+@given(
+    address=st.ip_addresses(),
+    length=st.integers(0, 128),
+    link_length=st.integers(0, 128),
+    offset=st.integers(-2, 2),
+    noise=st.integers(0, 2**128 - 1),
+)
+def test_routed_prefixes_agree_with_ipaddress_subnet_of(
+    address, length, link_length, offset, noise
+):
+    # The link's address shares the prefix's top bits down to about the link's length:
+    # near misses and hits both come up, not only unrelated networks.
+    bits = address.max_prefixlen
+    shared = min(max(0, min(link_length, bits) + offset), bits)
+    flipped = noise & ((1 << (bits - shared)) - 1)
+    link_address = ipaddress.ip_address(int(address) ^ flipped) if bits == 32 else None
+    if link_address is None:
+        link_address = ipaddress.IPv6Address(int(address) ^ flipped)
+    prefix = ipaddress.ip_network((address, min(length, bits)), strict=False)
+    link = ipaddress.ip_network((link_address, min(link_length, bits)), strict=False)
+
+    def inside(outer: IPNetwork) -> bool:
+        return prefix.version == outer.version and prefix.subnet_of(outer)  # type: ignore[arg-type]
+
+    routed = prefix.prefixlen > 0 and not inside(link) and not inside(net("fe80::/10"))
+    assert (prefix in routed_prefixes([prefix], [link])) == routed
