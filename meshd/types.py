@@ -175,7 +175,8 @@ class ConfigView:
 
 
 class AgentAPI(Protocol):
-    """What hooks may use of the running agent."""
+    """What hooks may use of the running agent: facts to read and ``spawn``. It is a
+    small face of the engine (``meshd.agent.runtime.PluginFace``), never the agent."""
 
     @property
     def identity(self) -> NodeIdentity: ...
@@ -193,6 +194,14 @@ class AgentAPI(Protocol):
     @property
     def local_addresses(self) -> tuple[IPAddress, ...]:
         """This machine's own addresses outside the mesh (no loopback, no link-local)."""
+
+    @property
+    def state_dir(self) -> Path:
+        """This node's state directory (a plugin may keep files of its own there)."""
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """The gossip members as of the last pass, each with the engine's certificate verdict."""
 
     def spawn(self, coro: Awaitable[None], *, name: str) -> None:
         """Run ``coro`` in the agent's task group; its failure is logged, not fatal."""

@@ -25,50 +25,60 @@ from meshd import (
     parse_host_port,
 )
 
-_settings: dict[str, Any] = {"advertise": (), "local": True}
 
+class EndpointsPlugin:
+    """Its settings live in the object: two hosts (or two tests) never share them."""
 
-@hookimpl
-def meshd_configure(config: ConfigView) -> None:
-    section: Mapping[str, Any] = config.section("endpoints")
-    _settings.update(advertise=(), local=True)
-    for key, value in section.items():
-        where = f"plugins.endpoints.{key}"
-        if key == "advertise":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    def __init__(self) -> None:
+        self.advertise: tuple[str, ...] = ()
+        self.local = True
+
+    @hookimpl
+    def meshd_configure(self, config: ConfigView) -> None:
+        section: Mapping[str, Any] = config.section("endpoints")
+        advertise: tuple[str, ...] = ()
+        local = True
+        for key, value in section.items():
+            where = f"plugins.endpoints.{key}"
+            if key == "advertise":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(
+                        'must be a list of "host:port" strings', file=config.path, key=where
+                    )
+                for endpoint in value:
+                    try:
+                        parse_host_port(endpoint)
+                    except DecodeError as exc:
+                        raise ConfigError(f"{exc}", file=config.path, key=where) from None
+                advertise = tuple(value)
+            elif key == "local":
+                if not isinstance(value, bool):
+                    raise ConfigError("must be true or false", file=config.path, key=where)
+                local = value
+            else:
                 raise ConfigError(
-                    'must be a list of "host:port" strings', file=config.path, key=where
+                    "unknown key (known keys: advertise, local)", file=config.path, key=where
                 )
-            for endpoint in value:
-                try:
-                    parse_host_port(endpoint)
-                except DecodeError as exc:
-                    raise ConfigError(f"{exc}", file=config.path, key=where) from None
-            _settings["advertise"] = tuple(value)
-        elif key == "local":
-            if not isinstance(value, bool):
-                raise ConfigError("must be true or false", file=config.path, key=where)
-            _settings["local"] = value
-        else:
-            raise ConfigError(
-                "unknown key (known keys: advertise, local)", file=config.path, key=where
-            )
+        self.advertise, self.local = advertise, local
+
+    @hookimpl(trylast=True)
+    def meshd_endpoint_candidates(self, agent: AgentAPI) -> list[str]:
+        found = list(self.advertise)
+        if self.local:
+            mesh = [agent.network.cidr4, agent.network.cidr6]
+            usable = [
+                address
+                for address in agent.local_addresses
+                if not any(net is not None and address in net for net in mesh)
+                # ULAs are rarely reachable from other sites; keep lists short
+                and not (isinstance(address, ipaddress.IPv6Address) and address.is_private)
+            ]
+            # Best first (the record keeps what fits, from the front): public before
+            # private, IPv4 before IPv6; the kernel's order otherwise.
+            usable.sort(key=lambda a: (not a.is_global, a.version))
+            found.extend(format_host_port(address, agent.listen_port) for address in usable)
+        return found
 
 
-@hookimpl(trylast=True)
-def meshd_endpoint_candidates(agent: AgentAPI) -> list[str]:
-    found = list(_settings["advertise"])
-    if _settings["local"]:
-        mesh = [agent.network.cidr4, agent.network.cidr6]
-        usable = [
-            address
-            for address in agent.local_addresses
-            if not any(net is not None and address in net for net in mesh)
-            # ULAs are rarely reachable from other sites; keep lists short
-            and not (isinstance(address, ipaddress.IPv6Address) and address.is_private)
-        ]
-        # Best first (the record keeps what fits, from the front): public before
-        # private, IPv4 before IPv6; the kernel's order otherwise.
-        usable.sort(key=lambda a: (not a.is_global, a.version))
-        found.extend(format_host_port(address, agent.listen_port) for address in usable)
-    return found
+plugin = EndpointsPlugin()
+"""What the ``meshd.plugins`` entry point registers."""

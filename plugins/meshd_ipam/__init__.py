@@ -21,8 +21,6 @@ from meshd import ConfigError, ConfigView, MeshAddresses, Network, NodeIdentity,
 
 log = logging.getLogger(__name__)
 
-_static: dict[str, Any] = {}
-
 
 def _host_in(network: IPv4Network | IPv6Network, seed: bytes, attempt: int) -> int:
     digest = hashlib.blake2b(seed + attempt.to_bytes(4, "big"), digest_size=16).digest()
@@ -42,39 +40,48 @@ def derive(
     raise ConfigError(f"no free address left in {network}", key="plugins.ipam")
 
 
-@hookimpl
-def meshd_configure(config: ConfigView) -> None:
-    section: Mapping[str, Any] = config.section("ipam")
-    _static.clear()
-    for key, value in section.items():
-        if key not in ("address", "address6"):
-            raise ConfigError(
-                "unknown key (known keys: address, address6)",
-                file=config.path,
-                key=f"plugins.ipam.{key}",
-            )
-        try:
-            _static[key] = ipaddress.ip_address(value)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"must be an IP address, not {value!r}", file=config.path, key=f"plugins.ipam.{key}"
-            ) from None
+class IpamPlugin:
+    """Its static addresses live in the object, not in module globals."""
+
+    def __init__(self) -> None:
+        self.static: dict[str, IPv4Address | IPv6Address] = {}
+
+    @hookimpl
+    def meshd_configure(self, config: ConfigView) -> None:
+        section: Mapping[str, Any] = config.section("ipam")
+        static: dict[str, IPv4Address | IPv6Address] = {}
+        for key, value in section.items():
+            where = f"plugins.ipam.{key}"
+            if key not in ("address", "address6"):
+                raise ConfigError(
+                    "unknown key (known keys: address, address6)", file=config.path, key=where
+                )
+            try:
+                static[key] = ipaddress.ip_address(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"must be an IP address, not {value!r}", file=config.path, key=where
+                ) from None
+        self.static = static
+
+    @hookimpl(trylast=True)
+    def meshd_allocate_address(
+        self, network: Network, node: NodeIdentity, taken: frozenset[Any]
+    ) -> MeshAddresses:
+        seed = node.public_key.encode()
+        static = self.static.get("address")
+        if static is not None and static in taken:
+            # Another node keeps it (a conflict this node lost): fall back to a derived one.
+            log.warning("static address %s is taken by another node; deriving one", static)
+            static = None
+        v4 = static or derive(network.cidr4, seed, taken)
+        v6 = self.static.get("address6")
+        if v6 is not None and v6 in taken:
+            v6 = None
+        if v6 is None and network.cidr6 is not None:
+            v6 = derive(network.cidr6, seed, taken)
+        return MeshAddresses(ipv4=v4, ipv6=v6, static=static is not None)  # type: ignore[arg-type]
 
 
-@hookimpl(trylast=True)
-def meshd_allocate_address(
-    network: Network, node: NodeIdentity, taken: frozenset[Any]
-) -> MeshAddresses:
-    seed = node.public_key.encode()
-    static = _static.get("address")
-    if static is not None and static in taken:
-        # Another node keeps it (a conflict this node lost): fall back to a derived one.
-        log.warning("static address %s is taken by another node; deriving one", static)
-        static = None
-    v4 = static or derive(network.cidr4, seed, taken)
-    v6 = _static.get("address6")
-    if v6 is not None and v6 in taken:
-        v6 = None
-    if v6 is None and network.cidr6 is not None:
-        v6 = derive(network.cidr6, seed, taken)
-    return MeshAddresses(ipv4=v4, ipv6=v6, static=static is not None)
+plugin = IpamPlugin()
+"""What the ``meshd.plugins`` entry point registers."""

@@ -53,6 +53,8 @@ class FakeAgent:
     config = ConfigView(None, "n1", Path("/tmp"))
     listen_port = 51820
     local_addresses = (ipaddress.ip_address("198.18.0.1"),)
+    state_dir = Path("/tmp")
+    members = ()
 
     def spawn(self, coro: Any, *, name: str) -> None:
         coro.close()

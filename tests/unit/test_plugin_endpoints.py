@@ -7,18 +7,19 @@ from typing import Any
 
 import pytest
 
-import meshd_endpoints
 from meshd import ConfigError, ConfigView
+from meshd_endpoints import EndpointsPlugin
 
 
-def configure(**section: Any) -> None:
-    config = ConfigView("meshd.toml", "n1", Path("/tmp"), {"endpoints": section})
-    meshd_endpoints.meshd_configure(config)
+def configure(**section: Any) -> EndpointsPlugin:
+    plugin = EndpointsPlugin()
+    plugin.meshd_configure(ConfigView("meshd.toml", "n1", Path("/tmp"), {"endpoints": section}))
+    return plugin
 
 
 def test_advertised_endpoints_are_kept_in_order() -> None:
-    configure(advertise=["198.51.100.7:51820", "[2001:db8::7]:51820", "gw.example:4500"])
-    assert meshd_endpoints._settings["advertise"] == (
+    plugin = configure(advertise=["198.51.100.7:51820", "[2001:db8::7]:51820", "gw.example:4500"])
+    assert plugin.advertise == (
         "198.51.100.7:51820",
         "[2001:db8::7]:51820",
         "gw.example:4500",
