@@ -42,7 +42,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from meshd.node import KnownPeer
 from meshd.pki.trust import PENDING
@@ -89,8 +89,7 @@ class Claim:
         return (address not in self.certified, not self.static, self.public_key)
 
 
-@dataclass(frozen=True)
-class KnownEntry:
+class KnownEntry(NamedTuple):
     """A known peer and how long ago it was learnt (seconds)."""
 
     peer: KnownPeer

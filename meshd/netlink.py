@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshd.errors import NetlinkError
 from meshd.netns import call_in_netns
@@ -150,9 +150,8 @@ class _Link:
     attrs: Mapping[int, bytes]
 
 
-@dataclass(frozen=True)
-class _Address:
-    index: int
+class _Address(NamedTuple):
+    ifindex: int
     interface: IPInterface
 
 
@@ -375,7 +374,7 @@ class Netlink:
         index = await self._index(ifname)
         found = await self._dump_addresses(f"listing addresses of {ifname}")
         return tuple(
-            a.interface for a in found if a.index == index and not a.interface.is_link_local
+            a.interface for a in found if a.ifindex == index and not a.interface.is_link_local
         )
 
     async def host_addresses(self, *, exclude: Iterable[str] = ()) -> tuple[IPInterface, ...]:
@@ -386,7 +385,7 @@ class Netlink:
         return tuple(
             a.interface
             for a in found
-            if a.index not in skip and not (a.interface.is_loopback or a.interface.is_link_local)
+            if a.ifindex not in skip and not (a.interface.is_loopback or a.interface.is_link_local)
         )
 
     async def _change_address(self, kind: int, flags: int, index: int, iface: IPInterface) -> None:

@@ -22,21 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from meshd import PROJECT, hookspecs
+from meshd import types as t
 from meshd.errors import ConfigError, MeshdError, PluginError
-from meshd.types import (
-    Admission,
-    AgentAPI,
-    ConfigView,
-    Member,
-    MeshAddresses,
-    MeshView,
-    Network,
-    NodeIdentity,
-    PathChoice,
-    PeerConfig,
-    PeerPatch,
-    RecordExtras,
-)
 
 if TYPE_CHECKING:
     from importlib import metadata
@@ -61,16 +48,7 @@ class PluginInfo:
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "module": self.module,
-            "standard": self.standard,
-            "hooks": list(self.hooks),
-            "status": self.status,
-            "error": self.error,
-        }
+        return {**dataclasses.asdict(self), "hooks": list(self.hooks)}
 
 
 @dataclass
@@ -133,47 +111,49 @@ class PluginHost:
         except Exception as exc:
             raise PluginError(f"a plugin failed in {hook}: {type(exc).__name__}: {exc}") from exc
 
-    def configure(self, config: ConfigView) -> None:
+    def configure(self, config: t.ConfigView) -> None:
         """Let each plugin read its section; a plugin's ConfigError stops the command."""
         self._call_all("meshd_configure", isolate=False, config=config)
 
     def cli(self, group: Any) -> None:
         self._call_all("meshd_cli", isolate=True, group=group)
 
-    def startup(self, agent: AgentAPI) -> None:
+    def startup(self, agent: t.AgentAPI) -> None:
         self._call_all("meshd_startup", isolate=True, agent=agent)
 
-    def shutdown(self, agent: AgentAPI) -> None:
+    def shutdown(self, agent: t.AgentAPI) -> None:
         self._call_all("meshd_shutdown", isolate=True, agent=agent)
 
     def allocate_address(
-        self, network: Network, node: NodeIdentity, taken: frozenset[Any]
-    ) -> MeshAddresses | None:
-        result: MeshAddresses | None = self._call_first(
+        self, network: t.Network, node: t.NodeIdentity, taken: frozenset[Any]
+    ) -> t.MeshAddresses | None:
+        result: t.MeshAddresses | None = self._call_first(
             "meshd_allocate_address", network=network, node=node, taken=taken
         )
         return result
 
-    def endpoint_candidates(self, agent: AgentAPI) -> tuple[str, ...]:
+    def endpoint_candidates(self, agent: t.AgentAPI) -> tuple[str, ...]:
         merged: dict[str, None] = {}
         for answer in self._call_all("meshd_endpoint_candidates", isolate=True, agent=agent):
             merged.update(dict.fromkeys(answer))
         return tuple(merged)
 
-    def node_record(self, agent: AgentAPI) -> RecordExtras:
+    def node_record(self, agent: t.AgentAPI) -> t.RecordExtras:
         roles: set[str] = set()
         routes: dict[Any, None] = {}
         for extra in self._call_all("meshd_node_record", isolate=True, agent=agent):
             roles.update(extra.roles)
             routes.update(dict.fromkeys(extra.routes))
-        return RecordExtras(roles=frozenset(roles), routes=tuple(routes))
+        return t.RecordExtras(roles=frozenset(roles), routes=tuple(routes))
 
-    def admit_peer(self, agent: AgentAPI, member: Member) -> Admission | None:
-        result: Admission | None = self._call_first("meshd_admit_peer", agent=agent, member=member)
+    def admit_peer(self, agent: t.AgentAPI, member: t.Member) -> t.Admission | None:
+        result: t.Admission | None = self._call_first(
+            "meshd_admit_peer", agent=agent, member=member
+        )
         return result
 
-    def peer_config(self, agent: AgentAPI, member: Member, peer: PeerConfig) -> PeerConfig:
-        patches: Sequence[PeerPatch] = self._call_all(
+    def peer_config(self, agent: t.AgentAPI, member: t.Member, peer: t.PeerConfig) -> t.PeerConfig:
+        patches: Sequence[t.PeerPatch] = self._call_all(
             "meshd_peer_config", isolate=True, agent=agent, member=member, peer=peer
         )
         allowed = dict.fromkeys(peer.allowed_ips)
@@ -182,7 +162,7 @@ class PluginHost:
             allowed.update(dict.fromkeys(patch.extra_allowed_ips))
             endpoint = patch.endpoint if patch.endpoint is not None else endpoint
             keepalive = patch.keepalive if patch.keepalive is not None else keepalive
-        return PeerConfig(
+        return t.PeerConfig(
             public_key=peer.public_key,
             allowed_ips=tuple(allowed),
             endpoint=endpoint,
@@ -190,13 +170,13 @@ class PluginHost:
             preshared_key=peer.preshared_key,
         )
 
-    def select_path(self, agent: AgentAPI, member: Member) -> PathChoice:
-        result: PathChoice | None = self._call_first(
+    def select_path(self, agent: t.AgentAPI, member: t.Member) -> t.PathChoice:
+        result: t.PathChoice | None = self._call_first(
             "meshd_select_path", agent=agent, member=member
         )
-        return result or PathChoice()
+        return result or t.PathChoice()
 
-    def mesh_changed(self, agent: AgentAPI, view: MeshView) -> None:
+    def mesh_changed(self, agent: t.AgentAPI, view: t.MeshView) -> None:
         self._call_all("meshd_mesh_changed", isolate=True, agent=agent, view=view)
 
 
@@ -271,7 +251,7 @@ def build_plugin_host(
     return host
 
 
-def load_plugins(config_view: ConfigView, disabled: Iterable[str]) -> PluginHost:
+def load_plugins(config_view: t.ConfigView, disabled: Iterable[str]) -> PluginHost:
     """Build the host and let every plugin configure itself."""
     host = build_plugin_host(disabled)
     try:

@@ -65,7 +65,6 @@ class Agent:
 
     def __init__(self, config: Config, plugins: PluginHost, store: NodeStore) -> None:
         rt = self._rt = Runtime(config, plugins, store)
-        self._leave = False
         self._expiry_warned = 0.0
         self._control: ControlServer | None = None
         self._enrol: EnrolServer | None = None
@@ -75,21 +74,14 @@ class Agent:
             rt, republish=self.presence.publish, restart_gossip=self._restart_gossip
         )
         self.seed = Seed(rt, run_pass=self._pass, announce=self.exchange.announce)
-        self.operations = Operations(
-            rt,
-            publish=self.presence.publish,
-            announce_own=self._announce_own,
-            revoke=self.exchange.revoke,
-            request_stop=lambda leave: self.request_stop(leave=leave),
-        )
+        self.operations = Operations(rt, self.presence, self.exchange)
         self.pipeline = Pipeline(rt, own_record=self.presence.record())
 
     async def _announce_own(self) -> None:
         await self.exchange.announce_own()
 
     def request_stop(self, *, leave: bool = False) -> None:
-        self._leave = self._leave or leave
-        self._rt.stop_requested.set()
+        self._rt.request_stop(leave=leave)
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or ``meshd leave``); clean up on the way out."""
@@ -206,18 +198,18 @@ class Agent:
     async def _shutdown(self) -> None:
         """Every step bounded; about SHUTDOWN_BUDGET seconds at most in all."""
         rt = self._rt
-        log.info("stopping%s", " (leaving the mesh)" if self._leave else "")
+        log.info("stopping%s", " (leaving the mesh)" if self._rt.leaving else "")
         try:
             rt.plugins.shutdown(rt.face)
         except Exception:
             log.exception("a plugin failed at shutdown")
-        if self._leave and rt.has_iface:
+        if self._rt.leaving and rt.has_iface:
             # Through each peer's tunnel, so nobody can forge it (see agent/goodbye.py).
             targets = goodbye_targets(rt, rt.snapshot.desired.peers)
             await bounded(say_goodbye(rt.state.keys.public_key, targets), "saying goodbye", 0.3)
         # Tasks first (they use what is closed below), then what they used, children last.
         await rt.tasks.cancel_all(0.5)
-        await self.presence.stop_gossip(leave=self._leave, timeout=0.8)
+        await self.presence.stop_gossip(leave=self._rt.leaving, timeout=0.8)
         if self._enrol is not None:
             await bounded(self._enrol.stop(), "stopping the enrolment port", 0.2)
         if self._control is not None:
@@ -225,7 +217,7 @@ class Agent:
         await bounded(firewall.remove(), "removing meshd's nftables table", 0.3)
         if rt.has_iface:
             await bounded(rt.iface.close(), "removing the interface", 0.8)
-        if self._leave:
+        if self._rt.leaving:
             rt.store.save_peers([])
         log.info("stopped")
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from meshd.agent.exchange import TrustExchange
+from meshd.agent.presence import Presence
 from meshd.agent.runtime import Runtime
 from meshd.b64 import encode_b64
 from meshd.control import Handler
@@ -41,20 +43,10 @@ KEY_SWITCH_DELAY = 2.0
 class Operations:
     """The control commands of one agent."""
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        *,
-        publish: Callable[[], Awaitable[None]],
-        announce_own: Callable[[], Awaitable[None]],
-        revoke: Callable[[bytes], Awaitable[None]],
-        request_stop: Callable[[bool], None],
-    ) -> None:
+    def __init__(self, runtime: Runtime, presence: Presence, exchange: TrustExchange) -> None:
         self._rt = runtime
-        self._publish = publish
-        self._announce_own = announce_own
-        self._revoke = revoke
-        self._request_stop = request_stop
+        self._presence = presence
+        self._exchange = exchange
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -67,7 +59,7 @@ class Operations:
         }
 
     async def leave(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        self._request_stop(True)
+        self._rt.request_stop(leave=True)
         return {"leaving": self._rt.name}
 
     def _ca(self) -> NetworkCA:
@@ -81,7 +73,7 @@ class Operations:
 
     async def _publish_revocation(self, revocation: Revocation) -> None:
         self._rt.trust.add(revocation)
-        await self._revoke(revocation.encode())
+        await self._exchange.revoke(revocation.encode())
 
     async def revoke(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke member ``name``'s certificate and key (needs the CA key here) and gossip it.
@@ -175,8 +167,8 @@ class Operations:
         # to gossip the very record that would let them follow.
         rt.state = dataclasses.replace(rt.state, keys=keys, chain=chain.encode())
         rt.store.save_keys(rt.state)
-        await self._announce_own()
-        await self._publish()
+        await self._exchange.announce_own()
+        await self._presence.publish()
         await asyncio.sleep(KEY_SWITCH_DELAY)
         await rt.iface.set_private_key(keys.private_key)
         # The others' last handshake attempts failed against the old key and WireGuard

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from meshd.config import Config
 from meshd.desired import DesiredState, KnownEntry
@@ -39,6 +39,8 @@ from meshd.types import (
 from meshd.wireguard import WireGuardInterface
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,30 @@ class TaskSet:
         return await cancel_and_wait(list(self._tasks), timeout)
 
 
+class Late(Generic[T]):
+    """An attribute that one room sets once it has started (and may clear with None);
+    reading it before is a bug of the start order, said with ``why``."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+        self._slot = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_late_{name}"
+
+    def __get__(self, obj: object, objtype: type | None = None) -> T:
+        value: T | None = getattr(obj, self._slot, None)
+        assert value is not None, self._why
+        return value
+
+    def __set__(self, obj: object, value: T | None) -> None:
+        setattr(obj, self._slot, value)
+
+    @staticmethod
+    def is_set(obj: object, name: str) -> bool:
+        return getattr(obj, f"_late_{name}", None) is not None
+
+
 class Runtime:
     """The shared handles and cross-room state of one running agent.
 
@@ -160,36 +186,20 @@ class Runtime:
         self.joined = asyncio.Event()
         self.kicked = asyncio.Event()
         self.stop_requested = asyncio.Event()
+        self.leaving = False
         self.tasks = TaskSet(self.stop_requested.set)
-        self._iface: WireGuardInterface | None = None
-        self._gossip: Gossip | None = None
         self.face = PluginFace(self)
 
-    @property
-    def iface(self) -> WireGuardInterface:
-        assert self._iface is not None, "the interface is opened first"
-        return self._iface
-
-    @iface.setter
-    def iface(self, value: WireGuardInterface) -> None:
-        self._iface = value
+    iface: Late[WireGuardInterface] = Late("the interface is opened first")
+    gossip: Late[Gossip] = Late("gossip starts before anything uses it")
 
     @property
     def has_iface(self) -> bool:
-        return self._iface is not None
-
-    @property
-    def gossip(self) -> Gossip:
-        assert self._gossip is not None, "gossip starts before anything uses it"
-        return self._gossip
-
-    @gossip.setter
-    def gossip(self, value: Gossip | None) -> None:
-        self._gossip = value
+        return Late.is_set(self, "iface")
 
     @property
     def has_gossip(self) -> bool:
-        return self._gossip is not None
+        return Late.is_set(self, "gossip")
 
     @property
     def name(self) -> str:
@@ -207,6 +217,11 @@ class Runtime:
         """Keys of peers whose last handshake is at most ``within`` seconds old."""
         now = time.time()
         return frozenset(k for k, at in self.handshakes.items() if now - at <= within)
+
+    def request_stop(self, *, leave: bool = False) -> None:
+        """Stop the agent (SIGTERM, ``meshd leave``, a failed task); ``leave`` sticks."""
+        self.leaving = self.leaving or leave
+        self.stop_requested.set()
 
     def kick(self) -> None:
         """Ask for a pass now."""

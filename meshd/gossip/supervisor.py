@@ -168,6 +168,10 @@ class SerfAgent:
         self.settings = settings
         self.netns = netns
         self.directory = Path(settings.state_dir)
+        self.config_path = self.directory / "serf.json"
+        self.keyring_path = self.directory / "keyring.json"
+        self.tags_path = self.directory / "tags.json"
+        self.snapshot_path = self.directory / "snapshot"
         self._on_restart = on_restart
         prefix: Sequence[str] = ("ip", "netns", "exec", netns) if netns else ()
         serf = find_binary(serf_binary)
@@ -180,22 +184,6 @@ class SerfAgent:
             on_restart=self._restarted,
             backoff_initial=backoff_initial,
         )
-
-    @property
-    def config_path(self) -> Path:
-        return self.directory / "serf.json"
-
-    @property
-    def keyring_path(self) -> Path:
-        return self.directory / "keyring.json"
-
-    @property
-    def tags_path(self) -> Path:
-        return self.directory / "tags.json"
-
-    @property
-    def snapshot_path(self) -> Path:
-        return self.directory / "snapshot"
 
     @property
     def pid(self) -> int | None:

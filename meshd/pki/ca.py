@@ -43,8 +43,23 @@ from meshd.pki.revocation import Revocation, sign_revocation
 from meshd.types import IPAddress
 
 
+class _SigningKey:
+    """What a holder of an Ed25519 signing key shows of it."""
+
+    signing_key: SigningKey
+
+    @property
+    def secret(self) -> bytes:
+        """The 32-byte Ed25519 seed; store it with :func:`meshd.state.write_secret`."""
+        return bytes(self.signing_key)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+
 @dataclass(frozen=True)
-class EnrolmentKey:
+class EnrolmentKey(_SigningKey):
     """A CA-signed, short-lived Ed25519 key that signs node certificates.
 
     Whoever holds it can make node certificates until ``cert.not_after``: it
@@ -62,14 +77,6 @@ class EnrolmentKey:
         if bytes(key.verify_key) != cert.public_key_bytes:
             raise IdentityError("the enrolment key does not match its certificate")
         return cls(signing_key=key, cert=cert)
-
-    @property
-    def secret(self) -> bytes:
-        return bytes(self.signing_key)
-
-    @property
-    def public_key(self) -> bytes:
-        return bytes(self.signing_key.verify_key)
 
     def sign(self, message: bytes) -> bytes:
         """A detached Ed25519 signature (the enrolment protocol's proof of holding the token)."""
@@ -106,7 +113,7 @@ class EnrolmentKey:
 
 
 @dataclass(frozen=True)
-class NetworkCA:
+class NetworkCA(_SigningKey):
     """The network's root key. Its secret stays on admin machines (0600, never logged)."""
 
     name: str
@@ -122,15 +129,6 @@ class NetworkCA:
             name=check_name(name, what="network name"),
             signing_key=signing_key_from(secret, "a CA secret key"),
         )
-
-    @property
-    def secret(self) -> bytes:
-        """The 32-byte Ed25519 seed; store it with :func:`meshd.state.write_secret`."""
-        return bytes(self.signing_key)
-
-    @property
-    def public_key(self) -> bytes:
-        return bytes(self.signing_key.verify_key)
 
     @property
     def network_id(self) -> str:

@@ -10,19 +10,10 @@ Public API (what the agent uses):
   :func:`~meshd.wireguard.reconcile.plan_routes`: the pure diff, and
   :class:`~meshd.wireguard.reconcile.AppliedPeers`, the record of a pass that lets
   the next one plan without reading the device (a full check re-reads it now and then);
-* the values :class:`~meshd.wireguard.backend.PeerState`,
-  :class:`~meshd.wireguard.backend.DeviceState`, :class:`~meshd.wireguard.backend.PeerOp`
-  and the :class:`~meshd.wireguard.backend.WireGuardBackend` protocol.
+* in :mod:`meshd.wireguard.backend`: the values ``PeerState``, ``DeviceState``,
+  ``PeerOp`` and the ``WireGuardBackend`` protocol.
 """
 
-from meshd.wireguard.backend import (
-    DeviceConfig,
-    DeviceState,
-    OpKind,
-    PeerOp,
-    PeerState,
-    WireGuardBackend,
-)
 from meshd.wireguard.interface import (
     InterfaceSpec,
     ReconcileResult,
@@ -32,15 +23,9 @@ from meshd.wireguard.interface import (
 from meshd.wireguard.reconcile import RoutePlan, plan_peers, plan_routes
 
 __all__ = [
-    "DeviceConfig",
-    "DeviceState",
     "InterfaceSpec",
-    "OpKind",
-    "PeerOp",
-    "PeerState",
     "ReconcileResult",
     "RoutePlan",
-    "WireGuardBackend",
     "WireGuardInterface",
     "plan_peers",
     "plan_routes",

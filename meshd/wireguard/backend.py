@@ -36,6 +36,13 @@ from meshd.identity import decode_key, encode_key
 from meshd.types import IPAddress, IPNetwork
 
 ZERO_KEY = encode_key(bytes(32))
+
+
+def preshared_or_none(key: str | None) -> str | None:
+    """A preshared key as meshd holds it: ``None`` for none (WireGuard says all zeros)."""
+    return None if key is None or key == ZERO_KEY else key
+
+
 """A preshared key of 32 zero bytes: WireGuard's spelling of "no preshared key"."""
 
 RestartHook = Callable[[], Awaitable[None]]

@@ -26,7 +26,6 @@ from meshd.hostport import format_host_port
 from meshd.netlink import Netlink, netns_socket
 from meshd.types import IPNetwork
 from meshd.wireguard.backend import (
-    ZERO_KEY,
     DeviceConfig,
     DeviceState,
     OpKind,
@@ -35,6 +34,7 @@ from meshd.wireguard.backend import (
     RestartHook,
     normalize_endpoint,
     parse_endpoint,
+    preshared_or_none,
     sorted_networks,
 )
 
@@ -181,7 +181,7 @@ class KernelBackend:
                     entry["handshake"] = handshake["tv_sec"] + handshake.get("tv_nsec", 0) / 1e9
                 psk = _key_text(peer.get_attr("WGPEER_A_PRESHARED_KEY"))
                 if psk is not None:
-                    entry["psk"] = None if psk == ZERO_KEY else psk
+                    entry["psk"] = preshared_or_none(psk)
                 for attr, name in (
                     ("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", "keepalive"),
                     ("WGPEER_A_RX_BYTES", "rx"),

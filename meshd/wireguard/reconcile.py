@@ -42,6 +42,7 @@ from meshd.wireguard.backend import (
     WireGuardBackend,
     key_hex,
     normalize_endpoint,
+    preshared_or_none,
     sorted_networks,
 )
 
@@ -236,7 +237,7 @@ def applied_peers(live: Mapping[str, PeerState], ops: Iterable[PeerOp]) -> dict[
             owner = {net: key for key, peer in after.items() for net in peer.allowed_ips}
         psk = have.preshared_key
         if op.preshared_key is not None:
-            psk = None if op.preshared_key == ZERO_KEY else op.preshared_key
+            psk = preshared_or_none(op.preshared_key)
         # Built directly: dataclasses.replace costs ~4 us a call, 1,000 calls a full apply.
         after[op.public_key] = PeerState(
             op.public_key,

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from meshd.errors import IdentityError, WireGuardError
 from meshd.identity import decode_key, encode_key, public_key_of
 from meshd.wireguard.backend import (
-    ZERO_KEY,
     DeviceConfig,
     DeviceState,
     OpKind,
@@ -24,6 +23,7 @@ from meshd.wireguard.backend import (
     key_hex,
     normalize_endpoint,
     parse_network,
+    preshared_or_none,
     sorted_networks,
 )
 
@@ -132,7 +132,7 @@ def _peer(fields: dict[str, str], allowed: list[str]) -> PeerState:
         None if endpoint is None else normalize_endpoint(endpoint),
         sorted_networks(networks),
         _count(fields, "persistent_keepalive_interval") or None,
-        None if psk == ZERO_KEY else psk,
+        preshared_or_none(psk),
         seconds + nanoseconds / 1e9 if seconds or nanoseconds else None,
         _count(fields, "rx_bytes"),
         _count(fields, "tx_bytes"),
