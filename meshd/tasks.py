@@ -14,6 +14,7 @@ Public API::
     await budget.step("stopping serf", serf.stop(), limit=1.0)
     budget.abandoned                                      # everything left behind
     log_tasks()                                           # every task of the loop and its stack
+    result = run(main(), cleanup_timeout=0.5)             # asyncio.run with a bounded clean-up
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import time
 import traceback
 from collections.abc import Coroutine, Iterable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +176,35 @@ def log_tasks(level: int = logging.WARNING, loop: asyncio.AbstractEventLoop | No
     for task in sorted(found, key=lambda t: t.get_name()):
         log.log(level, "task %s waits in:\n%s", task.get_name(), task_stack(task))
     return len(found)
+
+
+def run(main: Coroutine[Any, Any, T], *, cleanup_timeout: float = 0.5) -> T:
+    """``asyncio.run(main)``, but its clean-up is bounded too.
+
+    After ``main`` returns, ``asyncio.run`` cancels the tasks still running and
+    awaits them with no limit, then waits for the default executor's threads with
+    no limit: one abandoned task that swallows its cancellation keeps the process
+    alive forever. Here each of those waits ends after ``cleanup_timeout``; what is
+    left is logged (see :func:`cancel_and_wait`) and dropped with the loop.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            if left:
+                loop.run_until_complete(
+                    cancel_and_wait(left, cleanup_timeout, what="task left at exit")
+                )
+            for name, cleanup in (
+                ("closing async generators", loop.shutdown_asyncgens()),
+                ("joining executor threads", loop.shutdown_default_executor()),
+            ):
+                done = loop.run_until_complete(ShutdownBudget(cleanup_timeout).step(name, cleanup))
+                if not done:
+                    log.warning(
+                        "%s did not finish in %.1f s; exiting anyway", name, cleanup_timeout
+                    )
+        finally:
+            loop.close()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from meshd.tasks import ShutdownBudget, cancel_and_wait, log_tasks
+from meshd.tasks import ShutdownBudget, cancel_and_wait, log_tasks, run
 
 
 async def obedient() -> None:
@@ -188,3 +188,39 @@ def test_log_tasks_names_every_pending_task_with_its_stack(caplog) -> None:
         assert asyncio.run(scenario()) == 2  # the sleeper and the scenario itself
     [record] = [r for r in caplog.records if r.getMessage().startswith("task sleeper ")]
     assert "in obedient" in record.getMessage()
+
+
+def test_run_returns_the_result_even_when_a_task_left_behind_swallows_cancellation(caplog) -> None:
+    kept: list[asyncio.Task[None]] = []
+
+    async def main() -> str:
+        kept.append(asyncio.create_task(stubborn(asyncio.Event()), name="left-behind"))
+        await asyncio.sleep(0)
+        return "done"
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="meshd.tasks"):
+        assert run(main(), cleanup_timeout=0.2) == "done"
+    # asyncio.run would still be waiting for "left-behind".
+    assert time.monotonic() - started < 3
+    assert any("task left at exit left-behind" in r.getMessage() for r in caplog.records)
+
+
+def test_run_raises_what_main_raises_and_still_cleans_up() -> None:
+    finished: list[str] = []
+    kept: list[asyncio.Task[None]] = []
+
+    async def tidy() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            finished.append("tidy")
+
+    async def main() -> None:
+        kept.append(asyncio.create_task(tidy()))
+        await asyncio.sleep(0)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(main())
+    assert finished == ["tidy"]
