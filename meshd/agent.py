@@ -75,6 +75,7 @@ from meshd.pki.enrol import (
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING, PENDING, REVOCATIONS_PER_PAGE, Trust
 from meshd.plugins import PluginHost
+from meshd.tasks import ShutdownBudget, cancel_and_wait
 from meshd.types import (
     Admission,
     ConfigView,
@@ -107,7 +108,11 @@ REPUBLISH_INTERVAL = 60.0
 # A peer learnt at enrolment or restored from disk, not (yet) seen in gossip,
 # is kept this long after gossip has other members.
 KNOWN_PEER_GRACE = 120.0
+# A leave (``meshd leave``) may take this long to reach the others.
 SHUTDOWN_TIMEOUT = 10.0
+# SIGTERM must end the agent within 3 s: its steps share this budget, each bounded.
+SHUTDOWN_BUDGET = 2.5
+TASKS_STOP_TIMEOUT = 1.0
 LEAVE_EVENT = "meshd-leave"
 REVOKE_EVENT = "meshd-revoke"
 CHAIN_QUERY = "meshd-chain"
@@ -235,15 +240,35 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
-            await self._start()
-            await self._wait_joined()
-            systemd.notify("READY=1\nSTATUS=mesh interface up, gossip joined")
-            await self._stop.wait()
+            if await self._start_unless_stopped():
+                systemd.notify("READY=1\nSTATUS=mesh interface up, gossip joined")
+                await self._stop.wait()
         finally:
             systemd.notify("STOPPING=1")
             await self._shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start and wait to join, unless a stop comes first: then the start-up is
+        cancelled (a SIGTERM must not wait out a 30 s wait for the mesh). True if started."""
+
+        async def start_up() -> None:
+            await self._start()
+            await self._wait_joined()
+
+        starting = asyncio.create_task(start_up(), name="start-up")
+        stopping = asyncio.create_task(self._stop.wait(), name="stop-requested")
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                await cancel_and_wait([starting], TASKS_STOP_TIMEOUT, what="start-up")
+        if starting.cancelled() or not starting.done():
+            return False
+        starting.result()  # a start-up error ends the agent, as before
+        return not self._stop.is_set()
 
     async def _start(self) -> None:
         cfg = self._config
@@ -354,32 +379,41 @@ class Agent:
         await self._publish(record)
 
     async def _shutdown(self) -> None:
+        """Every step bounded, all within SHUTDOWN_BUDGET (plus the leave's own time):
+        a task or a closer that does not end in time is logged by name and abandoned."""
         log.info("stopping%s", " (leaving the mesh)" if self._leave else "")
+        budget = ShutdownBudget(SHUTDOWN_BUDGET + (SHUTDOWN_TIMEOUT if self._leave else 0.0))
         with contextlib.suppress(Exception):
             self.plugins.shutdown(self)
         if self._leave and self._client is not None:
-            try:
-                await self._client.user_event(
-                    LEAVE_EVENT, self.state.keys.public_key.encode(), coalesce=False
-                )
-                await asyncio.wait_for(self._client.leave(), SHUTDOWN_TIMEOUT)
-            except (MeshdError, asyncio.TimeoutError) as exc:
-                log.warning("graceful leave did not complete: %s", exc)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for closer in (
-            self._client.close() if self._client else None,
-            self._serf.stop() if self._serf else None,
-            self._enrol.stop() if self._enrol else None,
-            self._control.stop() if self._control else None,
-            self._iface.close() if self._iface else None,
-        ):
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(closer, SHUTDOWN_TIMEOUT)
+            await budget.step("leaving the mesh", self._announce_leave(), limit=SHUTDOWN_TIMEOUT)
+        await budget.cancel_tasks(list(self._tasks), limit=TASKS_STOP_TIMEOUT)
+        if self._client is not None:
+            await budget.step("closing the Serf RPC client", self._client.close(), limit=0.5)
+        # Side by side: each child may use its SIGTERM grace, and a step cut short kills.
+        closers = [
+            ("stopping serf", self._serf.stop() if self._serf else None),
+            ("stopping the enrolment server", self._enrol.stop() if self._enrol else None),
+            ("stopping the control server", self._control.stop() if self._control else None),
+            ("closing the interface", self._iface.close() if self._iface else None),
+        ]
+        await asyncio.gather(
+            *(budget.step(name, closer) for name, closer in closers if closer is not None)
+        )
+        if budget.abandoned:
+            log.warning("stopped, leaving behind: %s", ", ".join(budget.abandoned))
         if self._leave:
             self.store.save_peers([])
+
+    async def _announce_leave(self) -> None:
+        assert self._client is not None
+        try:
+            await self._client.user_event(
+                LEAVE_EVENT, self.state.keys.public_key.encode(), coalesce=False
+            )
+            await self._client.leave()
+        except MeshdError as exc:
+            log.warning("graceful leave did not complete: %s", exc)
 
     def _reload(self) -> None:
         log.info("SIGHUP: re-reading the configuration of plugins")
