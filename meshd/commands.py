@@ -114,13 +114,13 @@ def _start_agent(state: CliState, mode: str) -> None:
 
 def run_agent(state: CliState) -> None:
     from meshd.agent import Agent
-    from meshd.tasks import run_until_stopped
+    from meshd.tasks import run
 
     # The default loop, not uvloop: pyroute2's asyncio netlink opens AF_NETLINK datagram
     # endpoints, which uvloop refuses ("invalid family 16"). No packet passes through
     # this loop, so its speed hardly matters.
     agent = Agent(state.config, state.plugins, NodeStore(state.config.state_dir))
-    run_until_stopped(agent.run())
+    run(agent.run())
 
 
 start_options = [

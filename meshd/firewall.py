@@ -59,7 +59,8 @@ async def _nft(script: str) -> None:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, err = await asyncio.wait_for(proc.communicate(script.encode()), NFT_TIMEOUT)
+        async with asyncio.timeout(NFT_TIMEOUT):
+            _, err = await proc.communicate(script.encode())
     except (OSError, asyncio.TimeoutError) as exc:
         raise FirewallError(f"nft failed: {exc or 'timed out'}") from exc
     if proc.returncode != 0:

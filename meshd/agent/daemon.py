@@ -31,6 +31,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import Any
 
 from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
@@ -39,7 +40,7 @@ from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
 from meshd.agent.operations import Operations
 from meshd.agent.pipeline import Pipeline
 from meshd.agent.presence import RESYNC_INTERVAL, Presence
-from meshd.agent.runtime import Runtime, bounded
+from meshd.agent.runtime import Runtime
 from meshd.agent.seed import Seed
 from meshd.config import Config
 from meshd.control import ControlServer
@@ -50,6 +51,7 @@ from meshd.pki.certificate import CertChain
 from meshd.pki.enrol_server import EnrolServer, chain_verifier
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.plugins import PluginHost
+from meshd.tasks import ShutdownBudget, cancel_and_wait, log_tasks
 from meshd.wireguard import InterfaceSpec, WireGuardInterface
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ INTERFACE_WAIT = 15.0
 READY_TIMEOUT = 30.0
 # systemd waits 90 s by default; the issue of record asks for 3 s, children included.
 SHUTDOWN_BUDGET = 2.5
+# A graceful leave waits for Serf to spread the leave intent: not bound by systemd's stop.
+LEAVE_EXTRA = 5.0
 
 
 class Agent:
@@ -89,6 +93,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        # `kill -USR1` logs every task with its stack: a hang can be read on a live agent.
+        loop.add_signal_handler(signal.SIGUSR1, log_tasks)
         try:
             # Start-up itself races the stop request: SIGTERM during start-up ends it.
             started = asyncio.ensure_future(self._start_and_wait_joined())
@@ -100,11 +106,11 @@ class Agent:
                 systemd.notify("READY=1\nSTATUS=mesh interface up, gossip joined")
                 await self._rt.stop_requested.wait()
             else:
-                await bounded(_cancelled(started), "start-up", 0.5)
+                await cancel_and_wait([started], 0.5, what="start-up")
         finally:
             systemd.notify("STOPPING=1")
             await self._shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
 
     async def _start_and_wait_joined(self) -> None:
@@ -164,7 +170,8 @@ class Agent:
         if not len(rt.known):
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(rt.joined.wait(), READY_TIMEOUT)
+            async with asyncio.timeout(READY_TIMEOUT):
+                await rt.joined.wait()
         if not rt.joined.is_set():
             log.warning("no other member answered within %.0f s; running alone", READY_TIMEOUT)
 
@@ -196,30 +203,44 @@ class Agent:
         self._rt.tasks.start(GoodbyeListener(self._rt).run(), name="goodbye")
 
     async def _shutdown(self) -> None:
-        """Every step bounded; about SHUTDOWN_BUDGET seconds at most in all."""
+        """Every step bounded, all within SHUTDOWN_BUDGET (more when leaving the mesh)."""
         rt = self._rt
-        log.info("stopping%s", " (leaving the mesh)" if self._rt.leaving else "")
+        leaving = rt.leaving
+        budget = ShutdownBudget(SHUTDOWN_BUDGET + (LEAVE_EXTRA if leaving else 0.0))
+        log.info("stopping%s", " (leaving the mesh)" if leaving else "")
         try:
             rt.plugins.shutdown(rt.face)
         except Exception:
             log.exception("a plugin failed at shutdown")
-        if self._rt.leaving and rt.has_iface:
+        if leaving and rt.has_iface:
             # Through each peer's tunnel, so nobody can forge it (see agent/goodbye.py).
             targets = goodbye_targets(rt, rt.snapshot.desired.peers)
-            await bounded(say_goodbye(rt.state.keys.public_key, targets), "saying goodbye", 0.3)
+            await budget.step(
+                "saying goodbye", say_goodbye(rt.state.keys.public_key, targets), limit=0.3
+            )
         # Tasks first (they use what is closed below), then what they used, children last.
-        await rt.tasks.cancel_all(0.5)
-        await self.presence.stop_gossip(leave=self._rt.leaving, timeout=0.8)
+        budget.abandoned += await rt.tasks.cancel_all(budget.share(0.5))
+        await budget.step(
+            "stopping gossip",
+            self.presence.stop_gossip(
+                leave=leaving, timeout=budget.share(0.8 + LEAVE_EXTRA * leaving)
+            ),
+            limit=1.0 + LEAVE_EXTRA * leaving,
+        )
+        closers = [budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5)]
         if self._enrol is not None:
-            await bounded(self._enrol.stop(), "stopping the enrolment port", 0.2)
+            closers.append(budget.step("stopping the enrolment port", self._enrol.stop()))
         if self._control is not None:
-            await bounded(self._control.stop(), "stopping the control socket", 0.2)
-        await bounded(firewall.remove(), "removing meshd's nftables table", 0.3)
+            closers.append(budget.step("stopping the control socket", self._control.stop()))
         if rt.has_iface:
-            await bounded(rt.iface.close(), "removing the interface", 0.8)
-        if self._rt.leaving:
+            closers.append(budget.step("removing the interface", rt.iface.close()))
+        await asyncio.gather(*closers)
+        if leaving:
             rt.store.save_peers([])
-        log.info("stopped")
+        if budget.abandoned:
+            log.warning("stopped, abandoning: %s", ", ".join(budget.abandoned))
+        else:
+            log.info("stopped")
 
     def _reload(self) -> None:
         log.info("SIGHUP: re-reading the configuration of plugins")
@@ -244,17 +265,20 @@ class Agent:
             view = rt.gossip.view
             subscription = view.subscribe()
             next_change = asyncio.ensure_future(subscription.__anext__())
+            kick: asyncio.Future[bool] = asyncio.ensure_future(rt.kicked.wait())
             try:
                 # Until gossip restarts on a new address and a new view replaces this one.
                 while rt.has_gossip and rt.gossip.view is view:
-                    kick = asyncio.ensure_future(rt.kicked.wait())
+                    if kick.done():
+                        kick = asyncio.ensure_future(rt.kicked.wait())
+                    waiting: set[asyncio.Future[Any]] = {next_change, kick}
                     await asyncio.wait(
-                        {next_change, kick},
+                        waiting,
                         timeout=RESYNC_INTERVAL,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
-                    kick.cancel()
-                    rt.kicked.clear()
+                    if kick.done():
+                        rt.kicked.clear()
                     if next_change.done():
                         next_change = asyncio.ensure_future(subscription.__anext__())
                     try:
@@ -263,6 +287,7 @@ class Agent:
                         log.warning("reconcile pass failed, retrying: %s", exc)
             finally:
                 next_change.cancel()
+                kick.cancel()
                 subscription.close()
 
     async def _pass(self) -> None:
@@ -285,9 +310,3 @@ class Agent:
             "expires" if left > 0 else "expired",
             abs(left) / 86400,
         )
-
-
-async def _cancelled(task: asyncio.Future[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

@@ -279,7 +279,8 @@ class PluginFace:
 async def bounded(step: Awaitable[Any], what: str, timeout: float) -> None:
     """Await one shutdown step for at most ``timeout``; its failure is logged, not raised."""
     try:
-        await asyncio.wait_for(step, timeout)
+        async with asyncio.timeout(timeout):
+            await step
     except asyncio.TimeoutError:
         log.warning("%s did not finish within %.1f s; going on", what, timeout)
     except Exception as exc:

@@ -566,10 +566,10 @@ class SerfClient:
         await self._send(conn, seq, command, body)
         try:
             # The entry stays registered after a timeout so its late reply is still parsed.
-            return await asyncio.wait_for(
-                asyncio.shield(entry.future),
-                self._timeout if reply_timeout is None else reply_timeout,
-            )
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives
+            # with the reply, and the caller's loop runs on past its shutdown (issue 10).
+            async with asyncio.timeout(self._timeout if reply_timeout is None else reply_timeout):
+                return await asyncio.shield(entry.future)
         except asyncio.TimeoutError:
             raise SerfConnectionError(
                 f"serf {command}: no reply from {self.rpc_addr} in {self._timeout:g} s"

@@ -17,8 +17,10 @@ The agent is supervised by :class:`meshd.process.ChildProcess`: it counts as
 started once it answers an authenticated ``members`` over RPC; it is restarted
 with backoff when it dies and stopped with SIGTERM (no graceful leave: a
 restarting meshd is "failed" for a moment, not "left"; use ``SerfClient.leave``
-to leave). Its log lines are forwarded to the ``meshd.gossip.supervisor.serf``
-logger at the level serf printed (``[DEBUG]``/``[INFO]``/``[WARN]``/``[ERR]``).
+to leave), SIGKILL after a second. A start that fails or is cancelled midway
+stops the agent it started, and the agent dies with meshd. Its log lines are
+forwarded to the ``meshd.gossip.supervisor.serf`` logger at the level serf
+printed (``[DEBUG]``/``[INFO]``/``[WARN]``/``[ERR]``).
 
 With ``netns="NAME"`` the agent runs under ``ip netns exec NAME`` and
 :meth:`SerfAgent.client` returns a client that connects inside that namespace.

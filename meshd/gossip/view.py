@@ -287,7 +287,8 @@ class MembershipView:
                 return False
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except asyncio.TimeoutError:
                 return predicate(self._snapshot)
         return True
@@ -322,8 +323,11 @@ class MembershipView:
                 # Once at WARNING, then DEBUG while the agent stays away.
                 (log.debug if self._poll_failing else log.warning)("members poll failed: %s", exc)
                 self._poll_failing = True
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives as
+            # the kick does, and this loop then outlived the agent's shutdown (issue 10).
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._poll_interval)
+                async with asyncio.timeout(self._poll_interval):
+                    await self._kick.wait()
 
     async def _follow_events(self) -> None:
         async for event in self._client.events():

@@ -247,9 +247,8 @@ class EnrolServer:
                 log.debug("enrolment from %s refused: %s", source, why)
                 await write_frame(writer, refusal(why))
                 return
-            await asyncio.wait_for(
-                self._converse(reader, writer, source, accepted=task), self._timeout
-            )
+            async with asyncio.timeout(self._timeout):
+                await self._converse(reader, writer, source, accepted=task)
         except asyncio.TimeoutError:
             log.info("enrolment from %s timed out", source)
         except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
@@ -280,9 +279,8 @@ class EnrolServer:
         await write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
             # A short deadline for the request: an idle connection holds a place.
-            body = await asyncio.wait_for(
-                read_frame(reader, MAX_REQUEST), self._first_frame_timeout
-            )
+            async with asyncio.timeout(self._first_frame_timeout):
+                body = await read_frame(reader, MAX_REQUEST)
         except IdentityError as exc:
             await self._refuse(writer, source, str(exc))
             return
