@@ -135,14 +135,15 @@ def test_revocation_reaches_every_node_and_one_that_was_down(mesh: MeshLab) -> N
         lambda: all(victim_key not in wg_peers(mesh, n) for n in up), 20, "n8 dropped everywhere"
     )
     print(f"revocation applied by {len(up)} nodes in {took:.1f} s")
+    # Two: n8's certificate and key, and the token it joined with (revoke's default).
     for node in up:
-        assert status(mesh, node)["node"]["revocations"] == 1
+        assert status(mesh, node)["node"]["revocations"] == 2
     mesh.start("n7")
     mesh.wait_ready("n7")
     took7 = eventually(
         lambda: (
             victim_key not in wg_peers(mesh, "n7")
-            and status(mesh, "n7")["node"]["revocations"] == 1
+            and status(mesh, "n7")["node"]["revocations"] == 2
         ),
         60,
         "n7 learnt the revocation after its return",
