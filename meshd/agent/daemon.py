@@ -142,6 +142,8 @@ class Agent:
             log.info("restoring %d peer(s) from the last run", len(rt.known))
         await self.pipeline.run(())
 
+        # Gossip first: every join waits for it; the control and enrolment ports can wait.
+        await self.presence.start_gossip(self._on_gossip_event)
         self._control = ControlServer(rt.store.dir, self.operations.handlers())
         await self._control.start()
         if cfg.enrol.enabled:
@@ -153,7 +155,6 @@ class Agent:
             )
             await self._enrol.start()
 
-        await self.presence.start_gossip(self._on_gossip_event)
         rt.plugins.startup(rt.face)
         rt.tasks.start(self._loop(), name="reconcile-loop")
         rt.tasks.start(self.presence.join_loop(), name="gossip-join")

@@ -107,6 +107,7 @@ class Presence:
         cfg, state = rt.config, rt.state
         record = self.record()
         bind = str(gossip_address(state.addresses.all()))
+        targets = self.join_targets()
         settings = SerfSettings(
             node_name=serf_node_name(state.name, state.keys.public_key),
             state_dir=rt.store.serf_dir,
@@ -122,6 +123,9 @@ class Presence:
             # without a record.
             tags=encode_record(record),
             log_level="info" if log.isEnabledFor(logging.DEBUG) else "warn",
+            # Serf joins the known peers as it starts, with no RPC round trip first; the
+            # join loop below covers whatever this misses.
+            extra={"retry_join": targets, "retry_interval": "2s"} if targets else {},
         )
         try:
             await firewall.protect_gossip(

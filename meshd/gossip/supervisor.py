@@ -272,8 +272,9 @@ class SerfAgent:
         await self._child.stop()
 
     async def _answers_rpc(self) -> None:
-        # Polls until the RPC port answers; a wrong auth key is raised at once.
-        delay = 0.05
+        # Polls until the RPC port answers; a wrong auth key is raised at once. Often at
+        # first: every join waits for this (serf answers ~100 ms after its start).
+        delay = 0.02
         while True:
             client = self.client(stream=None, reconnect=False, timeout=5.0)
             try:
@@ -282,7 +283,7 @@ class SerfAgent:
                 return
             except SerfConnectionError:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 1.5, 0.2)
             finally:
                 with contextlib.suppress(Exception):
                     await client.close()
