@@ -514,7 +514,7 @@ def run_size(size: int, args: argparse.Namespace, rng: random.Random) -> dict[st
         log_marks = count_log_marks(lab)
         for line in problems:
             say(f"  PROBLEM: {line}")
-        if problems:
+        if problems or args.keep_all:
             keep = Path(args.keep_logs) / lab.lab_id
             shutil.copytree(lab.log_path(base[0], AGENT).parent, keep, dirs_exist_ok=True)
             say(f"  agent logs copied to {keep}")
@@ -705,6 +705,9 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="write the raw figures here")
     parser.add_argument(
         "--keep-logs", default="/tmp/meshd-bench-mesh-join", help="logs of failed runs go here"
+    )
+    parser.add_argument(
+        "--keep-all", action="store_true", help="copy every run's agent logs to --keep-logs"
     )
     args = parser.parse_args()
     try:

@@ -147,7 +147,10 @@ class Presence:
         )
         rt.gossip = Gossip(serf, client, view)
         rt.tasks.start(view.run(), name="membership")
-        await self.publish(record)
+        # Serf started with the record in its tags: no set_tags now (Serf answers it only
+        # once its broadcast went out, seconds while it is still joining).
+        rt.published = record
+        self._published_at = time.monotonic()
 
     async def stop_gossip(self, *, leave: bool, timeout: float) -> None:
         """Stop Serf (leaving the mesh gracefully first with ``leave``), within ``timeout``."""
