@@ -17,6 +17,10 @@ ends, passed or failed:
 Labs get random ids, so parallel runs (and other people's tests on the same
 machine) never share a namespace. Never call ``Lab.down_all()`` from a test:
 it would take down other runs' labs too.
+
+A lab's logs (every spawned agent's output) go with it at teardown. For a
+post-mortem of a flake, ``MESHD_TEST_LOGS=DIR`` copies them first, to
+``DIR/<lab id>/``: take every lab down with :func:`take_down`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +53,15 @@ def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
     if missing:
         return f"needs {', '.join(missing)} installed"
     return None
+
+
+def take_down(lab: Lab) -> None:
+    """``lab.down()``, keeping its logs under $MESHD_TEST_LOGS first when that is set."""
+    keep = os.environ.get("MESHD_TEST_LOGS")
+    logs = lab.dir / "logs"
+    if keep and logs.is_dir():
+        shutil.copytree(logs, Path(keep) / lab.lab_id, dirs_exist_ok=True)
+    lab.down()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -88,7 +102,7 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
     errors = []
     for lab in reversed(labs):
         try:
-            lab.down()
+            take_down(lab)
         except Exception as exc:  # take down the others before reporting
             errors.append(f"{lab.lab_id}: {exc}")
     if errors:

@@ -33,7 +33,7 @@ NODES = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
+    from tests.integration.conftest import missing_requirements, take_down
 
     reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
     if reason:
@@ -45,7 +45,7 @@ def mesh() -> Iterator[MeshLab]:
         built.wait_full_mesh(NODES, timeout=90)
         yield built
     finally:
-        lab.down()
+        take_down(lab)
 
 
 def wg_peers(mesh: MeshLab, node: str) -> set[str]:

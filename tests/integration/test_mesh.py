@@ -9,7 +9,6 @@ the first start again.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import time
@@ -27,7 +26,7 @@ CORE = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements
+    from tests.integration.conftest import missing_requirements, take_down
 
     reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
     if reason:
@@ -36,9 +35,7 @@ def mesh() -> Iterator[MeshLab]:
     try:
         yield MeshLab(lab)
     finally:
-        # MESHD_TEST_KEEP_LAB=1 keeps the lab (and its agents' logs) for a post-mortem.
-        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
-            lab.down()
+        take_down(lab)
 
 
 def wg_peers(mesh: MeshLab, node: str) -> set[str]:
