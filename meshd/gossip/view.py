@@ -120,6 +120,11 @@ async def publish_record(
     return tags
 
 
+def tells_of_member_change(log_line: str) -> bool:
+    """Whether a line of the agent's log tells of a member change (the view then polls)."""
+    return _MEMBER_LOG_MARK in log_line
+
+
 def member_state(status: str) -> MemberState:
     """The MemberState for a Serf status; an unknown status counts as failed."""
     return _STATES.get(status, MemberState.FAILED)
@@ -284,7 +289,7 @@ class MembershipView:
         return True
 
     def _on_log_line(self, line: str) -> None:
-        if _MEMBER_LOG_MARK in line:
+        if tells_of_member_change(line):
             self.poll_now()
 
     async def run(self) -> None:
