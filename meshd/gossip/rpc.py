@@ -298,6 +298,18 @@ def _connect_in_netns(host: str, port: int, netns: str, timeout: float) -> socke
     return outcome
 
 
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it is done, without taking on its exception.
+
+    Not ``suppress(CancelledError): await task``: that would also swallow a cancel
+    of the caller itself, and a loop that lost its cancel never ends.
+    """
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the task's own failure is not the caller's
+
+
 # ---------------------------------------------------------------- the client
 
 
@@ -379,8 +391,9 @@ class SerfClient:
     async def wait_connected(self, seconds: float) -> None:
         """Wait until (re)connected; SerfConnectionError after ``seconds``."""
         try:
-            await asyncio.wait_for(self._connected.wait(), seconds)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(seconds):
+                await self._connected.wait()
+        except TimeoutError:
             raise SerfConnectionError(
                 f"no RPC connection to the Serf agent at {self.rpc_addr} after {seconds:g} s"
             ) from None
@@ -389,9 +402,7 @@ class SerfClient:
         """Close the connection for good; pending calls fail with SerfConnectionError."""
         self._closed = True
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            await _cancel_and_wait(self._keeper)
             self._keeper = None
         await self._drop_connection("client closed")
 
@@ -406,14 +417,13 @@ class SerfClient:
         where = f"{self.rpc_addr}" + (f" in netns {self._netns}" if self._netns else "")
         try:
             if self._netns is None:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(self._host, self._port), self._timeout
-                )
+                async with asyncio.timeout(self._timeout):
+                    return await asyncio.open_connection(self._host, self._port)
             sock = await asyncio.to_thread(
                 _connect_in_netns, self._host, self._port, self._netns, self._timeout
             )
             return await asyncio.open_connection(sock=sock)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise SerfConnectionError(f"cannot reach the Serf agent at {where}: {reason}") from exc
 
@@ -445,9 +455,7 @@ class SerfClient:
             with contextlib.suppress(Exception):
                 await conn.writer.wait_closed()
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancel_and_wait(task)
         self._fail_pending(SerfConnectionError(f"Serf RPC connection lost: {reason}"))
 
     def _fail_pending(self, exc: Exception) -> None:
@@ -587,11 +595,9 @@ class SerfClient:
         await self._send(conn, seq, command, body)
         try:
             # The entry stays registered after a timeout so its late reply is still parsed.
-            return await asyncio.wait_for(
-                asyncio.shield(entry.future),
-                self._timeout if reply_timeout is None else reply_timeout,
-            )
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self._timeout if reply_timeout is None else reply_timeout):
+                return await asyncio.shield(entry.future)
+        except TimeoutError:
             raise SerfConnectionError(
                 f"serf {command}: no reply from {self.rpc_addr} in {self._timeout:g} s"
             ) from None
@@ -775,10 +781,12 @@ class SerfClient:
         query_seq = seq
         await self._send(conn, seq, "query", request)
         try:
-            await asyncio.wait_for(asyncio.shield(entry.future), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(entry.future)
             # The agent's default query timeout is a few seconds; allow it plus ours.
-            await asyncio.wait_for(asyncio.shield(done), (query_timeout or 30.0) + self._timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout((query_timeout or 30.0) + self._timeout):
+                await asyncio.shield(done)
+        except TimeoutError:
             self._pending.pop(seq, None)
             raise SerfConnectionError(f"serf query {name!r}: no end of responses") from None
         finally:

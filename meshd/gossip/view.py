@@ -283,8 +283,9 @@ class MembershipView:
                 return False
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
                 return predicate(self._snapshot)
         return True
 
@@ -318,8 +319,11 @@ class MembershipView:
                 # Once at WARNING, then DEBUG while the agent stays away.
                 (log.debug if self._poll_failing else log.warning)("members poll failed: %s", exc)
                 self._poll_failing = True
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._poll_interval)
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns instead of raising when
+            # a kick and a cancel come together, and this loop would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._kick.wait()
 
     async def _follow_events(self) -> None:
         async for event in self._client.events():

@@ -218,6 +218,26 @@ def test_run_polls_on_events_and_survives_a_failing_agent() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("steps", range(8))
+def test_a_cancel_that_comes_with_a_kick_stops_the_view(steps: int) -> None:
+    # 3.11's asyncio.wait_for returned instead of raising when the awaited thing finished in
+    # the cancel's loop iteration: the poll loop then ran on and the agent's shutdown hung.
+    async def scenario() -> None:
+        serf = ScriptedSerf()
+        serf.listed = [sm(1)]
+        view = MembershipView(serf, poll_interval=60)  # type: ignore[arg-type]
+        task = asyncio.create_task(view.run())
+        assert await view.wait_for(lambda m: "n1" in m, 5)
+        view.poll_now()
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"the view still runs after a cancel {steps} loop steps after a kick"
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("line", "polls"),
     [
