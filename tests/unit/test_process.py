@@ -29,6 +29,11 @@ def test_missing_binary_is_a_clear_error() -> None:
 def test_lines_are_forwarded_and_a_killed_child_is_restarted(caplog) -> None:
     restarted: list[int] = []
 
+    def started_lines() -> int:
+        return [r.getMessage() for r in caplog.records if r.name == "meshd.child.sleeper"].count(
+            "started"
+        )
+
     async def scenario() -> None:
         child = ChildProcess(
             "sleeper",
@@ -44,10 +49,14 @@ def test_lines_are_forwarded_and_a_killed_child_is_restarted(caplog) -> None:
         first = child.pid
         assert first is not None
         task = asyncio.create_task(child.supervise())
+        # Each child's line before it is killed or stopped: under load a signal came before
+        # the echo, and the test failed on a line the child never printed.
+        await wait_for(lambda: started_lines() == 1)
         os.kill(first, signal.SIGKILL)
         await wait_for(lambda: child.pid not in (None, first))
         await wait_for(lambda: bool(restarted))
         assert child.restarts == 1
+        await wait_for(lambda: started_lines() == 2)
         await child.stop()
         await asyncio.wait_for(task, 5)
         assert child.pid is None
@@ -55,9 +64,7 @@ def test_lines_are_forwarded_and_a_killed_child_is_restarted(caplog) -> None:
     with caplog.at_level(logging.INFO):
         asyncio.run(scenario())
     assert restarted
-    assert [r.getMessage() for r in caplog.records if r.name == "meshd.child.sleeper"].count(
-        "started"
-    ) == 2
+    assert started_lines() == 2
 
 
 def test_a_child_that_never_gets_ready_is_stopped_and_reported() -> None:
