@@ -41,10 +41,18 @@ def meshd_argv() -> list[str]:
 class MeshLab:
     """meshd agents on a lab's hosts; see the module docstring."""
 
-    def __init__(self, lab: Lab, *, network: str = "lab", cidr: str = "100.80.0.0/16") -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        network: str = "lab",
+        cidr: str = "100.80.0.0/16",
+        log_level: str = "info",
+    ) -> None:
         self.lab = lab
         self.network = network
         self.cidr = cidr
+        self.log_level = log_level  # of every agent started (debug: Serf's member events too)
 
     # --- files ----------------------------------------------------------------
 
@@ -129,13 +137,13 @@ class MeshLab:
                 return node.name
         raise LabError("no node of this lab ran 'meshd init'")
 
-    def start(self, node: NodeRef, *, log_level: str = "info") -> int:
+    def start(self, node: NodeRef, *, log_level: str | None = None) -> int:
         argv = [
             *meshd_argv(),
             "--config",
             str(self.config_path(node)),
             "--log-level",
-            log_level,
+            log_level or self.log_level,
             AGENT,
         ]
         return self.lab.spawn(node, argv, name=AGENT)

@@ -20,7 +20,8 @@ it would take down other runs' labs too.
 
 A lab's logs (every spawned agent's output) go with it at teardown. For a
 post-mortem of a flake, ``MESHD_TEST_LOGS=DIR`` copies them first, to
-``DIR/<lab id>/``: take every lab down with :func:`take_down`.
+``DIR/<lab id>/``: take every lab down with :func:`take_down`. meshd agents log
+at ``MESHD_TEST_LOG_LEVEL`` (default info; debug adds Serf's own member events).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
     if missing:
         return f"needs {', '.join(missing)} installed"
     return None
+
+
+AGENT_LOG_LEVEL = os.environ.get("MESHD_TEST_LOG_LEVEL", "info")
 
 
 def take_down(lab: Lab) -> None:

@@ -26,14 +26,14 @@ CORE = [f"n{i}" for i in range(1, 9)]
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
-    from tests.integration.conftest import missing_requirements, take_down
+    from tests.integration.conftest import AGENT_LOG_LEVEL, missing_requirements, take_down
 
     reason = missing_requirements(("serf", "wireguard-go", "wg", "ping"))
     if reason:
         pytest.skip(reason)
     lab = Lab.create(nodes=10, topology="flat")
     try:
-        yield MeshLab(lab)
+        yield MeshLab(lab, log_level=AGENT_LOG_LEVEL)
     finally:
         take_down(lab)
 
