@@ -61,6 +61,9 @@ IPC_VERSION = 1
 _EOF = object()
 _CLONE_NEWNET = 0x40000000
 _AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
+# memberlist applies new tags to this node at once, then waits (Serf's BroadcastTimeout,
+# 5 s) for their alive message to be gossiped; running out of that wait is no failure.
+_BROADCAST_UNCONFIRMED = "timeout waiting for update broadcast"
 
 # Which replies carry a body after their header (notes/serf-rpc.md, "Wire format").
 Body = Literal["always", "on_success", "never"]
@@ -719,7 +722,15 @@ class SerfClient:
         return _members("members-filtered", await self._call("members-filtered", request))
 
     async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:
-        await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})
+        """Set this node's tags. They are set once this returns; the alive message that
+        carries them may still be queued for gossip (Serf stops waiting for it after 5 s,
+        e.g. while the members it knows are restarting too), and goes out later."""
+        try:
+            await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})
+        except SerfCommandError as exc:
+            if not str(exc).endswith(_BROADCAST_UNCONFIRMED):
+                raise
+            log.debug("tags set; their broadcast is still queued (%s)", exc)
 
     async def join(self, addresses: Sequence[str], *, replay: bool = False) -> int:
         body = await self._call("join", {"Existing": list(addresses), "Replay": replay})

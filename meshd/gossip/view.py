@@ -112,8 +112,8 @@ async def publish_record(
 ) -> dict[str, str]:
     """Encode ``record`` into this node's tags; RecordError if it does not fit.
 
-    The call returns once the agent has sent the change out (Serf waits for
-    the first gossip of it); other views see it at their next ``members`` poll.
+    The call returns once the agent has the new tags (Serf waits up to 5 s for
+    their gossip to go out); other views see it at their next ``members`` poll.
     """
     tags = encode_record(record, extra_tags=extra_tags)
     await client.set_tags(tags, delete=sorted(RECORD_KEYS - tags.keys()))
