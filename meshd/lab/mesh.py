@@ -157,7 +157,17 @@ class MeshLab:
             if not self.running(node):
                 return True
             time.sleep(0.1)
-        raise LabError(f"the agent on {self._name(node)} did not stop within {wait:g} s")
+        raise LabError(
+            f"the agent on {self._name(node)} did not stop within {wait:g} s; "
+            f"its log ends: {self._log_tail(node)}"
+        )
+
+    def _log_tail(self, node: NodeRef, lines: int = 3) -> str:
+        try:
+            text = self.lab.log_path(node, AGENT).read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc.strerror})"
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def running(self, node: NodeRef) -> bool:
         name = self._name(node)
