@@ -11,6 +11,7 @@ import asyncio
 import base64
 import ipaddress
 import itertools
+import json
 import secrets
 import subprocess
 import threading
@@ -77,8 +78,9 @@ def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: i
     IPv6 as meshd's own gossip: on the IPv4 one the members' gossip could not reach it
     ("network is unreachable"), and its record changes spread only by its push/pulls.
     """
-    state = mesh.state_dir(host)
-    gossip_key = (state / "gossip.key").read_text().strip()
+    # The key Serf uses now, primary first: after a rotation run by another node,
+    # the host's own gossip.key is stale (its rogue could not join: Serf exits 1).
+    gossip_keys = json.loads((mesh.state_dir(host) / "serf" / "keyring.json").read_text())
     address = status(mesh, host)["node"]["addresses"][1]
     settings = SerfSettings(
         node_name=name,
@@ -88,7 +90,7 @@ def rogue_agent(mesh: MeshLab, host: str, name: str, record: NodeRecord, port: i
         bind_port=port,
         advertise_addr=f"[{address}]:{port}",
         rpc_addr=f"127.0.0.1:{port + 100}",
-        gossip_keys=(gossip_key,),
+        gossip_keys=tuple(gossip_keys),
         tags=encode_record(record),
         # meshd's gossip runs on the mesh's IPv6 addresses.
         extra={"start_join": [f"[{status(mesh, 'n1')['node']['addresses'][1]}]:7946"]},
