@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 IPC_VERSION = 1
 _EOF = object()
 _AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
+# memberlist applies new tags to this node at once, then waits (Serf's BroadcastTimeout,
+# 5 s) for their alive message to be gossiped; running out of that wait is no failure.
+_BROADCAST_UNCONFIRMED = "timeout waiting for update broadcast"
 
 # Which replies carry a body after their header (notes/serf-rpc.md, "Wire format").
 Body = Literal["always", "on_success", "never"]
@@ -267,6 +270,18 @@ def _parse_addr(addr: str) -> tuple[str, int]:
         raise SerfConnectionError(f"RPC address {exc}") from exc
 
 
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it is done, without taking on its exception.
+
+    Not ``suppress(CancelledError): await task``: that would also swallow a cancel
+    of the caller itself, and a loop that lost its cancel never ends.
+    """
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the task's own failure is not the caller's
+
+
 # ---------------------------------------------------------------- the client
 
 
@@ -351,8 +366,9 @@ class SerfClient:
     async def wait_connected(self, seconds: float) -> None:
         """Wait until (re)connected; SerfConnectionError after ``seconds``."""
         try:
-            await asyncio.wait_for(self._connected.wait(), seconds)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(seconds):
+                await self._connected.wait()
+        except TimeoutError:
             raise SerfConnectionError(
                 f"no RPC connection to the Serf agent at {self.rpc_addr} after {seconds:g} s"
             ) from None
@@ -361,9 +377,7 @@ class SerfClient:
         """Close the connection for good; pending calls fail with SerfConnectionError."""
         self._closed = True
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            await _cancel_and_wait(self._keeper)
             self._keeper = None
         await self._drop_connection("client closed")
 
@@ -378,15 +392,14 @@ class SerfClient:
         where = f"{self.rpc_addr}" + (f" in netns {self._netns}" if self._netns else "")
         try:
             if self._netns is None:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(self._host, self._port), self._timeout
-                )
+                async with asyncio.timeout(self._timeout):
+                    return await asyncio.open_connection(self._host, self._port)
             address, timeout = (self._host, self._port), self._timeout
             sock = await asyncio.to_thread(
                 call_in_netns, self._netns, lambda: socket.create_connection(address, timeout)
             )
             return await asyncio.open_connection(sock=sock)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise SerfConnectionError(f"cannot reach the Serf agent at {where}: {reason}") from exc
 
@@ -424,9 +437,7 @@ class SerfClient:
             with contextlib.suppress(Exception):
                 await conn.writer.wait_closed()
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancel_and_wait(task)
         self._fail_pending(SerfConnectionError(f"Serf RPC connection lost: {reason}"))
 
     def _fail_pending(self, exc: Exception) -> None:
@@ -570,7 +581,7 @@ class SerfClient:
             # with the reply, and the caller's loop runs on past its shutdown (issue 10).
             async with asyncio.timeout(self._timeout if reply_timeout is None else reply_timeout):
                 return await asyncio.shield(entry.future)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SerfConnectionError(
                 f"serf {command}: no reply from {self.rpc_addr} in {self._timeout:g} s"
             ) from None
@@ -692,7 +703,15 @@ class SerfClient:
         return _members("members-filtered", await self._call("members-filtered", request))
 
     async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:
-        await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})
+        """Set this node's tags. They are set once this returns; the alive message that
+        carries them may still be queued for gossip (Serf stops waiting for it after 5 s,
+        e.g. while the members it knows are restarting too), and goes out later."""
+        try:
+            await self._call("tags", {"Tags": dict(tags), "DeleteTags": list(delete)})
+        except SerfCommandError as exc:
+            if not str(exc).endswith(_BROADCAST_UNCONFIRMED):
+                raise
+            log.debug("tags set; their broadcast is still queued (%s)", exc)
 
     async def join(self, addresses: Sequence[str], *, replay: bool = False) -> int:
         body = await self._call("join", {"Existing": list(addresses), "Replay": replay})
@@ -754,10 +773,12 @@ class SerfClient:
         query_seq = seq
         await self._send(conn, seq, "query", request)
         try:
-            await asyncio.wait_for(asyncio.shield(entry.future), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(entry.future)
             # The agent's default query timeout is a few seconds; allow it plus ours.
-            await asyncio.wait_for(asyncio.shield(done), (query_timeout or 30.0) + self._timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout((query_timeout or 30.0) + self._timeout):
+                await asyncio.shield(done)
+        except TimeoutError:
             self._pending.pop(seq, None)
             raise SerfConnectionError(f"serf query {name!r}: no end of responses") from None
         finally:

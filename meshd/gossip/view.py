@@ -120,12 +120,17 @@ async def publish_record(
 ) -> dict[str, str]:
     """Encode ``record`` into this node's tags; RecordError if it does not fit.
 
-    The call returns once the agent has sent the change out (Serf waits for
-    the first gossip of it); other views see it at their next ``members`` poll.
+    The call returns once the agent has the new tags (Serf waits up to 5 s for
+    their gossip to go out); other views see it at their next ``members`` poll.
     """
     tags = encode_record(record, extra_tags=extra_tags)
     await client.set_tags(tags, delete=sorted(RECORD_KEYS - tags.keys()))
     return tags
+
+
+def tells_of_member_change(log_line: str) -> bool:
+    """Whether a line of the agent's log tells of a member change (the view then polls)."""
+    return _MEMBER_LOG_MARK in log_line
 
 
 def member_state(status: str) -> MemberState:
@@ -289,12 +294,12 @@ class MembershipView:
             try:
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return predicate(self._snapshot)
         return True
 
     def _on_log_line(self, line: str) -> None:
-        if _MEMBER_LOG_MARK in line:
+        if tells_of_member_change(line):
             self.poll_now()
 
     async def run(self) -> None:
@@ -323,9 +328,9 @@ class MembershipView:
                 # Once at WARNING, then DEBUG while the agent stays away.
                 (log.debug if self._poll_failing else log.warning)("members poll failed: %s", exc)
                 self._poll_failing = True
-            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives as
-            # the kick does, and this loop then outlived the agent's shutdown (issue 10).
-            with contextlib.suppress(asyncio.TimeoutError):
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns instead of raising when
+            # a kick and a cancel come together, and this loop would then never end.
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await self._kick.wait()
 

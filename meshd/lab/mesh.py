@@ -42,10 +42,18 @@ def meshd_argv() -> list[str]:
 class MeshLab:
     """meshd agents on a lab's hosts; see the module docstring."""
 
-    def __init__(self, lab: Lab, *, network: str = "lab", cidr: str = "100.80.0.0/16") -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        network: str = "lab",
+        cidr: str = "100.80.0.0/16",
+        log_level: str = "info",
+    ) -> None:
         self.lab = lab
         self.network = network
         self.cidr = cidr
+        self.log_level = log_level  # of every agent started (debug: Serf's member events too)
 
     # --- files ----------------------------------------------------------------
 
@@ -130,13 +138,13 @@ class MeshLab:
                 return node.name
         raise LabError("no node of this lab ran 'meshd init'")
 
-    def start(self, node: NodeRef, *, log_level: str = "info") -> int:
+    def start(self, node: NodeRef, *, log_level: str | None = None) -> int:
         argv = [
             *meshd_argv(),
             "--config",
             str(self.config_path(node)),
             "--log-level",
-            log_level,
+            log_level or self.log_level,
             AGENT,
         ]
         return self.lab.spawn(node, argv, name=AGENT)
@@ -150,7 +158,17 @@ class MeshLab:
             if not self.running(node):
                 return True
             time.sleep(0.1)
-        raise LabError(f"the agent on {self._name(node)} did not stop within {wait:g} s")
+        raise LabError(
+            f"the agent on {self._name(node)} did not stop within {wait:g} s; "
+            f"its log ends: {self._log_tail(node)}"
+        )
+
+    def _log_tail(self, node: NodeRef, lines: int = 3) -> str:
+        try:
+            text = self.lab.log_path(node, AGENT).read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc.strerror})"
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def running(self, node: NodeRef) -> bool:
         name = self._name(node)

@@ -292,7 +292,8 @@ async def enrol(
     split_endpoint(endpoint)
     seed = format_host_port(host, port)
     try:
-        return await asyncio.wait_for(_ask(host, port, token, chain, endpoint, seed, now), timeout)
+        async with asyncio.timeout(timeout):
+            return await _ask(host, port, token, chain, endpoint, seed, now)
     except asyncio.TimeoutError as exc:
         raise EnrolError(f"seed {seed} did not answer within {timeout:g} s") from exc
     except ConnectionRefusedError as exc:

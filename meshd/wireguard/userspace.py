@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -164,12 +163,9 @@ class UserspaceBackend:
     async def _request(self, payload: bytes) -> str:
         """Send one request, return the answer up to its closing empty line."""
         try:
-            if sys.version_info >= (3, 11):
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-                async with asyncio.timeout(_IO_TIMEOUT):
-                    return await self._exchange(payload)
-            else:  # pragma: no cover - Python 3.10
-                return await asyncio.wait_for(self._exchange(payload), _IO_TIMEOUT)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(_IO_TIMEOUT):
+                return await self._exchange(payload)
         except asyncio.TimeoutError as exc:
             raise WireGuardError(f"{self.ifname}: UAPI answer timed out") from exc
 

@@ -19,12 +19,18 @@ ends, passed or failed:
 Labs get random ids, so parallel runs (and other people's tests on the same
 machine) never share a namespace. Never call ``Lab.down_all()`` from a test:
 it would take down other runs' labs too.
+
+A lab's logs (every spawned agent's output) go with it at teardown. For a
+post-mortem of a flake, ``MESHD_TEST_LOGS=DIR`` copies them first, to
+``DIR/<lab id>/``: take every lab down with :func:`take_down`. meshd agents log
+at ``MESHD_TEST_LOG_LEVEL`` (default info; debug adds Serf's own member events).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -62,6 +68,18 @@ def missing_requirements(binaries: tuple[str, ...] = ()) -> str | None:
     if missing:
         return f"needs {', '.join(missing)} installed"
     return None
+
+
+AGENT_LOG_LEVEL = os.environ.get("MESHD_TEST_LOG_LEVEL", "info")
+
+
+def take_down(lab: Lab) -> None:
+    """``lab.down()``, keeping its logs under $MESHD_TEST_LOGS first when that is set."""
+    keep = os.environ.get("MESHD_TEST_LOGS")
+    logs = lab.dir / "logs"
+    if keep and logs.is_dir():
+        shutil.copytree(logs, Path(keep) / lab.lab_id, dirs_exist_ok=True)
+    lab.down()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -102,7 +120,7 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
     errors = []
     for lab in reversed(labs):
         try:
-            lab.down()
+            take_down(lab)
         except Exception as exc:  # take down the others before reporting
             errors.append(f"{lab.lab_id}: {exc}")
     if errors:
@@ -116,33 +134,36 @@ def mesh_lab(
     """A flat lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture;
     with ``up``, those hosts already form a full mesh (``MeshLab.up`` with ``seed``).
 
-    It goes down at the end unless ``MESHD_TEST_KEEP_LAB=1`` keeps it (and the
-    agents' logs) for a post-mortem; skipped, with the reason, when it cannot run.
+    It goes down at the end; with ``MESHD_TEST_LOGS=DIR`` its agents' logs are kept
+    there first, for a post-mortem (``MESHD_TEST_LOG_LEVEL=debug`` for more). Skipped,
+    with the reason, when it cannot run.
     """
     reason = missing_requirements(MESH_PROGRAMS)
     if reason:
         pytest.skip(reason)
     lab = Lab.create(nodes=nodes, topology="flat")
     try:
-        built = MeshLab(lab)
+        built = MeshLab(lab, log_level=AGENT_LOG_LEVEL)
         if up:
             built.up(list(up), seed=seed)
             built.wait_full_mesh(list(up), timeout=timeout)
         yield built
     finally:
-        if not os.environ.get("MESHD_TEST_KEEP_LAB"):
-            lab.down()
+        take_down(lab)
 
 
 def rogue_serf(
     mesh: MeshLab, host: str, name: str, port: int, record: NodeRecord | None = None
 ) -> SerfAgent:
-    """A bare ``serf agent`` holding only the network's gossip key, bound to ``host``'s
-    mesh address (so its packets travel through ``host``'s tunnels, as a compromised
-    machine's would) and joining the first node's gossip. Not started."""
-    status = mesh.status("n1")
-    assert status is not None, "the agent on n1 does not answer"
-    address = mesh.mesh_address(host)
+    """A bare ``serf agent`` holding only the network's gossip keys, bound to ``host``'s
+    mesh IPv6 address (so its packets travel through ``host``'s tunnels, as a compromised
+    machine's would, and gossip reaches it like meshd's own) and joining the first node's
+    gossip. Not started."""
+    status = mesh.status(host)
+    first = mesh.status("n1")
+    assert status is not None, f"the agent on {host} does not answer"
+    assert first is not None, "the agent on n1 does not answer"
+    address = status["node"]["addresses"][1]
     if record is None:
         record = NodeRecord(
             public_key=WireGuardKeyPair.generate().public_key,
@@ -150,6 +171,9 @@ def rogue_serf(
             port=51820,
             version=1,
         )
+    # The keys Serf uses now, primary first: after a rotation run by another node the
+    # host's own gossip.key is stale (the rogue could not join: Serf exits 1).
+    keys = json.loads((mesh.state_dir(host) / "serf" / "keyring.json").read_text())
     settings = SerfSettings(
         node_name=name,
         state_dir=Path(mesh.lab.node_dir(host)) / f"rogue-{port}",
@@ -158,10 +182,9 @@ def rogue_serf(
         bind_port=port,
         advertise_addr=format_host_port(address, port),
         rpc_addr=f"127.0.0.1:{port + 100}",
-        gossip_keys=((mesh.state_dir(host) / "gossip.key").read_text().strip(),),
+        gossip_keys=tuple(keys),
         tags=encode_record(record),
-        # meshd's gossip runs on the mesh's IPv6 addresses.
-        extra={"start_join": [format_host_port(status["node"]["addresses"][1], 7946)]},
+        extra={"start_join": [format_host_port(first["node"]["addresses"][1], 7946)]},
     )
     return SerfAgent(settings, netns=mesh.lab.netns_of(host))
 

@@ -10,12 +10,19 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from ipaddress import ip_address
 
+import pytest
+
 from meshd.b64 import encode_b64
 from meshd.errors import SerfConnectionError
 from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.rpc import MemberEvent, SerfEvent, SerfMember, StreamGap, UserEvent
-from meshd.gossip.view import MembershipView, member_state, publish_record
+from meshd.gossip.view import (
+    MembershipView,
+    member_state,
+    publish_record,
+    tells_of_member_change,
+)
 from meshd.types import MemberState, NodeRecord
 
 
@@ -44,7 +51,9 @@ class ScriptedSerf:
     def __init__(self) -> None:
         self.listed: list[SerfMember] = []
         self.calls = 0
+        self.failed_calls = 0
         self.fail = False
+        self.called = asyncio.Event()  # set on every call, for until()
         self.queue: asyncio.Queue[SerfEvent] = asyncio.Queue()
         self.tags: dict[str, str] = {}
         self.deleted: list[str] = []
@@ -54,7 +63,9 @@ class ScriptedSerf:
 
     async def members(self) -> list[SerfMember]:
         self.calls += 1
+        self.called.set()
         if self.fail:
+            self.failed_calls += 1
             raise SerfConnectionError("agent away")
         return list(self.listed)
 
@@ -73,6 +84,14 @@ class ScriptedSerf:
 
     async def query(self, name: str, payload: bytes = b"", **options: object) -> None:
         self.queries.append((name, options.get("filter_nodes")))
+        self.called.set()
+
+    async def until(self, check: Callable[[], bool], seconds: float = 5) -> None:
+        """Wait until ``check()`` holds, re-testing after each call the view makes."""
+        async with asyncio.timeout(seconds):
+            while not check():
+                self.called.clear()
+                await self.called.wait()
 
     async def events(self) -> AsyncIterator[SerfEvent]:
         while True:
@@ -179,30 +198,60 @@ def test_run_polls_on_events_and_survives_a_failing_agent() -> None:
         assert await view.wait_for(lambda m: "n2" in m, 5)
         serf.fail = True
         serf.queue.put_nowait(StreamGap("reconnected"))
-        await asyncio.sleep(0.05)
+        await serf.until(lambda: serf.failed_calls > 0)
         serf.fail = False
         serf.listed = [sm(1), sm(2, "failed")]
         serf.queue.put_nowait(UserEvent("hello", b"", 1, False))
         assert await view.wait_for(lambda m: m["n2"].state is MemberState.FAILED, 5)
         assert [type(e) for e in seen] == [UserEvent]
-        # The agent's log line about a member change makes the view poll at once.
+        # The agent's log line about a member change makes the view poll at once
+        # (which lines do is test_only_member_change_log_lines_make_the_view_poll).
         assert serf.log_handler is not None
         serf.listed = [sm(1), sm(2, "failed"), sm(3)]
-        serf.log_handler("2026/01/01 00:00:00 [INFO] agent: Received event: user-event")
-        await asyncio.sleep(0.2)
-        assert "n3" not in view.members
         serf.log_handler("2026/01/01 00:00:00 [INFO] serf: EventMemberJoin: n3 192.0.2.3")
         assert await view.wait_for(lambda m: "n3" in m, 5)
         # Membership changed, so Serf's lazily flushed snapshot was nudged (to this node only).
-        for _ in range(50):
-            if serf.queries:
-                break
-            await asyncio.sleep(0.1)
+        await serf.until(lambda: bool(serf.queries))
         assert serf.queries[0] == ("_meshd-snapshot", ["n1"])
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("steps", range(8))
+def test_a_cancel_that_comes_with_a_kick_stops_the_view(steps: int) -> None:
+    # 3.11's asyncio.wait_for returned instead of raising when the awaited thing finished in
+    # the cancel's loop iteration: the poll loop then ran on and the agent's shutdown hung.
+    async def scenario() -> None:
+        serf = ScriptedSerf()
+        serf.listed = [sm(1)]
+        view = MembershipView(serf, poll_interval=60)  # type: ignore[arg-type]
+        task = asyncio.create_task(view.run())
+        assert await view.wait_for(lambda m: "n1" in m, 5)
+        view.poll_now()
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"the view still runs after a cancel {steps} loop steps after a kick"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("line", "polls"),
+    [
+        ("2026/01/01 00:00:00 [INFO] serf: EventMemberJoin: n3 192.0.2.3", True),
+        ("2026/01/01 00:00:00 [INFO] serf: EventMemberUpdate: n3", True),
+        ("2026/01/01 00:00:00 [INFO] serf: EventMemberFailed: n3 192.0.2.3", True),
+        ("2026/01/01 00:00:00 [INFO] agent: Received event: user-event", False),
+        ("2026/01/01 00:00:00 [INFO] agent: Received event: member-join", False),
+        ("2026/01/01 00:00:00 [WARN] memberlist: Refuting a suspect message", False),
+    ],
+)
+def test_only_member_change_log_lines_make_the_view_poll(line: str, polls: bool) -> None:
+    assert tells_of_member_change(line) is polls
 
 
 def test_publish_record_sets_tags_and_deletes_stale_keys() -> None:
