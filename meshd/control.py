@@ -70,7 +70,7 @@ class ControlServer:
             reply = await self._dispatch(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, ValueError) as exc:
+        except (TimeoutError, ConnectionError, ValueError) as exc:
             log.debug("control connection dropped: %s", exc)
         finally:
             writer.close()

@@ -61,7 +61,7 @@ async def _nft(script: str) -> None:
         )
         async with asyncio.timeout(NFT_TIMEOUT):
             _, err = await proc.communicate(script.encode())
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise FirewallError(f"nft failed: {exc or 'timed out'}") from exc
     if proc.returncode != 0:
         raise FirewallError(f"nft refused the rules: {err.decode(errors='replace').strip()}")

@@ -281,7 +281,7 @@ async def bounded(step: Awaitable[Any], what: str, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             await step
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("%s did not finish within %.1f s; going on", what, timeout)
     except Exception as exc:
         log.warning("%s failed: %s", what, exc)

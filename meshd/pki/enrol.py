@@ -294,7 +294,7 @@ async def enrol(
     try:
         async with asyncio.timeout(timeout):
             return await _ask(host, port, token, chain, endpoint, seed, now)
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise EnrolError(f"seed {seed} did not answer within {timeout:g} s") from exc
     except ConnectionRefusedError as exc:
         raise EnrolError(

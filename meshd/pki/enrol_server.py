@@ -249,7 +249,7 @@ class EnrolServer:
                 return
             async with asyncio.timeout(self._timeout):
                 await self._converse(reader, writer, source, accepted=task)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.info("enrolment from %s timed out", source)
         except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
             log.debug("enrolment connection from %s ended: %s", source, exc)

@@ -166,7 +166,7 @@ class UserspaceBackend:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             async with asyncio.timeout(_IO_TIMEOUT):
                 return await self._exchange(payload)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise WireGuardError(f"{self.ifname}: UAPI answer timed out") from exc
 
     async def _exchange(self, payload: bytes) -> str:
