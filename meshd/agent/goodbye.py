@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections.abc import Iterable
 
 from meshd.agent.runtime import Runtime
@@ -113,7 +112,8 @@ class GoodbyeListener:
             return
         if key not in rt.departed:
             log.info("%s said goodbye", member.name)
-        rt.departed[key] = time.monotonic()
+        # With the version of the record it left with: it is back only with a newer one.
+        rt.departed[key] = member.record.version
         rt.kick()
 
 

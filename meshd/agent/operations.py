@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # After publishing a new WireGuard key, how long the old one keeps the tunnels up
 # while the record spreads (gossip reaches 99 % of 1,000 nodes in about 1.6 s).
 KEY_SWITCH_DELAY = 2.0
+KEY_STEP_TRIES = 3
+KEY_STEP_PAUSE = 1.0
 
 
 class Operations:
@@ -235,20 +237,29 @@ class Operations:
 
 
 async def _key_step(step: str, call: Callable[[str], Awaitable[Any]], key: str, needed: int) -> int:
-    """One keyring step over the whole mesh; how many members confirmed it."""
-    try:
-        answer = await call(key)
-        return int(answer.num_nodes - answer.num_err)
-    except SerfCommandError as exc:
-        found = re.search(r"(\d+)/(\d+) nodes reported success", str(exc))
-        confirmed = int(found.group(1)) if found else 0
-        if confirmed < needed:
-            raise GossipError(
-                f"gossip key {step}: only {confirmed} of the {needed} live members "
-                f"confirmed ({exc}); nothing else was changed"
-            ) from exc
-        log.info("gossip key %s: %s (members that are down keep the old key)", step, exc)
-        return confirmed
+    """One keyring step over the whole mesh; how many members confirmed it.
+
+    Serf asks every member by a query, and a member can miss it; the steps are
+    idempotent, so a short-handed step is asked again (KEY_STEP_TRIES in all).
+    """
+    for attempt in range(1, KEY_STEP_TRIES + 1):
+        try:
+            answer = await call(key)
+            return int(answer.num_nodes - answer.num_err)
+        except SerfCommandError as exc:
+            found = re.search(r"(\d+)/(\d+) nodes reported success", str(exc))
+            confirmed = int(found.group(1)) if found else 0
+            if confirmed >= needed:
+                log.info("gossip key %s: %s (members that are down keep the old key)", step, exc)
+                return confirmed
+            if attempt == KEY_STEP_TRIES:
+                raise GossipError(
+                    f"gossip key {step}: only {confirmed} of the {needed} live members "
+                    f"confirmed ({exc}) after {attempt} tries; nothing else was changed"
+                ) from exc
+            log.info("gossip key %s: %d of %d confirmed; asking again", step, confirmed, needed)
+            await asyncio.sleep(KEY_STEP_PAUSE)
+    raise AssertionError("unreachable")
 
 
 def _member_row(

@@ -44,7 +44,7 @@ def certify(
     members: Iterable[Member],
     trust: Trust,
     own_name: str,
-    departed: Mapping[str, float],
+    departed: Mapping[str, int],
 ) -> tuple[Member, ...]:
     """Each member with the trust store's verdict on its record.
 
@@ -108,8 +108,11 @@ class Pipeline:
         view = rt.gossip.view.members.values() if rt.has_gossip else ()
         members = certify(view, rt.trust, rt.name, rt.departed)
         for member in members:
-            if member.state is MemberState.ALIVE and member.record is not None:
-                rt.departed.pop(member.record.public_key, None)
+            record = member.record
+            # A goodbye arrives while its sender is still alive: it is back only when it
+            # publishes a newer record (a restart), not while the old one lingers.
+            if record is not None and record.version > rt.departed.get(record.public_key, 1 << 64):
+                del rt.departed[record.public_key]
         return members
 
     def desire(self, members: tuple[Member, ...]) -> DesiredState:

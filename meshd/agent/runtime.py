@@ -177,7 +177,8 @@ class Runtime:
         self.trust = Trust(self.state.ca_public_key, store.dir)
         self.known = KnownPeers()
         # Keys whose owner said goodbye through its own tunnel (agent/goodbye.py).
-        self.departed: dict[str, float] = {}
+        # (key -> the record version it said goodbye with)
+        self.departed: dict[str, int] = {}
         # Last WireGuard handshake (epoch seconds) per peer key, read by presence.
         self.handshakes: dict[str, float] = {}
         self.snapshot = Snapshot()

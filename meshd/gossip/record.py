@@ -261,13 +261,19 @@ def decode_record(tags: Mapping[str, object]) -> NodeRecord:
         return _decode(tags)
     except RecordError:
         raise
-    except DecodeError as exc:
-        raise RecordError(str(exc)) from exc
     except Exception as exc:  # a decoder bug must not take the membership loop down
         raise RecordError(f"undecodable record: {type(exc).__name__}") from exc
 
 
 def _decode(tags: Mapping[str, object]) -> NodeRecord:
+    """The decoder proper: RecordError for bad input, anything else is a bug."""
+    try:
+        return _decode_fields(tags)
+    except DecodeError as exc:  # the binary reader's error, converted at this boundary
+        raise RecordError(str(exc)) from exc
+
+
+def _decode_fields(tags: Mapping[str, object]) -> NodeRecord:
     if not isinstance(tags, Mapping):
         raise RecordError("tags are not a map")
     codec = tags.get("m")
