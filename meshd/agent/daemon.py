@@ -45,7 +45,7 @@ from meshd.agent.seed import Seed
 from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
-from meshd.gossip.rpc import SerfEvent
+from meshd.gossip.messages import SerfEvent
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
 from meshd.pki.enrol_server import EnrolServer, chain_verifier

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from meshd.agent.runtime import Runtime
 from meshd.errors import IdentityError, MeshdError
-from meshd.gossip.rpc import QueryEvent, SerfEvent, UserEvent
+from meshd.gossip.messages import QueryEvent, SerfEvent, UserEvent
 from meshd.pki.certificate import CertChain
 from meshd.pki.trust import REVOCATIONS_PER_PAGE
 from meshd.quietlog import Throttle

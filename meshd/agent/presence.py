@@ -25,9 +25,9 @@ from meshd.agent.runtime import Gossip, Runtime, bounded
 from meshd.b64 import encode_b64
 from meshd.desired import STATIC_ROLE
 from meshd.errors import FirewallError, GossipError, MeshdError, RecordError
+from meshd.gossip.messages import SerfEvent
 from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
-from meshd.gossip.rpc import SerfEvent
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.hostport import format_host_port

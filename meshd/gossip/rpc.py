@@ -16,10 +16,8 @@ replays nothing, so whoever consumes events must re-read ``members`` then.
 ``monitor(on_line)`` passes the agent's log lines to a callback (the view
 uses it to notice member changes before Serf's coalesced events say so).
 
-Events (member-*, user, query) go into a bounded queue read with
-``async for event in client.events()``. When the reader falls behind, new
-events are dropped (never the connection's replies) and a
-``StreamGap("overflow")`` marks the hole.
+Events (member-*, user, query) go into a bounded queue
+(:mod:`meshd.gossip.events`) read with ``async for event in client.events()``.
 
 Network namespaces: with ``netns="NAME"`` the socket is made inside that
 namespace (:func:`meshd.netns.call_in_netns`) and stays there, so a process in
@@ -44,242 +42,41 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv6Address, ip_address
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import msgpack
 
 from meshd.errors import DecodeError, SerfAuthError, SerfCommandError, SerfConnectionError
-from meshd.hostport import format_host_port, parse_host_port
+from meshd.gossip.events import EventQueue
+from meshd.gossip.messages import (
+    REPLY_BODY,
+    Body,
+    Coordinate,
+    KeyResponse,
+    LogHandler,
+    QueryResult,
+    SerfEvent,
+    SerfMember,
+    StreamGap,
+    decode_event,
+    decode_key_response,
+    decode_members,
+    text_of,
+)
+from meshd.hostport import parse_host_port
 from meshd.netns import call_in_netns
+from meshd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 IPC_VERSION = 1
+# How long the client's own tasks get to end once cancelled (they only read a socket).
+CANCEL_WAIT = 1.0
 _EOF = object()
 _AUTH_ERRORS = ("Authentication required", "Invalid authentication token")
 # memberlist applies new tags to this node at once, then waits (Serf's BroadcastTimeout,
 # 5 s) for their alive message to be gossiped; running out of that wait is no failure.
 _BROADCAST_UNCONFIRMED = "timeout waiting for update broadcast"
-
-# Which replies carry a body after their header (notes/serf-rpc.md, "Wire format").
-Body = Literal["always", "on_success", "never"]
-_BODY: dict[str, Body] = {
-    "join": "always",
-    "install-key": "always",
-    "use-key": "always",
-    "remove-key": "always",
-    "list-keys": "always",
-    "members": "on_success",
-    "members-filtered": "on_success",
-    "stats": "on_success",
-    "get-coordinate": "on_success",
-}
-
-
-# ---------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class SerfMember:
-    """One member as the agent lists it. ``status``: alive, leaving, left, failed (or none)."""
-
-    name: str
-    addr: str
-    port: int
-    tags: Mapping[str, str]
-    status: str
-
-    @property
-    def gossip_addr(self) -> str:
-        return format_host_port(self.addr, self.port)
-
-
-@dataclass(frozen=True)
-class MemberEvent:
-    """member-join, member-leave, member-failed, member-update or member-reap."""
-
-    kind: str
-    members: tuple[SerfMember, ...]
-
-
-@dataclass(frozen=True)
-class UserEvent:
-    name: str
-    payload: bytes
-    ltime: int
-    coalesce: bool
-
-
-@dataclass(frozen=True)
-class QueryEvent:
-    """A query addressed to this node: answer it with :meth:`SerfClient.respond` (same client)."""
-
-    id: int
-    name: str
-    payload: bytes
-    ltime: int
-
-
-@dataclass(frozen=True)
-class StreamGap:
-    """Events were lost (``reconnected`` or ``overflow``): re-read the membership."""
-
-    reason: str
-
-
-SerfEvent = MemberEvent | UserEvent | QueryEvent | StreamGap
-LogHandler = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """What came back for a query: the nodes that acked and each node's response."""
-
-    acks: tuple[str, ...]
-    responses: Mapping[str, bytes]
-
-
-@dataclass(frozen=True)
-class KeyResponse:
-    """The answer to a keyring command, per node: ``keys`` maps key -> nodes holding it."""
-
-    num_nodes: int
-    num_resp: int
-    num_err: int
-    messages: Mapping[str, str]
-    keys: Mapping[str, int]
-
-
-@dataclass(frozen=True)
-class Coordinate:
-    vec: tuple[float, ...]
-    error: float
-    adjustment: float
-    height: float
-
-
-# ---------------------------------------------------------------- the interface
-
-
-class SerfRPC(Protocol):
-    """The calls meshd makes of a Serf agent; :class:`SerfClient` implements them."""
-
-    async def members(self) -> list[SerfMember]: ...
-
-    async def members_filtered(
-        self,
-        *,
-        tags: Mapping[str, str] | None = None,
-        status: str | None = None,
-        name: str | None = None,
-    ) -> list[SerfMember]: ...
-
-    async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None: ...
-
-    async def join(self, addresses: Sequence[str], *, replay: bool = False) -> int: ...
-
-    async def leave(self) -> None: ...
-
-    async def force_leave(self, node: str) -> None: ...
-
-    async def user_event(
-        self, name: str, payload: bytes = b"", *, coalesce: bool = True
-    ) -> None: ...
-
-    async def query(
-        self,
-        name: str,
-        payload: bytes = b"",
-        *,
-        filter_nodes: Sequence[str] = (),
-        filter_tags: Mapping[str, str] | None = None,
-        request_ack: bool = False,
-        query_timeout: float = 0.0,
-    ) -> QueryResult: ...
-
-    async def respond(self, query_id: int, payload: bytes) -> None: ...
-
-    async def install_key(self, key: str) -> KeyResponse: ...
-
-    async def use_key(self, key: str) -> KeyResponse: ...
-
-    async def remove_key(self, key: str) -> KeyResponse: ...
-
-    async def list_keys(self) -> KeyResponse: ...
-
-    async def stats(self) -> dict[str, dict[str, str]]: ...
-
-    async def get_coordinate(self, node: str) -> Coordinate | None: ...
-
-    def events(self) -> AsyncIterator[SerfEvent]: ...
-
-    async def monitor(self, on_line: LogHandler, *, level: str = "INFO") -> None: ...
-
-
-# ---------------------------------------------------------------- decoding helpers
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return str(value) if value is not None else ""
-
-
-def _addr(raw: Any) -> str:
-    if isinstance(raw, bytes) and len(raw) in (4, 16):
-        addr = ip_address(raw)
-        if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(addr)
-    return _text(raw)
-
-
-def _member(body: Mapping[str, Any]) -> SerfMember:
-    tags = body.get("Tags") or {}
-    return SerfMember(
-        name=_text(body.get("Name")),
-        addr=_addr(body.get("Addr")),
-        port=int(body.get("Port") or 0),
-        tags={_text(k): _text(v) for k, v in tags.items()},
-        status=_text(body.get("Status")),
-    )
-
-
-def _members(command: str, body: Mapping[str, Any]) -> list[SerfMember]:
-    try:
-        return [_member(m) for m in body.get("Members") or ()]
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise SerfCommandError(f"serf {command}: malformed member in the reply: {exc}") from exc
-
-
-def _key_response(body: Mapping[str, Any]) -> KeyResponse:
-    return KeyResponse(
-        num_nodes=int(body.get("NumNodes") or 0),
-        num_resp=int(body.get("NumResp") or 0),
-        num_err=int(body.get("NumErr") or 0),
-        messages={_text(k): _text(v) for k, v in (body.get("Messages") or {}).items()},
-        keys={_text(k): int(v) for k, v in (body.get("Keys") or {}).items()},
-    )
-
-
-def _parse_addr(addr: str) -> tuple[str, int]:
-    try:
-        return parse_host_port(addr)
-    except DecodeError as exc:
-        raise SerfConnectionError(f"RPC address {exc}") from exc
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it is done, without taking on its exception.
-
-    Not ``suppress(CancelledError): await task``: that would also swallow a cancel
-    of the caller itself, and a loop that lost its cancel never ends.
-    """
-    task.cancel()
-    await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # retrieved: the task's own failure is not the caller's
 
 
 # ---------------------------------------------------------------- the client
@@ -324,7 +121,10 @@ class SerfClient:
         self.rpc_addr = rpc_addr
         # Asked before the auth key is sent: is the listener the agent we mean to talk to?
         self._verify_server = verify_server
-        self._host, self._port = _parse_addr(rpc_addr)
+        try:
+            self._host, self._port = parse_host_port(rpc_addr)
+        except DecodeError as exc:
+            raise SerfConnectionError(f"RPC address {exc}") from exc
         self._auth_key = auth_key
         self._netns = netns
         self._stream_types = stream
@@ -332,8 +132,7 @@ class SerfClient:
         self._reconnect = reconnect
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._events: asyncio.Queue[SerfEvent] = asyncio.Queue(maxsize=max(2, queue_size))
-        self._gap = False
+        self._events = EventQueue(queue_size)
         self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._conn: _Connection | None = None
@@ -343,7 +142,6 @@ class SerfClient:
         self._connected = asyncio.Event()
         self._closed = False
         self._monitor: tuple[str, LogHandler] | None = None
-        self.dropped_events = 0
         self.reconnects = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -377,7 +175,7 @@ class SerfClient:
         """Close the connection for good; pending calls fail with SerfConnectionError."""
         self._closed = True
         if self._keeper is not None:
-            await _cancel_and_wait(self._keeper)
+            await cancel_and_wait([self._keeper], CANCEL_WAIT)
             self._keeper = None
         await self._drop_connection("client closed")
 
@@ -437,7 +235,7 @@ class SerfClient:
             with contextlib.suppress(Exception):
                 await conn.writer.wait_closed()
         if task is not None and task is not asyncio.current_task():
-            await _cancel_and_wait(task)
+            await cancel_and_wait([task], CANCEL_WAIT)
         self._fail_pending(SerfConnectionError(f"Serf RPC connection lost: {reason}"))
 
     def _fail_pending(self, exc: Exception) -> None:
@@ -474,7 +272,7 @@ class SerfClient:
                     continue
                 self.reconnects += 1
                 log.info("reconnected to the Serf agent at %s", self.rpc_addr)
-                self._deliver(StreamGap("reconnected"))
+                self._events.put(StreamGap("reconnected"))
                 break
 
     # ------------------------------------------------------------ wire
@@ -501,7 +299,7 @@ class SerfClient:
     async def _dispatch(self, header: Mapping[str, Any], objects: AsyncIterator[Any]) -> None:
         raw_seq = header.get("Seq")
         seq = raw_seq if isinstance(raw_seq, int) else -1
-        error = _text(header.get("Error"))
+        error = text_of(header.get("Error"))
         entry = self._pending.get(seq)
         if entry is None:
             # Only stream records (a header plus a body) arrive unasked, e.g. after stop.
@@ -572,7 +370,7 @@ class SerfClient:
         if conn is None or (conn is not self._conn):
             raise SerfConnectionError(f"serf {command}: not connected to {self.rpc_addr}")
         seq, entry = self._register(
-            command, {"body": _BODY.get(command, "never"), "on_record": on_record}
+            command, {"body": REPLY_BODY.get(command, "never"), "on_record": on_record}
         )
         await self._send(conn, seq, command, body)
         try:
@@ -597,7 +395,7 @@ class SerfClient:
 
         def on_record(body: Mapping[str, Any]) -> None:
             try:
-                handler(_text(body.get("Log")))
+                handler(text_of(body.get("Log")))
             except Exception:
                 log.exception("Serf log handler failed")
 
@@ -627,41 +425,15 @@ class SerfClient:
             log.warning("skipping a malformed Serf stream record: %s", exc)
 
     def _decode_event(self, body: Mapping[str, Any]) -> None:
-        kind = _text(body.get("Event"))
-        event: SerfEvent
-        if kind.startswith("member-"):
-            event = MemberEvent(kind, tuple(_member(m) for m in body.get("Members") or ()))
-        elif kind == "user":
-            event = UserEvent(
-                name=_text(body.get("Name")),
-                payload=bytes(body.get("Payload") or b""),
-                ltime=int(body.get("LTime") or 0),
-                coalesce=bool(body.get("Coalesce")),
-            )
-        elif kind == "query":
-            event = QueryEvent(
-                id=int(body.get("ID") or 0),
-                name=_text(body.get("Name")),
-                payload=bytes(body.get("Payload") or b""),
-                ltime=int(body.get("LTime") or 0),
-            )
-        else:
-            log.debug("ignoring Serf stream record %r", kind)
+        event = decode_event(body)
+        if event is None:
+            log.debug("ignoring Serf stream record %r", text_of(body.get("Event")))
             return
-        self._deliver(event)
+        self._events.put(event)
 
-    def _deliver(self, event: SerfEvent) -> None:
-        # Never block the reader: replies to calls share the connection.
-        if self._gap and self._events.maxsize - self._events.qsize() >= 2:
-            self._events.put_nowait(StreamGap("overflow"))
-            self._gap = False
-        if self._events.full():
-            if self.dropped_events == 0 or not self._gap:
-                log.warning("Serf event queue full; dropping events until the reader catches up")
-            self.dropped_events += 1
-            self._gap = True
-            return
-        self._events.put_nowait(event)
+    @property
+    def dropped_events(self) -> int:
+        return self._events.dropped
 
     async def events(self) -> AsyncIterator[SerfEvent]:
         """Every event from the stream, in order. One consumer: events are not copied."""
@@ -670,15 +442,12 @@ class SerfClient:
 
     def next_event_nowait(self) -> SerfEvent | None:
         """The next queued event, or None when the queue is empty."""
-        try:
-            return self._events.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        return self._events.get_nowait()
 
     # ------------------------------------------------------------ commands
 
     async def members(self) -> list[SerfMember]:
-        return _members("members", await self._call("members"))
+        return decode_members("members", await self._call("members"))
 
     async def members_filtered(
         self,
@@ -700,7 +469,7 @@ class SerfClient:
                 raise SerfCommandError(
                     f"serf members-filtered: bad regex {pattern!r}: {exc}"
                 ) from exc
-        return _members("members-filtered", await self._call("members-filtered", request))
+        return decode_members("members-filtered", await self._call("members-filtered", request))
 
     async def set_tags(self, tags: Mapping[str, str], delete: Iterable[str] = ()) -> None:
         """Set this node's tags. They are set once this returns; the alive message that
@@ -748,11 +517,11 @@ class SerfClient:
         query_seq = 0
 
         def on_record(body: Mapping[str, Any]) -> None:
-            kind = _text(body.get("Type"))
+            kind = text_of(body.get("Type"))
             if kind == "ack":
-                acks.append(_text(body.get("From")))
+                acks.append(text_of(body.get("From")))
             elif kind == "response":
-                responses[_text(body.get("From"))] = bytes(body.get("Payload") or b"")
+                responses[text_of(body.get("From"))] = bytes(body.get("Payload") or b"")
             elif kind == "done":
                 self._pending.pop(query_seq, None)
                 if not done.done():
@@ -793,7 +562,7 @@ class SerfClient:
 
     async def _key_command(self, command: str, key: str | None) -> KeyResponse:
         body = await self._call(command, None if key is None else {"Key": key})
-        return _key_response(body)
+        return decode_key_response(body)
 
     async def install_key(self, key: str) -> KeyResponse:
         return await self._key_command("install-key", key)
@@ -810,7 +579,7 @@ class SerfClient:
     async def stats(self) -> dict[str, dict[str, str]]:
         body = await self._call("stats")
         return {
-            _text(section): {_text(k): _text(v) for k, v in (values or {}).items()}
+            text_of(section): {text_of(k): text_of(v) for k, v in (values or {}).items()}
             for section, values in body.items()
         }
 

@@ -69,16 +69,9 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from meshd.errors import GossipError, RecordError
+from meshd.gossip.messages import MemberEvent, QueryEvent, SerfEvent, SerfMember, SerfRPC, StreamGap
 from meshd.gossip.names import display_name
 from meshd.gossip.record import RECORD_KEYS, decode_record, encode_record
-from meshd.gossip.rpc import (
-    MemberEvent,
-    QueryEvent,
-    SerfEvent,
-    SerfMember,
-    SerfRPC,
-    StreamGap,
-)
 from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ import pytest
 from meshd import config as config_mod
 from meshd.b64 import encode_b64
 from meshd.errors import ConfigError, SerfAuthError, SerfCommandError, SerfConnectionError
+from meshd.gossip.messages import QueryEvent, StreamGap, UserEvent
 from meshd.gossip.record import TAGS_LIMIT, encode_record, tags_size
-from meshd.gossip.rpc import QueryEvent, SerfClient, StreamGap, UserEvent
+from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.lab import Lab

@@ -14,9 +14,9 @@ import pytest
 
 from meshd.b64 import encode_b64
 from meshd.errors import SerfConnectionError
+from meshd.gossip.messages import MemberEvent, SerfEvent, SerfMember, StreamGap, UserEvent
 from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
-from meshd.gossip.rpc import MemberEvent, SerfEvent, SerfMember, StreamGap, UserEvent
 from meshd.gossip.view import (
     MembershipView,
     member_state,
