@@ -412,8 +412,8 @@ def cancel_midway(
     assert not left, f"a cancelled start left {describe(left)}"
 
 
-def test_a_cancelled_serf_start_leaves_no_serf(lab_factory: Callable[..., Lab]) -> None:
-    lab = lab_factory(nodes=1)
+def lone_serf(lab: Lab) -> SerfAgent:
+    """A bare serf agent on the lab's first host, joining nobody."""
     node = lab.nodes[0]
     settings = SerfSettings(
         node_name=node.name,
@@ -421,7 +421,12 @@ def test_a_cancelled_serf_start_leaves_no_serf(lab_factory: Callable[..., Lab]) 
         rpc_auth_key=secrets.token_urlsafe(16),
         bind_addr=node.address,
     )
-    agent = SerfAgent(settings, netns=node.netns)
+    return SerfAgent(settings, netns=node.netns)
+
+
+def test_a_cancelled_serf_start_leaves_no_serf(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(nodes=1)
+    agent = lone_serf(lab)
     cancel_midway(lab, agent.start, lambda: agent.pid, agent.stop)
 
 
@@ -439,13 +444,7 @@ def test_a_cancelled_wireguard_go_start_leaves_no_wireguard_go(
 def test_serf_and_wireguard_go_stop_within_their_bound(lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory(nodes=1)
     node = lab.nodes[0]
-    settings = SerfSettings(
-        node_name=node.name,
-        state_dir=lab.node_dir(node) / "serf",
-        rpc_auth_key=secrets.token_urlsafe(16),
-        bind_addr=node.address,
-    )
-    serf = SerfAgent(settings, netns=node.netns)
+    serf = lone_serf(lab)
     wireguard = UserspaceBackend(lab.ifname(node), node.netns)
 
     async def scenario() -> None:
