@@ -33,7 +33,7 @@ from meshd.gossip.view import MembershipView, publish_record
 from meshd.hostport import format_host_port
 from meshd.netlink import Netlink, watch_addresses
 from meshd.node import gossip_address, new_rpc_key
-from meshd.types import MemberState, NodeRecord
+from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Presence:
         cfg, state = rt.config, rt.state
         record = self.record()
         bind = str(gossip_address(state.addresses.all()))
-        targets = self.join_targets()
+        targets = self.join_targets(limit=1)
         settings = SerfSettings(
             node_name=serf_node_name(state.name, state.keys.public_key),
             state_dir=rt.store.serf_dir,
@@ -207,9 +207,14 @@ class Presence:
         finally:
             watcher.cancel()
 
-    def join_targets(self) -> list[str]:
+    def join_targets(self, limit: int = 8) -> list[str]:
         """Known peers, then every member gossip ever showed us: a node that finds itself
-        alone (restarted, or wrongly dropped by the others) gets back through any of them."""
+        alone (restarted, or wrongly dropped by the others) gets back through any of them.
+
+        The first known peer is the seed that enrolled this node (or a peer of the last
+        run): it certainly has a tunnel to us. Serf joins its targets one by one, and one
+        that has no tunnel to us yet costs a TCP retransmit (1 s), so start small.
+        """
         rt = self._rt
         port = rt.config.gossip.port
         addresses = [p.gossip_addr for p in rt.known if p.gossip_addr]
@@ -217,28 +222,43 @@ class Presence:
         random.shuffle(others)
         addresses += [str(gossip_address(m.record.addresses)) for m in others if m.record]
         unique = list(dict.fromkeys(addresses))
-        return [format_host_port(a, port) for a in unique[:JOIN_TARGETS]]
+        return [format_host_port(a, port) for a in unique[:limit]]
 
     async def join_loop(self) -> None:
-        """Ask Serf to join known peers until another member is alive, and again if alone."""
+        """Ask Serf to join known peers until another member is alive, and again if alone.
+
+        Serf's own ``retry_join`` (the first known peer) goes first; while alone, each
+        round here asks twice as many targets as the last, up to JOIN_TARGETS.
+        """
         rt = self._rt
+        rounds = 0
         while True:
             if not rt.has_gossip:  # restarting on a new address
                 await asyncio.sleep(JOIN_RETRY)
                 continue
             view = rt.gossip.view
-            others_alive = any(
-                m.state is MemberState.ALIVE and m.name != rt.name for m in view.members.values()
-            )
-            if others_alive:
+
+            def others_alive(members: Mapping[str, Member]) -> bool:
+                return any(
+                    m.state is MemberState.ALIVE and m.name != rt.name for m in members.values()
+                )
+
+            if others_alive(view.members):
+                rounds = 0
                 if not rt.joined.is_set():
                     await self._announce_chain()
                     rt.joined.set()
-            elif self._join_call is None or self._join_call.done():
-                targets = self.join_targets()
+            elif rt.joined.is_set():
+                rt.joined.clear()  # alone again: join anew
+            elif rounds and (self._join_call is None or self._join_call.done()):
+                targets = self.join_targets(limit=min(2**rounds, JOIN_TARGETS))
                 if targets:
                     self._join_call = rt.tasks.start(self._join(targets), name="gossip-join-call")
-            await asyncio.sleep(JOIN_RETRY)
+                rounds += 1
+            else:
+                rounds += 1
+            # Wake as soon as someone answers: READY=1 and the chain announcement wait on it.
+            await view.wait_for(lambda m: others_alive(m) != rt.joined.is_set(), JOIN_RETRY)
 
     async def _join(self, targets: list[str]) -> None:
         """One Serf join, on an RPC connection of its own.
