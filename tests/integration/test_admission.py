@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import json
 import subprocess
 import threading
 import time
@@ -305,9 +306,11 @@ def rotate_both_keys(mesh: MeshLab, pingers: list[Pinger]) -> None:
 
 
 def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:
+    state = mesh.state_dir("n1")
     secrets_of_n1 = [
-        (mesh.state_dir("n1") / name).read_text().strip()
-        for name in ("wireguard.key", "gossip.key", "rpc.key")
+        *((state / name).read_text().strip() for name in ("wireguard.key", "gossip.key")),
+        # The RPC key of the running Serf: fresh every start, only in Serf's config file.
+        json.loads((state / "serf" / "serf.json").read_text())["rpc_auth"],
     ]
     pids = [p["pid"] for p in mesh.lab.processes() if p["alive"]]
     children = subprocess.run(
@@ -325,5 +328,5 @@ def test_no_secret_in_argv_or_child_environment(mesh: MeshLab) -> None:
         log = mesh.lab.log_path(node, "agent").read_text()
         for secret in secrets_of_n1:
             assert secret not in log
-    for name in ("wireguard.key", "gossip.key", "rpc.key", "ca.key"):
-        assert (mesh.state_dir("n1") / name).stat().st_mode & 0o777 == 0o600
+    for name in ("wireguard.key", "gossip.key", "ca.key", "serf/serf.json"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600
