@@ -99,10 +99,18 @@ def lab_base_dir(base_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get(ENV_LAB_DIR) or DEFAULT_LAB_DIR)
 
 
-def _bridge_port(bridge: str, port: str, peer: str, peer_netns: str) -> list[str]:
+def host_mac(index: int) -> str:
+    """The fixed MAC of lab host ``index``'s interface (locally administered)."""
+    return f"02:6d:6c:00:{index >> 8:02x}:{index & 0xFF:02x}"
+
+
+def _bridge_port(
+    bridge: str, port: str, peer: str, peer_netns: str, mac: str | None = None
+) -> list[str]:
     """A veth pair as ``ip -batch`` lines: ``port`` on ``bridge``, ``peer`` in ``peer_netns``."""
+    address = f" address {mac}" if mac else ""
     return [
-        f"link add {port} type veth peer name {peer} netns {peer_netns}",
+        f"link add {port} type veth peer name {peer}{address} netns {peer_netns}",
         f"link set {port} master {bridge}",
         f"link set {port} up",
     ]
@@ -193,23 +201,35 @@ class Lab:
         # The switch first: its batch creates the veth pairs into hosts and routers.
         switch_cmds = ["link set lo up", f"link add {BRIDGE_IFNAME} type bridge"]
         switch_cmds.append(f"link set {BRIDGE_IFNAME} up")
-        on_switch: list[tuple[str, str, str]] = [
-            (n.name, HOST_IFNAME, n.netns) for n in plan.nodes if n.site is None
+        on_switch: list[tuple[str, str, str, str | None]] = [
+            (n.name, HOST_IFNAME, n.netns, host_mac(n.index)) for n in plan.nodes if n.site is None
         ]
-        on_switch += [(r.name, ROUTER_WAN_IFNAME, r.netns) for r in plan.routers]
-        for port, peer, peer_netns in on_switch:
-            switch_cmds += _bridge_port(BRIDGE_IFNAME, port, peer, peer_netns)
+        on_switch += [(r.name, ROUTER_WAN_IFNAME, r.netns, None) for r in plan.routers]
+        for port, peer, peer_netns, mac in on_switch:
+            switch_cmds += _bridge_port(BRIDGE_IFNAME, port, peer, peer_netns, mac)
         netns.ip_batch(plan.switch, switch_cmds)
         netns.set_sysctl(plan.switch, "net.ipv4.ip_forward", "0")
         for router in plan.routers:
             self._build_router(router)
             say(f"  router {router.name}: {router.wan_address} <- NAT <- {router.lan_cidr}")
+        switched = [n for n in plan.nodes if n.site is None]
         for node in plan.nodes:
             cmds = [
                 "link set lo up",
                 f"addr add {node.cidr} dev {node.interface}",
                 f"link set {node.interface} up",
             ]
+            if node.site is None:
+                # Neighbours known from the start: a new host makes every other one ARP
+                # for it at once, and 40 hosts' broadcasts through one software bridge
+                # overflow the kernel's backlog (1,000 frames): hosts then lost each
+                # other for seconds, in bare Serf as in meshd.
+                cmds += [
+                    f"neigh replace {other.address} lladdr {host_mac(other.index)} "
+                    f"dev {node.interface} nud permanent"
+                    for other in switched
+                    if other is not node
+                ]
             if node.gateway:
                 cmds.append(f"route add default via {node.gateway}")
             netns.ip_batch(node.netns, cmds)
