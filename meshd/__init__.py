@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from meshd.errors import ConfigError, DecodeError, MeshdError
+from meshd.errors import ConfigError, DecodeError, MeshdError, WireGuardError
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.hostport import format_host_port as format_host_port
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.types import PathChoice as PathChoice
     from meshd.types import PeerConfig as PeerConfig
     from meshd.types import PeerPatch as PeerPatch
+    from meshd.types import PeerStats as PeerStats
     from meshd.types import RecordExtras as RecordExtras
 
 __version__ = "0.1.0"
@@ -65,7 +66,9 @@ __all__ = [
     "PathChoice",
     "PeerConfig",
     "PeerPatch",
+    "PeerStats",
     "RecordExtras",
+    "WireGuardError",
     "__version__",
     "format_host_port",
     "hookimpl",

@@ -377,6 +377,9 @@ def _printable(text: str) -> str:
 def _path(row: dict[str, Any]) -> str:
     if row.get("excluded"):
         return f"excluded: {row['excluded']}"
+    if row.get("path"):
+        reason = f" ({row['path_reason']})" if row.get("path_reason") else ""
+        return f"{row['path']}{reason}"
     if row.get("via"):
         return f"via {row['via']}"
     return "direct" if row.get("peer") else "-"
@@ -396,6 +399,7 @@ def status(state: CliState, as_json: bool) -> None:
     click.echo(
         f"{_printable(node['name'])}  network {node['network']} ({node['network_id']})  "
         f"{', '.join(node['addresses'])}  {node['interface']}:{node['listen_port']}"
+        + (f"  NAT: {node['nat']}" if node.get("nat") else "")
     )
     rows = [
         [

@@ -26,8 +26,10 @@ Rules:
   derived one, then the lower public key wins); the loser's claim is left out
   of allowed IPs until it moves, so the interface never holds overlapping
   prefixes. :func:`address_owners` tells the agent when this node must move.
-- A member routed through a relay is not a peer of its own: its addresses are
-  added to the relay's allowed IPs.
+- A member reached through a *forwarding* relay (the policy gives the relay's
+  forwarding endpoint) stays a peer of its own: only its endpoint changes, and the
+  relay carries ciphertext. A member behind a *routed* relay (no endpoint given)
+  is not a peer of its own: its addresses are added to the relay's allowed IPs.
 - Known peers (learnt at enrolment or restored from the last run) fill in what
   gossip has not described yet: each keeps only the prefixes nobody else holds
   (a joiner whose IPv4 address turns out taken still needs its IPv6 gossip
@@ -101,8 +103,10 @@ class DesiredState:
     peers: tuple[PeerConfig, ...]
     # member name -> why it is not a peer (unadmitted, no record, address conflict...)
     excluded: Mapping[str, str] = field(default_factory=dict)
-    # member name -> name of the relay it goes through
+    # member name -> name of the relay it goes through (routed or forwarding)
     relayed: Mapping[str, str] = field(default_factory=dict)
+    # member name -> the path the policy chose (what status shows)
+    paths: Mapping[str, PathChoice] = field(default_factory=dict)
     # keys of known peers gossip now speaks for, or that stayed unseen too long
     forget: tuple[str, ...] = ()
     # keys of known peers kept as peers although gossip has not described them
@@ -207,6 +211,7 @@ def compute(
     peers: dict[str, PeerConfig] = {}
     routed: dict[str, list[IPNetwork]] = {}
     relayed: dict[str, str] = {}
+    paths: dict[str, PathChoice] = {}
     for member in candidates:
         record = member.record
         assert record is not None
@@ -218,15 +223,22 @@ def compute(
             continue
         prefixes = [host_prefix(a) for a in kept]
         choice = policy.select_path(member)
-        relay = by_name.get(choice.via) if choice.via else None
-        if relay is not None and relay.name != member.name:
-            routed.setdefault(relay.name, []).extend(prefixes)
-            relayed[member.name] = relay.name
-            continue
+        paths[member.name] = choice
+        if choice.via and choice.endpoint is None and not choice.learn:
+            relay = by_name.get(choice.via)
+            if relay is not None and relay.name != member.name:
+                routed.setdefault(relay.name, []).extend(prefixes)
+                relayed[member.name] = relay.name
+                continue
+        if choice.via:
+            relayed[member.name] = choice.via
+        endpoint = choice.endpoint
+        if endpoint is None and not choice.learn:
+            endpoint = record.endpoints[0] if record.endpoints else None
         base = PeerConfig(
             public_key=record.public_key,
             allowed_ips=tuple(prefixes),
-            endpoint=record.endpoints[0] if record.endpoints else None,
+            endpoint=endpoint,
             keepalive=keepalive,
         )
         peers[member.name] = policy.shape(member, base)
@@ -234,7 +246,7 @@ def compute(
     for relay_name, prefixes in routed.items():
         peer = peers.get(relay_name)
         if peer is None:
-            for name in [n for n, via in relayed.items() if via == relay_name]:
+            for name in [n for n, via in relayed.items() if via == relay_name and n not in peers]:
                 excluded[name] = f"relay {relay_name} is not a peer"
                 del relayed[name]
             continue
@@ -255,6 +267,7 @@ def compute(
         peers=merged,
         excluded=excluded,
         relayed=relayed,
+        paths=paths,
         forget=forget,
         unconfirmed=unconfirmed,
     )

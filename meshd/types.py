@@ -117,6 +117,17 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class PeerStats:
+    """What WireGuard reports of one live peer."""
+
+    public_key: str
+    endpoint: str | None
+    last_handshake: float | None  # epoch seconds, None: never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class PeerPatch:
     """What one plugin adds to a peer: merged by the engine (allowed IPs are unioned)."""
 
@@ -143,9 +154,27 @@ class Admission:
 
 @dataclass(frozen=True)
 class PathChoice:
-    """How to reach a peer: directly (``via`` is None) or through the relay named ``via``."""
+    """How to reach a peer, and what ``meshd status`` says of it.
+
+    - ``PathChoice()``: the engine's default, directly at the first endpoint the
+      member publishes.
+    - ``endpoint="host:port"``: directly, or through a *forwarding* relay when
+      ``via`` names it: WireGuard sends to that address, the end-to-end session stays
+      between the two nodes and the relay sees only ciphertext.
+    - ``learn=True``: set no endpoint; WireGuard learns it from the peer's own packets
+      (the peer dials in: it is behind a NAT that only it can open).
+    - ``via`` without ``endpoint``: a *routed* relay; the member is no peer of its own,
+      its addresses ride the relay's peer (the relay decrypts and re-encrypts).
+
+    ``label`` is how status shows the path (``direct``, ``direct (LAN)``, ``relay via
+    n3``); ``reason`` says why a pair is not direct.
+    """
 
     via: str | None = None
+    endpoint: str | None = None
+    learn: bool = False
+    label: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,23 @@ class AgentAPI(Protocol):
     @property
     def members(self) -> tuple[Member, ...]:
         """The gossip members as of the last pass, each with the engine's certificate verdict."""
+
+    @property
+    def mesh_addresses(self) -> tuple[IPAddress, ...]:
+        """This node's own mesh addresses (IPv4 and IPv6)."""
+
+    @property
+    def interface(self) -> str:
+        """The name of this node's WireGuard interface."""
+
+    async def peer_stats(self) -> tuple[PeerStats, ...]:
+        """What WireGuard reports of each peer now: live endpoint, last handshake, bytes.
+        Raises :class:`meshd.WireGuardError` when the device cannot be read."""
+
+    def refresh(self) -> None:
+        """Republish this node's record if the plugins' answers changed it, and run a
+        pass now (call it when a fact behind ``meshd_node_record``,
+        ``meshd_endpoint_candidates`` or ``meshd_select_path`` changed)."""
 
     def spawn(self, coro: Awaitable[None], *, name: str) -> None:
         """Run ``coro`` in the agent's task group; its failure is logged, not fatal."""

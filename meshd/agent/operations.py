@@ -30,7 +30,7 @@ from meshd.pki.certificate import CertChain
 from meshd.pki.revocation import Revocation
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
-from meshd.types import Member
+from meshd.types import Member, PathChoice
 from meshd.wireguard.backend import PeerState
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ class Operations:
                     is_peer=key in peer_keys,
                     via=desired.relayed.get(member.name),
                     excluded=desired.excluded.get(member.name),
+                    path=desired.paths.get(member.name),
                 )
             )
         for known in rt.known:
@@ -225,6 +226,7 @@ class Operations:
                 "interface": rt.iface.ifname,
                 "listen_port": rt.config.wireguard.port,
                 "endpoints": list(own.endpoints) if own else [],
+                "nat": _nat_type(own.roles) if own else None,
                 "backend": rt.iface.backend_name,
                 "gossip_joined": rt.joined.is_set(),
                 "certificate": rt.own_chain.ref,
@@ -262,6 +264,14 @@ async def _key_step(step: str, call: Callable[[str], Awaitable[Any]], key: str, 
     raise AssertionError("unreachable")
 
 
+def _nat_type(roles: frozenset[str]) -> str | None:
+    """What this node's record says of its NAT (roles of the NAT plugin), if anything."""
+    if "public" in roles:
+        return "public"
+    found = sorted(r.removeprefix("nat-") for r in roles if r.startswith("nat-"))
+    return found[0] if found else None
+
+
 def _member_row(
     member: Member,
     live: PeerState | None,
@@ -269,9 +279,10 @@ def _member_row(
     is_peer: bool,
     via: str | None,
     excluded: str | None,
+    path: PathChoice | None,
 ) -> dict[str, Any]:
     record = member.record
-    return _row(
+    row = _row(
         member.name,
         record.public_key if record else None,
         record.addresses if record else (),
@@ -281,6 +292,10 @@ def _member_row(
         via=via,
         excluded=excluded,
     )
+    if path is not None:
+        row["path"] = path.label or None
+        row["path_reason"] = path.reason or None
+    return row
 
 
 def _row(

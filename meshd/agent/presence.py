@@ -55,6 +55,11 @@ ROAM_SETTLE = 0.1
 VIEW_POLL_INTERVAL = 2.0
 
 
+def _facts(record: NodeRecord) -> tuple[object, ...]:
+    """What others act on in a record: all but its version."""
+    return (record.endpoints, record.roles, record.routes, record.addresses, record.cert)
+
+
 class Presence:
     """This node's record and its place in gossip."""
 
@@ -174,36 +179,45 @@ class Presence:
         rt.local_addresses = tuple(i.ip for i in found)
 
     async def roam_loop(self) -> None:
-        """Republish at once when this machine's addresses change (netlink events).
+        """Republish at once when this machine's addresses change (netlink events), or
+        when a plugin says its facts changed (``AgentAPI.refresh``).
 
         Others take the new endpoint from the record; before that, a packet into
         every tunnel reaches each peer from the new address, and WireGuard moves the
         peer's endpoint to where authenticated packets come from.
         """
         rt = self._rt
-        changed = asyncio.Event()
-        watcher = rt.tasks.start(watch_addresses(changed.set), name="address-watch")
+        moved = asyncio.Event()
+
+        def on_address_event() -> None:
+            moved.set()
+            rt.record_stale.set()
+
+        watcher = rt.tasks.start(watch_addresses(on_address_event), name="address-watch")
         try:
             while True:
-                await changed.wait()
+                await rt.record_stale.wait()
                 await asyncio.sleep(ROAM_SETTLE)  # one burst of events, one republish
-                changed.clear()
+                rt.record_stale.clear()
                 try:
-                    before = rt.local_addresses
-                    await self.refresh_local_addresses()
-                    if rt.local_addresses == before:
+                    if moved.is_set():
+                        moved.clear()
+                        before = rt.local_addresses
+                        await self.refresh_local_addresses()
+                        if rt.local_addresses != before:
+                            log.info(
+                                "this machine's addresses changed: %s",
+                                ", ".join(map(str, rt.local_addresses)) or "none",
+                            )
+                            await rt.iface.forget_sources()
+                            rt.iface.poke(rt.snapshot.desired.peers)
+                    if not rt.has_gossip:
                         continue
-                    log.info(
-                        "this machine's addresses changed: %s",
-                        ", ".join(map(str, rt.local_addresses)) or "none",
-                    )
-                    await rt.iface.forget_sources()
-                    rt.iface.poke(rt.snapshot.desired.peers)
                     record = self.record()
-                    if rt.published is None or record.endpoints != rt.published.endpoints:
+                    if rt.published is None or _facts(record) != _facts(rt.published):
                         await self.publish(record)
                 except MeshdError as exc:
-                    log.warning("cannot republish after an address change: %s", exc)
+                    log.warning("cannot republish this node's record: %s", exc)
         finally:
             watcher.cancel()
 

@@ -35,6 +35,7 @@ from meshd.types import (
     Network,
     NodeIdentity,
     NodeRecord,
+    PeerStats,
 )
 from meshd.wireguard import WireGuardInterface
 
@@ -186,6 +187,8 @@ class Runtime:
         self.local_addresses: tuple[IPAddress, ...] = ()
         self.joined = asyncio.Event()
         self.kicked = asyncio.Event()
+        # Set to republish this node's record if it changed (addresses, a plugin's facts).
+        self.record_stale = asyncio.Event()
         self.stop_requested = asyncio.Event()
         self.leaving = False
         self.tasks = TaskSet(self.stop_requested.set)
@@ -264,6 +267,26 @@ class PluginFace:
     def members(self) -> tuple[Member, ...]:
         """The members of the last pass, certified."""
         return self._rt.snapshot.members
+
+    @property
+    def mesh_addresses(self) -> tuple[IPAddress, ...]:
+        return self._rt.state.addresses.all()
+
+    @property
+    def interface(self) -> str:
+        return self._rt.config.wireguard.interface
+
+    async def peer_stats(self) -> tuple[PeerStats, ...]:
+        if not self._rt.has_iface:
+            return ()
+        return tuple(
+            PeerStats(p.public_key, p.endpoint, p.last_handshake, p.rx_bytes, p.tx_bytes)
+            for p in await self._rt.iface.peer_stats()
+        )
+
+    def refresh(self) -> None:
+        self._rt.record_stale.set()
+        self._rt.kick()
 
     def spawn(self, coro: Awaitable[None], *, name: str) -> None:
         async def guarded() -> None:
