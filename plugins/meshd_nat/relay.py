@@ -1,0 +1,433 @@
+"""The relay forwarder: WireGuard ciphertext between two members that cannot reach each other.
+
+A relay R helps a pair {A, B} of members with no direct path. The WireGuard
+session stays end to end between A and B: R only moves their encrypted
+datagrams and never holds their keys, so it cannot read (or forge) their traffic.
+
+Per pair, R holds one *allocation*: two UDP sockets on its underlay, on ports the
+kernel picks: ``port_A`` (A sends there) and ``port_B`` (B sends there). A
+datagram arriving on ``port_A`` from source S teaches R that A is at S; if R
+knows where B is, it sends the datagram out of the ``port_B`` socket to B. So B
+sees it come from R:port_B, the very endpoint B has configured for A, and B's
+NAT lets it in (B has sent to R:port_B itself). The same holds the other way.
+While R does not know where the other side is, the datagram is dropped (and
+counted): WireGuard retries its handshake every 5 s, so nothing is lost that
+matters.
+
+What is forwarded, and what R learns from (the why of each rule):
+
+- Only WireGuard-shaped datagrams: the first byte is a message type (1 handshake
+  initiation, 148 bytes; 2 handshake response, 92 bytes; 3 cookie reply, 64
+  bytes; 4 transport data, at least 32 bytes and a multiple of 16), followed by
+  three zero bytes. Anything else is dropped as ``junk``: a relay port must not
+  become an open UDP reflector for whoever finds it.
+- A handshake initiation or response arriving on ``port_A`` must carry a valid
+  mac1 for B's public key (B is its receiver): ``mac1 = BLAKE2s-128(key =
+  BLAKE2s-256("mac1----" || B's public key), message up to mac1)`` (WireGuard
+  whitepaper 5.4.4). Junk is filtered this way too, and a stranger who does not
+  even know B's public key cannot steal the mapping (drop reason ``mac1``).
+  Keys are public, so this is a filter, not authentication.
+- Transport data moves the mapping too. WireGuard roams on data: after a NAT
+  rebinding in the middle of a session, A sends only data (the next handshake
+  may be two minutes away), and B must follow A's new address. The price:
+  anyone who knows R:port_A and can send from any address can divert the pair's
+  ciphertext to itself, until A's next packet moves it back. That is a denial of
+  service, never a disclosure: the datagrams stay encrypted and authenticated
+  end to end, and a forged one is dropped by B.
+- A cookie reply carries no MAC at all: it is forwarded only when it comes from
+  the address already learnt for its side, and never moves the mapping (drop
+  reason ``stranger``).
+
+Resources are bounded: at most ``max_allocations`` pairs (two sockets each),
+:class:`RelayFull` beyond that, and :meth:`Relay.expire` closes allocations that
+neither forwarded nor were asked for during ``idle_timeout``. The owner calls
+:meth:`Relay.expire` periodically (every few seconds); idleness is judged by
+comparing packet counts between those calls, so the forwarding path itself never
+reads the clock.
+
+Performance: one :class:`asyncio.DatagramProtocol` per socket, and each datagram
+is checked and forwarded inside ``datagram_received`` with ``transport.sendto``,
+with no allocation besides the bytes asyncio hands over. Figures in
+``bench/README.md`` (``bench/relay.py``).
+
+Standalone, for the lab and the benchmark (one relay process serving given pairs
+until SIGTERM; the ports go to a JSON file, written atomically)::
+
+    python -m meshd_nat.relay --pair KEY_A KEY_B --ports-file /tmp/ports.json [--uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from meshd import MeshdError, format_host_port
+
+log = logging.getLogger(__name__)
+
+# Message types (WireGuard whitepaper 5.4), as the first four bytes of a datagram:
+# the type, then three reserved zero bytes.
+HANDSHAKE_INITIATION = b"\x01\x00\x00\x00"
+HANDSHAKE_RESPONSE = b"\x02\x00\x00\x00"
+COOKIE_REPLY = b"\x03\x00\x00\x00"
+TRANSPORT_DATA = b"\x04\x00\x00\x00"
+INITIATION_SIZE = 148
+RESPONSE_SIZE = 92
+COOKIE_REPLY_SIZE = 64
+TRANSPORT_MIN_SIZE = 32  # header 16 + an empty (keepalive) payload's 16-byte tag
+MAC_SIZE = 16
+MAC1_LABEL = b"mac1----"
+
+DROP_REASONS = ("junk", "mac1", "stranger", "unknown")
+"""Why a datagram was dropped: not WireGuard-shaped; a handshake without a valid mac1
+for its receiver; a cookie reply from an address not learnt; the other side not
+known yet."""
+
+Address = tuple[Any, ...]  # what a datagram socket reports: (host, port[, flowinfo, scope])
+
+
+class RelayError(MeshdError):
+    """The relay cannot do what was asked (bad key, no socket)."""
+
+
+class RelayFull(RelayError):
+    """Every allocation the relay allows is in use."""
+
+
+def decode_public_key(text: str) -> bytes:
+    """The 32 bytes of a WireGuard public key in base64; RelayError naming it if it is not one."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise RelayError(f"not a WireGuard public key (32 bytes in base64): {text!r}")
+    return raw
+
+
+def mac1_key(public_key: bytes) -> bytes:
+    """The key of mac1 for messages sent to the owner of ``public_key`` (whitepaper 5.4.4)."""
+    return hashlib.blake2s(MAC1_LABEL + public_key).digest()
+
+
+def valid_mac1(message: bytes, key: bytes) -> bool:
+    """Whether a handshake initiation or response carries a valid mac1 under ``key``.
+
+    ``key`` is :func:`mac1_key` of the message's receiver. Any other message is False.
+    """
+    if len(message) == INITIATION_SIZE and message.startswith(HANDSHAKE_INITIATION):
+        offset = INITIATION_SIZE - 2 * MAC_SIZE
+    elif len(message) == RESPONSE_SIZE and message.startswith(HANDSHAKE_RESPONSE):
+        offset = RESPONSE_SIZE - 2 * MAC_SIZE
+    else:
+        return False
+    expected = hashlib.blake2s(message[:offset], key=key, digest_size=MAC_SIZE).digest()
+    return hmac.compare_digest(expected, message[offset : offset + MAC_SIZE])
+
+
+@dataclass(frozen=True)
+class SideInfo:
+    """One member of an allocation, as the relay sees it."""
+
+    public_key: str  # the member that sends to ``port``
+    port: int
+    address: str | None  # where it was last heard from ("host:port"), None before
+    packets: int  # datagrams forwarded from this member to the other
+    bytes: int
+    dropped: dict[str, int]  # of the datagrams arriving on ``port``, by DROP_REASONS
+
+
+@dataclass(frozen=True)
+class AllocationInfo:
+    """An allocation for status and metrics: both sides, and how long it has been idle."""
+
+    sides: tuple[SideInfo, SideInfo]
+    idle: float  # seconds since the last forwarded datagram or allocate(), as of expire()
+
+
+class _Side(asyncio.DatagramProtocol):
+    """One socket of an allocation: what arrives here goes to the other side's member."""
+
+    def __init__(self, public_key: str, receiver_key: bytes) -> None:
+        self.public_key = public_key
+        self.mac1_key = mac1_key(receiver_key)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.other: _Side = self  # set to the other side before any datagram can arrive
+        self.address: Address | None = None  # the member's learnt source address
+        self.port = 0
+        self.packets = 0
+        self.bytes = 0
+        self.junk = 0
+        self.bad_mac1 = 0
+        self.strangers = 0
+        self.unknown = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's own datagram transport does not subclass DatagramTransport (3.11).
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        size = len(data)
+        if data.startswith(TRANSPORT_DATA):
+            if size < TRANSPORT_MIN_SIZE or size & 15:
+                self.junk += 1
+                return
+            if addr != self.address:
+                self._learn(addr)
+        elif data.startswith(HANDSHAKE_INITIATION) or data.startswith(HANDSHAKE_RESPONSE):
+            if size != (INITIATION_SIZE if data[0] == 1 else RESPONSE_SIZE):
+                self.junk += 1
+                return
+            if not valid_mac1(data, self.mac1_key):
+                self.bad_mac1 += 1
+                return
+            if addr != self.address:
+                self._learn(addr)
+        elif data.startswith(COOKIE_REPLY) and size == COOKIE_REPLY_SIZE:
+            if addr != self.address:
+                self.strangers += 1
+                return
+        else:
+            self.junk += 1
+            return
+        other = self.other
+        if other.address is None or other.transport is None:
+            self.unknown += 1
+            return
+        other.transport.sendto(data, other.address)
+        self.packets += 1
+        self.bytes += size
+
+    def _learn(self, addr: Address) -> None:
+        log.debug(
+            "relay port %d: %s now at %s (was %s)", self.port, self.public_key, addr, self.address
+        )
+        self.address = addr
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors from a member that went away: the next datagram from it fixes things.
+        log.debug("relay port %d: %s", self.port, exc)
+
+    def info(self) -> SideInfo:
+        address = format_host_port(self.address[0], self.address[1]) if self.address else None
+        return SideInfo(
+            public_key=self.public_key,
+            port=self.port,
+            address=address,
+            packets=self.packets,
+            bytes=self.bytes,
+            dropped={
+                "junk": self.junk,
+                "mac1": self.bad_mac1,
+                "stranger": self.strangers,
+                "unknown": self.unknown,
+            },
+        )
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _returning(side: _Side) -> Callable[[], _Side]:
+    return lambda: side
+
+
+@dataclass
+class _Allocation:
+    sides: tuple[_Side, _Side]
+    last_active: float
+    seen_packets: int  # both sides' forwarded + dropped counts at the last expire()
+
+    def activity(self) -> int:
+        return sum(s.packets + s.junk + s.bad_mac1 + s.strangers + s.unknown for s in self.sides)
+
+    def info(self, now: float) -> AllocationInfo:
+        return AllocationInfo(
+            sides=(self.sides[0].info(), self.sides[1].info()), idle=now - self.last_active
+        )
+
+
+class Relay:
+    """Forwards WireGuard datagrams for pairs of members; see the module docstring.
+
+    ``host`` is the address the sockets bind to (the wildcard by default; "::" for
+    IPv6 and IPv4). Use it from one event loop; :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "0.0.0.0",
+        idle_timeout: float = 120.0,
+        max_allocations: int = 512,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._host = host
+        self._idle_timeout = idle_timeout
+        self._max_allocations = max_allocations
+        self._clock = clock
+        self._allocations: dict[frozenset[str], _Allocation] = {}
+        self._lock = asyncio.Lock()
+
+    async def allocate(self, requester_key: str, peer_key: str) -> int:
+        """The port ``requester_key`` must send to in order to reach ``peer_key``.
+
+        One allocation per unordered pair of WireGuard public keys (base64),
+        created on the first request from either; asking again refreshes it (it
+        is not idle). RelayError for a bad key or a pair of one key, RelayFull
+        when ``max_allocations`` are in use, RelayError when no socket can be bound.
+        """
+        requester, peer = decode_public_key(requester_key), decode_public_key(peer_key)
+        if requester == peer:
+            raise RelayError(f"a member cannot be relayed to itself: {requester_key}")
+        pair = frozenset((requester_key, peer_key))
+        async with self._lock:  # two requests for a new pair must not make two allocations
+            allocation = self._allocations.get(pair)
+            if allocation is None:
+                if len(self._allocations) >= self._max_allocations:
+                    raise RelayFull(
+                        f"relay full: {self._max_allocations} pairs already relayed "
+                        f"(refusing {requester_key} <-> {peer_key})"
+                    )
+                allocation = await self._open(requester_key, requester, peer_key, peer)
+                self._allocations[pair] = allocation
+            allocation.last_active = self._clock()
+        side = allocation.sides[0] if allocation.sides[0].public_key == requester_key else None
+        return (side or allocation.sides[1]).port
+
+    async def _open(self, key_a: str, raw_a: bytes, key_b: str, raw_b: bytes) -> _Allocation:
+        # A sends to side a, whose datagrams are for B: their mac1 is under B's key.
+        a, b = _Side(key_a, raw_b), _Side(key_b, raw_a)
+        a.other, b.other = b, a
+        loop = asyncio.get_running_loop()
+        try:
+            for side in (a, b):
+                await loop.create_datagram_endpoint(_returning(side), local_addr=(self._host, 0))
+                assert side.transport is not None
+                side.port = side.transport.get_extra_info("sockname")[1]
+        except OSError as exc:
+            a.close()
+            b.close()
+            raise RelayError(f"cannot open a relay socket on {self._host}: {exc}") from exc
+        log.info("relay: %s on port %d <-> %s on port %d", key_a, a.port, key_b, b.port)
+        return _Allocation((a, b), self._clock(), 0)
+
+    def expire(self) -> list[AllocationInfo]:
+        """Close the allocations idle for longer than ``idle_timeout``; return what they were.
+
+        Idle: no datagram arrived (forwarded or dropped) and no :meth:`allocate`
+        since the previous call, for ``idle_timeout`` seconds. Call it every few
+        seconds; an allocation is closed at most one period late.
+        """
+        now = self._clock()
+        closed = []
+        for pair, allocation in list(self._allocations.items()):
+            activity = allocation.activity()
+            if activity != allocation.seen_packets:
+                allocation.seen_packets = activity
+                allocation.last_active = now
+            elif now - allocation.last_active > self._idle_timeout:
+                del self._allocations[pair]
+                closed.append(allocation.info(now))
+                for side in allocation.sides:
+                    side.close()
+                log.info(
+                    "relay: closed idle pair %s <-> %s",
+                    allocation.sides[0].public_key,
+                    allocation.sides[1].public_key,
+                )
+        return closed
+
+    def allocations(self) -> list[AllocationInfo]:
+        """Every open allocation: keys, ports, learnt addresses, counts."""
+        now = self._clock()
+        return [allocation.info(now) for allocation in self._allocations.values()]
+
+    def close(self) -> None:
+        """Close every allocation's sockets."""
+        for allocation in self._allocations.values():
+            for side in allocation.sides:
+                side.close()
+        self._allocations.clear()
+
+
+# ---- standalone: python -m meshd_nat.relay ---------------------------------
+
+
+def _write_json_atomically(path: str, value: object) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".relay-")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(value, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+async def _serve(pairs: Sequence[tuple[str, str]], ports_file: str, host: str) -> None:
+    relay = Relay(host=host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ports = {}
+        for key_a, key_b in pairs:
+            ports[key_a] = await relay.allocate(key_a, key_b)
+            ports[key_b] = await relay.allocate(key_b, key_a)
+        _write_json_atomically(ports_file, {"pid": os.getpid(), "ports": ports})
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await stop.wait()
+            relay.expire()
+        for info in relay.allocations():
+            log.info("relay: at exit %s", info)
+    finally:
+        relay.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshd_nat.relay", description=__doc__)
+    parser.add_argument("--pair", nargs=2, action="append", required=True, metavar="KEY")
+    parser.add_argument("--ports-file", required=True, help="JSON {key: port} goes here")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run: Callable[..., Any] = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        run = uvloop.run
+    try:
+        run(_serve([tuple(p) for p in args.pair], args.ports_file, args.host))
+    except MeshdError as exc:
+        sys.stderr.write(f"relay: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
