@@ -244,6 +244,11 @@ class AgentAPI(Protocol):
         """What WireGuard reports of each peer now: live endpoint, last handshake, bytes.
         Raises :class:`meshd.WireGuardError` when the device cannot be read."""
 
+    async def set_endpoint(self, public_key: str, endpoint: str) -> None:
+        """Aim an existing peer at ``endpoint`` at once (hole punching: WireGuard may have
+        moved it back to an older path). The next pass applies the desired state again.
+        Raises :class:`meshd.WireGuardError`."""
+
     def refresh(self) -> None:
         """Republish this node's record if the plugins' answers changed it, and run a
         pass now (call it when a fact behind ``meshd_node_record``,

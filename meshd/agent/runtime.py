@@ -284,6 +284,10 @@ class PluginFace:
             for p in await self._rt.iface.peer_stats()
         )
 
+    async def set_endpoint(self, public_key: str, endpoint: str) -> None:
+        if self._rt.has_iface:
+            await self._rt.iface.set_endpoint(public_key, endpoint)
+
     def refresh(self) -> None:
         self._rt.record_stale.set()
         self._rt.kick()

@@ -52,6 +52,7 @@ from meshd.wireguard.backend import (
     PeerOp,
     PeerState,
     WireGuardBackend,
+    normalize_endpoint,
 )
 from meshd.wireguard.kernel import KernelBackend
 from meshd.wireguard.reconcile import (
@@ -336,6 +337,16 @@ class WireGuardInterface:
             ]
             if ops:
                 await self.backend.apply(ops)
+
+    async def set_endpoint(self, public_key: str, endpoint: str) -> None:
+        """Aim one existing peer at ``endpoint`` now, whatever WireGuard learnt since.
+
+        WireGuard moves a peer's endpoint to the source of its last authenticated
+        packet; while two paths deliver (a relay's and a new direct one), the older
+        one can win it back. The next pass plans from the desired state as usual."""
+        op = PeerOp(OpKind.UPDATE, public_key, endpoint=normalize_endpoint(endpoint))
+        async with self._lock:
+            await self.backend.apply([op])
 
     def poke(self, peers: Iterable[PeerConfig]) -> None:
         """Start a handshake with each peer now, rather than after WireGuard's 5 s retry:

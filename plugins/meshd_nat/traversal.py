@@ -68,6 +68,7 @@ PUNCH_BACKOFF = 20.0
 PUNCH_BACKOFF_MAX = 600.0
 DIRECT_SILENT_LIMIT = 60.0
 KICKS = 6
+NOT_STARTED_RETRY = 3.0
 KICK_INTERVAL = 0.2
 
 
@@ -358,8 +359,10 @@ class Traversal:
         try:
             await self.channel.request(address, {"t": "punch"}, timeout=1.5, tries=3)
         except ControlError as exc:
+            # No tunnel yet (the relay's port is still being asked for): not a failed punch.
             log.debug("punch with %s not started: %s", peer.name, exc)
-            self._failed(peer.key)
+            held = self.punches.get(peer.key, Punch())
+            self.punches[peer.key] = replace(held, next_try=time.monotonic() + NOT_STARTED_RETRY)
             return
         log.debug("punching with %s at %s", peer.name, peer.reflexive)
         self.punches[peer.key] = replace(self.punches.get(peer.key, Punch()), trying=True)
@@ -373,18 +376,26 @@ class Traversal:
                 continue
         self._settle(peer, ok)
 
+    async def _aim(self, peer: Side) -> None:
+        """Point WireGuard at the peer's reflexive endpoint again: a packet of the pair
+        still on its way through the relay moves it back there when it arrives."""
+        if peer.reflexive:
+            with contextlib.suppress(MeshdError):
+                await self.agent.set_endpoint(peer.key, peer.reflexive)
+
     async def _verify(self, peer: Side, address: str) -> bool:
         assert self.channel is not None
         answered = 0
         deadline = time.monotonic() + PUNCH_WINDOW
         while time.monotonic() < deadline:
+            await self._aim(peer)
             try:
                 await self.channel.request(address, {"t": "echo"}, timeout=0.25, tries=1)
                 if deadline - time.monotonic() < PUNCH_WINDOW / 2:
                     answered += 1
             except ControlError:
                 pass
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         try:
             live = {p.public_key: p.endpoint for p in await self.agent.peer_stats()}
         except MeshdError:
@@ -483,13 +494,21 @@ class Traversal:
         if not self.settings.punch:
             raise ControlError("hole punching is off here")
 
+        side = self._sides.get(member.name) or Side.of(member.name, member.record)
+        address = source
+
         async def switch() -> None:
             # Answer first (through the relay), then aim at the controller directly.
             await asyncio.sleep(0.05)
             self.punches[key] = replace(self.punches.get(key, Punch()), trying=True)
             self.agent.refresh()
-            self._kick(member.name)
-            await asyncio.sleep(PUNCH_WINDOW + 4.0)
+            until = time.monotonic() + PUNCH_WINDOW
+            while time.monotonic() < until and self.punches.get(key, Punch()).trying:
+                await self._aim(side)
+                if self.channel is not None:
+                    self.channel.send(address, {"t": "echo", "i": 0})
+                await asyncio.sleep(KICK_INTERVAL)
+            await asyncio.sleep(4.0)
             if self.punches.get(key, Punch()).trying:  # no verdict came: go back
                 self._failed(key)
                 self.agent.refresh()
