@@ -11,6 +11,7 @@ NAT plugin tests go here too, on the ``nat9`` lab or a lab of their own.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from meshd.lab import Lab
-from meshd.lab.mesh import MeshLab
+from meshd.lab.mesh import MeshLab, nat_plugin_installed
+from meshd.lab.plan import random_lab_id
+from tests.conftest import run_meshd
 from tests.integration.conftest import MESH_PROGRAMS, eventually, requires_root
 from tests.integration.natlab import all_alive, member_states, nat_mesh, ping_gaps
 
@@ -54,6 +57,31 @@ def test_every_host_joins_through_a_seed_it_reaches_and_all_see_all_alive(
     answered = sum(p["reachable"] for p in matrix["pairs"])
     print(f"mesh: {answered}/{len(matrix['pairs'])} pairs answer ({took:.1f} s)")
     assert matrix["ok"], matrix["failed"]
+
+
+def test_lab_up_nat_runs_meshd_and_lab_ping_covers_the_mesh() -> None:
+    # As a user: `lab up --topology nat` runs meshd by default and waits for the mesh;
+    # `lab ping` pings the underlay and the mesh addresses, and what fails by design
+    # (a site host into another site) is "-", not an error.
+    lab_id = random_lab_id()
+    try:
+        up = run_meshd("lab", "up", "-n", "5", "-t", "nat", "--lab", lab_id, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "joined through" in up.stdout
+        assert "mesh: " in up.stdout  # the progress of the wait
+        ping = run_meshd("lab", "ping", "--lab", lab_id, "--json")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        result = json.loads(ping.stdout)
+    finally:
+        run_meshd("lab", "down", "--lab", lab_id)
+    assert result["ok"], result["failed"]
+    assert result["underlay"]["ok"], result["underlay"]["failed"]
+    assert len(result["pairs"]) == 20
+    # n1 public; s1: n2, n4; s2: n3, n5.
+    no_path = {("n2", "n3"), ("n2", "n5"), ("n4", "n3"), ("n4", "n5")}
+    no_path |= {(b, a) for a, b in no_path}
+    unexpected = {(p["src"], p["dst"]) for p in result["pairs"] if not p["expected"]}
+    assert unexpected == (set() if nat_plugin_installed() else no_path)
 
 
 def test_ping_gaps_measures_an_outage(lab_factory: Callable[..., Lab]) -> None:
