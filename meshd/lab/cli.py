@@ -211,7 +211,7 @@ def ping(lab_id: str, as_json: bool, deadline: float) -> None:
 
 
 def _count(matrix: dict[str, Any]) -> str:
-    """ "54/72 pairs answered, 18 blocked as planned, 0 failed" """
+    """One line, e.g. "40/72 pairs answered, 32 blocked as planned, 0 failed"."""
     pairs = matrix["pairs"]
     answered = sum(1 for p in pairs if p["reachable"])
     blocked = sum(1 for p in pairs if not p["expected"] and not p["reachable"])
