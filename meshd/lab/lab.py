@@ -22,7 +22,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -423,14 +423,20 @@ class Lab:
         return float(found.group(1)) if found else 0.0
 
     def ping_matrix(
-        self, addresses: Mapping[str, str] | None = None, *, deadline: float = 3
+        self,
+        addresses: Mapping[str, str] | None = None,
+        *,
+        deadline: float = 3,
+        expect: Callable[[LabNode, LabNode], bool] | None = None,
+        only: Collection[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         """Every host pings every other host; the result per pair and an overall ``ok``.
 
         Default ``addresses``: the underlay, where the topology decides what
         should answer (nat: nobody reaches into a site); with ``addresses``
         given (node name -> address, e.g. mesh addresses) the hosts named there
-        ping each other and every pair should answer.
+        ping each other and every pair should answer, unless ``expect(src, dst)``
+        says otherwise. ``only``: just these (src, dst) pairs of names.
         Returns ``{"ok": bool, "pairs": [{"src", "dst", "address", "reachable",
         "expected", "rtt_ms"}, ...], "failed": ["n1->n2", ...]}``.
         """
@@ -446,12 +452,14 @@ class Lab:
             for src in self.plan.nodes
             if src.name in targets
             for dst, address in targets.items()
-            if dst != src.name
+            if dst != src.name and (only is None or (src.name, dst) in only)
         ]
+        if expect is None:
+            expect = (lambda _s, _d: True) if addresses is not None else self.plan.expect_reachable
 
         def probe(job: tuple[LabNode, LabNode, str]) -> dict[str, Any]:
             src, dst, address = job
-            expected = addresses is not None or self.plan.expect_reachable(src, dst)
+            expected = expect(src, dst)
             # A pair that should fail costs its whole deadline: keep that one short.
             rtt = self.ping(src, address, deadline=deadline if expected else 0.5)
             return {

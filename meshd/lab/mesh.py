@@ -1,19 +1,30 @@
 """meshd itself in a lab: one agent per host, each with its own config and state.
 
 The first host runs ``meshd init``; every other host runs ``meshd join`` through
-a randomly chosen earlier host (so the first node is not special), then each
-host's ``meshd agent`` is started with :meth:`Lab.spawn`, so ``lab down`` stops
-them with everything else. Every node's files live in its lab node directory::
+a randomly chosen earlier host it can reach (so the first node is not special;
+in the nat topology, a public host or one of its own site: :func:`choose_seed`),
+then each host's ``meshd agent`` is started with :meth:`Lab.spawn`, so ``lab down``
+stops them with everything else. Every node's files live in its lab node directory::
 
     <node_dir>/meshd.toml      its config (name, state dir, a machine-unique interface name)
     <node_dir>/state/          its meshd state directory
     <node_dir>/token           the join token it used (0600)
+
+Public hosts of a nat lab get ``[plugins.nat] public = true`` in their config: the
+NAT plugin reads it as "this node is reachable from outside: observe others'
+endpoints, relay".
+
+Which mesh pairs should answer (:meth:`MeshLab.expect_mesh_reachable`): in a flat
+lab, all. In a nat lab, all when the NAT plugin is installed; without it, only the
+pairs with an underlay path one way or the other (a site host opens the tunnel to a
+public host or a host of its own site); two hosts in different sites have none.
 
 Used by ``meshd lab up`` (the README's demo), the integration tests and the benchmarks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -21,17 +32,43 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from meshd.errors import LabError
 from meshd.hostport import format_host_port
 from meshd.lab.lab import Lab, NodeRef
+from meshd.lab.plan import LabNode, LabPlan
+from meshd.plugins import ENTRY_POINT_GROUP
 from meshd.state import atomic_write
 
 AGENT = "agent"
 WIREGUARD_PORT = 51820
+NAT_PLUGIN = "nat"  # its entry point in ENTRY_POINT_GROUP, and its [plugins.nat] table
 Progress = Callable[[str], None]
+
+
+def choose_seed(plan: LabPlan, joiner: str, earlier: Sequence[str], rng: random.Random) -> str:
+    """The host ``joiner`` joins through: a random one of ``earlier`` it can reach.
+
+    Drawn from ``earlier`` in its order, so where every host reaches every other
+    (flat) the choice is ``rng.choice(earlier)``, as it always was.
+    """
+    src = plan.node(joiner)
+    reachable = [name for name in earlier if plan.expect_reachable(src, plan.node(name))]
+    if not reachable:
+        where = f"site {src.site}" if src.site else "the internet"
+        raise LabError(
+            f"{joiner} (in {where}) can reach none of the hosts that joined before it "
+            f"({', '.join(earlier) or 'none'}): start with a public host, or one of its site"
+        )
+    return rng.choice(reachable)
+
+
+def nat_plugin_installed() -> bool:
+    """Whether the NAT plugin is installed (the entry point meshd loads it from)."""
+    return bool(metadata.entry_points(group=ENTRY_POINT_GROUP, name=NAT_PLUGIN))
 
 
 def meshd_argv() -> list[str]:
@@ -73,11 +110,19 @@ class MeshLab:
         text = (
             f'[node]\nname = "{node_name or name}"\nstate_dir = "{self.state_dir(name)}"\n'
             f'[wireguard]\ninterface = "{self.lab.ifname(name, "mw")}"\n'
-            f"port = {WIREGUARD_PORT}\n{extra}"
+            f"port = {WIREGUARD_PORT}\n{self.plugin_config(name)}{extra}"
         )
         path = self.config_path(name)
         atomic_write(path, text)
         return path
+
+    def plugin_config(self, node: NodeRef) -> str:
+        """The node's ``[plugins.*]`` tables: a public host of a nat lab is the NAT
+        plugin's observer and relay (flat labs need no NAT traversal)."""
+        lab_node = self.lab.node(self._name(node))
+        if self.lab.topology == "nat" and lab_node.public:
+            return f"[plugins.{NAT_PLUGIN}]\npublic = true\n"
+        return ""
 
     def endpoint(self, node: NodeRef) -> str:
         return format_host_port(self.lab.node(self._name(node)).address, WIREGUARD_PORT)
@@ -183,15 +228,19 @@ class MeshLab:
         seed: int | None = None,
         say: Progress = lambda _: None,
     ) -> None:
-        """init the first node, join each other through a random earlier one, start all."""
+        """init the first node, join each other through a random earlier one it can
+        reach (:func:`choose_seed`), start all."""
         chosen = [self._name(n) for n in (nodes or self.lab.nodes)]
         rng = random.Random(seed)
+        if len(chosen) > 1:  # before anything starts: a bad order fails at once
+            for index, name in enumerate(chosen[1:], start=1):
+                choose_seed(self.lab.plan, name, chosen[:index], random.Random(0))
         self.init(chosen[0])
         self.start(chosen[0])
         say(f"{chosen[0]}: meshd init, agent started")
         self.wait_ready(chosen[0])
         for index, name in enumerate(chosen[1:], start=1):
-            via = rng.choice(chosen[:index])
+            via = choose_seed(self.lab.plan, name, chosen[:index], rng)
             self.join(name, via)
             self.start(name)
             # It may be the next one's seed: its enrolment port must be open first.
@@ -233,23 +282,62 @@ class MeshLab:
             return None
         return {p["name"] for p in found["peers"] if p["peer"]}
 
-    def wait_full_mesh(
-        self, nodes: Sequence[NodeRef] | None = None, *, timeout: float = 60
-    ) -> float:
-        """Wait until every node pings every other node's mesh address; seconds it took."""
+    def expect_mesh_reachable(self, src: LabNode, dst: LabNode) -> bool:
+        """Whether ``src`` should reach ``dst``'s mesh address (see the module docstring)."""
+        if self.lab.topology != "nat" or self.nat_traversal:
+            return True
+        plan = self.lab.plan
+        return plan.expect_reachable(src, dst) or plan.expect_reachable(dst, src)
+
+    @functools.cached_property
+    def nat_traversal(self) -> bool:
+        """Whether pairs without an underlay path should reach each other (NAT plugin)."""
+        return nat_plugin_installed()
+
+    def wait_mesh(
+        self,
+        nodes: Sequence[NodeRef] | None = None,
+        *,
+        timeout: float = 60,
+        say: Progress = lambda _: None,
+    ) -> tuple[set[tuple[str, str]], float]:
+        """Ping every pair's mesh address until every pair that should answer has
+        answered once (:meth:`expect_mesh_reachable`), or ``timeout`` s; ``say`` gets
+        a line per round ("mesh: 62/72 pairs after 12 s"). Returns the pairs that
+        should answer and have not, and the seconds it took.
+        """
         started = time.monotonic()
         chosen = [self._name(n) for n in (nodes or self.lab.nodes)]
         addresses = self.mesh_addresses(chosen)
-        pending = {(a, b) for a in chosen for b in chosen if a != b}
-        while pending:
-            for src, dst in sorted(pending):
-                if self.lab.ping(src, addresses[dst], deadline=0.5) is not None:
-                    pending.discard((src, dst))
-            if pending and time.monotonic() - started > timeout:
-                missing = ", ".join(f"{a}->{b}" for a, b in sorted(pending)[:10])
-                raise LabError(f"no full mesh after {timeout:g} s; missing {missing}")
-        return time.monotonic() - started
+        plan = self.lab.plan
+        expected = {
+            (a, b)
+            for a in chosen
+            for b in chosen
+            if a != b and self.expect_mesh_reachable(plan.node(a), plan.node(b))
+        }
+        pending = set(expected)
+        while True:
+            matrix = self.lab.ping_matrix(addresses, deadline=1, only=pending)
+            pending -= {(p["src"], p["dst"]) for p in matrix["pairs"] if p["reachable"]}
+            took = time.monotonic() - started
+            say(f"mesh: {len(expected) - len(pending)}/{len(expected)} pairs after {took:.0f} s")
+            if not pending or took > timeout:
+                return pending, took
+
+    def wait_full_mesh(
+        self, nodes: Sequence[NodeRef] | None = None, *, timeout: float = 60
+    ) -> float:
+        """Wait until every node pings every other node's mesh address that it should
+        (:meth:`expect_mesh_reachable`: in a flat lab, all); seconds it took."""
+        missing, took = self.wait_mesh(nodes, timeout=timeout)
+        if missing:
+            pairs = ", ".join(f"{a}->{b}" for a, b in sorted(missing)[:10])
+            raise LabError(f"no full mesh after {timeout:g} s; missing {pairs}")
+        return took
 
     def ping_matrix(self, nodes: Sequence[NodeRef] | None = None, **kwargs: Any) -> dict[str, Any]:
-        """The lab's ping matrix over mesh addresses (every pair must answer)."""
+        """The lab's ping matrix over mesh addresses (:meth:`expect_mesh_reachable`
+        says which pairs should answer)."""
+        kwargs.setdefault("expect", self.expect_mesh_reachable)
         return self.lab.ping_matrix(self.mesh_addresses(nodes), **kwargs)

@@ -129,21 +129,30 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
 
 @contextlib.contextmanager
 def mesh_lab(
-    nodes: int, *, up: Sequence[str] = (), seed: int | None = None, timeout: float = 90
+    nodes: int,
+    *,
+    up: Sequence[str] = (),
+    seed: int | None = None,
+    timeout: float = 90,
+    topology: str = "flat",
+    log_level: str | None = None,
+    **lab_options: Any,
 ) -> Iterator[MeshLab]:
-    """A flat lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture;
+    """A lab of ``nodes`` hosts for real meshd agents, for a module-scoped fixture;
     with ``up``, those hosts already form a full mesh (``MeshLab.up`` with ``seed``).
+    Flat unless ``topology="nat"`` (``lab_options``: ``sites``, ``public``, ``nat_type``;
+    :func:`tests.integration.natlab.nat_mesh` is made for that).
 
     It goes down at the end; with ``MESHD_TEST_LOGS=DIR`` its agents' logs are kept
-    there first, for a post-mortem (``MESHD_TEST_LOG_LEVEL=debug`` for more). Skipped,
-    with the reason, when it cannot run.
+    there first, for a post-mortem (``MESHD_TEST_LOG_LEVEL=debug`` for more, or
+    ``log_level``). Skipped, with the reason, when it cannot run.
     """
     reason = missing_requirements(MESH_PROGRAMS)
     if reason:
         pytest.skip(reason)
-    lab = Lab.create(nodes=nodes, topology="flat")
+    lab = Lab.create(nodes=nodes, topology=topology, **lab_options)
     try:
-        built = MeshLab(lab, log_level=AGENT_LOG_LEVEL)
+        built = MeshLab(lab, log_level=log_level or AGENT_LOG_LEVEL)
         if up:
             built.up(list(up), seed=seed)
             built.wait_full_mesh(list(up), timeout=timeout)
