@@ -18,9 +18,13 @@ What is forwarded, and what R learns from (the why of each rule):
 
 - Only WireGuard-shaped datagrams: the first byte is a message type (1 handshake
   initiation, 148 bytes; 2 handshake response, 92 bytes; 3 cookie reply, 64
-  bytes; 4 transport data, at least 32 bytes and a multiple of 16), followed by
-  three zero bytes. Anything else is dropped as ``junk``: a relay port must not
-  become an open UDP reflector for whoever finds it.
+  bytes; 4 transport data, at least 32 bytes), followed by three zero bytes.
+  Anything else is dropped as ``junk``: a relay port must not become an open UDP
+  reflector for whoever finds it. Transport data has no further length rule on
+  purpose: WireGuard pads a packet to a multiple of 16 *but never beyond the
+  interface's MTU*, so a full-size packet through a wireguard-go with its
+  default MTU of 1420 (not a multiple of 16) is 16 + 1420 + 16 = 1452 bytes.
+  (A first version required a multiple of 16: pings passed, TCP stalled.)
 - A handshake initiation or response arriving on ``port_A`` must carry a valid
   mac1 for B's public key (B is its receiver): ``mac1 = BLAKE2s-128(key =
   BLAKE2s-256("mac1----" || B's public key), message up to mac1)`` (WireGuard
@@ -184,7 +188,7 @@ class _Side(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         size = len(data)
         if data.startswith(TRANSPORT_DATA):
-            if size < TRANSPORT_MIN_SIZE or size & 15:
+            if size < TRANSPORT_MIN_SIZE:
                 self.junk += 1
                 return
             if addr != self.address:

@@ -1,0 +1,183 @@
+"""Benchmark: WireGuard direct vs relayed through meshd_nat's forwarder, side by side.
+
+One nat lab (3 public hosts, 2 sites, 5 hosts): n2 <-> n3 talk directly over
+the "internet" bridge; n4 (site 1) <-> n5 (site 2) can only talk through the
+relay on n1 (``python -m meshd_nat.relay``, the process this measures). All four
+run plain ``wireguard-go`` configured by ``wg set`` (:mod:`meshd.lab.tunnel`).
+Each row, through the tunnel:
+
+- RTT: ``ping -c 50 -i 0.02`` (min / avg / max ms, after a warm-up ping);
+- throughput: ``iperf3`` TCP for ``--seconds`` (5) seconds, what the receiver got;
+- relay CPU: the relay process's utime+stime from ``/proc/<pid>/stat`` over the
+  iperf3 run, as % of one core, and per forwarded datagram (the relay's count).
+
+The relayed rows run once with the relay on asyncio's default loop and once with
+``--uvloop``. The relayed path also crosses the two sites' NAT routers, which the
+direct one does not: the ratio is relay plus two NAT hops. Needs root.
+
+    .venv/bin/python bench/relay.py [--seconds 5] [--reps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd.lab import Lab
+from meshd.lab.tunnel import BareWireGuard, bare_wireguard
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    name: str
+    rtt: tuple[float, float, float]  # min, avg, max ms
+    mbit: float
+    relay_cpu: float | None = None  # % of one core during iperf3
+    relay_us_per_packet: float | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def ping(lab: Lab, src: BareWireGuard, dst: BareWireGuard) -> tuple[float, float, float]:
+    if lab.ping(src.node, dst.address, deadline=20) is None:
+        raise SystemExit(f"no ping {src.node} -> {dst.node} through the tunnel")
+    out = lab.run(src.node, ["ping", "-n", "-q", "-c", "50", "-i", "0.02", dst.address]).stdout
+    found = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/", out)
+    if not found:
+        raise SystemExit(f"cannot read ping's summary: {out!r}")
+    low, avg, high = (float(x) for x in found.groups())
+    return low, avg, high
+
+
+def iperf(lab: Lab, src: BareWireGuard, dst: BareWireGuard, seconds: int) -> float:
+    """Mbit/s the receiver got from a TCP stream of ``seconds`` s."""
+    name = f"iperf3-{dst.node}-{time.monotonic_ns()}"
+    lab.spawn(dst.node, ["iperf3", "-s", "-1", "-B", dst.address], name=name)
+    deadline = time.monotonic() + 10
+    while True:
+        done = lab.run(
+            src.node,
+            ["iperf3", "-c", dst.address, "-t", str(seconds), "-J"],
+            check=False,
+            timeout=seconds + 30,
+        )
+        if done.returncode == 0:
+            break
+        if time.monotonic() > deadline:  # the server may not listen yet
+            raise SystemExit(f"iperf3 failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+        time.sleep(0.1)
+    result = json.loads(done.stdout)
+    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def start_relay(lab: Lab, a: BareWireGuard, b: BareWireGuard, uvloop: bool) -> tuple[int, str]:
+    """The relay on n1 for (a, b), their endpoints pointed at it; its pid and log name."""
+    name = f"relay-{'uvloop' if uvloop else 'asyncio'}"
+    ports_file = lab.node_dir("n1") / f"{name}.json"
+    argv = [sys.executable, "-m", "meshd_nat.relay", "--pair", a.public_key, b.public_key]
+    argv += ["--ports-file", str(ports_file)] + (["--uvloop"] if uvloop else [])
+    lab.spawn("n1", argv, name=name)
+    deadline = time.monotonic() + 10
+    while not ports_file.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(lab.log_path("n1", name).read_text())
+        time.sleep(0.05)
+    written = json.loads(ports_file.read_text())
+    relay = lab.node("n1").address
+    a.set_peer(b, endpoint=f"{relay}:{written['ports'][a.public_key]}", keepalive=25)
+    b.set_peer(a, endpoint=f"{relay}:{written['ports'][b.public_key]}", keepalive=25)
+    # A new relay knows neither end: it drops a's first packets until b has sent
+    # something too (a keepalive would, within 25 s). One ping each way teaches it both.
+    lab.ping(a.node, b.address, deadline=0.5)
+    lab.ping(b.node, a.address, deadline=5)
+    return int(written["pid"]), name
+
+
+def relay_packets(lab: Lab, pair: tuple[BareWireGuard, BareWireGuard]) -> int:
+    """Packets both ends' wg interfaces received: each came in one datagram the relay
+    forwarded (handshakes and keepalives, which are few, are not counted)."""
+    total = 0
+    for end in pair:
+        stats = lab.run(end.node, ["ip", "-s", "-j", "link", "show", end.ifname]).stdout
+        total += int(json.loads(stats)[0]["stats64"]["rx"]["packets"])
+    return total
+
+
+def measure(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    lab = Lab.create(nodes=5, topology="nat", sites=2, public=3)
+    try:
+        direct = bare_wireguard(lab, "n2", "100.64.0.2"), bare_wireguard(lab, "n3", "100.64.0.3")
+        relayed = bare_wireguard(lab, "n4", "100.64.0.4"), bare_wireguard(lab, "n5", "100.64.0.5")
+        assert not lab.expect_reachable("n4", "n5")
+        direct[0].set_peer(direct[1], endpoint=f"{lab.node('n3').address}:51820", keepalive=25)
+        direct[1].set_peer(direct[0], endpoint=f"{lab.node('n2').address}:51820", keepalive=25)
+        for _ in range(args.reps):
+            rows.append(Row("direct", ping(lab, *direct), iperf(lab, *direct, args.seconds)))
+            for uvloop in (False, True):
+                pid, name = start_relay(lab, *relayed, uvloop)
+                rtt = ping(lab, *relayed)
+                cpu_before, packets_before = cpu_seconds(pid), relay_packets(lab, relayed)
+                started = time.monotonic()
+                mbit = iperf(lab, *relayed, args.seconds)
+                cpu = cpu_seconds(pid) - cpu_before
+                elapsed = time.monotonic() - started
+                packets = relay_packets(lab, relayed) - packets_before
+                rows.append(
+                    Row(
+                        f"relayed ({'uvloop' if uvloop else 'asyncio'})",
+                        rtt,
+                        mbit,
+                        relay_cpu=100 * cpu / elapsed,
+                        relay_us_per_packet=1e6 * cpu / max(packets, 1),
+                    )
+                )
+                lab.kill("n1", name)
+    finally:
+        lab.down()
+    return rows
+
+
+def report(rows: list[Row]) -> None:
+    print(
+        f"{'path':<18} {'RTT min/avg/max ms':>22} {'TCP Mbit/s':>11} "
+        f"{'relay CPU %':>12} {'relay us/pkt':>13}"
+    )
+    for row in rows:
+        rtt = "{:.3f}/{:.3f}/{:.3f}".format(*row.rtt)
+        cpu = f"{row.relay_cpu:.0f}" if row.relay_cpu is not None else "-"
+        per = f"{row.relay_us_per_packet:.1f}" if row.relay_us_per_packet is not None else "-"
+        print(f"{row.name:<18} {rtt:>22} {row.mbit:>11.0f} {cpu:>12} {per:>13}")
+    base_rtt = statistics.median(r.rtt[1] for r in rows if r.name == "direct")
+    base_mbit = statistics.median(r.mbit for r in rows if r.name == "direct")
+    print("\nratios to direct (medians over reps):")
+    for name in sorted({r.name for r in rows} - {"direct"}):
+        mine = [r for r in rows if r.name == name]
+        rtt = statistics.median(r.rtt[1] for r in mine)
+        mbit = statistics.median(r.mbit for r in mine)
+        print(f"  {name:<18} RTT x{rtt / base_rtt:.2f}  throughput x{mbit / base_mbit:.2f}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores, shared)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="iperf3 run length")
+    parser.add_argument("--reps", type=int, default=1, help="rounds of the three rows")
+    args = parser.parse_args()
+    report(measure(args))
+
+
+if __name__ == "__main__":
+    main()
