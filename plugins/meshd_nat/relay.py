@@ -290,9 +290,6 @@ class _Side:
             },
         )
 
-    def dropped(self) -> int:
-        return self.junk + self.bad_mac1 + self.strangers + self.unknown + self.unsent
-
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
@@ -321,10 +318,11 @@ def _open_socket(host: str) -> socket.socket:
 class _Allocation:
     sides: tuple[_Side, _Side]
     last_active: float
-    seen_packets: int  # both sides' forwarded + dropped counts at the last expire()
+    seen_packets: int  # both sides' forwarded counts at the last expire()
 
     def activity(self) -> int:
-        return sum(side.packets + side.dropped() for side in self.sides)
+        # Forwarded only: junk sprayed at a port must not keep a dead pair's sockets open.
+        return self.sides[0].packets + self.sides[1].packets
 
     def info(self, now: float) -> AllocationInfo:
         return AllocationInfo(
@@ -400,7 +398,7 @@ class Relay:
     def expire(self) -> list[AllocationInfo]:
         """Close the allocations idle for longer than ``idle_timeout``; return what they were.
 
-        Idle: no datagram arrived (forwarded or dropped) and no :meth:`allocate`
+        Idle: no datagram forwarded (dropped ones do not count) and no :meth:`allocate`
         since the previous call, for ``idle_timeout`` seconds. Call it every few
         seconds; an allocation is closed at most one period late.
         """

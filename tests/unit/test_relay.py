@@ -100,8 +100,10 @@ class End:
 
 
 def run(scenario: Callable[[Relay], Awaitable[None]], **relay_options: object) -> None:
+    relay_options.setdefault("host", HOST)
+
     async def main() -> None:
-        relay = Relay(host=HOST, **relay_options)  # type: ignore[arg-type]
+        relay = Relay(**relay_options)  # type: ignore[arg-type]
         try:
             await scenario(relay)
         finally:
@@ -335,6 +337,8 @@ def test_idle_allocations_expire_and_their_ports_close():
         assert relay.expire() == []  # the packet counts: active at 330
         clock.now = 450
         assert relay.expire() == []  # 120 s is not more than idle_timeout
+        a.send(b"junk", port_a)  # dropped datagrams do not keep it alive
+        await settled(relay, lambda r: side(r, KEY_A).dropped["junk"] == 1)
         assert not port_is_free(port_a)
         clock.now = 451
         (gone,) = relay.expire()
@@ -420,3 +424,16 @@ def test_what_is_forwarded_follows_the_rules_for_any_datagram():
         a.close()
         b.close()
         loop.close()
+
+
+def test_a_dual_stack_relay_forwards_for_ipv4_members():
+    async def scenario(relay: Relay) -> None:
+        a, b, port_a, port_b = await paired(relay)
+        packet = data()
+        a.send(packet, port_a)
+        assert await b.receive() == (packet, port_b)
+        assert side(relay, KEY_A).address == f"[::ffff:{HOST}]:{a.port}"
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    run(scenario, host="::")
