@@ -9,10 +9,11 @@ Each row, through the tunnel:
 - RTT: ``ping -c 50 -i 0.02`` (min / avg / max ms, after a warm-up ping);
 - throughput: ``iperf3`` TCP for ``--seconds`` (5) seconds, what the receiver got;
 - relay CPU: the relay process's utime+stime from ``/proc/<pid>/stat`` over the
-  iperf3 run, as % of one core, and per forwarded datagram (the relay's count).
+  iperf3 run, as % of one core, and per datagram (counted as the packets both
+  ends' wg interfaces received meanwhile: one relayed datagram each).
 
 The relayed rows run once with the relay on asyncio's default loop and once with
-``--uvloop``. The relayed path also crosses the two sites' NAT routers, which the
+``--loop uvloop``. The relayed path also crosses the two sites' NAT routers, which the
 direct one does not: the ratio is relay plus two NAT hops.
 
 Then the relay alone, on loopback in the root namespace (no WireGuard): one
@@ -86,12 +87,12 @@ def iperf(lab: Lab, src: BareWireGuard, dst: BareWireGuard, seconds: int) -> flo
             check=False,
             timeout=seconds + 30,
         )
-        if done.returncode == 0:
+        result = json.loads(done.stdout) if done.stdout.strip() else {"error": done.stderr}
+        if done.returncode == 0 and "error" not in result:
             break
-        if time.monotonic() > deadline:  # the server may not listen yet
-            raise SystemExit(f"iperf3 failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+        if time.monotonic() > deadline:  # before that, the server may not listen yet
+            raise SystemExit(f"iperf3 {src.node} -> {dst.node}: {result.get('error')}")
         time.sleep(0.1)
-    result = json.loads(done.stdout)
     return float(result["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
@@ -99,8 +100,9 @@ def start_relay(lab: Lab, a: BareWireGuard, b: BareWireGuard, uvloop: bool) -> t
     """The relay on n1 for (a, b), their endpoints pointed at it; its pid and log name."""
     name = f"relay-{'uvloop' if uvloop else 'asyncio'}"
     ports_file = lab.node_dir("n1") / f"{name}.json"
+    ports_file.unlink(missing_ok=True)  # the previous round's
     argv = [sys.executable, "-m", "meshd_nat.relay", "--pair", a.public_key, b.public_key]
-    argv += ["--ports-file", str(ports_file)] + (["--uvloop"] if uvloop else [])
+    argv += ["--ports-file", str(ports_file), "--loop", "uvloop" if uvloop else "asyncio"]
     lab.spawn("n1", argv, name=name)
     deadline = time.monotonic() + 10
     while not ports_file.exists():
@@ -158,6 +160,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
                     )
                 )
                 lab.kill("n1", name)
+                os.waitpid(pid, 0)  # our child (ip netns exec became the relay)
     finally:
         lab.down()
     return rows
@@ -204,7 +207,8 @@ def loopback(uvloop: bool, count: int) -> tuple[float, float, float]:
     key_a, key_b = (WireGuardKeyPair.generate().public_key for _ in range(2))
     ports_file = os.path.join(tempfile.mkdtemp(prefix="meshd-bench-relay-"), "ports.json")
     argv = [sys.executable, "-m", "meshd_nat.relay", "--host", "127.0.0.1"]
-    argv += ["--pair", key_a, key_b, "--ports-file", ports_file] + (["--uvloop"] if uvloop else [])
+    argv += ["--pair", key_a, key_b, "--ports-file", ports_file]
+    argv += ["--loop", "uvloop" if uvloop else "asyncio"]
     relay = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
     try:
         wait_for_file(ports_file)

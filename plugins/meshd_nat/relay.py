@@ -42,6 +42,22 @@ What is forwarded, and what R learns from (the why of each rule):
   the address already learnt for its side, and never moves the mapping (drop
   reason ``stranger``).
 
+A fresh allocation (a new pair, a relay that restarted, a pair moved here from
+a dead relay) knows neither end: what one end sends is dropped until the other
+end has sent something too. WireGuard sends nothing by itself on an idle
+tunnel, so whoever points a pair at a relay should make both ends send (a
+persistent keepalive does within its interval; ``bench/relay.py`` pings once
+each way).
+
+Using it (from the plugin's own task, on the agent's loop)::
+
+    relay = Relay()                                  # bound to the wildcard address
+    port = await relay.allocate(requester_key, peer_key)   # tell the requester R:port
+    ...
+    relay.expire()                                   # every few seconds
+    relay.allocations()                              # for status and metrics
+    relay.close()                                    # at shutdown
+
 Resources are bounded: at most ``max_allocations`` pairs (two sockets each),
 :class:`RelayFull` beyond that, and :meth:`Relay.expire` closes allocations that
 neither forwarded nor were asked for during ``idle_timeout``. The owner calls
@@ -55,14 +71,15 @@ each with a plain non-blocking ``sendto`` on the other socket; the only
 allocation per datagram is the ``bytes`` ``recvfrom`` returns. The first version
 used a ``DatagramProtocol`` per socket: asyncio's selector transport reads one
 datagram per wake-up of the loop, and on loopback the relay then cost 36 us of
-CPU per forwarded datagram and dropped 80 % of a burst; draining costs 8 us
-(the same on uvloop, where the protocol path was also 8 us). Figures in
-``bench/README.md`` (``bench/relay.py``).
+CPU per forwarded datagram and dropped 80 % of a burst; draining costs 7-9 us
+on either loop (uvloop's protocol path was already 8 us). In the agent the relay
+runs on the agent's loop (uvloop when installed); standalone it uses uvloop too.
+Figures in ``bench/README.md`` (``bench/relay.py``).
 
 Standalone, for the lab and the benchmark (one relay process serving given pairs
 until SIGTERM; the ports go to a JSON file, written atomically)::
 
-    python -m meshd_nat.relay --pair KEY_A KEY_B --ports-file /tmp/ports.json [--uvloop]
+    python -m meshd_nat.relay --pair KEY_A KEY_B --ports-file /tmp/ports.json [--loop asyncio]
 """
 
 from __future__ import annotations
@@ -480,13 +497,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pair", nargs=2, action="append", required=True, metavar="KEY")
     parser.add_argument("--ports-file", required=True, help="JSON {key: port} goes here")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (uvloop)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run: Callable[..., Any] = asyncio.run
-    if args.uvloop:
-        import uvloop
-
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            sys.stderr.write("relay: uvloop is not installed; use --loop asyncio\n")
+            return 1
         run = uvloop.run
     try:
         run(_serve([tuple(p) for p in args.pair], args.ports_file, args.host))
