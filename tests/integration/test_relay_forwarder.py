@@ -27,6 +27,7 @@ from tests.integration.conftest import eventually
 pytestmark = pytest.mark.root("wireguard-go", "wg", "ping", "nft")
 
 MARKER_PORT = 9999
+FULL_PAYLOAD = 1420 - 20 - 8  # wireguard-go's MTU less the IPv4 and UDP headers
 
 
 def start_relay(lab: Lab, node: str, a: BareWireGuard, b: BareWireGuard) -> dict[str, int]:
@@ -91,10 +92,12 @@ def test_relayed_pair_talks_and_the_relay_never_sees_plaintext(lab_factory):
             capture(relay_netns) as at_relay,
             capture(lab.netns_of(right.name), b.ifname) as at_receiver,
         ):
-            for _ in range(5):
-                sender.sendto(marker, (b.address, MARKER_PORT))
+            # Small ones, and full-size ones: 1392 bytes of UDP fill wireguard-go's MTU
+            # (1420), whose datagrams are not padded to a multiple of 16.
+            for payload in [marker, marker.ljust(FULL_PAYLOAD, b".")] * 2 + [marker]:
+                sender.sendto(payload, (b.address, MARKER_PORT))
                 got, source = receiver.recvfrom(2048)
-                assert got == marker, got
+                assert got == payload, got
                 assert source[0] == a.address, source
     finally:
         sender.close()
