@@ -4,9 +4,10 @@ A node's record tells, through roles, what the NAT plugin learnt about it:
 
 - ``public``: reachable from outside (configured, or a global address); it observes
   others' endpoints and, with ``relay``, forwards for pairs that have no direct path;
-- ``nat-cone`` / ``nat-symmetric``: behind NAT, its reflexive (public) endpoint is
-  known and is the first endpoint of its record; two observers saw the same
-  mapping (cone: hole punching can work) or different ones (symmetric: it cannot);
+- ``nat-cone`` / ``nat-symmetric`` / ``nat-unknown``: behind NAT, its reflexive
+  (public) endpoint is known and is the first endpoint of its record; two observers
+  saw the same mapping (cone: hole punching can work), different ones (symmetric: it
+  cannot), or only one has answered yet (unknown: relayed, never punched on a guess);
 - ``home-<10 hex>``: the relay it uses, by the first bytes of the relay's key.
 
 The rules, for this node A and a member B:
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from meshd import DecodeError, Member, MemberState, NodeRecord, PathChoice, parse_host_port
 
 PUBLIC, RELAY = "public", "relay"
-CONE, SYMMETRIC = "cone", "symmetric"
+CONE, SYMMETRIC, UNKNOWN = "cone", "symmetric", "unknown"
 NAT_PREFIX, HOME_PREFIX = "nat-", "home-"
 
 
@@ -54,7 +55,7 @@ class Side:
     key: str
     endpoints: tuple[str, ...]
     public: bool = False
-    nat: str | None = None  # CONE, SYMMETRIC, or None: not known (yet)
+    nat: str | None = None  # CONE, SYMMETRIC, UNKNOWN (one observer so far); None: no facts
     relay: bool = False
     home: str | None = None  # key tag of its home relay
 
@@ -85,7 +86,7 @@ class Side:
             key=record.public_key,
             endpoints=record.endpoints,
             public=PUBLIC in record.roles,
-            nat=nat if nat in (CONE, SYMMETRIC) else None,
+            nat=nat if nat in (CONE, SYMMETRIC, UNKNOWN) else None,
             relay=RELAY in record.roles,
             home=home,
         )

@@ -47,6 +47,7 @@ from meshd_nat.paths import (
     PUBLIC,
     RELAY,
     SYMMETRIC,
+    UNKNOWN,
     Punch,
     Side,
     can_punch,
@@ -60,6 +61,7 @@ log = logging.getLogger("meshd_nat")
 
 OBSERVE_INTERVAL = 30.0
 OBSERVE_RETRY = 2.0
+OBSERVE_SINGLE = 10.0
 PROBE_INTERVAL = 0.5
 HOME_DEAD_AFTER = 1.5
 ALLOCATION_REFRESH = 30.0
@@ -117,7 +119,7 @@ class Traversal:
             key=self.agent.identity.public_key,
             endpoints=tuple(self.endpoints()),
             public=PUBLIC in roles,
-            nat=self.nat if self.nat in (CONE, SYMMETRIC) else None,
+            nat=self.nat if self.nat in (CONE, SYMMETRIC, UNKNOWN) else None,
             relay=RELAY in roles,
         )
 
@@ -128,7 +130,7 @@ class Traversal:
             if self.settings.relay:
                 roles.add(RELAY)
             return roles
-        if self.nat in (CONE, SYMMETRIC):
+        if self.nat in (CONE, SYMMETRIC, UNKNOWN):
             roles.add(NAT_PREFIX + self.nat)
         home = self._sides.get(self.home) if self.home else None
         if home is not None:
@@ -224,13 +226,29 @@ class Traversal:
                 endpoint = answer.get("ep")
                 if isinstance(endpoint, str) and endpoint:
                     seen[side.name] = endpoint
+            # Two observers tell a symmetric NAT from a cone one. With one answer (a
+            # public member with no session to us yet sees nothing; or only one public
+            # member exists) the endpoint is known, the type only guessed: ask again soon.
             if seen:
                 self._conclude(seen)
-            await asyncio.sleep(OBSERVE_INTERVAL if self.nat else OBSERVE_RETRY)
+            if len(seen) >= 2:
+                await asyncio.sleep(OBSERVE_INTERVAL)
+            else:
+                await asyncio.sleep(OBSERVE_RETRY if len(observers) >= 2 else OBSERVE_SINGLE)
+
+    def _single_observer(self) -> bool:
+        return sum(side.public for side in self._sides.values()) < 2
 
     def _conclude(self, seen: Mapping[str, str]) -> None:
         endpoints = sorted(set(seen.values()))
-        nat = CONE if len(endpoints) == 1 else SYMMETRIC
+        if len(endpoints) > 1:
+            nat = SYMMETRIC
+        elif len(seen) > 1 or self._single_observer():
+            nat = CONE
+        elif self.nat in (CONE, SYMMETRIC):
+            nat = self.nat  # one answer this time: what two said before still holds
+        else:
+            nat = UNKNOWN  # relayed meanwhile; never punched on a guess
         # Under a symmetric NAT the reflexive endpoint is one observer's only: it
         # still tells same-site members apart by address.
         reflexive = seen[min(seen)]
