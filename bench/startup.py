@@ -74,8 +74,6 @@ print(json.dumps(steps))
 LADDER_STEPS = (
     "pluggy",
     "click",
-    "importlib.metadata",
-    "tabulate",
     "asyncio",
     "nacl.signing",
     "msgpack",

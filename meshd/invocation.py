@@ -30,8 +30,7 @@ class CliState:
     @property
     def plugins(self) -> PluginHost:
         if self._plugins is None:
-            # Imported on first use: the entry-point scan's importlib.metadata costs
-            # ~4 MiB and tens of ms, and `meshd version` or `--help` never need it.
+            # Imported on first use: `meshd version` or `--help` never need plugins.
             from meshd.plugins import build_plugin_host
 
             self._plugins = build_plugin_host(self.config.disabled_plugins)

@@ -12,21 +12,23 @@ files: the daemon runs as root.
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import functools
+import importlib
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import pluggy
 
 from meshd import PROJECT, hookspecs
 from meshd import types as t
 from meshd.errors import ConfigError, MeshdError, PluginError
-
-if TYPE_CHECKING:
-    from importlib import metadata
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +182,95 @@ class PluginHost:
         self._call_all("meshd_mesh_changed", isolate=True, agent=agent, view=view)
 
 
-def _entry_points() -> list[metadata.EntryPoint]:
-    # importlib.metadata (email, zipfile, csv...) is loaded only when plugins are: a
-    # module that merely names PluginHost in its annotations does not pay for it.
-    from importlib import metadata
+@dataclass(frozen=True)
+class PluginEntry:
+    """One ``meshd.plugins`` entry point of an installed distribution."""
 
-    found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    name: str
+    value: str  # "module" or "module:attribute.path", as the distribution declares it
+    distribution: str
+    version: str
+
+    def load(self) -> object:
+        module_name, _, attr = self.value.partition("[")[0].partition(":")
+        found: object = importlib.import_module(module_name.strip())
+        for part in filter(None, attr.strip().split(".")):
+            found = getattr(found, part)
+        return found
+
+
+def _metadata_headers(dist_dir: Path) -> dict[str, str]:
+    """Name and Version from a distribution's METADATA (PKG-INFO for an egg-info)."""
+    headers: dict[str, str] = {}
+    for file_name in ("METADATA", "PKG-INFO"):
+        try:
+            with open(dist_dir / file_name, encoding="utf-8") as file:
+                for line in file:
+                    if not line.strip():
+                        break  # the headers end at the first blank line
+                    key, sep, value = line.partition(":")
+                    if sep and key in ("Name", "Version"):
+                        headers.setdefault(key, value.strip())
+        except OSError:
+            continue
+        break
+    return headers
+
+
+def _normalized(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def _entry_points() -> list[PluginEntry]:
+    """Every installed ``meshd.plugins`` entry point, standard ones first, then by name.
+
+    A direct read of ``*.dist-info/entry_points.txt`` in the directories on
+    ``sys.path`` (zipped eggs are not looked in): the same files
+    ``importlib.metadata`` reads, without its imports and its parse of every
+    distribution's metadata, ~25 ms of each start-up of ``meshd join`` and the agent.
+    As there, the first distribution of a name on ``sys.path`` wins.
+    """
+    seen_dists: set[str] = set()
+    found: list[PluginEntry] = []
+    for entry in sys.path:
+        directory = Path(entry or ".")
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for dir_name in names:
+            if not dir_name.endswith((".dist-info", ".egg-info")):
+                continue
+            dist_dir = directory / dir_name
+            key = _normalized(dir_name.rpartition(".")[0].partition("-")[0])
+            if key in seen_dists:
+                continue
+            seen_dists.add(key)
+            try:
+                text = (dist_dir / "entry_points.txt").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if f"[{ENTRY_POINT_GROUP}]" not in text:
+                continue
+            parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+            parser.optionxform = str  # type: ignore[assignment,method-assign]
+            try:
+                parser.read_string(text)
+            except configparser.Error as exc:
+                log.warning("ignored the entry points of %s: %s", dist_dir, exc)
+                continue
+            headers = _metadata_headers(dist_dir)
+            found.extend(
+                PluginEntry(
+                    name=name,
+                    value=value,
+                    distribution=headers.get("Name", key),
+                    version=headers.get("Version", "?"),
+                )
+                for name, value in parser.items(ENTRY_POINT_GROUP)
+            )
     # Standard plugins first, then the rest by name: a stable, documented order.
-    return sorted(
-        found,
-        key=lambda ep: (ep.dist is None or ep.dist.name != STANDARD_DISTRIBUTION, ep.name),
-    )
+    return sorted(found, key=lambda ep: (ep.distribution != STANDARD_DISTRIBUTION, ep.name))
 
 
 def build_plugin_host(
@@ -209,8 +289,7 @@ def build_plugin_host(
     disabled_set = set(disabled)
     seen: set[str] = set()
     for ep in _entry_points():
-        dist = ep.dist.name if ep.dist else "?"
-        version = ep.dist.version if ep.dist else "?"
+        dist, version = ep.distribution, ep.version
         standard = dist == STANDARD_DISTRIBUTION
         base = functools.partial(
             PluginInfo, name=ep.name, distribution=dist, version=version, standard=standard
