@@ -14,8 +14,8 @@ The rules, for this node A and a member B:
 
 1. B publishes none of these roles: the engine's default path.
 2. B is public: direct to B's first endpoint.
-3. A is public, B behind NAT: direct; to B's reflexive endpoint if B's NAT is cone,
-   else (symmetric) no endpoint: B dials in, WireGuard learns where from.
+3. A is public, B behind NAT: direct, with no endpoint set: B dials in (its
+   keepalives hold its NAT open) and WireGuard learns where from.
 4. Both behind one NAT (the same reflexive address): direct (LAN), to B's first
    endpoint that is not the reflexive one.
 5. Both behind different NATs: direct to B's reflexive endpoint once hole punching
@@ -161,8 +161,8 @@ def choose(
     if peer.public:
         return PathChoice(label="direct")
     if me.public or not me.described:
-        if peer.nat == CONE and peer.reflexive:
-            return PathChoice(endpoint=peer.reflexive, label="direct")
+        # Its mapping towards this node is the one its own packets come from: a
+        # reflexive endpoint another observer saw is wrong for a symmetric NAT.
         return PathChoice(learn=True, label="direct", reason="it dials in (behind NAT)")
     if same_site(me, peer):
         lan = lan_endpoint(peer)
