@@ -178,6 +178,8 @@ class Traversal:
                     return
                 await asyncio.sleep(0.2)
         self.channel = channel
+        # The record may have gone out before this plugin started: publish its roles.
+        self.agent.refresh()
         channel.handle("echo", self._on_echo)
         channel.handle("observe", self._on_observe)
         channel.handle("punch", self._on_punch)
