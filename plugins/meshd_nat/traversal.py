@@ -121,6 +121,9 @@ class Traversal:
             public=PUBLIC in roles,
             nat=self.nat if self.nat in (CONE, SYMMETRIC, UNKNOWN) else None,
             relay=RELAY in roles,
+            home=next(
+                (r.removeprefix(HOME_PREFIX) for r in roles if r.startswith(HOME_PREFIX)), None
+            ),
         )
 
     def roles(self) -> set[str]:
