@@ -165,8 +165,13 @@ def meshd_select_path(agent: AgentAPI, member: Member) -> PathChoice | None:
 
     Called for every admitted member on every reconcile pass.
 
-    :returns: ``PathChoice(via=None)`` for direct, ``PathChoice(via="relay-name")``
-        to route it through that member; ``None`` defers (the default is direct).
+    :returns: a :class:`~meshd.PathChoice`: ``PathChoice()`` for direct at the
+        member's first endpoint; ``endpoint="host:port"`` to aim elsewhere (a LAN
+        address, a hole-punched reflexive endpoint, or with ``via`` a relay's
+        forwarding port: the relay sees only ciphertext); ``learn=True`` to leave the
+        endpoint to WireGuard (the member dials in); ``via`` alone routes the member
+        through that member's tunnel (a routed relay, which decrypts). ``label`` and
+        ``reason`` are what ``meshd status`` shows. ``None`` defers.
 
     Calling rule: firstresult.
     """
