@@ -66,6 +66,7 @@ PROBE_INTERVAL = 0.5
 HOME_DEAD_AFTER = 1.5
 ALLOCATION_REFRESH = 30.0
 PUNCH_WINDOW = 3.0
+PUNCH_GIVE_UP = 1.2  # no echo through the new path by then: it failed
 PUNCH_BACKOFF = 20.0
 PUNCH_BACKOFF_MAX = 600.0
 DIRECT_SILENT_LIMIT = 60.0
@@ -408,17 +409,22 @@ class Traversal:
 
     async def _verify(self, peer: Side, address: str) -> bool:
         assert self.channel is not None
-        answered = 0
-        deadline = time.monotonic() + PUNCH_WINDOW
+        answered = late = 0
+        started = time.monotonic()
+        deadline = started + PUNCH_WINDOW
         while time.monotonic() < deadline:
             await self._aim(peer)
             try:
                 await self.channel.request(address, {"t": "echo"}, timeout=0.25, tries=1)
+                answered += 1
                 if deadline - time.monotonic() < PUNCH_WINDOW / 2:
-                    answered += 1
+                    late += 1
             except ControlError:
                 pass
+            if not answered and time.monotonic() - started > PUNCH_GIVE_UP:
+                break  # nothing came through: the pair is cut off while this lasts
             await asyncio.sleep(0.05)
+        answered = late
         try:
             live = {p.public_key: p.endpoint for p in await self.agent.peer_stats()}
         except MeshdError:

@@ -62,11 +62,10 @@ def test_every_host_joins_through_a_seed_it_reaches_and_all_see_all_alive(
     took = eventually(everyone_sees_everyone, 60, "every agent lists all 9 alive", lambda: views)
     print(f"all 9 agents list all 9 members alive {took:.1f} s after the last join")
     # And every pair with a path answers over the mesh (all pairs with the NAT plugin).
+    # (Not a second, one-shot matrix: a pair whose hole punch fails is cut off for
+    # about a second while it tries; docs/nat.md.)
     took = nat9.wait_full_mesh(timeout=60)
-    matrix = nat9.ping_matrix(deadline=1)
-    answered = sum(p["reachable"] for p in matrix["pairs"])
-    print(f"mesh: {answered}/{len(matrix['pairs'])} pairs answer ({took:.1f} s)")
-    assert matrix["ok"], matrix["failed"]
+    print(f"mesh: every pair that should answer did, {took:.1f} s")
 
 
 def test_lab_up_nat_runs_meshd_and_lab_ping_covers_the_mesh() -> None:
