@@ -165,17 +165,28 @@ def test_a_token_for_another_network_is_refused_and_changes_nothing(
 def test_revocation_reaches_every_node_and_one_that_was_down(mesh: MeshLab) -> None:
     victim_key = status(mesh, "n8")["node"]["public_key"]
     assert mesh.stop("n7")  # down while the revocation is sent
-    started = time.monotonic()
-    mesh.meshd("n1", "revoke", "n8", "--yes")
-    up = [n for n in NODES if n not in ("n7", "n8")]
-    took = eventually(
-        lambda: all(victim_key not in wg_peers(mesh, n) for n in up), 20, "n8 dropped everywhere"
-    )
-    print(f"revocation applied by {len(up)} nodes in {took:.1f} s")
-    for node in up:
+    try:
+        started = time.monotonic()
+        mesh.meshd("n1", "revoke", "n8", "--yes")
+        up = [n for n in NODES if n not in ("n7", "n8")]
+        took = eventually(
+            lambda: all(victim_key not in wg_peers(mesh, n) for n in up),
+            20,
+            "n8 dropped everywhere",
+        )
+        print(f"revocation applied by {len(up)} nodes in {took:.1f} s")
         # Two: n8's certificate and key, and the token it joined with (revoke's default).
-        assert status(mesh, node)["node"]["revocations"] == 2
-    mesh.start("n7")
+        # They travel as two broadcasts: the first one already drops n8, so a node may
+        # hold one for a moment (a fresh-clone run saw 1 at 0.3 s).
+        took2 = eventually(
+            lambda: all(status(mesh, n)["node"]["revocations"] == 2 for n in up),
+            20,
+            "both revocations everywhere",
+        )
+        print(f"both revocations held by every node after {took2:.1f} s")
+    finally:
+        # The next tests share this lab: n7 comes back whatever happened here.
+        mesh.start("n7")
     mesh.wait_ready("n7")
     took7 = eventually(
         lambda: (
