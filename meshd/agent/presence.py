@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import operator
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,6 +51,11 @@ JOIN_TARGETS = 8
 UNHEARD_GRACE = 5.0
 REANNOUNCE_MAX = 60.0
 REPUBLISH_INTERVAL = 60.0
+# Once every member has shaken hands, the handshakes are read again on a view change,
+# for this long after it (until its newcomers are heard or counted unheard), and at
+# least this often (they feed "recent handshake", a 150 s window).
+HEARD_SETTLE = 3 * UNHEARD_GRACE
+HEARD_RECHECK = 15.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
 # Serf's log tells the view of every member change at once; the poll is the safety net.
@@ -308,12 +315,27 @@ class Presence:
         can miss the newcomer's alive message; it then learns of it only at a push/pull
         (every 30 s, with a random partner), and until then the pair has no tunnel. A
         record update is a new alive message, passed on by every member that knows us.
+
+        The handshakes are read every ``RESYNC_INTERVAL / 2`` while a member is unheard
+        or the view changed lately; once every member has shaken hands, only on a view
+        change or every ``HEARD_RECHECK`` seconds (each read is a full UAPI dump, and an
+        idle mesh has nothing new to tell).
         """
         rt = self._rt
         unheard_since: dict[str, float] = {}
         delay, next_at = UNHEARD_GRACE, 0.0
+        generation, changed_at = -1, time.monotonic()
         while True:
-            await asyncio.sleep(RESYNC_INTERVAL / 2)
+            if unheard_since or time.monotonic() - changed_at < HEARD_SETTLE:
+                await asyncio.sleep(RESYNC_INTERVAL / 2)
+            elif rt.has_gossip:
+                # A view change replaces the members' snapshot.
+                view = rt.gossip.view
+                await view.wait_for(functools.partial(operator.is_not, view.members), HEARD_RECHECK)
+            else:
+                await asyncio.sleep(HEARD_RECHECK)
+            if rt.has_gossip and rt.gossip.view.generation != generation:
+                generation, changed_at = rt.gossip.view.generation, time.monotonic()
             try:
                 stats = {p.public_key: p for p in await rt.iface.peer_stats()}
             except MeshdError as exc:
