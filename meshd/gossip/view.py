@@ -332,9 +332,13 @@ class MembershipView:
             if isinstance(event, (MemberEvent, StreamGap)):
                 self.poll_now()
                 continue
-            self.poll_now()
-            if isinstance(event, QueryEvent) and event.name == SNAPSHOT_NUDGE_QUERY:
-                continue
+            if isinstance(event, QueryEvent):
+                # A query says nothing of membership, and every member's periodic
+                # queries (revocation sync) would make an idle view poll ~N times a minute.
+                if event.name == SNAPSHOT_NUDGE_QUERY:
+                    continue
+            else:
+                self.poll_now()
             if self._on_event is not None:
                 try:
                     self._on_event(event)
