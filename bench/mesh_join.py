@@ -12,14 +12,17 @@ the other so they never share the CPU:
   lists it alive (each observed by polling ``members`` over its RPC port). The
   joiner leaves again before the next one comes.
 - meshd: ``meshd init``/``join`` + agents on the same N-1 hosts (MeshLab.up),
-  checked to ping each other; then, one at a time, a fresh host runs ``meshd join``
-  through a random earlier host and starts its agent, timed from the start of the
-  join command until the new node has an echo reply from every other node's mesh
-  address and every other node one from the new node's (through WireGuard). Each
+  checked to ping each other; then, one at a time, a fresh host runs ``meshd join
+  --foreground`` through a random earlier host: the join command becomes the agent
+  in the same process, as the default detached start does (it forks), so one
+  Python start-up serves both. Timed from the start of the join command until the
+  new node has an echo reply from every other node's mesh address and every other
+  node one from the new node's (through WireGuard); "command" is when the join
+  stored the node (its ``node.json``), and the agent starts right after. Each
   joiner but the last runs ``meshd leave`` before the next one comes. The part
   after the first echo reply of any pair (the new node's record travelling by
   gossip, the handshakes with everyone) is reported on its own: it is what the
-  serf figure compares with, without the two Python start-ups before it.
+  serf figure compares with, without the Python start-up before it.
 
 Ratio = meshd median / serf median. After the last join, with N meshd nodes in a
 full mesh, it waits ``--settle`` s, then reads the resident memory (VmRSS) of every
@@ -418,6 +421,19 @@ def count_log_marks(lab: Lab) -> dict[str, dict[str, int]]:
 # ---------------------------------------------------------------- meshd side
 
 
+def wait_address(mesh: MeshLab, node: str, node_file: Path, deadline: float) -> Any:
+    """The joiner's mesh address once its join has stored the node, or None (the
+    join failed: its process ended, or the deadline passed)."""
+    while time.monotonic() < deadline:
+        if node_file.exists():
+            with contextlib.suppress(MeshdError, OSError, ValueError, KeyError):
+                return mesh.mesh_address(node)
+        elif not mesh.running(node):
+            return None
+        time.sleep(0.01)
+    return None
+
+
 def meshd_joins(
     lab: Lab,
     prober: Prober,
@@ -447,14 +463,18 @@ def meshd_joins(
         record: dict[str, Any] = {"joiner": joiner, "seed": seed, "full_ms": None}
         joins.append(record)
         start = time.monotonic()
-        try:
-            mesh.join(joiner, seed)
-        except MeshdError as exc:
-            problems.append(f"meshd join on {joiner} via {seed} failed: {exc}")
+        wall_start = time.time()
+        node_file = mesh.state_dir(joiner) / "node.json"
+        mesh.join_and_run(joiner, seed)
+        address = wait_address(mesh, joiner, node_file, start + args.timeout)
+        if address is None:
+            problems.append(f"meshd join on {joiner} via {seed} wrote no node within the timeout")
+            with contextlib.suppress(MeshdError):
+                mesh.stop(joiner)
             continue
-        record["command_ms"] = (time.monotonic() - start) * 1000
-        mesh.start(joiner)
-        addresses[joiner] = mesh.mesh_address(joiner)
+        # The join's end: when it stored the node (the agent starts right after, in-process).
+        record["command_ms"] = (node_file.stat().st_mtime - wall_start) * 1000
+        addresses[joiner] = address
         answered, missing = prober.wait(
             both_ways(joiner, base),
             addresses,

@@ -160,6 +160,14 @@ class Late(Generic[T]):
         return getattr(obj, f"_late_{name}", None) is not None
 
 
+@dataclass(frozen=True)
+class _Derived:
+    """What the agent derives from its node state and reads often."""
+
+    identity: NodeIdentity
+    chain: CertChain
+
+
 class Runtime:
     """The shared handles and cross-room state of one running agent.
 
@@ -175,6 +183,8 @@ class Runtime:
         self.plugins = plugins
         self.store = store
         self.state: NodeState = store.load()
+        self._derived_of: NodeState | None = None
+        self._derived_cache: _Derived | None = None
         self.trust = Trust(self.state.ca_public_key, store.dir)
         self.known = KnownPeers()
         # Keys whose owner said goodbye through its own tunnel (agent/goodbye.py).
@@ -211,11 +221,24 @@ class Runtime:
 
     @property
     def identity(self) -> NodeIdentity:
-        return NodeIdentity(name=self.state.name, public_key=self.state.keys.public_key)
+        return self._derived().identity
 
     @property
     def own_chain(self) -> CertChain:
-        return CertChain.decode(self.state.chain)
+        return self._derived().chain
+
+    def _derived(self) -> _Derived:
+        # Read by every hook call of every pass (N per pass): built once per state,
+        # which is replaced, never changed in place, on a move or a rotation.
+        state = self.state
+        derived = self._derived_cache
+        if derived is None or self._derived_of is not state:
+            derived = self._derived_cache = _Derived(
+                NodeIdentity(name=state.name, public_key=state.keys.public_key),
+                CertChain.decode(state.chain),
+            )
+            self._derived_of = state
+        return derived
 
     def recent_handshakes(self, within: float) -> frozenset[str]:
         """Keys of peers whose last handshake is at most ``within`` seconds old."""

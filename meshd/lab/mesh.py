@@ -177,6 +177,31 @@ class MeshLab:
             "--no-start",
         )
 
+    def join_and_run(self, node: NodeRef, seed: NodeRef) -> int:
+        """``meshd join --foreground`` on ``node`` through ``seed``: the join command
+        becomes the node's agent (one Python start-up, as the default detached start
+        forks); the lab owns the process as the node's agent. Its pid."""
+        first = self.first_node()
+        token = self.token_path(node)
+        shutil.copyfile(self.state_dir(first) / "join-token", token)
+        token.chmod(0o600)
+        self.write_config(node, "")
+        argv = [
+            *meshd_argv(),
+            "--config",
+            str(self.config_path(node)),
+            "--log-level",
+            self.log_level,
+            "join",
+            str(self.lab.node(self._name(seed)).address),
+            "--token-file",
+            str(token),
+            "--endpoint",
+            self.endpoint(node),
+            "--foreground",
+        ]
+        return self.lab.spawn(node, argv, name=AGENT)
+
     def first_node(self) -> str:
         for node in self.lab.nodes:
             if (self.state_dir(node) / "ca.key").exists():

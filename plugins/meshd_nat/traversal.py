@@ -109,15 +109,22 @@ class Traversal:
         self._sides: dict[str, Side] = {}
         self._mesh6: dict[str, str] = {}  # member name -> its IPv6 mesh address
         self._learnt_from: tuple[Member, ...] | None = None
+        self._me: tuple[tuple[object, ...], Side] | None = None
 
     # --- facts for the hooks --------------------------------------------------
 
     @property
     def me(self) -> Side:
+        # Asked once per member in every pass: rebuilt only when what it says changed.
+        identity = self.agent.identity
+        home = self._sides.get(self.home) if self.home else None
+        facts = (identity, self.settings, self.nat, self.reflexive, home.key if home else None)
+        if self._me is not None and self._me[0] == facts:
+            return self._me[1]
         roles = self.roles()
-        return Side(
-            name=self.agent.identity.name,
-            key=self.agent.identity.public_key,
+        side = Side(
+            name=identity.name,
+            key=identity.public_key,
             endpoints=tuple(self.endpoints()),
             public=PUBLIC in roles,
             nat=self.nat if self.nat in (CONE, SYMMETRIC, UNKNOWN) else None,
@@ -126,6 +133,8 @@ class Traversal:
                 (r.removeprefix(HOME_PREFIX) for r in roles if r.startswith(HOME_PREFIX)), None
             ),
         )
+        self._me = (facts, side)
+        return side
 
     def roles(self) -> set[str]:
         roles: set[str] = set()
