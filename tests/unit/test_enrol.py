@@ -30,6 +30,7 @@ from meshd.pki.enrol import (
     MAX_HELLO,
     MAX_REQUEST,
     NOISE_PATTERN,
+    NOISE_PROTOCOL,
     EnrolRequest,
     EnrolResult,
     PeerInfo,
@@ -698,5 +699,149 @@ def test_admission_story_with_the_ca_machine_offline() -> None:
             public_key=me.public_key,
             addresses=[IPv4Address("100.64.9.9")],
         )
+
+    run(scenario)
+
+
+# --- the handshake: who the seed is, what a wire shows --------------------------------
+
+
+def impostor_identity(net: Network, *, chain: CertChain, gossip_key: bytes) -> SeedIdentity:
+    """A seed that is not a member: its own fresh key, and whatever chain it shows."""
+    return SeedIdentity(
+        private_key=decode_key(WireGuardKeyPair.generate().private_key),
+        chain=chain,
+        gossip_keys=(gossip_key,),
+        ca_public_key=net.ca.public_key,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shows", "error"),
+    [
+        # A gossip-key holder replaying a real member's (public) chain.
+        ("member", r"it shows the certificate of 'member' without holding that member's key"),
+        # A gossip-key holder with a certificate from its own CA.
+        ("stranger", r"is not a member of network .*: .*belongs to network"),
+    ],
+)
+def test_the_joiner_refuses_an_impostor_seed_before_saying_who_it_is(
+    shows: str, error: str
+) -> None:
+    net = Network()
+    chain = net.member_chain if shows == "member" else Network().seed_chain
+    identity = impostor_identity(net, chain=chain, gossip_key=net.token.gossip_key)
+
+    async def scenario() -> None:
+        async with net.server(identity=lambda: identity) as server:
+            with pytest.raises(EnrolError, match=error) as info:
+                await enrol(LOOPBACK, server.port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        assert not isinstance(info.value, EnrolRefused)
+        assert net.enrolled == []  # the request was never sent
+
+    run(scenario)
+
+
+def test_a_seed_without_the_network_keys_cannot_answer_the_handshake() -> None:
+    net = Network()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = json.dumps({"type": "hello", "v": 2, "noise": NOISE_PROTOCOL}).encode()
+        writer.write(frame(hello))
+        await read_frame(reader, MAX_HANDSHAKE)
+        # Its best try: a well-formed message 2, made under a psk of its own.
+        psk = os.urandom(32)
+        own = Handshake(NOISE_PATTERN, initiator=True, prologue=hello, psk=psk)
+        guess = Handshake(
+            NOISE_PATTERN,
+            initiator=False,
+            prologue=hello,
+            psk=psk,
+            static_key=decode_key(WireGuardKeyPair.generate().private_key),
+        )
+        guess.read_message(own.write_message())
+        writer.write(frame(HANDSHAKE_MESSAGE + guess.write_message(net.seed_chain.encode())))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(impostor, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(EnrolError, match="its handshake does not verify with this token"):
+                await enrol(LOOPBACK, port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        finally:
+            server.close()
+
+    run(scenario)
+
+
+def test_a_seed_of_the_old_clear_protocol_is_named() -> None:
+    net = Network()
+
+    async def old_seed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame(json.dumps({"type": "hello", "v": 1, "nonce": "AAAA"}).encode()))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(old_seed, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(EnrolError, match="unsupported enrolment protocol version 1"):
+                await enrol(LOOPBACK, port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        finally:
+            server.close()
+
+    run(scenario)
+
+
+def test_the_wire_shows_no_name_key_address_or_certificate() -> None:
+    """What a capture between joiner and seed sees: the hello, then random-looking bytes."""
+    net = Network("home-of-alice")
+    cert = joiner_cert(net.token, name="laptop-of-alice")
+    wire = bytearray()
+
+    async def relay(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, done: asyncio.Event
+    ) -> None:
+        while chunk := await source.read(65536):
+            wire.extend(chunk)
+            sink.write(chunk)
+            await sink.drain()
+        sink.close()
+        done.set()
+
+    async def scenario() -> None:
+        async with net.server() as server:
+
+            async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                up_reader, up_writer = await asyncio.open_connection(LOOPBACK, server.port)
+                done = asyncio.Event()
+                await asyncio.gather(relay(reader, up_writer, done), relay(up_reader, writer, done))
+
+            tap = await asyncio.start_server(proxy, LOOPBACK, 0)
+            port = tap.sockets[0].getsockname()[1]
+            result = await enrol(LOOPBACK, port, net.token, cert, "192.0.2.77:51820")
+            tap.close()
+        assert result.seed.name == "seed"
+        assert b"noise" in wire  # the capture did see the exchange
+        secrets = {
+            "joiner name": b"laptop-of-alice",
+            "seed name": b"seed",
+            "member name": b"member",
+            "joiner key": cert.public_key.encode(),
+            "joiner key (raw)": cert.public_key_bytes,
+            "seed key": net.seed_key.encode(),
+            "seed key (raw)": decode_key(net.seed_key),
+            "endpoint": b"192.0.2.77",
+            "seed certificate": net.seed_chain.encode()[:48],
+            "enrolment certificate": net.token.enrolment.cert.encode()[:48],
+            "network name": b"home-of-alice",
+        }
+        shown = [what for what, needle in secrets.items() if needle in wire]
+        assert shown == []
 
     run(scenario)
