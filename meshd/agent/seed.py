@@ -92,16 +92,16 @@ class Seed:
 
     def identity(self) -> SeedIdentity:
         """What this seed proves itself with in the enrolment handshake, read at each
-        connection: its WireGuard key and chain (a key rotation changes both) and every
-        gossip key in Serf's keyring (a token made before a rotation that is still under
-        way still works; one whose key was removed does not)."""
+        connection: its WireGuard key and chain (a key rotation changes both) and the
+        gossip keys Serf accepts now, from its keyring (a token made before a rotation
+        that is still under way still works; one whose key was removed does not), or
+        this node's own before Serf first ran."""
         rt = self._rt
         state = rt.state
-        keys = (*rt.store.gossip_keys(), state.gossip_key)
         return SeedIdentity(
             private_key=decode_key(state.keys.private_key, what="wireguard.key"),
             chain=rt.own_chain,
-            gossip_keys=tuple(dict.fromkeys(keys)),
+            gossip_keys=rt.store.gossip_keys() or (state.gossip_key,),
             ca_public_key=state.ca_public_key,
         )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 from meshd.b64 import encode_b64
 from meshd.errors import IdentityError
+from meshd.node import NodeStore
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from meshd.pki.enrol import (
@@ -367,3 +370,14 @@ def test_the_frame_limit_is_checked_before_reading() -> None:
     wire = seal_frame(send, b"y" * 5000)
     with pytest.raises(IdentityError, match="larger than 4096"):
         asyncio.run(read_sealed(wire[:4], receive, 4096))
+
+
+def test_a_seed_takes_its_psks_from_every_key_in_serfs_keyring(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path)
+    assert store.gossip_keys() == ()  # before Serf first ran: the agent uses its own
+    store.serf_dir.mkdir()
+    keyring = [encode_b64(k(1)), "not base64 !", encode_b64(k(2))]
+    (store.serf_dir / "keyring.json").write_text(json.dumps(keyring))
+    assert store.gossip_keys() == (k(1), k(2))
+    (store.serf_dir / "keyring.json").write_text("{broken")
+    assert store.gossip_keys() == ()
