@@ -49,6 +49,8 @@ Public API::
     EnrolResult(seed: PeerInfo, members: tuple[PeerInfo, ...]); PeerInfo(chain, endpoint)
     EnrolRequest.decode(data, *, nonce, source)   # IdentityError on anything malformed
     SeedIdentity(private_key, chain, gossip_keys, ca_public_key); enrolment_psk(gossip_key, ca)
+    await seed_handshake(reader, writer, *, gossip_key, ca_public_key, seed, now)
+        -> (SecureChannel, seed's CertChain)   # the client's side, for any request
     SecureChannel .read_frame(limit) .write_frame(body) .binding .remote_key
     read_frame(reader, limit), write_frame(writer, body)   # the clear framing
 """
@@ -72,7 +74,7 @@ from meshd.b64 import decode_b64, encode_b64
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, EnrolError, EnrolRefused, IdentityError
 from meshd.hostport import format_host_port
-from meshd.pki.certificate import CertChain, Certificate
+from meshd.pki.certificate import CertChain, Certificate, network_id_of
 from meshd.pki.noise import MAX_MESSAGE, TAGLEN, CipherState, Handshake, HandshakeError
 from meshd.pki.token import Token, split_endpoint
 from meshd.types import IPAddress
@@ -466,7 +468,14 @@ async def _ask(
 ) -> EnrolResult:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        channel, seed_chain = await _handshake(reader, writer, token, seed, now)
+        channel, seed_chain = await seed_handshake(
+            reader,
+            writer,
+            gossip_key=token.gossip_key,
+            ca_public_key=token.ca_public_key,
+            seed=seed,
+            now=now,
+        )
         encoded = chain.encode()
         request = EnrolRequest(
             chain=chain,
@@ -487,14 +496,22 @@ async def _ask(
     return _verified(result, token, seed, now)
 
 
-async def _handshake(
+async def seed_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    token: Token,
+    *,
+    gossip_key: bytes,
+    ca_public_key: bytes,
     seed: str,
     now: int,
 ) -> tuple[SecureChannel, CertChain]:
-    """The joiner's side of the handshake; the channel and the seed's verified chain."""
+    """The client's side of the handshake with a seed (``seed`` names it in errors);
+    the encrypted channel and the seed's chain, verified to be a member's.
+
+    A joiner takes ``gossip_key`` and ``ca_public_key`` from its token; a member
+    (e.g. asking to be taken back) from its own state. EnrolError (the seed is not a
+    member, does not speak this protocol), EnrolRefused (its clear refusal).
+    """
     hello_body = await read_frame(reader, MAX_HELLO)
     try:
         hello = _load_json(hello_body, "hello", refusal_allowed=True)
@@ -506,7 +523,7 @@ async def _handshake(
         NOISE_PATTERN,
         initiator=True,
         prologue=hello_body,
-        psk=enrolment_psk(token.gossip_key, token.ca_public_key),
+        psk=enrolment_psk(gossip_key, ca_public_key),
     )
     await write_frame(writer, handshake.write_message())
     answer = await read_frame(reader, MAX_HANDSHAKE)
@@ -517,7 +534,7 @@ async def _handshake(
         except IdentityError as exc:
             raise EnrolError(f"seed {seed} sent a malformed refusal ({exc})") from exc
         raise EnrolError(f"seed {seed} sent a malformed refusal")
-    not_member = f"seed {seed} is not a member of network {token.network_id}"
+    not_member = f"seed {seed} is not a member of network {network_id_of(ca_public_key)}"
     try:
         if kind != HANDSHAKE_MESSAGE:
             raise HandshakeError("not a handshake message")
@@ -528,7 +545,7 @@ async def _handshake(
         ) from exc
     try:
         seed_chain = CertChain.decode(payload)
-        seed_chain.verify(token.ca_public_key, now)
+        seed_chain.verify(ca_public_key, now)
     except IdentityError as exc:
         raise EnrolError(f"{not_member}: {exc}") from exc
     if seed_chain.node.public_key_bytes != handshake.remote_static:
