@@ -179,6 +179,23 @@ class NodeStore:
             return keys[0]
         return None
 
+    def gossip_keys(self) -> tuple[bytes, ...]:
+        """Every key in Serf's keyring file (primary first); empty before Serf first ran.
+        Keys that are not base64 are skipped."""
+        try:
+            keys = json.loads((self.serf_dir / "keyring.json").read_text())
+        except (OSError, ValueError):
+            return ()
+        if not isinstance(keys, list):
+            return ()
+        out = []
+        for key in keys:
+            try:
+                out.append(decode_b64(key))
+            except DecodeError:
+                continue
+        return tuple(out)
+
     def _peek_network(self) -> str:
         try:
             return str(json.loads(self.path("network.json").read_text())["name"])

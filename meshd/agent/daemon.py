@@ -156,6 +156,7 @@ class Agent:
                 cfg.enrol.port,
                 verify=chain_verifier(state.ca_public_key, revoked=lambda: rt.trust.revoked),
                 on_enrolled=self.seed.enrolled,
+                identity=self.seed.identity,
             )
             await self._enrol.start()
 

@@ -16,8 +16,15 @@ from typing import Any
 
 from meshd.agent.runtime import Runtime
 from meshd.errors import EnrolRefused
+from meshd.identity import decode_key
 from meshd.node import KnownPeer, gossip_address, host_prefixes
-from meshd.pki.enrol import MAX_MEMBERS_IN_ANSWER, EnrolRequest, EnrolResult, PeerInfo
+from meshd.pki.enrol import (
+    MAX_MEMBERS_IN_ANSWER,
+    EnrolRequest,
+    EnrolResult,
+    PeerInfo,
+    SeedIdentity,
+)
 from meshd.types import IPAddress, MemberState
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,21 @@ class Seed:
         return EnrolResult(
             seed=PeerInfo(chain=rt.own_chain, endpoint=_first(own.endpoints if own else ())),
             members=tuple(self._member_infos(exclude=name)[:MAX_MEMBERS_IN_ANSWER]),
+        )
+
+    def identity(self) -> SeedIdentity:
+        """What this seed proves itself with in the enrolment handshake, read at each
+        connection: its WireGuard key and chain (a key rotation changes both) and the
+        gossip keys Serf accepts now, from its keyring (a token made before a rotation
+        that is still under way still works; one whose key was removed does not), or
+        this node's own before Serf first ran."""
+        rt = self._rt
+        state = rt.state
+        return SeedIdentity(
+            private_key=decode_key(state.keys.private_key, what="wireguard.key"),
+            chain=rt.own_chain,
+            gossip_keys=rt.store.gossip_keys() or (state.gossip_key,),
+            ca_public_key=state.ca_public_key,
         )
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:

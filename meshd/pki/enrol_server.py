@@ -1,6 +1,8 @@
 """The seed's side of enrolment: the server on the enrolment port.
 
-It speaks the protocol of :mod:`meshd.pki.enrol`: checks the joiner's proof,
+It speaks the protocol of :mod:`meshd.pki.enrol`: a Noise handshake in which it
+proves it is a member with ``identity()`` (its WireGuard key and chain, and the
+gossip keys whose psk it accepts), then, over the encrypted channel, checks the joiner's proof,
 then ``verify`` (normally :func:`chain_verifier`: chain to the CA, at
 admission, not revoked), then ``on_enrolled``, the agent's callback that adds
 the joiner as a WireGuard peer and answers with the members it knows.
@@ -11,13 +13,15 @@ before any work; at most ``max_per_source`` conversations per source and
 most crowded source when full, so idle connections cannot lock honest joiners
 out; ``first_frame_timeout`` for the request and ``timeout`` for the whole
 conversation; a request frame of at most :data:`~meshd.pki.enrol.MAX_REQUEST`
-bytes. Garbage is answered with ``refused`` and the connection closed; nothing a
-client sends can stop the server.
+bytes. A Noise message 1 that does not verify (wrong token, garbage) or that
+replays an ephemeral key seen among the last :data:`REPLAY_MEMORY` is answered
+with one fixed refusal, whatever the cause. Garbage is answered with ``refused``
+and the connection closed; nothing a client sends can stop the server.
 
 Public API::
 
-    EnrolServer(host, port, verify, on_enrolled, *, burst, refill_per_second, timeout,
-                first_frame_timeout, max_connections, max_per_source)
+    EnrolServer(host, port, verify, on_enrolled, *, identity, burst, refill_per_second,
+                timeout, first_frame_timeout, max_connections, max_per_source)
     await .start(); .port; await .stop(); async with
     chain_verifier(ca_public_key, *, revoked=None, clock=time.time) -> Verifier
 """
@@ -28,29 +32,35 @@ import asyncio
 import contextlib
 import inspect
 import ipaddress
-import json
 import logging
-import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
-from meshd.b64 import encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
 from meshd.pki.enrol import (
+    HANDSHAKE_MESSAGE,
+    HANDSHAKE_REFUSED,
+    MAX_HANDSHAKE,
     MAX_REQUEST,
-    NONCE_LEN,
-    PROTOCOL_VERSION,
     EnrolRequest,
     OnEnrolled,
+    SecureChannel,
+    SeedIdentity,
     Verifier,
+    hello_frame,
     read_frame,
     refusal,
+    respond_handshake,
     verify_proof,
     write_frame,
 )
+from meshd.pki.noise import HandshakeError
 from meshd.pki.revocation import RevocationList
 
 log = logging.getLogger(__name__)
+
+REPLAY_MEMORY = 4096
 
 
 def chain_verifier(
@@ -69,6 +79,23 @@ def chain_verifier(
         request.chain.verify(ca_public_key, int(clock()), revoked=current, at_admission=True)
 
     return verify
+
+
+class ReplayGuard:
+    """The ephemeral keys of the last ``size`` accepted Noise messages 1."""
+
+    def __init__(self, size: int = REPLAY_MEMORY) -> None:
+        self._size = size
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def seen(self, ephemeral: bytes) -> bool:
+        """True if ``ephemeral`` came before; remembers it either way."""
+        if ephemeral in self._seen:
+            return True
+        self._seen[ephemeral] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return False
 
 
 class RateLimiter:
@@ -124,7 +151,9 @@ class EnrolServer:
 
     ``verify(request)`` raises IdentityError (or EnrolRefused) to refuse;
     ``on_enrolled(request)`` (plain or async) adds the WireGuard peer and returns
-    the :class:`EnrolResult` for the joiner, or raises EnrolRefused to refuse.
+    the :class:`EnrolResult` for the joiner, or raises EnrolRefused to refuse;
+    ``identity()`` is asked at each connection (keys rotate) for what the seed
+    proves itself with.
     """
 
     def __init__(
@@ -134,6 +163,7 @@ class EnrolServer:
         verify: Verifier,
         on_enrolled: OnEnrolled,
         *,
+        identity: Callable[[], SeedIdentity],
         burst: float = 5,
         refill_per_second: float = 0.5,
         timeout: float = 10.0,
@@ -145,6 +175,8 @@ class EnrolServer:
         self._requested_port = port
         self._verify = verify
         self._on_enrolled = on_enrolled
+        self._identity = identity
+        self._replays = ReplayGuard()
         self._limiter = RateLimiter(burst, refill_per_second)
         self._timeout = timeout
         self._first_frame_timeout = first_frame_timeout
@@ -274,46 +306,66 @@ class EnrolServer:
         *,
         accepted: asyncio.Task[None],
     ) -> None:
-        nonce = os.urandom(NONCE_LEN)
-        hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": encode_b64(nonce)}
-        await write_frame(writer, json.dumps(hello).encode("utf-8"))
+        hello = hello_frame()
+        await write_frame(writer, hello)
+        channel: SecureChannel | None = None
         try:
-            # A short deadline for the request: an idle connection holds a place.
+            # One short deadline for the handshake and the request: an idle connection
+            # holds a place.
             async with asyncio.timeout(self._first_frame_timeout):
-                body = await read_frame(reader, MAX_REQUEST)
+                message1 = await read_frame(reader, MAX_HANDSHAKE)
+                try:
+                    handshake, message2 = respond_handshake(
+                        hello, message1, self._identity(), self._replays.seen
+                    )
+                except HandshakeError as exc:
+                    log.info("refused enrolment from %s: %s", source, exc)
+                    await write_frame(writer, HANDSHAKE_REFUSED + refusal(str(exc)))
+                    return
+                await write_frame(writer, HANDSHAKE_MESSAGE + message2)
+                channel = SecureChannel(reader, writer, handshake)
+                body = await channel.read_frame(MAX_REQUEST)
+        except HandshakeError as exc:
+            log.info("enrolment from %s ended: %s", source, exc)
+            return
         except IdentityError as exc:
-            await self._refuse(writer, source, str(exc))
+            # A frame over its limit: before the handshake, in clear as its answer.
+            if channel is None:
+                log.info("refused enrolment from %s: %s", source, exc)
+                await write_frame(writer, HANDSHAKE_REFUSED + refusal(str(exc)))
+            else:
+                await self._refuse(channel, source, str(exc))
             return
         self._waiting.discard(accepted)
         # Reading errors (EOF, reset) end the conversation in _accept; from here on, any
         # failure is answered with a reason.
         try:
-            request = EnrolRequest.decode(body, nonce=nonce, source=source)
+            request = EnrolRequest.decode(body, nonce=channel.binding, source=source)
             verify_proof(request)
             self._verify(request)
             outcome = self._on_enrolled(request)
             result = await outcome if inspect.isawaitable(outcome) else outcome
         except EnrolRefused as exc:
-            await self._refuse(writer, source, exc.reason, taken=exc.taken)
+            await self._refuse(channel, source, exc.reason, taken=exc.taken)
             return
         except IdentityError as exc:
-            await self._refuse(writer, source, str(exc))
+            await self._refuse(channel, source, str(exc))
             return
         except MeshdError as exc:
             log.warning("enrolment from %s failed on this seed: %s", source, exc)
-            await write_frame(writer, refusal("the seed could not add you; see its log"))
+            await channel.write_frame(refusal("the seed could not add you; see its log"))
             return
         except Exception:
             # A bug in a callback must not kill the server nor leave the joiner guessing.
             log.exception("enrolment from %s failed on this seed", source)
-            await write_frame(writer, refusal("the seed failed to add you; see its log"))
+            await channel.write_frame(refusal("the seed failed to add you; see its log"))
             return
         log.info("enrolled %s (%s) from %s", request.name, request.public_key, source)
-        await write_frame(writer, result.encode())
+        await channel.write_frame(result.encode())
 
     @staticmethod
     async def _refuse(
-        writer: asyncio.StreamWriter, source: str, reason: str, *, taken: str | None = None
+        channel: SecureChannel, source: str, reason: str, *, taken: str | None = None
     ) -> None:
         log.info("refused enrolment from %s: %s", source, reason)
-        await write_frame(writer, refusal(reason, taken))
+        await channel.write_frame(refusal(reason, taken))

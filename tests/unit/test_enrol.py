@@ -18,21 +18,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.b64 import decode_b64, encode_b64
+from meshd.b64 import encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
-from meshd.identity import WireGuardKeyPair
+from meshd.identity import WireGuardKeyPair, decode_key
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain, Certificate, check_binding
 from meshd.pki.enrol import (
+    HANDSHAKE_MESSAGE,
+    HANDSHAKE_REFUSED,
+    MAX_HANDSHAKE,
+    MAX_HELLO,
     MAX_REQUEST,
+    NOISE_PATTERN,
+    NOISE_PROTOCOL,
     EnrolRequest,
     EnrolResult,
     PeerInfo,
+    SecureChannel,
+    SeedIdentity,
     enrol,
+    enrolment_psk,
     proof_message,
+    read_frame,
     verify_proof,
+    write_frame,
 )
 from meshd.pki.enrol_server import EnrolServer, RateLimiter, chain_verifier
+from meshd.pki.noise import Handshake
 from meshd.pki.revocation import RevocationList
 from meshd.pki.token import Seed, Token, create_token, parse_token
 
@@ -45,7 +57,8 @@ class Network:
 
     def __init__(self, name: str = "lab", ttl: int = 3600, now: int | None = None) -> None:
         self.ca = NetworkCA.generate(name)
-        self.seed_key = WireGuardKeyPair.generate().public_key
+        self.seed_keys = WireGuardKeyPair.generate()
+        self.seed_key = self.seed_keys.public_key
         self.seed_chain = CertChain(
             self.ca.issue_node_cert("seed", self.seed_key, [IPv4Address("100.80.0.1")], now=now)
         )
@@ -72,9 +85,18 @@ class Network:
             members=(PeerInfo(self.member_chain, "127.0.0.2:51820"),),
         )
 
+    def identity(self) -> SeedIdentity:
+        return SeedIdentity(
+            private_key=decode_key(self.seed_keys.private_key),
+            chain=self.seed_chain,
+            gossip_keys=(self.token.gossip_key,),
+            ca_public_key=self.ca.public_key,
+        )
+
     def server(
         self, on_enrolled: Callable[[EnrolRequest], Any] | None = None, **options: Any
     ) -> EnrolServer:
+        options.setdefault("identity", self.identity)
         return EnrolServer(
             LOOPBACK,
             0,
@@ -97,7 +119,8 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 
 
 async def raw_exchange(port: int, payload: bytes) -> list[dict[str, Any]]:
-    """Speak to the server byte by byte; the frames it sends back until it closes."""
+    """Speak to the server byte by byte; the frames it sends back until it closes
+    (JSON: the hello and refusals, a handshake refusal without its kind byte)."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     writer.write(payload)
     await writer.drain()
@@ -109,13 +132,27 @@ async def raw_exchange(port: int, payload: bytes) -> list[dict[str, Any]]:
             header = await reader.readexactly(4)
         except asyncio.IncompleteReadError:
             break
-        frames.append(json.loads(await reader.readexactly(struct.unpack(">I", header)[0])))
+        body = await reader.readexactly(struct.unpack(">I", header)[0])
+        frames.append(json.loads(body.removeprefix(HANDSHAKE_REFUSED)))
     writer.close()
     return frames
 
 
 def frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
+
+
+async def open_secure(port: int, token: Token) -> SecureChannel:
+    """The joiner's side of the handshake by hand, as a modified client would speak it."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    hello = await read_frame(reader, MAX_HELLO)
+    psk = enrolment_psk(token.gossip_key, token.ca_public_key)
+    handshake = Handshake(NOISE_PATTERN, initiator=True, prologue=hello, psk=psk)
+    await write_frame(writer, handshake.write_message())
+    answer = await read_frame(reader, MAX_HANDSHAKE)
+    assert answer[:1] == HANDSHAKE_MESSAGE
+    handshake.read_message(answer[1:])
+    return SecureChannel(reader, writer, handshake)
 
 
 # --- success --------------------------------------------------------------------------
@@ -176,7 +213,7 @@ def test_members_that_do_not_verify_are_dropped() -> None:
     run(scenario)
 
 
-def test_a_seed_from_another_network_is_an_error() -> None:
+def test_a_welcome_naming_another_seed_is_an_error() -> None:
     net = Network()
     impostor = Network()
 
@@ -185,7 +222,7 @@ def test_a_seed_from_another_network_is_an_error() -> None:
 
     async def scenario() -> None:
         async with net.server(welcome) as server:
-            with pytest.raises(EnrolError, match="is not a member of network"):
+            with pytest.raises(EnrolError, match="answered for another member"):
                 await enrol(LOOPBACK, server.port, net.token, joiner_cert(net.token), "192.0.2.1:1")
 
     run(scenario)
@@ -200,7 +237,7 @@ def test_token_of_another_network_is_refused_with_reason() -> None:
 
     async def scenario() -> None:
         async with net.server() as server:
-            with pytest.raises(EnrolRefused, match=r"refused enrolment: .*belongs to network"):
+            with pytest.raises(EnrolRefused, match=r"the token is not for this seed's network"):
                 await enrol(
                     LOOPBACK, server.port, other.token, joiner_cert(other.token), "192.0.2.1:1"
                 )
@@ -237,11 +274,11 @@ def test_expired_token_is_refused_by_the_seed() -> None:
 
     async def scenario() -> None:
         async with net.server() as server:
-            answers = await signed_exchange(
+            answer = await signed_exchange(
                 server.port, net.token, CertChain(cert, (net.token.enrolment.cert,))
             )
-        assert answers[-1]["type"] == "refused"
-        assert "expired" in answers[-1]["reason"]
+        assert answer["type"] == "refused"
+        assert "expired" in answer["reason"]
         assert net.enrolled == []
 
     run(scenario)
@@ -279,20 +316,14 @@ async def signed_exchange(
     *,
     endpoint: str = "192.0.2.1:1",
     nonce_override: bytes | None = None,
-) -> list[dict[str, Any]]:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    try:
-        header = await reader.readexactly(4)
-        hello = json.loads(await reader.readexactly(struct.unpack(">I", header)[0]))
-        nonce = nonce_override or decode_b64(hello["nonce"])
-        proof = token.enrolment.sign(proof_message(nonce, chain.encode(), endpoint))
-        request = EnrolRequest(chain=chain, endpoint=endpoint, proof=proof)
-        writer.write(frame(request.encode()))
-        await writer.drain()
-        header = await reader.readexactly(4)
-        return [hello, json.loads(await reader.readexactly(struct.unpack(">I", header)[0]))]
-    finally:
-        writer.close()
+) -> dict[str, Any]:
+    """A request signed by hand over the handshake's channel; the seed's answer."""
+    channel = await open_secure(port, token)
+    nonce = nonce_override or channel.binding
+    proof = token.enrolment.sign(proof_message(nonce, chain.encode(), endpoint))
+    await channel.write_frame(EnrolRequest(chain=chain, endpoint=endpoint, proof=proof).encode())
+    answer: dict[str, Any] = json.loads(await channel.read_frame(MAX_REQUEST))
+    return answer
 
 
 def test_replayed_proof_is_refused() -> None:
@@ -302,10 +333,11 @@ def test_replayed_proof_is_refused() -> None:
 
     async def scenario() -> None:
         async with net.server() as server:
-            answers = await signed_exchange(server.port, net.token, chain, nonce_override=bytes(32))
-        assert answers[-1] == {
+            # A proof made for another handshake (its hash is all zeros here).
+            answer = await signed_exchange(server.port, net.token, chain, nonce_override=bytes(64))
+        assert answer == {
             "type": "refused",
-            "v": 1,
+            "v": 2,
             "reason": "the proof of holding the token does not verify",
         }
         assert net.enrolled == []
@@ -319,8 +351,8 @@ def test_certificate_without_enrolment_key_is_refused() -> None:
 
     async def scenario() -> None:
         async with net.server() as server:
-            answers = await signed_exchange(server.port, net.token, net.member_chain)
-        assert "enrolment key" in answers[-1]["reason"]
+            answer = await signed_exchange(server.port, net.token, net.member_chain)
+        assert "enrolment key" in answer["reason"]
 
     run(scenario)
 
@@ -373,9 +405,11 @@ def test_malformed_request_is_answered_with_a_reason() -> None:
 
     async def scenario() -> None:
         async with net.server() as server:
-            frames = await raw_exchange(server.port, frame(b"{}"))
-        assert frames[-1]["type"] == "refused"
-        assert "version" in frames[-1]["reason"]
+            channel = await open_secure(server.port, net.token)
+            await channel.write_frame(b"{}")
+            answer = json.loads(await channel.read_frame(MAX_REQUEST))
+        assert answer["type"] == "refused"
+        assert "version" in answer["reason"]
 
     run(scenario)
 
@@ -625,11 +659,13 @@ def test_admission_story_with_the_ca_machine_offline() -> None:
     """init -> token text -> (CA gone) -> join -> a third member admits the joiner from gossip."""
     ca = NetworkCA.generate("home")
     ca_key = ca.public_key
-    seed_wg = WireGuardKeyPair.generate().public_key
+    seed_keys = WireGuardKeyPair.generate()
+    seed_wg = seed_keys.public_key
     seed_chain = CertChain(ca.issue_node_cert("first", seed_wg, [IPv4Address("100.64.0.1")]))
+    gossip_key = os.urandom(32)
     text = create_token(
         ca,
-        gossip_key=os.urandom(32),
+        gossip_key=gossip_key,
         cidr4=IPv4Network("100.64.0.0/16"),
         seeds=[Seed("127.0.0.1:51820", 7947, seed_wg, IPv4Address("100.64.0.1"))],
         ttl=600,
@@ -648,7 +684,9 @@ def test_admission_story_with_the_ca_machine_offline() -> None:
             "newcomer", me.public_key, [IPv4Address("100.64.9.9")]
         )
         verify = chain_verifier(ca_key)
-        async with EnrolServer(LOOPBACK, 0, verify, add_peer) as server:
+        private = decode_key(seed_keys.private_key)
+        identity = SeedIdentity(private, seed_chain, (gossip_key,), ca_key)
+        async with EnrolServer(LOOPBACK, 0, verify, add_peer, identity=lambda: identity) as server:
             result = await enrol(LOOPBACK, server.port, token, cert, "192.0.2.9:51820")
         assert result.seed.public_key == token.seeds[0].public_key
         assert peers_added == [(me.public_key, "192.0.2.9:51820")]
@@ -661,5 +699,149 @@ def test_admission_story_with_the_ca_machine_offline() -> None:
             public_key=me.public_key,
             addresses=[IPv4Address("100.64.9.9")],
         )
+
+    run(scenario)
+
+
+# --- the handshake: who the seed is, what a wire shows --------------------------------
+
+
+def impostor_identity(net: Network, *, chain: CertChain, gossip_key: bytes) -> SeedIdentity:
+    """A seed that is not a member: its own fresh key, and whatever chain it shows."""
+    return SeedIdentity(
+        private_key=decode_key(WireGuardKeyPair.generate().private_key),
+        chain=chain,
+        gossip_keys=(gossip_key,),
+        ca_public_key=net.ca.public_key,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shows", "error"),
+    [
+        # A gossip-key holder replaying a real member's (public) chain.
+        ("member", r"it shows the certificate of 'member' without holding that member's key"),
+        # A gossip-key holder with a certificate from its own CA.
+        ("stranger", r"is not a member of network .*: .*belongs to network"),
+    ],
+)
+def test_the_joiner_refuses_an_impostor_seed_before_saying_who_it_is(
+    shows: str, error: str
+) -> None:
+    net = Network()
+    chain = net.member_chain if shows == "member" else Network().seed_chain
+    identity = impostor_identity(net, chain=chain, gossip_key=net.token.gossip_key)
+
+    async def scenario() -> None:
+        async with net.server(identity=lambda: identity) as server:
+            with pytest.raises(EnrolError, match=error) as info:
+                await enrol(LOOPBACK, server.port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        assert not isinstance(info.value, EnrolRefused)
+        assert net.enrolled == []  # the request was never sent
+
+    run(scenario)
+
+
+def test_a_seed_without_the_network_keys_cannot_answer_the_handshake() -> None:
+    net = Network()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = json.dumps({"type": "hello", "v": 2, "noise": NOISE_PROTOCOL}).encode()
+        writer.write(frame(hello))
+        await read_frame(reader, MAX_HANDSHAKE)
+        # Its best try: a well-formed message 2, made under a psk of its own.
+        psk = os.urandom(32)
+        own = Handshake(NOISE_PATTERN, initiator=True, prologue=hello, psk=psk)
+        guess = Handshake(
+            NOISE_PATTERN,
+            initiator=False,
+            prologue=hello,
+            psk=psk,
+            static_key=decode_key(WireGuardKeyPair.generate().private_key),
+        )
+        guess.read_message(own.write_message())
+        writer.write(frame(HANDSHAKE_MESSAGE + guess.write_message(net.seed_chain.encode())))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(impostor, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(EnrolError, match="its handshake does not verify with this token"):
+                await enrol(LOOPBACK, port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        finally:
+            server.close()
+
+    run(scenario)
+
+
+def test_a_seed_of_the_old_clear_protocol_is_named() -> None:
+    net = Network()
+
+    async def old_seed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame(json.dumps({"type": "hello", "v": 1, "nonce": "AAAA"}).encode()))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(old_seed, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(EnrolError, match="unsupported enrolment protocol version 1"):
+                await enrol(LOOPBACK, port, net.token, joiner_cert(net.token), "192.0.2.1:1")
+        finally:
+            server.close()
+
+    run(scenario)
+
+
+def test_the_wire_shows_no_name_key_address_or_certificate() -> None:
+    """What a capture between joiner and seed sees: the hello, then random-looking bytes."""
+    net = Network("home-of-alice")
+    cert = joiner_cert(net.token, name="laptop-of-alice")
+    wire = bytearray()
+
+    async def relay(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, done: asyncio.Event
+    ) -> None:
+        while chunk := await source.read(65536):
+            wire.extend(chunk)
+            sink.write(chunk)
+            await sink.drain()
+        sink.close()
+        done.set()
+
+    async def scenario() -> None:
+        async with net.server() as server:
+
+            async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                up_reader, up_writer = await asyncio.open_connection(LOOPBACK, server.port)
+                done = asyncio.Event()
+                await asyncio.gather(relay(reader, up_writer, done), relay(up_reader, writer, done))
+
+            tap = await asyncio.start_server(proxy, LOOPBACK, 0)
+            port = tap.sockets[0].getsockname()[1]
+            result = await enrol(LOOPBACK, port, net.token, cert, "192.0.2.77:51820")
+            tap.close()
+        assert result.seed.name == "seed"
+        assert b"noise" in wire  # the capture did see the exchange
+        secrets = {
+            "joiner name": b"laptop-of-alice",
+            "seed name": b"seed",
+            "member name": b"member",
+            "joiner key": cert.public_key.encode(),
+            "joiner key (raw)": cert.public_key_bytes,
+            "seed key": net.seed_key.encode(),
+            "seed key (raw)": decode_key(net.seed_key),
+            "endpoint": b"192.0.2.77",
+            "seed certificate": net.seed_chain.encode()[:48],
+            "enrolment certificate": net.token.enrolment.cert.encode()[:48],
+            "network name": b"home-of-alice",
+        }
+        shown = [what for what, needle in secrets.items() if needle in wire]
+        assert shown == []
 
     run(scenario)
