@@ -85,12 +85,14 @@ class WebServer:
         self._routes = routes
         self._servers: list[asyncio.Server] = []
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port``; OSError when the address cannot be bound."""
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); the port bound. OSError when the
+        address cannot be bound."""
         server = await asyncio.start_server(
             self._serve, host, port, reuse_address=True, limit=MAX_HEAD
         )
         self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
 
     def close(self) -> None:
         for server in self._servers:

@@ -55,6 +55,7 @@ def mesh_json(facts: Facts) -> dict[str, Any]:
 def page(view: dict[str, Any]) -> bytes:
     """The page, with ``view`` inlined so it draws at once, before its first fetch."""
     template = resources.files("meshd_metrics").joinpath("page.html").read_text("utf-8")
-    # Inside <script>: no "</" may close the element early, whatever a member is called.
-    inline = json.dumps(view).replace("</", "<\\/").replace("<!--", "<\\!--")
+    # Inside <script>, whatever a member is called: no "</script>" or "<!--" may end or
+    # bend the element. \u003c is "<" in JSON and in JavaScript alike.
+    inline = json.dumps(view).replace("<", "\\u003c").replace(">", "\\u003e")
     return template.replace("null/*MESH_JSON*/", inline).encode()
