@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.types import MemberState as MemberState
     from meshd.types import MeshAddresses as MeshAddresses
     from meshd.types import MeshView as MeshView
+    from meshd.types import MetricSample as MetricSample
     from meshd.types import Network as Network
     from meshd.types import NodeIdentity as NodeIdentity
     from meshd.types import NodeRecord as NodeRecord
@@ -67,6 +68,7 @@ __all__ = [
     "MeshAddresses",
     "MeshView",
     "MeshdError",
+    "MetricSample",
     "Network",
     "NodeIdentity",
     "NodeRecord",

@@ -195,6 +195,23 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class MetricSample:
+    """One figure a plugin adds to the agent's metrics (the ``meshd_metrics`` hook).
+
+    ``name`` is the Prometheus family name, a counter's without the ``_total`` the
+    exporter adds (``meshd_relay_forwarded_bytes``); ``kind`` is ``"counter"`` (only
+    grows) or ``"gauge"``. Samples of one name share ``help`` and ``kind`` and
+    differ by ``labels`` (name, value pairs).
+    """
+
+    name: str
+    value: float
+    help: str = ""
+    kind: str = "gauge"
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class MeshView:
     """The mesh as this node sees it after an apply."""
 
@@ -273,6 +290,9 @@ class AgentAPI(Protocol):
     @property
     def certificate_expires(self) -> float:
         """When this node's certificate expires (epoch seconds)."""
+
+    def plugin_metrics(self) -> tuple[MetricSample, ...]:
+        """What the plugins' ``meshd_metrics`` hooks report now (a relay's bytes...)."""
 
     async def gossip_stats(self) -> Mapping[str, Mapping[str, str]]:
         """Serf's ``stats`` now: sections (``agent``, ``runtime``, ``serf``...) of

@@ -34,6 +34,7 @@ from meshd.types import (
     IPAddress,
     Member,
     MemberState,
+    MetricSample,
     Network,
     NodeIdentity,
     NodeRecord,
@@ -296,6 +297,9 @@ class PluginFace:
     @property
     def certificate_expires(self) -> float:
         return float(self._rt.own_chain.node.not_after)
+
+    def plugin_metrics(self) -> tuple[MetricSample, ...]:
+        return self._rt.plugins.metrics(self)
 
     async def gossip_stats(self) -> Mapping[str, Mapping[str, str]]:
         if not self._rt.has_gossip:

@@ -17,12 +17,18 @@ Metrics (all prefixed ``meshd_``):
   ``reconcile_last_pass_timestamp_seconds``;
 - ``certificate_expiry_timestamp_seconds``;
 - ``gossip_up``, ``gossip_queue_depth{queue}`` (Serf's event, query and intent
-  queues), ``gossip_health_score`` (memberlist's awareness: 0 is healthy).
+  queues), ``gossip_health_score`` (memberlist's awareness: 0 is healthy);
+- whatever plugins report through the ``meshd_metrics`` hook: the NAT plugin's
+  ``relay_forwarded_bytes_total``, ``relay_forwarded_packets_total`` and
+  ``relay_pairs`` on a relay. A plugin's sample whose name is not a valid metric
+  name, or is one of the above, is left out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,13 +43,18 @@ from meshd import (
     GossipError,
     Member,
     MemberState,
+    MetricSample,
     PathChoice,
     PeerStats,
     WireGuardError,
     path_kind,
 )
 
+log = logging.getLogger(__name__)
+
 KINDS = ("direct", "lan", "relay", "down")
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 SERF_QUEUES = ("event", "query", "intent")
 
 
@@ -60,6 +71,7 @@ class Facts:
     engine: EngineStats = field(default_factory=EngineStats)
     certificate_expires: float = 0.0
     gossip: Mapping[str, Mapping[str, str]] | None = None  # None: Serf did not answer
+    extra: tuple[MetricSample, ...] = ()  # what plugins report (meshd_metrics hook)
 
 
 async def gather(agent: AgentAPI) -> Facts:
@@ -80,6 +92,7 @@ async def gather(agent: AgentAPI) -> Facts:
         engine=agent.engine_stats,
         certificate_expires=agent.certificate_expires,
         gossip=gossip,
+        extra=agent.plugin_metrics(),
     )
 
 
@@ -248,6 +261,24 @@ def families(facts: Facts) -> Iterator[Metric]:
         )
 
 
+def plugin_families(samples: Iterable[MetricSample], taken: set[str]) -> Iterator[Metric]:
+    """The plugins' samples as families: one per name, its first sample's kind and help."""
+    found: dict[str, Metric] = {}
+    for sample in samples:
+        kind = "counter" if sample.kind == "counter" else "gauge"
+        name = sample.name.removesuffix("_total") if kind == "counter" else sample.name
+        valid = _METRIC_NAME.fullmatch(name) and all(
+            _LABEL_NAME.fullmatch(k) for k, _ in sample.labels
+        )
+        if not valid or name in taken:
+            log.debug("metrics: left out a plugin's sample %r", sample)
+            continue
+        family = found.setdefault(name, Metric(name, sample.help or name, kind))
+        suffix = "_total" if family.type == "counter" else ""
+        family.add_sample(name + suffix, dict(sample.labels), float(sample.value))
+    yield from found.values()
+
+
 class FactsCollector(Collector):
     """A collector over one scrape's facts."""
 
@@ -255,7 +286,8 @@ class FactsCollector(Collector):
         self._facts = facts
 
     def collect(self) -> Iterable[Metric]:
-        return families(self._facts)
+        own = list(families(self._facts))
+        return [*own, *plugin_families(self._facts.extra, {m.name for m in own})]
 
 
 def exposition(facts: Facts) -> bytes:

@@ -15,7 +15,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshd import ConfigError, EngineStats, Member, MemberState, NodeRecord, PathChoice, PeerStats
+from meshd import (
+    ConfigError,
+    EngineStats,
+    Member,
+    MemberState,
+    MetricSample,
+    NodeRecord,
+    PathChoice,
+    PeerStats,
+)
 from meshd_metrics.collector import Facts, current_members, exposition, peer_views
 from meshd_metrics.server import Answer, Route, WebServer
 from meshd_metrics.settings import (
@@ -79,6 +88,12 @@ FACTS = Facts(
         passes=12, changing_passes=3, operations=9, pass_seconds=0.25, last_pass=NOW - 1
     ),
     certificate_expires=NOW + 86400,
+    extra=(
+        MetricSample("meshd_relay_forwarded_bytes", 1500, "Bytes forwarded.", "counter"),
+        MetricSample("meshd_relay_pairs", 2, "Pairs.", labels=(("relay", "n1"),)),
+        MetricSample("bad name", 1),
+        MetricSample("meshd_peers", 99),  # the collector's own: not a plugin's to change
+    ),
     gossip={
         "serf": {"event_queue": "2", "query_queue": "0", "intent_queue": "1", "health_score": "0"}
     },
@@ -149,6 +164,14 @@ def test_engine_certificate_and_gossip_figures() -> None:
         (("queue", "intent"),): 1,
         (("queue", "query"),): 0,
     }
+
+
+def test_what_plugins_report_is_added_when_its_name_is_valid_and_free() -> None:
+    text = exposition(FACTS).decode()
+    assert metric(text, "meshd_relay_forwarded_bytes_total") == {(): 1500}
+    assert metric(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
+    assert "bad name" not in text
+    assert 99 not in metric(text, "meshd_peers").values()
 
 
 def test_serf_not_answering_is_gossip_up_0_and_no_queues() -> None:

@@ -340,11 +340,14 @@ def test_idle_allocations_expire_and_their_ports_close():
         a.send(b"junk", port_a)  # dropped datagrams do not keep it alive
         await settled(relay, lambda r: side(r, KEY_A).dropped["junk"] == 1)
         assert not port_is_free(port_a)
+        # B's handshake response (92 bytes) and A's transport data (48): junk is no traffic.
+        assert relay.forwarded() == (2, 92 + 48)
         clock.now = 451
         (gone,) = relay.expire()
         assert {s.port for s in gone.sides} == {port_a, port_b}
         assert gone.idle == 121
         assert relay.allocations() == []
+        assert relay.forwarded() == (2, 92 + 48)  # a counter: closing a pair keeps its count
         assert port_is_free(port_a)
         assert port_is_free(port_b)
 
