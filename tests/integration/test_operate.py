@@ -5,8 +5,9 @@ loopback and on its mesh address, with the page on the mesh too (so a page on
 one node can fetch the others' views). In order: a real Prometheus (run in n1's
 namespace with a temporary config and storage) scrapes n1 and ``promtool check
 metrics`` accepts what n1 served; headless Chromium loads n1's page and finds
-all five members and every pair's path; last, n5's agent is killed and n1's
-members-by-state metric shows it failed within Serf's suspicion time.
+all five members and every pair's path; ``meshd status --graph`` prints n2's
+four edges; last, n5's agent is killed and n1's members-by-state metric shows it
+failed within Serf's suspicion time.
 
 ``MESHD_SAVE_SCREENSHOT=1`` copies the page's screenshot to docs/mesh-page.png
 (what the README shows); otherwise it stays in the test's temporary directory.
@@ -185,6 +186,14 @@ def test_the_page_shows_every_member_and_every_pairs_path(mesh: MeshLab, tmp_pat
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("MESHD_SAVE_SCREENSHOT"):
         shutil.copyfile(shot, ROOT / "docs" / "mesh-page.png")
+
+
+def test_status_graph_prints_this_nodes_view_as_dot(mesh: MeshLab) -> None:
+    dot = mesh.meshd("n2", "status", "--graph").stdout
+    assert dot.startswith("graph mesh {\n")
+    edges = {line.split(" [")[0].strip(): line for line in dot.splitlines() if " -- " in line}
+    assert set(edges) == {f'"n2" -- "{n}"' for n in NODES if n != "n2"}
+    assert all("kind=direct" in line for line in edges.values())
 
 
 def test_a_killed_agent_shows_failed_within_the_suspicion_time(mesh: MeshLab) -> None:

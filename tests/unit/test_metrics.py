@@ -8,7 +8,9 @@ import ipaddress
 import json
 import shutil
 import subprocess
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -17,14 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshd import (
     ConfigError,
+    ConfigView,
     EngineStats,
+    GossipError,
     Member,
     MemberState,
     MetricSample,
+    NodeIdentity,
     NodeRecord,
     PathChoice,
     PeerStats,
 )
+from meshd_metrics import MetricsPlugin
 from meshd_metrics.collector import Facts, current_members, exposition, peer_views
 from meshd_metrics.server import Answer, Route, WebServer
 from meshd_metrics.settings import (
@@ -385,3 +391,70 @@ def test_cross_origin_reads_only_where_allowed_and_only_from_ip_origins() -> Non
     assert page[1]["access-control-allow-origin"] == "http://127.0.0.1:9477"
     assert "access-control-allow-origin" not in elsewhere[1]
     assert "access-control-allow-origin" not in closed[1]
+
+
+# --- the plugin, on a stand-in agent -----------------------------------------------
+
+
+class StandInAgent:
+    """The AgentAPI members the metrics plugin reads, answering from FACTS."""
+
+    identity = NodeIdentity("n1", "n1-1-key")
+    members = FACTS.members
+    paths = FACTS.paths
+    excluded = FACTS.excluded
+    engine_stats = FACTS.engine
+    certificate_expires = FACTS.certificate_expires
+    mesh_addresses = (ipaddress.ip_address("100.80.0.1"),)
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def peer_stats(self) -> tuple[PeerStats, ...]:
+        return FACTS.peers
+
+    async def gossip_stats(self) -> dict[str, dict[str, str]]:
+        raise GossipError("serf is restarting")
+
+    def plugin_metrics(self) -> tuple[MetricSample, ...]:
+        return FACTS.extra
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+
+
+def test_the_textfile_is_written_atomically_from_the_agent(tmp_path: Path) -> None:
+    target = tmp_path / "meshd.prom"
+    plugin = MetricsPlugin()
+    section = {"textfile": str(target), "interval": 0.05}
+    plugin.meshd_configure(ConfigView(None, "n1", tmp_path, {"metrics": section}))
+
+    async def main() -> str:
+        agent = StandInAgent()
+        plugin.meshd_startup(agent)  # type: ignore[arg-type]
+        assert [t.get_name() for t in agent.tasks] == ["metrics-textfile"]
+        try:
+            async with asyncio.timeout(5):
+                while not target.exists():  # noqa: ASYNC110 (a file has nothing to await)
+                    await asyncio.sleep(0.01)
+        finally:
+            for task in agent.tasks:
+                task.cancel()
+            await asyncio.gather(*agent.tasks, return_exceptions=True)
+        return target.read_text()
+
+    text = asyncio.run(main())
+    assert metric(text, "meshd_peers")[(("path", "relay"),)] == 1
+    assert metric(text, "meshd_gossip_up") == {(): 0}  # Serf's failure is a figure, not an error
+    assert metric(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["meshd.prom"]  # no temporary file left
+
+
+def test_a_literal_listen_address_that_is_not_this_nodes_is_refused_at_start() -> None:
+    plugin = MetricsPlugin()
+    section = {"listen": "100.80.0.9:9477"}
+    plugin.meshd_configure(ConfigView("m.toml", "n1", Path("/tmp"), {"metrics": section}))
+    agent = StandInAgent()
+    with pytest.raises(ConfigError, match=r"^m\.toml: plugins\.metrics\.listen: 100\.80\.0\.9: "):
+        plugin.meshd_startup(agent)  # type: ignore[arg-type]
+    assert agent.tasks == []
