@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.lab.mesh import MeshLab
+from tests.conftest import metric_samples
 from tests.integration.conftest import eventually, mesh_lab
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
@@ -65,18 +65,9 @@ def fetch(mesh: MeshLab, node: str, url: str) -> str:
     return mesh.lab.run(node, [sys.executable, "-c", FETCH, url], timeout=15).stdout
 
 
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
 def members_by_state(mesh: MeshLab, node: str) -> dict[str, float]:
     text = fetch(mesh, node, f"http://127.0.0.1:{PORT}/metrics")
-    return {dict(k)["state"]: v for k, v in samples(text, "meshd_members").items()}
+    return {dict(k)["state"]: v for k, v in metric_samples(text, "meshd_members").items()}
 
 
 @pytest.mark.root("prometheus", "promtool")
@@ -86,7 +77,7 @@ def test_prometheus_scrapes_a_node_and_promtool_accepts_its_metrics(
     served = fetch(mesh, "n1", f"http://127.0.0.1:{PORT}/metrics")
     check = mesh.lab.run("n1", ["promtool", "check", "metrics"], input=served, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert samples(served, "meshd_peers") == {
+    assert metric_samples(served, "meshd_peers") == {
         (("path", "direct"),): 4.0,
         (("path", "down"),): 0.0,
         (("path", "lan"),): 0.0,

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshd import (
     ConfigError,
@@ -41,6 +40,7 @@ from meshd_metrics.settings import (
     parse_settings,
 )
 from meshd_metrics.topology import mesh_json, page
+from tests.conftest import metric_samples
 
 NOW = 1_800_000_000.0
 
@@ -106,21 +106,12 @@ FACTS = Facts(
 )
 
 
-def metric(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
 # --- the collector -----------------------------------------------------------------
 
 
 def test_peers_are_counted_by_the_kind_of_their_path() -> None:
     text = exposition(FACTS).decode()
-    assert metric(text, "meshd_peers") == {
+    assert metric_samples(text, "meshd_peers") == {
         (("path", "direct"),): 1,
         (("path", "lan"),): 1,
         (("path", "relay"),): 1,
@@ -138,7 +129,7 @@ def test_peers_are_counted_by_the_kind_of_their_path() -> None:
 
 def test_members_by_state_count_this_node_too_and_every_state_is_present() -> None:
     text = exposition(FACTS).decode()
-    assert metric(text, "meshd_members") == {
+    assert metric_samples(text, "meshd_members") == {
         (("state", "alive"),): 6,
         (("state", "failed"),): 1,
         (("state", "leaving"),): 0,
@@ -149,23 +140,23 @@ def test_members_by_state_count_this_node_too_and_every_state_is_present() -> No
 
 def test_per_peer_handshake_age_and_traffic() -> None:
     text = exposition(FACTS).decode()
-    ages = metric(text, "meshd_peer_handshake_age_seconds")
+    ages = metric_samples(text, "meshd_peer_handshake_age_seconds")
     assert ages[(("peer", "n2"),)] == 5
     assert ages[(("peer", "n6"),)] == 600
     assert (("peer", "n7"),) not in ages
-    assert metric(text, "meshd_peer_receive_bytes_total")[(("peer", "n3"),)] == 100
-    assert metric(text, "meshd_peer_transmit_bytes_total")[(("peer", "n3"),)] == 200
+    assert metric_samples(text, "meshd_peer_receive_bytes_total")[(("peer", "n3"),)] == 100
+    assert metric_samples(text, "meshd_peer_transmit_bytes_total")[(("peer", "n3"),)] == 200
 
 
 def test_engine_certificate_and_gossip_figures() -> None:
     text = exposition(FACTS).decode()
-    assert metric(text, "meshd_reconcile_passes_total") == {(): 12}
-    assert metric(text, "meshd_reconcile_changing_passes_total") == {(): 3}
-    assert metric(text, "meshd_reconcile_operations_total") == {(): 9}
-    assert metric(text, "meshd_reconcile_duration_seconds_total") == {(): 0.25}
-    assert metric(text, "meshd_certificate_expiry_timestamp_seconds") == {(): NOW + 86400}
-    assert metric(text, "meshd_gossip_up") == {(): 1}
-    assert metric(text, "meshd_gossip_queue_depth") == {
+    assert metric_samples(text, "meshd_reconcile_passes_total") == {(): 12}
+    assert metric_samples(text, "meshd_reconcile_changing_passes_total") == {(): 3}
+    assert metric_samples(text, "meshd_reconcile_operations_total") == {(): 9}
+    assert metric_samples(text, "meshd_reconcile_duration_seconds_total") == {(): 0.25}
+    assert metric_samples(text, "meshd_certificate_expiry_timestamp_seconds") == {(): NOW + 86400}
+    assert metric_samples(text, "meshd_gossip_up") == {(): 1}
+    assert metric_samples(text, "meshd_gossip_queue_depth") == {
         (("queue", "event"),): 2,
         (("queue", "intent"),): 1,
         (("queue", "query"),): 0,
@@ -174,18 +165,18 @@ def test_engine_certificate_and_gossip_figures() -> None:
 
 def test_what_plugins_report_is_added_when_its_name_is_valid_and_free() -> None:
     text = exposition(FACTS).decode()
-    assert metric(text, "meshd_relay_forwarded_bytes_total") == {(): 1500}
-    assert metric(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
+    assert metric_samples(text, "meshd_relay_forwarded_bytes_total") == {(): 1500}
+    assert metric_samples(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
     assert "bad name" not in text
-    assert 99 not in metric(text, "meshd_peers").values()
+    assert 99 not in metric_samples(text, "meshd_peers").values()
 
 
 def test_serf_not_answering_is_gossip_up_0_and_no_queues() -> None:
     facts = Facts(node="n1", now=NOW, members=(member("n1"),), gossip=None)
     text = exposition(facts).decode()
-    assert metric(text, "meshd_gossip_up") == {(): 0}
-    assert metric(text, "meshd_gossip_queue_depth") == {}
-    assert metric(text, "meshd_reconcile_last_pass_timestamp_seconds") == {}
+    assert metric_samples(text, "meshd_gossip_up") == {(): 0}
+    assert metric_samples(text, "meshd_gossip_queue_depth") == {}
+    assert metric_samples(text, "meshd_reconcile_last_pass_timestamp_seconds") == {}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")
@@ -444,9 +435,10 @@ def test_the_textfile_is_written_atomically_from_the_agent(tmp_path: Path) -> No
         return target.read_text()
 
     text = asyncio.run(main())
-    assert metric(text, "meshd_peers")[(("path", "relay"),)] == 1
-    assert metric(text, "meshd_gossip_up") == {(): 0}  # Serf's failure is a figure, not an error
-    assert metric(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
+    assert metric_samples(text, "meshd_peers")[(("path", "relay"),)] == 1
+    # Serf's failure is a figure, not an error.
+    assert metric_samples(text, "meshd_gossip_up") == {(): 0}
+    assert metric_samples(text, "meshd_relay_pairs") == {(("relay", "n1"),): 2}
     assert [p.name for p in tmp_path.iterdir()] == ["meshd.prom"]  # no temporary file left
 
 
