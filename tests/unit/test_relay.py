@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from meshd import MeshdError
 from meshd.identity import WireGuardKeyPair
+from meshd_nat import NatPlugin
 from meshd_nat.relay import (
     Relay,
     RelayError,
@@ -440,3 +442,20 @@ def test_a_dual_stack_relay_forwards_for_ipv4_members():
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this Python")
     run(scenario, host="::")
+
+
+def test_the_nat_plugin_reports_what_its_relay_forwarded():
+    plugin = NatPlugin()
+    assert plugin.meshd_metrics(agent=None) is None  # not started: nothing to report
+
+    async def scenario(relay: Relay) -> None:
+        plugin.traversal = SimpleNamespace(relay_server=relay)  # type: ignore[assignment]
+        await paired(relay)  # one handshake response forwarded, 92 bytes
+        figures = {s.name: (s.kind, s.value) for s in plugin.meshd_metrics(agent=None)}
+        assert figures == {
+            "meshd_relay_forwarded_bytes": ("counter", 92),
+            "meshd_relay_forwarded_packets": ("counter", 1),
+            "meshd_relay_pairs": ("gauge", 1),
+        }
+
+    run(scenario)
