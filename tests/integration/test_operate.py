@@ -83,6 +83,12 @@ def test_prometheus_scrapes_a_node_and_promtool_accepts_its_metrics(
         (("path", "lan"),): 0.0,
         (("path", "relay"),): 0.0,
     }
+    # Read from the running agent: Serf's queues, the reconcile loop, the certificate.
+    assert metric_samples(served, "meshd_gossip_up") == {(): 1.0}
+    queues = metric_samples(served, "meshd_gossip_queue_depth")
+    assert {dict(labels)["queue"] for labels in queues} == {"event", "query", "intent"}
+    assert metric_samples(served, "meshd_reconcile_passes_total")[()] > 0
+    assert metric_samples(served, "meshd_certificate_expiry_timestamp_seconds")[()] > time.time()
 
     config = tmp_path / "prometheus.yml"
     config.write_text(
