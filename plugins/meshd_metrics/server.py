@@ -60,9 +60,12 @@ def ip_or_localhost(host: str) -> bool:
     return True
 
 
-def host_of(header: str) -> str:
-    """The host part of a ``Host`` header (``[v6]:port``, ``v4:port`` or a bare host)."""
-    return urlsplit(f"//{header}").hostname or ""
+def host_of(authority: str) -> str:
+    """The host part of ``[v6]:port``, ``v4:port`` or a bare host; "" when malformed."""
+    try:
+        return urlsplit(f"//{authority}").hostname or ""
+    except ValueError:  # "[::1" and the like
+        return ""
 
 
 def _response(status: int, body: bytes, content_type: str, extra: Mapping[str, str]) -> bytes:
@@ -139,7 +142,7 @@ class WebServer:
             return _response(500, b"internal error (see the agent's log)\n", "text/plain", {})
         extra = {}
         origin = headers.get("origin", "")
-        if route.cross_origin and origin and ip_or_localhost(urlsplit(origin).hostname or ""):
+        if route.cross_origin and ip_or_localhost(host_of(origin.partition("://")[2])):
             extra = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         response = _response(answer.status, answer.body, answer.content_type, extra)
         if method == "HEAD":

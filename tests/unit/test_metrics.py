@@ -369,19 +369,26 @@ def test_the_server_answers_get_and_head_and_refuses_the_rest() -> None:
 
 def test_a_host_name_other_than_localhost_is_refused() -> None:
     # A DNS name rebound to 127.0.0.1 by a web page elsewhere must not read the mesh.
-    (rebound,) = _serve("GET / HTTP/1.1\r\nHost: attacker.example:9477\r\n\r\n")
+    rebound, malformed = _serve(
+        "GET / HTTP/1.1\r\nHost: attacker.example:9477\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+    )
     assert rebound[0] == 421
+    assert malformed[0] == 421
 
 
 def test_cross_origin_reads_only_where_allowed_and_only_from_ip_origins() -> None:
-    page, elsewhere, closed = _serve(
+    page, elsewhere, closed, broken = _serve(
         "GET /open HTTP/1.1\r\nHost: 100.80.0.2:9477\r\nOrigin: http://127.0.0.1:9477\r\n\r\n",
         "GET /open HTTP/1.1\r\nHost: 100.80.0.2:9477\r\nOrigin: https://evil.example\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: 100.80.0.2:9477\r\nOrigin: http://127.0.0.1:9477\r\n\r\n",
+        "GET /open HTTP/1.1\r\nHost: 100.80.0.2:9477\r\nOrigin: http://[::1\r\n\r\n",
     )
     assert page[1]["access-control-allow-origin"] == "http://127.0.0.1:9477"
     assert "access-control-allow-origin" not in elsewhere[1]
     assert "access-control-allow-origin" not in closed[1]
+    assert broken[0] == 200
+    assert "access-control-allow-origin" not in broken[1]
 
 
 # --- the plugin, on a stand-in agent -----------------------------------------------
