@@ -19,13 +19,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
 from meshd import AgentAPI, ConfigError, ConfigView, MeshdError, atomic_write, hookimpl
-from meshd_metrics.collector import exposition, gather
-from meshd_metrics.server import Answer, Route, WebServer
 from meshd_metrics.settings import MESH, Settings, check_addresses, parse_settings
-from meshd_metrics.topology import mesh_json, page
+
+# Every CLI command loads the plugins: prometheus_client (about 50 ms) is imported
+# only by an agent that serves or writes metrics.
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +58,12 @@ class MetricsPlugin:
             agent.spawn(self._write_textfile(agent, settings), name="metrics-textfile")
 
     async def _serve(self, agent: AgentAPI, settings: Settings) -> None:
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        from meshd_metrics.collector import exposition, gather
+        from meshd_metrics.server import Answer, Route, WebServer
+        from meshd_metrics.topology import mesh_json, page
+
         async def metrics() -> Answer:
             return Answer(exposition(await gather(agent)), CONTENT_TYPE_LATEST)
 
@@ -103,6 +107,8 @@ class MetricsPlugin:
             mesh.close()
 
     async def _write_textfile(self, agent: AgentAPI, settings: Settings) -> None:
+        from meshd_metrics.collector import exposition, gather
+
         assert settings.textfile is not None
         warned = False
         while True:
