@@ -204,4 +204,15 @@ def test_a_killed_agent_shows_failed_within_the_suspicion_time(mesh: MeshLab) ->
         lambda: members_by_state(mesh, "n1"),
     )
     print(f"n5 failed in n1's metrics {time.monotonic() - killed:.1f} s after the kill")
-    assert members_by_state(mesh, "n1")["alive"] == 4
+    served = fetch(mesh, "n1", f"http://127.0.0.1:{PORT}/metrics")
+    assert metric_samples(served, "meshd_members")[(("state", "alive"),)] == 4
+    assert metric_samples(served, "meshd_peers")[(("path", "down"),)] == 1
+    # What the page draws: n5 failed, its pair with n1 down (a dashed red edge).
+    view = json.loads(fetch(mesh, "n1", f"http://127.0.0.1:{PORT}/mesh.json"))
+    assert {m["name"]: m["state"] for m in view["members"]}["n5"] == "failed"
+    assert {e["b"]: e["kind"] for e in view["edges"]} == {
+        "n2": "direct",
+        "n3": "direct",
+        "n4": "direct",
+        "n5": "down",
+    }
