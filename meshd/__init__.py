@@ -2,9 +2,11 @@
 
 The public API for plugins is what this package exports, and a plugin imports
 nothing else of meshd: ``hookimpl``, the errors a hook may raise
-(``ConfigError``), the frozen dataclasses and protocols the hooks pass (from
+(``ConfigError``, ``GossipError``...), the frozen dataclasses and protocols the hooks pass (from
 :mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
-raises ``DecodeError``) for the endpoints a plugin publishes or reads.
+raises ``DecodeError``) for the endpoints a plugin publishes or reads,
+``atomic_write`` for files other programs read, and ``path_kind`` (direct, LAN,
+relay or down, as ``meshd status --graph`` draws a pair).
 Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
@@ -18,20 +20,24 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from meshd.errors import ConfigError, DecodeError, MeshdError, WireGuardError
+from meshd.errors import ConfigError, DecodeError, GossipError, MeshdError, WireGuardError
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from meshd.graph import path_kind as path_kind
     from meshd.hostport import format_host_port as format_host_port
     from meshd.hostport import parse_host_port as parse_host_port
+    from meshd.state import atomic_write as atomic_write
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
     from meshd.types import ConfigView as ConfigView
+    from meshd.types import EngineStats as EngineStats
     from meshd.types import IPAddress as IPAddress
     from meshd.types import IPNetwork as IPNetwork
     from meshd.types import Member as Member
     from meshd.types import MemberState as MemberState
     from meshd.types import MeshAddresses as MeshAddresses
     from meshd.types import MeshView as MeshView
+    from meshd.types import MetricSample as MetricSample
     from meshd.types import Network as Network
     from meshd.types import NodeIdentity as NodeIdentity
     from meshd.types import NodeRecord as NodeRecord
@@ -53,6 +59,8 @@ __all__ = [
     "ConfigError",
     "ConfigView",
     "DecodeError",
+    "EngineStats",
+    "GossipError",
     "IPAddress",
     "IPNetwork",
     "Member",
@@ -60,6 +68,7 @@ __all__ = [
     "MeshAddresses",
     "MeshView",
     "MeshdError",
+    "MetricSample",
     "Network",
     "NodeIdentity",
     "NodeRecord",
@@ -70,12 +79,19 @@ __all__ = [
     "RecordExtras",
     "WireGuardError",
     "__version__",
+    "atomic_write",
     "format_host_port",
     "hookimpl",
     "parse_host_port",
+    "path_kind",
 ]
 # Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
-_HOMES = {"format_host_port": "meshd.hostport", "parse_host_port": "meshd.hostport"}
+_HOMES = {
+    "atomic_write": "meshd.state",
+    "format_host_port": "meshd.hostport",
+    "parse_host_port": "meshd.hostport",
+    "path_kind": "meshd.graph",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -29,6 +29,7 @@ from meshd.bootstrap import (
     parse_duration,
 )
 from meshd.errors import DecodeError, InputError, StateError
+from meshd.graph import edges_of_status, to_dot
 from meshd.invocation import CliState
 from meshd.node import (
     NodeStore,
@@ -422,13 +423,27 @@ def _path(row: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--graph",
+    "as_graph",
+    is_flag=True,
+    help="Print this node's view of the mesh as Graphviz DOT (edges coloured by path).",
+)
 @click.pass_obj
-def status(state: CliState, as_json: bool) -> None:
+def status(state: CliState, as_json: bool, as_graph: bool) -> None:
     """This node, then every other member: addresses, gossip state, endpoint,
     last handshake, traffic and whether it is reached directly."""
+    if as_json and as_graph:
+        raise click.UsageError("--json and --graph are two formats: choose one")
     result = control.call(state.config.state_dir, "status")
     if as_json:
         click.echo(json.dumps(result, indent=2))
+        return
+    if as_graph:
+        now = time.time()
+        members = [(str(r["name"]), str(r["gossip"])) for r in result["peers"]]
+        edges = edges_of_status(result, now)
+        click.echo(to_dot(str(result["node"]["name"]), members, edges, now), nl=False)
         return
     node = result["node"]
     click.echo(

@@ -12,6 +12,13 @@ so an ``async def`` implementation would "answer" with an un-awaited coroutine.
 A plugin that needs I/O starts its own task in :func:`meshd_startup` through
 ``agent.spawn`` and keeps its results ready for the next call.
 
+What ``agent`` (:class:`meshd.AgentAPI`) offers for reporting: ``members``,
+``paths`` (the path chosen per peer, as status shows it), ``excluded``,
+``engine_stats`` (reconcile passes, operations, their time),
+``certificate_expires``, ``plugin_metrics()`` (what :func:`meshd_metrics`
+reports) and, awaited in a task, ``peer_stats()`` (WireGuard's handshakes and
+bytes) and ``gossip_stats()`` (Serf's queues and counts).
+
 Calling rules: *firstresult* hooks stop at the first implementation that returns
 something other than ``None`` (``tryfirst``/``trylast`` order them; the standard
 plugins are ``trylast`` so any installed plugin pre-empts them). Every other hook
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
         Member,
         MeshAddresses,
         MeshView,
+        MetricSample,
         Network,
         NodeIdentity,
         PathChoice,
@@ -185,6 +193,21 @@ def meshd_mesh_changed(agent: AgentAPI, view: MeshView) -> None:
     DNS, metrics or status; do slow work in a task, not here.
 
     Calling rule: all implementations are called.
+    """
+
+
+@hookspec
+def meshd_metrics(agent: AgentAPI) -> Sequence[MetricSample] | None:
+    """Figures this plugin adds to the agent's metrics (a relay's forwarded bytes...).
+
+    Called whenever a metrics exporter reads the agent (``agent.plugin_metrics()``:
+    the metrics plugin calls it on every scrape or textfile write). Answer from
+    counters already in hand; never do I/O here.
+
+    :returns: :class:`~meshd.MetricSample` values; a counter must only grow for the
+        agent's lifetime (count what is closed, not only what is open).
+
+    Calling rule: all results are concatenated, in call order.
     """
 
 

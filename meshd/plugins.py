@@ -181,6 +181,10 @@ class PluginHost:
     def mesh_changed(self, agent: t.AgentAPI, view: t.MeshView) -> None:
         self._call_all("meshd_mesh_changed", isolate=True, agent=agent, view=view)
 
+    def metrics(self, agent: t.AgentAPI) -> tuple[t.MetricSample, ...]:
+        answers = self._call_all("meshd_metrics", isolate=True, agent=agent)
+        return tuple(sample for answer in answers for sample in answer)
+
 
 @dataclass(frozen=True)
 class PluginEntry:

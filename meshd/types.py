@@ -178,6 +178,40 @@ class PathChoice:
 
 
 @dataclass(frozen=True)
+class EngineStats:
+    """What the agent's reconcile loop has done since it started (for metrics).
+
+    ``passes`` counts every pass, ``changing_passes`` those that changed the
+    interface, ``operations`` the WireGuard peer and route operations they applied,
+    ``pass_seconds`` their total duration. ``last_pass`` is when the last one
+    ended (epoch seconds), ``None`` before the first.
+    """
+
+    passes: int = 0
+    changing_passes: int = 0
+    operations: int = 0
+    pass_seconds: float = 0.0
+    last_pass: float | None = None
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One figure a plugin adds to the agent's metrics (the ``meshd_metrics`` hook).
+
+    ``name`` is the Prometheus family name, a counter's without the ``_total`` the
+    exporter adds (``meshd_relay_forwarded_bytes``); ``kind`` is ``"counter"`` (only
+    grows) or ``"gauge"``. Samples of one name share ``help`` and ``kind`` and
+    differ by ``labels`` (name, value pairs).
+    """
+
+    name: str
+    value: float
+    help: str = ""
+    kind: str = "gauge"
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class MeshView:
     """The mesh as this node sees it after an apply."""
 
@@ -239,6 +273,32 @@ class AgentAPI(Protocol):
     @property
     def interface(self) -> str:
         """The name of this node's WireGuard interface."""
+
+    @property
+    def paths(self) -> Mapping[str, PathChoice]:
+        """The path chosen for each member that is a peer, by member name, as of the
+        last pass (what ``meshd status`` shows in its PATH column)."""
+
+    @property
+    def excluded(self) -> Mapping[str, str]:
+        """Members left out of the peers in the last pass, by name, with the reason."""
+
+    @property
+    def engine_stats(self) -> EngineStats:
+        """What the reconcile loop has done since the agent started."""
+
+    @property
+    def certificate_expires(self) -> float:
+        """When this node's certificate expires (epoch seconds)."""
+
+    def plugin_metrics(self) -> tuple[MetricSample, ...]:
+        """What the plugins' ``meshd_metrics`` hooks report now (a relay's bytes...)."""
+
+    async def gossip_stats(self) -> Mapping[str, Mapping[str, str]]:
+        """Serf's ``stats`` now: sections (``agent``, ``runtime``, ``serf``...) of
+        name -> value, as Serf prints them (``serf.event_queue``, ``serf.query_queue``,
+        ``serf.intent_queue``, ``serf.members``, ``serf.failed``...). Raises
+        :class:`meshd.GossipError` when Serf does not answer."""
 
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         """What WireGuard reports of each peer now: live endpoint, last handshake, bytes.

@@ -140,10 +140,20 @@ class Pipeline:
     async def run(self, members: tuple[Member, ...]) -> Snapshot:
         """Compute, apply the difference, and tell the plugins when something changed."""
         rt = self._rt
+        started = time.monotonic()
         desired = self.desire(members)
         snapshot = Snapshot(members, desired)
         rt.snapshot = snapshot
         result = await rt.iface.reconcile(desired.peers)
+        stats = rt.engine_stats
+        rt.engine_stats = dataclasses.replace(
+            stats,
+            passes=stats.passes + 1,
+            changing_passes=stats.changing_passes + bool(result.operations),
+            operations=stats.operations + result.operations,
+            pass_seconds=stats.pass_seconds + (time.monotonic() - started),
+            last_pass=time.time(),
+        )
         if result.operations:
             self._save_peers(snapshot)
             view = MeshView(node=rt.identity, members=members, peers=desired.peers)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from meshd.config import Config
 from meshd.desired import DesiredState, KnownEntry
+from meshd.errors import GossipError
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
@@ -29,12 +30,15 @@ from meshd.plugins import PluginHost
 from meshd.tasks import cancel_and_wait
 from meshd.types import (
     ConfigView,
+    EngineStats,
     IPAddress,
     Member,
     MemberState,
+    MetricSample,
     Network,
     NodeIdentity,
     NodeRecord,
+    PathChoice,
     PeerStats,
 )
 from meshd.wireguard import WireGuardInterface
@@ -173,7 +177,7 @@ class Runtime:
 
     Writers: ``state`` by addressing (moves) and operations (rotations);
     ``gossip`` by the lifecycle and addressing (a restart on a new address);
-    ``snapshot`` by the pipeline only; ``published`` by presence only;
+    ``snapshot`` and ``engine_stats`` by the pipeline only; ``published`` by presence only;
     ``known`` by the lifecycle (restore), the seed (enrolled joiners), addressing
     and the pipeline (forgetting what gossip now speaks for).
     """
@@ -193,6 +197,8 @@ class Runtime:
         # Last WireGuard handshake (epoch seconds) per peer key, read by presence.
         self.handshakes: dict[str, float] = {}
         self.snapshot = Snapshot()
+        # What the reconcile loop has done (written by the pipeline, read by metrics).
+        self.engine_stats = EngineStats()
         self.published: NodeRecord | None = None
         self.local_addresses: tuple[IPAddress, ...] = ()
         self.joined = asyncio.Event()
@@ -298,6 +304,30 @@ class PluginFace:
     @property
     def interface(self) -> str:
         return self._rt.config.wireguard.interface
+
+    @property
+    def paths(self) -> Mapping[str, PathChoice]:
+        return self._rt.snapshot.desired.paths
+
+    @property
+    def excluded(self) -> Mapping[str, str]:
+        return self._rt.snapshot.desired.excluded
+
+    @property
+    def engine_stats(self) -> EngineStats:
+        return self._rt.engine_stats
+
+    @property
+    def certificate_expires(self) -> float:
+        return float(self._rt.own_chain.node.not_after)
+
+    def plugin_metrics(self) -> tuple[MetricSample, ...]:
+        return self._rt.plugins.metrics(self)
+
+    async def gossip_stats(self) -> Mapping[str, Mapping[str, str]]:
+        if not self._rt.has_gossip:
+            raise GossipError("gossip is not running (starting, or restarting on a new address)")
+        return await self._rt.gossip.client.stats()
 
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         if not self._rt.has_iface:

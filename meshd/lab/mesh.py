@@ -252,21 +252,22 @@ class MeshLab:
         *,
         seed: int | None = None,
         say: Progress = lambda _: None,
+        extra_config: str = "",
     ) -> None:
         """init the first node, join each other through a random earlier one it can
-        reach (:func:`choose_seed`), start all."""
+        reach (:func:`choose_seed`), start all; ``extra_config`` goes in every config."""
         chosen = [self._name(n) for n in (nodes or self.lab.nodes)]
         rng = random.Random(seed)
         if len(chosen) > 1:  # before anything starts: a bad order fails at once
             for index, name in enumerate(chosen[1:], start=1):
                 choose_seed(self.lab.plan, name, chosen[:index], random.Random(0))
-        self.init(chosen[0])
+        self.init(chosen[0], extra_config=extra_config)
         self.start(chosen[0])
         say(f"{chosen[0]}: meshd init, agent started")
         self.wait_ready(chosen[0])
         for index, name in enumerate(chosen[1:], start=1):
             via = choose_seed(self.lab.plan, name, chosen[:index], rng)
-            self.join(name, via)
+            self.join(name, via, extra_config=extra_config)
             self.start(name)
             # It may be the next one's seed: its enrolment port must be open first.
             self.wait_ready(name)

@@ -23,6 +23,7 @@ from meshd import (
     ConfigError,
     ConfigView,
     Member,
+    MetricSample,
     PathChoice,
     RecordExtras,
     hookimpl,
@@ -80,6 +81,27 @@ class NatPlugin:
         if self.traversal is None:
             return None
         return RecordExtras(roles=frozenset(self.traversal.roles()))
+
+    @hookimpl
+    def meshd_metrics(self, agent: AgentAPI) -> list[MetricSample] | None:
+        relay = self.traversal.relay_server if self.traversal else None
+        if relay is None:
+            return None
+        packets, size = relay.forwarded()
+        return [
+            MetricSample(
+                "meshd_relay_forwarded_bytes", size, "Bytes this relay forwarded.", "counter"
+            ),
+            MetricSample(
+                "meshd_relay_forwarded_packets",
+                packets,
+                "Datagrams this relay forwarded.",
+                "counter",
+            ),
+            MetricSample(
+                "meshd_relay_pairs", len(relay.allocations()), "Pairs this relay serves now."
+            ),
+        ]
 
     @hookimpl(trylast=True)
     def meshd_select_path(self, agent: AgentAPI, member: Member) -> PathChoice | None:

@@ -367,6 +367,18 @@ class Relay:
         self._max_allocations = max_allocations
         self._clock = clock
         self._allocations: dict[frozenset[str], _Allocation] = {}
+        # What closed allocations forwarded (packets, bytes): totals only ever grow.
+        self._closed = (0, 0)
+
+    def forwarded(self) -> tuple[int, int]:
+        """(packets, bytes) forwarded since the relay started, closed pairs included.
+        Read from the sides' own counts: the forwarding path does nothing more."""
+        packets, size = self._closed
+        for allocation in self._allocations.values():
+            for one in allocation.sides:
+                packets += one.packets
+                size += one.bytes
+        return packets, size
 
     async def allocate(self, requester_key: str, peer_key: str) -> int:
         """The port ``requester_key`` must send to in order to reach ``peer_key``.
@@ -429,6 +441,10 @@ class Relay:
             elif now - allocation.last_active > self._idle_timeout:
                 del self._allocations[pair]
                 closed.append(allocation.info(now))
+                self._closed = (
+                    self._closed[0] + allocation.activity(),
+                    self._closed[1] + sum(one.bytes for one in allocation.sides),
+                )
                 for side in allocation.sides:
                     side.close()
                 log.info(

@@ -36,3 +36,22 @@ def test_unknown_command_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "No such command" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_status_takes_one_format(tmp_path: Path) -> None:
+    result = run_meshd("status", "--json", "--graph", env={"MESHD_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: --json and --graph are two formats: choose one"
+    )
+
+
+def test_a_bad_metrics_table_is_refused_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "meshd.toml"
+    cfg.write_text('[plugins.metrics]\nlisten = "0.0.0.0:9477"\n')
+    result = run_meshd("plugins", env={"MESHD_CONFIG": str(cfg)})
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        f"meshd: error: {cfg}: plugins.metrics.listen: '0.0.0.0:9477': metrics listen on "
+        "loopback or on this node's mesh address only (use mesh:PORT for the mesh address)"
+    ]

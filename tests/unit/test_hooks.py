@@ -26,6 +26,7 @@ from meshd.types import (
     MemberState,
     MeshAddresses,
     MeshView,
+    MetricSample,
     Network,
     NodeIdentity,
     NodeRecord,
@@ -107,6 +108,10 @@ class Recorder:
         self.calls.append(f"changed {len(view.peers)}")
 
     @hookimpl
+    def meshd_metrics(self, agent: Any) -> list[MetricSample]:
+        return [MetricSample("recorder_things", 3, kind="counter", labels=(("kind", "a"),))]
+
+    @hookimpl
     def meshd_cli(self, group: click.Group) -> None:
         @group.command("recorder")
         def recorder() -> None:
@@ -150,6 +155,9 @@ def test_each_hook_changes_what_the_engine_gets(host_and_recorder: Any) -> None:
     assert shaped.keepalive == 5
     assert host.select_path(agent, MEMBER).via == "n3"
     host.mesh_changed(agent, MeshView(agent.identity, (MEMBER,), (PEER,)))
+    assert host.metrics(agent) == (
+        MetricSample("recorder_things", 3, kind="counter", labels=(("kind", "a"),)),
+    )
     group = click.Group()
     host.cli(group)
     assert "recorder" in group.commands

@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from meshd import MeshdError
 from meshd.identity import WireGuardKeyPair
+from meshd_nat import NatPlugin
 from meshd_nat.relay import (
     Relay,
     RelayError,
@@ -340,11 +342,14 @@ def test_idle_allocations_expire_and_their_ports_close():
         a.send(b"junk", port_a)  # dropped datagrams do not keep it alive
         await settled(relay, lambda r: side(r, KEY_A).dropped["junk"] == 1)
         assert not port_is_free(port_a)
+        # B's handshake response (92 bytes) and A's transport data (48): junk is no traffic.
+        assert relay.forwarded() == (2, 92 + 48)
         clock.now = 451
         (gone,) = relay.expire()
         assert {s.port for s in gone.sides} == {port_a, port_b}
         assert gone.idle == 121
         assert relay.allocations() == []
+        assert relay.forwarded() == (2, 92 + 48)  # a counter: closing a pair keeps its count
         assert port_is_free(port_a)
         assert port_is_free(port_b)
 
@@ -437,3 +442,20 @@ def test_a_dual_stack_relay_forwards_for_ipv4_members():
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this Python")
     run(scenario, host="::")
+
+
+def test_the_nat_plugin_reports_what_its_relay_forwarded():
+    plugin = NatPlugin()
+    assert plugin.meshd_metrics(agent=None) is None  # not started: nothing to report
+
+    async def scenario(relay: Relay) -> None:
+        plugin.traversal = SimpleNamespace(relay_server=relay)  # type: ignore[assignment]
+        await paired(relay)  # one handshake response forwarded, 92 bytes
+        figures = {s.name: (s.kind, s.value) for s in plugin.meshd_metrics(agent=None)}
+        assert figures == {
+            "meshd_relay_forwarded_bytes": ("counter", 92),
+            "meshd_relay_forwarded_packets": ("counter", 1),
+            "meshd_relay_pairs": ("gauge", 1),
+        }
+
+    run(scenario)
