@@ -223,7 +223,18 @@ class MembershipView:
             except RecordError as exc:
                 base = replace(base, record_error=str(exc))
             self._decoded[serf.name] = (key, base)
-        return replace(base, gossip_addr=serf.gossip_addr, state=member_state(serf.status))
+        state = member_state(serf.status)
+        current = self._members.get(serf.name)
+        if (
+            current is not None
+            and current.gossip_addr == serf.gossip_addr
+            and current.state is state
+            and current.record is base.record
+            and current.record_error == base.record_error
+            and current.serf_name == base.serf_name
+        ):
+            return current  # the usual poll: nothing changed, nothing to rebuild or compare
+        return replace(base, gossip_addr=serf.gossip_addr, state=state)
 
     def apply(self, listed: list[SerfMember], now: float | None = None) -> ViewUpdate | None:
         """Fold one ``members`` answer into the view; the update, or None if nothing changed."""
