@@ -1,0 +1,185 @@
+"""DNS for every member (issue 14): the dns plugin's files, a real DNS server on them,
+and the plugin's own responder, in one lab of three real meshd agents.
+
+- n1 writes only its hosts file, and ``dnsmasq`` (Debian ``dnsmasq-base``) serves that
+  directory from n1's underlay address (``--hostsdir``: re-read on every change by inotify);
+- n2 and n3 write all three files and answer the zone themselves on their mesh
+  addresses (``serve = true``);
+- queries come from another node with ``kdig`` (Debian ``knot-dnsutils``), zone files
+  are checked with ``named-checkzone`` (``bind9-utils``) and ``kzonecheck``.
+
+The last test makes n3 leave: it must be gone from every file and every answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshd.lab.mesh import MeshLab
+from tests.integration.conftest import MESH_PROGRAMS, eventually, mesh_lab, requires_root
+
+pytestmark = requires_root(*MESH_PROGRAMS, "dnsmasq", "kdig", "named-checkzone")
+
+ZONE = "lab.internal"  # the default: <network>.internal, the lab's network is "lab"
+NODES = ["n1", "n2", "n3"]
+DNSMASQ = "dnsmasq"
+N1_CONFIG = '[plugins.dns]\nfiles = ["hosts"]\nresolved = false\n'
+SERVING_CONFIG = "[plugins.dns]\nserve = true\nresolved = false\n"
+
+
+def config_of(node: str) -> str:
+    return N1_CONFIG if node == "n1" else SERVING_CONFIG
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshLab]:
+    with mesh_lab(len(NODES)) as built:
+        built.init("n1", extra_config=config_of("n1"))
+        built.start("n1")
+        built.wait_ready("n1")
+        for node in NODES[1:]:
+            built.join(node, "n1", extra_config=config_of(node))
+            built.start(node)
+            built.wait_ready(node)
+        built.wait_full_mesh(NODES)
+        # dnsmasq on n1's underlay address, serving n1's export directory and nothing else.
+        built.lab.spawn(
+            "n1",
+            [
+                shutil.which("dnsmasq") or "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                f"--listen-address={built.lab.node('n1').address}",
+                "--port=53",
+                f"--hostsdir={dns_dir(built, 'n1')}",
+                f"--local=/{ZONE}/",  # answer NXDOMAIN for the rest of the zone
+                "--local-ttl=1",
+                "--user=root",
+                "--pid-file=",
+                "--log-facility=-",
+            ],
+            name=DNSMASQ,
+        )
+        yield built
+
+
+def dns_dir(mesh: MeshLab, node: str) -> Path:
+    return mesh.state_dir(node) / "dns"
+
+
+def addresses(mesh: MeshLab, node: str) -> list[str]:
+    data = json.loads((mesh.state_dir(node) / "node.json").read_text())
+    return [str(data["ipv4"]), str(data["ipv6"])]
+
+
+def hosts_lines(mesh: MeshLab, node: str) -> set[str]:
+    try:
+        text = (dns_dir(mesh, node) / "hosts").read_text()
+    except FileNotFoundError:
+        return set()
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def expected_lines(mesh: MeshLab, nodes: list[str]) -> set[str]:
+    return {f"{a} {n}.{ZONE} {n}" for n in nodes for a in addresses(mesh, n)}
+
+
+def kdig(mesh: MeshLab, src: str, server: str, name: str, rdtype: str) -> tuple[str, list[str]]:
+    """(status, answers) of one query from ``src`` to ``server`` port 53."""
+    done = mesh.lab.run(
+        src, ["kdig", f"@{server}", name, rdtype, "+retry=2", "+time=1", "+noall", "+header",
+              "+answer"], check=False, timeout=10,
+    )
+    found = re.search(r"status: ([A-Z]+)", done.stdout)
+    answers = [
+        line.split()[-1]
+        for line in done.stdout.splitlines()
+        if line and not line.startswith(";") and f"\t{rdtype}\t" in line.replace(" ", "\t")
+    ]
+    return (found.group(1) if found else f"no answer: {done.stdout} {done.stderr}"), answers
+
+
+def test_every_node_writes_every_member_under_the_same_labels(mesh: MeshLab) -> None:
+    everyone = expected_lines(mesh, NODES)
+    views: dict[str, set[str]] = {}
+
+    def all_written() -> bool:
+        views.update({n: hosts_lines(mesh, n) for n in NODES})
+        return all(view == everyone for view in views.values())
+
+    eventually(all_written, 30, "every hosts file names all three", lambda: views)
+    # What `meshd dns export` prints is what the files hold.
+    for fmt, file in [("hosts", "hosts"), ("zone", f"db.{ZONE}"), ("corefile", "Corefile.meshd")]:
+        printed = mesh.meshd("n2", "dns", "export", "--format", fmt).stdout
+        assert printed == (dns_dir(mesh, "n2") / file).read_text(), fmt
+    assert sorted(p.name for p in dns_dir(mesh, "n1").iterdir()) == ["hosts"]
+
+
+def test_the_zone_file_passes_named_checkzone_and_kzonecheck(mesh: MeshLab) -> None:
+    eventually(lambda: len(hosts_lines(mesh, "n2")) == 6, 30, "n2 names all three")
+    zone_file = dns_dir(mesh, "n2") / f"db.{ZONE}"
+    checked = mesh.lab.run("n2", ["named-checkzone", ZONE, str(zone_file)], check=False)
+    print(checked.stdout.strip())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert re.search(r"loaded serial \d+", checked.stdout)
+    if shutil.which("kzonecheck"):
+        checked = mesh.lab.run("n2", ["kzonecheck", "-o", ZONE, str(zone_file)], check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_responder_answers_the_zone_on_the_mesh_address(mesh: MeshLab) -> None:
+    n2_mesh4, _ = addresses(mesh, "n2")
+    n1_4, n1_6 = addresses(mesh, "n1")
+    assert kdig(mesh, "n3", n2_mesh4, f"n1.{ZONE}", "A") == ("NOERROR", [n1_4])
+    assert kdig(mesh, "n3", n2_mesh4, f"N1.{ZONE}", "AAAA") == ("NOERROR", [n1_6])
+    assert kdig(mesh, "n3", n2_mesh4, f"nobody.{ZONE}", "A") == ("NXDOMAIN", [])
+    assert kdig(mesh, "n3", n2_mesh4, "example.com", "A")[0] == "REFUSED"
+    status, soa = kdig(mesh, "n3", n2_mesh4, ZONE, "SOA")
+    assert status == "NOERROR"
+    assert soa  # the serial, last field of the SOA
+
+
+def test_dnsmasq_serves_the_export_and_a_member_that_left_is_gone(mesh: MeshLab) -> None:
+    server = mesh.lab.node("n1").address
+    n3_4, n3_6 = addresses(mesh, "n3")
+    eventually(
+        lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A") == ("NOERROR", [n3_4]),
+        30,
+        "dnsmasq on n1 answers n3's address",
+        lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A"),
+    )
+    assert kdig(mesh, "n2", server, f"n3.{ZONE}", "AAAA") == ("NOERROR", [n3_6])
+    serial_before = re.search(r"serial (\d+)", (dns_dir(mesh, "n2") / "hosts").read_text())
+
+    started = time.monotonic()
+    mesh.meshd("n3", "leave")
+    left = time.monotonic() - started
+    remaining = expected_lines(mesh, ["n1", "n2"])
+    in_file = eventually(
+        lambda: hosts_lines(mesh, "n1") == remaining, 10, "n3 gone from n1's hosts file"
+    )
+    served = eventually(
+        lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A")[0] == "NXDOMAIN",
+        10,
+        "dnsmasq answers NXDOMAIN for n3",
+    )
+    print(
+        f"meshd leave took {left:.2f} s; after it: n3 gone from n1's hosts file in "
+        f"{in_file:.2f} s, dnsmasq answered NXDOMAIN {served:.2f} s after that"
+    )
+    eventually(lambda: hosts_lines(mesh, "n2") == remaining, 10, "n3 gone from n2's files")
+    assert f"n3.{ZONE}" not in (dns_dir(mesh, "n2") / f"db.{ZONE}").read_text()
+    serial_after = re.search(r"serial (\d+)", (dns_dir(mesh, "n2") / "hosts").read_text())
+    assert serial_before and serial_after
+    assert int(serial_after.group(1)) > int(serial_before.group(1))
+    n2_mesh4, _ = addresses(mesh, "n2")
+    assert kdig(mesh, "n1", n2_mesh4, f"n3.{ZONE}", "A")[0] == "NXDOMAIN"
