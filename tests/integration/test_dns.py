@@ -195,3 +195,19 @@ def test_dnsmasq_serves_the_export_and_a_member_that_left_is_gone(mesh: MeshLab)
     assert int(serial_after.group(1)) > int(serial_before.group(1))
     n2_mesh4, _ = addresses(mesh, "n2")
     assert kdig(mesh, "n1", n2_mesh4, f"n3.{ZONE}", "A")[0] == "NXDOMAIN"
+
+
+def test_revoke_by_mesh_address_and_the_revoked_name_is_gone(mesh: MeshLab) -> None:
+    n2_4, _ = addresses(mesh, "n2")
+    eventually(lambda: len(hosts_lines(mesh, "n1")) == 4, 10, "n1 names n1 and n2")
+    done = mesh.meshd("n1", "revoke", n2_4, "--yes")
+    assert done.stdout.startswith("revoked n2 (certificate "), done.stdout
+    eventually(
+        lambda: hosts_lines(mesh, "n1") == expected_lines(mesh, ["n1"]),
+        10,
+        "n2 gone from n1's hosts file",
+        lambda: hosts_lines(mesh, "n1"),
+    )
+    nobody = mesh.meshd("n1", "revoke", "100.80.255.254", "--yes", check=False)
+    assert nobody.returncode != 0
+    assert "no member has the mesh address 100.80.255.254" in nobody.stderr
