@@ -94,11 +94,23 @@ def expected_lines(mesh: MeshLab, nodes: list[str]) -> set[str]:
     return {f"{a} {n}.{ZONE} {n}" for n in nodes for a in addresses(mesh, n)}
 
 
-def kdig(mesh: MeshLab, src: str, server: str, name: str, rdtype: str) -> tuple[str, list[str]]:
+def kdig(
+    mesh: MeshLab, src: str, server: str, name: str, rdtype: str, *, tries: int = 3
+) -> tuple[str, list[str]]:
     """(status, answers) of one query from ``src`` to ``server`` port 53."""
     done = mesh.lab.run(
         src,
-        ["kdig", f"@{server}", name, rdtype, "+retry=2", "+time=1", "+noall", "+header", "+answer"],
+        [
+            "kdig",
+            f"@{server}",
+            name,
+            rdtype,
+            f"+retry={tries - 1}",
+            "+time=1",
+            "+noall",
+            "+header",
+            "+answer",
+        ],
         check=False,
         timeout=10,
     )
@@ -149,6 +161,20 @@ def test_the_responder_answers_the_zone_on_the_mesh_address(mesh: MeshLab) -> No
     status, soa = kdig(mesh, "n3", n2_mesh4, ZONE, "SOA")
     assert status == "NOERROR"
     assert soa  # the serial, last field of the SOA
+
+
+def test_the_responder_does_not_answer_through_the_underlay(mesh: MeshLab) -> None:
+    # n1 routes n2's mesh address through the LAN: Linux on n2 accepts the packet (the
+    # address is local), the responder must not answer it.
+    n2_mesh4, _ = addresses(mesh, "n2")
+    route = [f"{n2_mesh4}/32", "via", mesh.lab.node("n2").address]
+    mesh.lab.run("n1", ["ip", "route", "add", *route])
+    try:
+        status, _ = kdig(mesh, "n1", n2_mesh4, f"n1.{ZONE}", "A", tries=1)
+    finally:
+        mesh.lab.run("n1", ["ip", "route", "del", *route])
+    assert status.startswith("no answer"), status
+    assert kdig(mesh, "n1", n2_mesh4, f"n1.{ZONE}", "A")[0] == "NOERROR"  # through the mesh
 
 
 def test_dnsmasq_serves_the_export_and_a_member_that_left_is_gone(mesh: MeshLab) -> None:

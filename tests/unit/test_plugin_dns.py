@@ -31,6 +31,7 @@ from meshd_dns.export import Exporter
 from meshd_dns.names import assign_labels, base_label, check_zone, is_label, zone_from_network
 from meshd_dns.records import build_zone, hosts_of_view, render_hosts, render_zone
 from meshd_dns.responder import answer
+from tests.conftest import run_meshd
 
 ip = ipaddress.ip_address
 ip_net = ipaddress.ip_network
@@ -276,3 +277,24 @@ def test_the_responder_survives_any_datagram(data: bytes) -> None:
     reply = answer(zone_of("n1"), data)
     if reply is not None:
         assert dns.message.from_wire(reply).flags & dns.flags.QR
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_dns_export_prints_from_the_configured_node_and_formats(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "meshd.toml"
+    config.write_text(f'[node]\nname = "n1"\nstate_dir = "{state}"\n[plugins.dns]\nttl = 5\n')
+    # A plugin command must read the node's config: click resolves it before --config runs.
+    missing = run_meshd("--config", str(config), "dns", "export")
+    assert missing.returncode == 1
+    assert f"no DNS export in {state} yet" in missing.stderr
+    state.mkdir()
+    Exporter(state, state / "dns", ("hosts",)).update(zone_of("n1", "n2"))
+    hosts = run_meshd("--config", str(config), "dns", "export")
+    assert hosts.stdout == (state / "dns" / "hosts").read_text()
+    corefile = run_meshd("--config", str(config), "dns", "export", "--format", "corefile")
+    assert f"hosts {state / 'dns' / 'hosts'} lab.internal {{" in corefile.stdout
+    zone = run_meshd("--config", str(config), "dns", "export", "--format", "zone")
+    assert "\nn2 IN A    100.80.0.2\n" in zone.stdout
