@@ -27,7 +27,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,7 +36,9 @@ from meshd_dns.export import FILES, Exporter, load_zone, render
 from meshd_dns.names import check_zone, zone_from_network
 from meshd_dns.records import build_zone, hosts_of_view
 from meshd_dns.resolved import resolved_running, set_split_dns
-from meshd_dns.responder import Responder
+
+if TYPE_CHECKING:
+    from meshd_dns.responder import Responder
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ class DnsPlugin:
     async def _export(self, settings: Settings) -> None:
         assert self._changed is not None
         assert self.exporter is not None
+        failing = False  # the first failure of a run is a warning, the rest debug
         while True:
             await self._changed.wait()
             self._changed.clear()
@@ -175,8 +178,11 @@ class DnsPlugin:
             try:
                 written = self.exporter.update(zone)
             except Exception as exc:  # a full disk must not end the export for good
-                log.warning("DNS export to %s failed: %s", settings.directory, exc)
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "DNS export to %s failed: %s", settings.directory, exc)
+                failing = True
                 continue
+            failing = False
             if written:
                 log.info(
                     "DNS: %d name(s) in %s, serial %d: wrote %s",
@@ -188,6 +194,9 @@ class DnsPlugin:
 
     async def _serve(self, agent: AgentAPI, settings: Settings) -> None:
         assert self.exporter is not None
+        # dnspython costs ~200 ms and 5 MiB of every meshd command: only when serving.
+        from meshd_dns.responder import Responder
+
         exporter = self.exporter
         responder = Responder(lambda: exporter.current, agent.interface, settings.port)
         warned = False
