@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshd import IPAddress
+from meshd import IPAddress, format_host_port
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ def split_dns_commands(
     interface: str, addresses: Sequence[IPAddress], zone: str, port: int
 ) -> list[list[str]]:
     """The ``resolvectl`` calls that route ``zone`` to ``addresses`` on ``interface``."""
-    servers = [
-        str(a) if port == 53 else (f"{a}:{port}" if a.version == 4 else f"[{a}]:{port}")
-        for a in addresses
-    ]
+    servers = [str(a) if port == 53 else format_host_port(str(a), port) for a in addresses]
     return [
         ["resolvectl", "dns", interface, *servers],
         ["resolvectl", "domain", interface, f"~{zone}"],

@@ -152,9 +152,10 @@ def test_the_zone_file_passes_named_checkzone_and_kzonecheck(mesh: MeshLab) -> N
 
 
 def test_the_responder_answers_the_zone_on_the_mesh_address(mesh: MeshLab) -> None:
-    n2_mesh4, _ = addresses(mesh, "n2")
+    n2_mesh4, n2_mesh6 = addresses(mesh, "n2")
     n1_4, n1_6 = addresses(mesh, "n1")
     assert kdig(mesh, "n3", n2_mesh4, f"n1.{ZONE}", "A") == ("NOERROR", [n1_4])
+    assert kdig(mesh, "n3", n2_mesh6, f"n1.{ZONE}", "A") == ("NOERROR", [n1_4])  # over IPv6
     assert kdig(mesh, "n3", n2_mesh4, f"N1.{ZONE}", "AAAA") == ("NOERROR", [n1_6])
     assert kdig(mesh, "n3", n2_mesh4, f"nobody.{ZONE}", "A") == ("NXDOMAIN", [])
     assert kdig(mesh, "n3", n2_mesh4, "example.com", "A")[0] == "REFUSED"

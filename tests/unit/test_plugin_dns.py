@@ -30,6 +30,7 @@ from meshd_dns import parse_settings
 from meshd_dns.export import Exporter
 from meshd_dns.names import assign_labels, base_label, check_zone, is_label, zone_from_network
 from meshd_dns.records import build_zone, hosts_of_view, render_hosts, render_zone
+from meshd_dns.resolved import split_dns_commands
 from meshd_dns.responder import answer
 from tests.conftest import run_meshd
 
@@ -298,3 +299,15 @@ def test_dns_export_prints_from_the_configured_node_and_formats(tmp_path: Path) 
     assert f"hosts {state / 'dns' / 'hosts'} lab.internal {{" in corefile.stdout
     zone = run_meshd("--config", str(config), "dns", "export", "--format", "zone")
     assert "\nn2 IN A    100.80.0.2\n" in zone.stdout
+
+
+def test_split_dns_routes_only_the_zone_to_the_mesh_addresses() -> None:
+    own = (ip("100.80.0.3"), ip("fd00::3"))
+    assert split_dns_commands("meshd0", own, "lab.internal", 53) == [
+        ["resolvectl", "dns", "meshd0", "100.80.0.3", "fd00::3"],
+        ["resolvectl", "domain", "meshd0", "~lab.internal"],
+    ]
+    assert split_dns_commands("meshd0", own, "lab.internal", 5353)[0][3:] == [
+        "100.80.0.3:5353",
+        "[fd00::3]:5353",
+    ]
