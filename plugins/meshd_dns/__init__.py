@@ -9,6 +9,7 @@ Configuration (``[plugins.dns]``, every key optional)::
     serve = false                # answer the zone on this node's mesh addresses (UDP)
     port = 53                    # ... on this port
     resolved = "auto"            # with serve: split DNS in systemd-resolved where it runs
+    reload = ["knotc", "zone-reload", "lab.internal"]   # run after the files changed
 
 After every pass that changed the mesh (``meshd_mesh_changed``) the plugin names
 the members this node reaches (:func:`meshd_dns.records.hosts_of_view`), gives them
@@ -42,8 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_KEYS = ("zone", "directory", "ttl", "files", "serve", "port", "resolved")
+_KEYS = ("zone", "directory", "ttl", "files", "serve", "port", "resolved", "reload")
 BIND_RETRY = 1.0  # seconds between tries to bind the responder (the address comes up late)
+RELOAD_TIMEOUT = 10.0  # seconds a reload command may take
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Settings:
     serve: bool = False
     port: int = 53
     resolved: str = "auto"  # auto | on | off
+    reload: tuple[str, ...] = ()  # argv run after the files changed (no shell)
 
 
 def parse_settings(section: Mapping[str, Any], config: ConfigView) -> Settings:
@@ -92,6 +95,9 @@ def parse_settings(section: Mapping[str, Any], config: ConfigView) -> Settings:
     resolved = section.get("resolved", "auto")
     if resolved not in ("auto", True, False):
         raise fail("resolved", 'must be "auto", true or false')
+    reload = section.get("reload", [])
+    if not isinstance(reload, list) or not all(isinstance(a, str) and a for a in reload):
+        raise fail("reload", 'must be a command as a list of strings, e.g. ["knotc", "reload"]')
     return Settings(
         zone=zone,
         directory=Path(directory),
@@ -100,6 +106,7 @@ def parse_settings(section: Mapping[str, Any], config: ConfigView) -> Settings:
         serve=serve,
         port=port,
         resolved={True: "on", False: "off"}.get(resolved, "auto"),
+        reload=tuple(reload),
     )
 
 
@@ -183,6 +190,8 @@ class DnsPlugin:
                 failing = True
                 continue
             failing = False
+            if written and settings.reload:
+                await _run_reload(settings.reload)
             if written:
                 log.info(
                     "DNS: %d name(s) in %s, serial %d: wrote %s",
@@ -262,6 +271,31 @@ class DnsPlugin:
             click.echo(render(fmt, zone, settings.directory, settings.files), nl=False)
 
         return dns
+
+
+async def _run_reload(argv: tuple[str, ...]) -> None:
+    """Tell a DNS server the files changed (a failure is logged: the files are written)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        log.warning("DNS reload command %s: %s", argv[0], exc)
+        return
+    try:
+        async with asyncio.timeout(RELOAD_TIMEOUT):
+            _out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        log.warning("DNS reload command %s took over %g s: killed", argv[0], RELOAD_TIMEOUT)
+        return
+    if process.returncode != 0:
+        why = err.decode(errors="replace").strip()
+        log.warning("DNS reload command %s failed (exit %s): %s", argv[0], process.returncode, why)
 
 
 plugin = DnsPlugin()

@@ -1,10 +1,11 @@
-"""DNS for every member (issue 14): the dns plugin's files, a real DNS server on them,
+"""DNS for every member (issue 14): the dns plugin's files, real DNS servers on them,
 and the plugin's own responder, in one lab of three real meshd agents.
 
 - n1 writes only its hosts file, and ``dnsmasq`` (Debian ``dnsmasq-base``) serves that
   directory from n1's underlay address (``--hostsdir``: re-read on every change by inotify);
 - n2 and n3 write all three files and answer the zone themselves on their mesh
-  addresses (``serve = true``);
+  addresses (``serve = true``); ``knotd`` (Debian ``knot``) serves n2's zone file from
+  n2's underlay address, and n2's agent reloads it (``reload = ["knotc", ...]``);
 - queries come from another node with ``kdig`` (Debian ``knot-dnsutils``), zone files
   are checked with ``named-checkzone`` (``bind9-utils``) and ``kzonecheck``.
 
@@ -18,7 +19,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,27 +27,55 @@ import pytest
 from meshd.lab.mesh import MeshLab
 from tests.integration.conftest import MESH_PROGRAMS, eventually, mesh_lab, requires_root
 
-pytestmark = requires_root(*MESH_PROGRAMS, "dnsmasq", "kdig", "named-checkzone")
+pytestmark = requires_root(*MESH_PROGRAMS, "dnsmasq", "knotd", "kdig", "named-checkzone")
 
 ZONE = "lab.internal"  # the default: <network>.internal, the lab's network is "lab"
 NODES = ["n1", "n2", "n3"]
-DNSMASQ = "dnsmasq"
 N1_CONFIG = '[plugins.dns]\nfiles = ["hosts"]\nresolved = false\n'
 SERVING_CONFIG = "[plugins.dns]\nserve = true\nresolved = false\n"
+KNOT_CONFIG = """\
+server:
+    listen: {address}@53
+    rundir: {run}
+database:
+    storage: {run}
+control:
+    listen: {run}/knot.sock
+template:
+  - id: default
+    storage: {zones}
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: none
+zone:
+  - domain: {zone}
+    file: db.{zone}
+"""
 
 
-def config_of(node: str) -> str:
-    return N1_CONFIG if node == "n1" else SERVING_CONFIG
+def knot_run_dir(mesh: MeshLab) -> Path:
+    return mesh.lab.node_dir("n2") / "knot"
+
+
+def config_of(mesh: MeshLab, node: str) -> str:
+    """n1 writes only its hosts file; n2 and n3 serve the zone; n2 reloads knot."""
+    if node == "n1":
+        return N1_CONFIG
+    if node == "n2":
+        control = knot_run_dir(mesh) / "knot.sock"
+        command = ["knotc", "-s", str(control), "zone-reload", ZONE]
+        return SERVING_CONFIG + f"reload = {json.dumps(command)}\n"
+    return SERVING_CONFIG
 
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshLab]:
     with mesh_lab(len(NODES)) as built:
-        built.init("n1", extra_config=config_of("n1"))
+        built.init("n1", extra_config=config_of(built, "n1"))
         built.start("n1")
         built.wait_ready("n1")
         for node in NODES[1:]:
-            built.join(node, "n1", extra_config=config_of(node))
+            built.join(node, "n1", extra_config=config_of(built, node))
             built.start(node)
             built.wait_ready(node)
         built.wait_full_mesh(NODES)
@@ -68,8 +97,18 @@ def mesh() -> Iterator[MeshLab]:
                 "--pid-file=",
                 "--log-facility=-",
             ],
-            name=DNSMASQ,
+            name="dnsmasq",
         )
+        # knot on n2's underlay address, serving n2's zone file (the agent reloads it).
+        run = knot_run_dir(built)
+        run.mkdir(mode=0o700)
+        knot_conf = run / "knot.conf"
+        knot_conf.write_text(
+            KNOT_CONFIG.format(
+                address=built.lab.node("n2").address, run=run, zones=dns_dir(built, "n2"), zone=ZONE
+            )
+        )
+        built.lab.spawn("n2", ["knotd", "-c", str(knot_conf)], name="knotd")
         yield built
 
 
@@ -178,50 +217,80 @@ def test_the_responder_does_not_answer_through_the_underlay(mesh: MeshLab) -> No
     assert kdig(mesh, "n1", n2_mesh4, f"n1.{ZONE}", "A")[0] == "NOERROR"  # through the mesh
 
 
-def test_dnsmasq_serves_the_export_and_a_member_that_left_is_gone(mesh: MeshLab) -> None:
-    server = mesh.lab.node("n1").address
+def zone_names(mesh: MeshLab, node: str) -> set[str]:
+    text = (dns_dir(mesh, node) / f"db.{ZONE}").read_text()
+    return set(re.findall(r"^([a-z0-9-]+) +IN (?:A|AAAA) ", text, re.MULTILINE))
+
+
+def zone_serial(mesh: MeshLab, node: str) -> int:
+    text = (dns_dir(mesh, node) / f"db.{ZONE}").read_text()
+    found = re.search(r"IN SOA \S+ \S+ (\d+) ", text)
+    assert found, text
+    return int(found.group(1))
+
+
+def when_each_holds(
+    checks: dict[str, Callable[[], bool]], started: float, timeout: float
+) -> dict[str, float]:
+    """Seconds from ``started`` until each check first held; fails naming those that never did."""
+    seen: dict[str, float] = {}
+    while len(seen) < len(checks):
+        for what, check in checks.items():
+            if what not in seen and check():
+                seen[what] = time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            pytest.fail(
+                f"not true after {timeout:g} s: {', '.join(sorted(set(checks) - set(seen)))}"
+            )
+        time.sleep(0.05)
+    return seen
+
+
+def test_dnsmasq_and_knot_serve_the_export_and_a_member_that_left_is_gone(
+    mesh: MeshLab,
+) -> None:
+    dnsmasq, knot = mesh.lab.node("n1").address, mesh.lab.node("n2").address
     n3_4, n3_6 = addresses(mesh, "n3")
-    eventually(
-        lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A") == ("NOERROR", [n3_4]),
-        30,
-        "dnsmasq on n1 answers n3's address",
-        lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A"),
-    )
-    assert kdig(mesh, "n2", server, f"n3.{ZONE}", "AAAA") == ("NOERROR", [n3_6])
-    serial_before = re.search(r"serial (\d+)", (dns_dir(mesh, "n2") / "hosts").read_text())
+    for server in (dnsmasq, knot):
+        eventually(
+            lambda server=server: (
+                kdig(mesh, "n1", server, f"n3.{ZONE}", "A") == ("NOERROR", [n3_4])
+            ),
+            30,
+            f"the server on {server} answers n3's address",
+            lambda server=server: kdig(mesh, "n1", server, f"n3.{ZONE}", "A"),
+        )
+        assert kdig(mesh, "n1", server, f"n3.{ZONE}", "AAAA") == ("NOERROR", [n3_6])
+    serial_before = zone_serial(mesh, "n2")
 
     remaining = expected_lines(mesh, ["n1", "n2"])
     # `meshd leave` returns once n3's agent has stopped; the others drop n3 as soon as
-    # its goodbye arrives, before that: time it from the command's start.
+    # its goodbye arrives, before that: time it all from the command's start.
     leaving = threading.Thread(target=mesh.meshd, args=("n3", "leave"))
     started = time.monotonic()
     leaving.start()
     try:
-        in_file = eventually(
-            lambda: hosts_lines(mesh, "n1") == remaining, 10, "n3 gone from n1's hosts file"
-        )
-        served = eventually(
-            lambda: kdig(mesh, "n2", server, f"n3.{ZONE}", "A")[0] == "NXDOMAIN",
-            10,
-            "dnsmasq answers NXDOMAIN for n3",
+        took = when_each_holds(
+            {
+                "n1's hosts file": lambda: hosts_lines(mesh, "n1") == remaining,
+                "dnsmasq": lambda: kdig(mesh, "n1", dnsmasq, f"n3.{ZONE}", "A")[0] == "NXDOMAIN",
+                "n2's zone file": lambda: zone_names(mesh, "n2") == {"n1", "n2"},
+                "knot": lambda: kdig(mesh, "n1", knot, f"n3.{ZONE}", "A")[0] == "NXDOMAIN",
+            },
+            started,
+            15,
         )
     finally:
         leaving.join(30)
     print(
-        f"n3 gone from n1's hosts file {in_file:.2f} s after 'meshd leave' started on n3 "
-        f"(the command itself took {time.monotonic() - started:.2f} s); dnsmasq answered "
-        f"NXDOMAIN {served:.2f} s after the file changed"
+        f"n3 gone, in seconds from the start of 'meshd leave' on n3 (which took "
+        f"{time.monotonic() - started:.2f} s to return): "
+        + ", ".join(f"{what} {seconds:.2f}" for what, seconds in took.items())
     )
-    eventually(lambda: hosts_lines(mesh, "n2") == remaining, 10, "n3 gone from n2's files")
-    zone_text = (dns_dir(mesh, "n2") / f"db.{ZONE}").read_text()
-    assert re.search(r"^n2 +IN A ", zone_text, re.MULTILINE)
-    assert not re.search(r"^n3 ", zone_text, re.MULTILINE)
-    serial_after = re.search(r"serial (\d+)", (dns_dir(mesh, "n2") / "hosts").read_text())
-    assert serial_before
-    assert serial_after
-    assert int(serial_after.group(1)) > int(serial_before.group(1))
+    assert hosts_lines(mesh, "n2") == remaining
+    assert zone_serial(mesh, "n2") > serial_before
     n2_mesh4, _ = addresses(mesh, "n2")
-    assert kdig(mesh, "n1", n2_mesh4, f"n3.{ZONE}", "A")[0] == "NXDOMAIN"
+    assert kdig(mesh, "n1", n2_mesh4, f"n3.{ZONE}", "A")[0] == "NXDOMAIN"  # n2's responder
 
 
 def test_revoke_by_mesh_address_and_the_revoked_name_is_gone(mesh: MeshLab) -> None:
