@@ -108,6 +108,9 @@ def test_a_bad_setting_names_the_key() -> None:
         parse_settings({"files": ["hosts", "bind"]}, view)
     with pytest.raises(ConfigError, match=r"plugins.dns.colour: unknown key"):
         parse_settings({"colour": "blue"}, view)
+    with pytest.raises(ConfigError, match=r"plugins.dns.reload: must be a command as a list"):
+        parse_settings({"reload": "knotc reload"}, view)  # never a shell line
+    assert parse_settings({"reload": ["knotc", "reload"]}, view).reload == ("knotc", "reload")
     settings = parse_settings({}, view)
     assert settings.directory == Path("/var/lib/meshd/dns")
     assert settings.zone is None
