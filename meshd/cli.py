@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -44,7 +45,10 @@ class MeshdGroup(click.Group):
     """A group that imports built-in commands on use and asks plugins for theirs."""
 
     def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
-        state = ctx.ensure_object(CliState)
+        # click resolves the command before it runs the group's callback: the state
+        # must come from the options parsed already, or the plugins would read the
+        # default config (and a plugin command act on the wrong node).
+        state = ctx.obj = _state_for(ctx.obj, ctx.params)
         group = click.Group()
         try:
             state.plugins.cli(group)
@@ -121,7 +125,18 @@ def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, log_
     Try it locally:    meshd lab up --nodes 4   (network namespaces, needs root)
     """
     _setup_logging(log_level)
-    ctx.obj = CliState(config_path=config_path, state_dir=state_dir)
+    ctx.obj = _state_for(ctx.obj, {"config_path": config_path, "state_dir": state_dir})
+
+
+def _state_for(state: object, params: dict[str, Any]) -> CliState:
+    """``state`` if it was made for these options (keeping its loaded plugins), else a new one."""
+    config_path, state_dir = params.get("config_path"), params.get("state_dir")
+    if isinstance(state, CliState) and (state.config_path, state.state_dir) == (
+        config_path,
+        state_dir,
+    ):
+        return state
+    return CliState(config_path=config_path, state_dir=state_dir)
 
 
 @cli.command()

@@ -499,7 +499,8 @@ def leave(state: CliState) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def revoke(state: CliState, node: str, keep_token: bool, key: str | None, yes: bool) -> None:
-    """Throw NODE out of the network for good, on a machine holding the CA key.
+    """Throw NODE (a name or a mesh address) out of the network for good, on a machine
+    holding the CA key.
 
     Signs a revocation of NODE's certificate and WireGuard key and gossips it:
     every member drops NODE as a peer at once and refuses that identity from
@@ -513,6 +514,7 @@ def revoke(state: CliState, node: str, keep_token: bool, key: str | None, yes: b
     \b
     Example:
       meshd revoke edge-7
+      meshd revoke 100.80.12.7                      # the same, by its mesh address
       meshd revoke edge-7 --key OLD-PUBLIC-KEY        # e.g. the key before a rotation
       meshd token revoke --token-file old-token     # a token on its own
     """

@@ -189,8 +189,12 @@ def meshd_select_path(agent: AgentAPI, member: Member) -> PathChoice | None:
 def meshd_mesh_changed(agent: AgentAPI, view: MeshView) -> None:
     """The WireGuard interface now matches a new desired state.
 
-    Called after every reconcile pass that changed something. Use it to export
-    DNS, metrics or status; do slow work in a task, not here.
+    Called after every reconcile pass that changed something: the peers on the
+    interface, or the members (a member's state, record or certificate verdict; a
+    peer learnt at enrolment becomes a member without touching the interface).
+    ``view.members`` holds every gossip member with the engine's certificate
+    verdict, ``view.peers`` the peers now on the interface. Use it to export DNS,
+    metrics or status; do slow work in a task, not here.
 
     Calling rule: all implementations are called.
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -86,7 +87,7 @@ class Operations:
         """
         rt = self._rt
         ca = self._ca()
-        name = str(request.get("name", ""))
+        name = self._member_name(str(request.get("name", "")))
         if request.get("key"):
             key = str(request["key"])
             await self._publish_revocation(ca.revoke_key(name, key))
@@ -120,6 +121,25 @@ class Operations:
             "public_key": chain.node.public_key,
             "token_revoked": token_revoked,
         }
+
+    def _member_name(self, node: str) -> str:
+        """The name of the member ``node`` names: a name stays as it is, a mesh address
+        becomes the name of the member that holds it (certified members first)."""
+        try:
+            address = ipaddress.ip_address(node)
+        except ValueError:
+            return node
+        holders = sorted(
+            (not member.certified, member.name)
+            for member in current_incarnations(self._rt.snapshot.members)
+            if member.record is not None and address in member.record.addresses
+        )
+        if not holders:
+            raise IdentityError(
+                f"no member has the mesh address {address}: give the node's name "
+                "(meshd status lists them)"
+            )
+        return holders[0][1]
 
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""

@@ -101,6 +101,7 @@ class Pipeline:
         self._rt = runtime
         self._policy = HookPolicy(runtime.plugins, runtime.face)
         self._fallback_record = own_record
+        self._notified: MeshView | None = None
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
@@ -138,7 +139,9 @@ class Pipeline:
         return desired
 
     async def run(self, members: tuple[Member, ...]) -> Snapshot:
-        """Compute, apply the difference, and tell the plugins when something changed."""
+        """Compute, apply the difference, and tell the plugins when something changed:
+        the interface, or the members (a peer added at enrolment changes nothing on the
+        interface once gossip describes it, but it is a member now)."""
         rt = self._rt
         started = time.monotonic()
         desired = self.desire(members)
@@ -156,7 +159,9 @@ class Pipeline:
         )
         if result.operations:
             self._save_peers(snapshot)
-            view = MeshView(node=rt.identity, members=members, peers=desired.peers)
+        view = MeshView(node=rt.identity, members=members, peers=desired.peers)
+        if result.operations or view != self._notified:
+            self._notified = view
             rt.plugins.mesh_changed(rt.face, view)
         return snapshot
 
