@@ -21,7 +21,8 @@ that ignores its cancellation is named in the log and abandoned.
 The rooms: :mod:`~meshd.agent.runtime` (shared handles), :mod:`~meshd.agent.presence`
 (record, Serf, joins), :mod:`~meshd.agent.exchange` (chains and revocations),
 :mod:`~meshd.agent.addressing` (address conflicts), :mod:`~meshd.agent.seed`
-(enrolment, seed side), :mod:`~meshd.agent.operations` (control commands).
+(enrolment, seed side), :mod:`~meshd.agent.operations` (control commands),
+:mod:`~meshd.agent.diagnosis` (the facts ``meshd doctor`` judges).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
+from meshd.agent.diagnosis import Diagnosis
 from meshd.agent.exchange import TrustExchange
 from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
 from meshd.agent.operations import Operations
@@ -79,6 +81,7 @@ class Agent:
         )
         self.seed = Seed(rt, run_pass=self._pass, announce=self.exchange.announce)
         self.operations = Operations(rt, self.presence, self.exchange)
+        self.diagnosis = Diagnosis(rt)
         self.pipeline = Pipeline(rt, own_record=self.presence.record())
 
     async def _announce_own(self) -> None:
@@ -144,7 +147,9 @@ class Agent:
 
         # Gossip first: every join waits for it; the control and enrolment ports can wait.
         await self.presence.start_gossip(self._on_gossip_event)
-        self._control = ControlServer(rt.store.dir, self.operations.handlers())
+        self._control = ControlServer(
+            rt.store.dir, {**self.operations.handlers(), "doctor": self.diagnosis.report}
+        )
         await self._control.start()
         if cfg.enrol.enabled:
             self._enrol = EnrolServer(

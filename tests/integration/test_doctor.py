@@ -1,0 +1,191 @@
+"""``meshd doctor`` on a real 3-node mesh: quiet on a healthy node, and it finds each of
+five planted faults (a state file 0644, a certificate about to expire, the enrolment
+port dropped by nftables, Serf killed, the WireGuard port taken while the agent is down).
+
+Each fault is planted on one node, checked, and removed again; the healthy test
+runs first and last, so a fault that was not cleaned up fails the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshd.b64 import decode_b64, encode_b64
+from meshd.lab.mesh import MeshLab
+from meshd.pki.ca import NetworkCA
+from meshd.pki.certificate import CertChain
+from tests.integration.conftest import eventually, mesh_lab
+
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "nft")
+
+NODES = ["n1", "n2", "n3"]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshLab]:
+    with mesh_lab(nodes=3, up=NODES) as built:
+        yield built
+
+
+def doctor(mesh: MeshLab, node: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """``meshd doctor --json`` on ``node``: its exit code and its checks by name."""
+    done = mesh.meshd(node, "doctor", "--json", check=False)
+    report = json.loads(done.stdout)
+    assert report["ok"] is (done.returncode == 0), done.stdout
+    return done.returncode, {check["name"]: check for check in report["checks"]}
+
+
+def not_ok(checks: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {name: c["status"] for name, c in checks.items() if c["status"] != "ok"}
+
+
+def nft(mesh: MeshLab, node: str, *command: str) -> None:
+    mesh.lab.run(node, ["nft", *command])
+
+
+def test_a_healthy_node_has_nothing_wrong(mesh: MeshLab) -> None:
+    code, checks = doctor(mesh, "n2")
+    assert not_ok(checks) == {}, checks
+    assert code == 0
+    assert set(checks) >= {
+        "agent",
+        "wireguard",
+        "enrolment",
+        "serf",
+        "members",
+        "clock",
+        "certificate",
+        "nat",
+        "mtu",
+        "state files",
+        "stale",
+    }
+    # The text form says so too, in a table.
+    text = mesh.meshd("n2", "doctor").stdout
+    assert "nothing wrong" in text
+    assert "CHECK" in text
+
+
+def test_a_secret_readable_by_others_fails(mesh: MeshLab) -> None:
+    key = mesh.state_dir("n2") / "wireguard.key"
+    key.chmod(0o644)
+    try:
+        code, checks = doctor(mesh, "n2")
+    finally:
+        key.chmod(0o600)
+    assert code == 1
+    assert not_ok(checks) == {"state files": "FAIL"}
+    assert "wireguard.key is 644" in checks["state files"]["detail"]
+    assert f"chmod 600 {key}" in checks["state files"]["fix"]
+
+
+def test_a_certificate_about_to_expire_is_warned(mesh: MeshLab) -> None:
+    """node.json gets a certificate for the same key that lapses in three days."""
+    node_file = mesh.state_dir("n2") / "node.json"
+    original = node_file.read_text()
+    node = json.loads(original)
+    current = CertChain.decode(decode_b64(node["chain"])).node
+    network = json.loads((mesh.state_dir("n1") / "network.json").read_text())["name"]
+    ca_secret = decode_b64((mesh.state_dir("n1") / "ca.key").read_text().strip())
+    short = NetworkCA.from_secret(network, ca_secret).issue_node_cert(
+        current.name, current.public_key, current.addresses, lifetime=3 * 86400
+    )
+    node["chain"] = encode_b64(CertChain(short).encode())
+    node_file.write_text(json.dumps(node))
+    try:
+        code, checks = doctor(mesh, "n2")
+    finally:
+        node_file.write_text(original)
+    assert code == 1
+    assert not_ok(checks) == {"certificate": "warn"}
+    assert "expires in 3.0 days" in checks["certificate"]["detail"]
+    assert "meshd key rotate-wireguard" in checks["certificate"]["fix"]
+
+
+def test_the_enrolment_port_dropped_by_nftables_fails(mesh: MeshLab) -> None:
+    nft(mesh, "n2", "add", "table", "inet", "fault")
+    try:
+        nft(
+            mesh,
+            "n2",
+            "add chain inet fault input { type filter hook input priority 0; policy accept; }",
+        )
+        nft(mesh, "n2", "add rule inet fault input tcp dport 51821 drop")
+        code, checks = doctor(mesh, "n2")
+    finally:
+        nft(mesh, "n2", "delete", "table", "inet", "fault")
+    assert code == 1
+    assert not_ok(checks) == {"enrolment": "FAIL"}
+    assert "dropped by nftables: inet fault input" in checks["enrolment"]["detail"]
+    assert "no answer" in checks["enrolment"]["detail"]
+
+
+def test_a_killed_serf_is_found(mesh: MeshLab) -> None:
+    _, checks = doctor(mesh, "n3")
+    pid = int(checks["serf"]["detail"].split("pid ")[1].split(")")[0])
+    os.kill(pid, signal.SIGKILL)
+    code, checks = doctor(mesh, "n3")
+    assert code == 1
+    # Caught while dead (FAIL) or after the agent restarted it (warn): never ok.
+    assert not_ok(checks).get("serf") in ("FAIL", "warn"), checks
+    assert "journalctl -u meshd" in checks["serf"]["fix"]
+
+    def restarted_and_counted() -> bool:
+        serf = doctor(mesh, "n3")[1]["serf"]
+        return serf["status"] == "warn" and "died 1 time(s)" in serf["detail"]
+
+    eventually(restarted_and_counted, 20, "the doctor reports Serf restarted once")
+
+
+def test_the_wireguard_port_taken_while_the_agent_is_down(mesh: MeshLab) -> None:
+    assert mesh.stop("n3")
+    squatter = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            mesh.lab.netns_of("n3"),
+            sys.executable,
+            "-c",
+            "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.bind(('0.0.0.0', 51820)); print('bound', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline().strip() == "bound"
+        code, checks = doctor(mesh, "n3")
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert code == 1
+    assert not_ok(checks) == {"agent": "FAIL", "wireguard": "FAIL"}
+    assert "not running" in checks["agent"]["detail"]
+    assert "UDP port 51820 is taken by python" in checks["wireguard"]["detail"]
+    # With the port free again the doctor sees only the stopped agent; started, nothing.
+    _, checks = doctor(mesh, "n3")
+    assert not_ok(checks) == {"agent": "FAIL"}
+    mesh.start("n3")
+    mesh.wait_full_mesh(NODES, timeout=60)
+
+
+def test_every_node_is_healthy_again(mesh: MeshLab) -> None:
+    """After the faults went: a fault left behind, or a restart not healed, shows here."""
+
+    def complaints() -> dict[str, dict[str, str]]:
+        return {node: not_ok(doctor(mesh, node)[1]) for node in NODES}
+
+    eventually(
+        lambda: not any(complaints().values()), 30, "every doctor is quiet", detail=complaints
+    )
