@@ -98,6 +98,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # `kill -USR1` logs every task with its stack: a hang can be read on a live agent.
         loop.add_signal_handler(signal.SIGUSR1, log_tasks)
+        # From the first moment to the last: start-up and shutdown are the loop's too.
+        interval = systemd.watchdog_interval()
+        pinger = asyncio.create_task(systemd.watchdog(interval)) if interval else None
         try:
             # Start-up itself races the stop request: SIGTERM during start-up ends it.
             started = asyncio.ensure_future(self._start_and_wait_joined())
@@ -113,6 +116,8 @@ class Agent:
         finally:
             systemd.notify("STOPPING=1")
             await self._shutdown()
+            if pinger is not None:
+                await cancel_and_wait([pinger], 0.5, what="watchdog")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
 

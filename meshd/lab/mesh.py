@@ -183,8 +183,13 @@ class MeshLab:
                 return node.name
         raise LabError("no node of this lab ran 'meshd init'")
 
-    def start(self, node: NodeRef, *, log_level: str | None = None) -> int:
+    def start(
+        self, node: NodeRef, *, log_level: str | None = None, wrapper: Sequence[str] = ()
+    ) -> int:
+        """Start the node's agent; ``wrapper`` goes before the command (e.g. ``setpriv``
+        with a capability set, to run it as a hardened service would)."""
         argv = [
+            *wrapper,
             *meshd_argv(),
             "--config",
             str(self.config_path(node)),

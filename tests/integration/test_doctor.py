@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +25,23 @@ from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from tests.integration.conftest import eventually, mesh_lab
 
-pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "nft")
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "nft", "setpriv")
 
 NODES = ["n1", "n2", "n3"]
+# The capabilities of systemd/meshd.service (CapabilityBoundingSet, NoNewPrivileges).
+SERVICE_CAPABILITIES = (
+    "setpriv",
+    "--no-new-privs",
+    "--bounding-set=-all,+net_admin,+net_bind_service",
+    "--inh-caps=-all",
+)
+SERVICE_CAP_MASK = (1 << 12) | (1 << 10)  # CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
+
+
+def capabilities(pid: int) -> dict[str, int]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    return {name: int(fields[name], 16) for name in ("CapEff", "CapBnd")}
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +191,11 @@ def test_the_wireguard_port_taken_while_the_agent_is_down(mesh: MeshLab) -> None
     # With the port free again the doctor sees only the stopped agent; started, nothing.
     _, checks = doctor(mesh, "n3")
     assert not_ok(checks) == {"agent": "FAIL"}
-    mesh.start("n3")
+    # Back as systemd/meshd.service runs it: only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE,
+    # no_new_privs. It must come up and rejoin the mesh (the doctor checks the rest below).
+    pid = mesh.start("n3", wrapper=SERVICE_CAPABILITIES)
     mesh.wait_full_mesh(NODES, timeout=60)
+    assert capabilities(pid) == {"CapEff": SERVICE_CAP_MASK, "CapBnd": SERVICE_CAP_MASK}
 
 
 def test_every_node_is_healthy_again(mesh: MeshLab) -> None:
