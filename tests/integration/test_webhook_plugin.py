@@ -9,7 +9,6 @@ test_plugin_distribution does), so the project's own environment is never change
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from meshd.lab.mesh import MeshLab
+from tests.conftest import pip_install_target
 from tests.integration.conftest import eventually, mesh_lab
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg")
@@ -41,25 +41,7 @@ http.server.HTTPServer(("127.0.0.1", {PORT}), Hook).serve_forever()
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-build-isolation",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(PLUGIN),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return pip_install_target(PLUGIN, tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture(scope="module")
