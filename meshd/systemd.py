@@ -13,7 +13,10 @@ import os
 import socket
 from collections.abc import Mapping
 
+from meshd.quietlog import Throttle
+
 log = logging.getLogger(__name__)
+_quiet = Throttle(log)
 
 
 def notify(message: str) -> bool:
@@ -28,7 +31,8 @@ def notify(message: str) -> bool:
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as exc:
-        log.warning("cannot notify systemd (%s): %s", address, exc)
+        # Once a minute at most: the watchdog pings every few seconds.
+        _quiet.warning(address, "cannot notify systemd (%s): %s", address, exc)
         return False
     return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -191,11 +192,29 @@ def test_the_wireguard_port_taken_while_the_agent_is_down(mesh: MeshLab) -> None
     # With the port free again the doctor sees only the stopped agent; started, nothing.
     _, checks = doctor(mesh, "n3")
     assert not_ok(checks) == {"agent": "FAIL"}
-    # Back as systemd/meshd.service runs it: only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE,
-    # no_new_privs. It must come up and rejoin the mesh (the doctor checks the rest below).
-    pid = mesh.start("n3", wrapper=SERVICE_CAPABILITIES)
-    mesh.wait_full_mesh(NODES, timeout=60)
-    assert capabilities(pid) == {"CapEff": SERVICE_CAP_MASK, "CapBnd": SERVICE_CAP_MASK}
+
+
+def test_the_agent_runs_as_the_service_does(mesh: MeshLab, tmp_path: Path) -> None:
+    """n3 (stopped by the test before) starts as systemd/meshd.service runs it: only
+    CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, no_new_privs, a notify socket and a
+    watchdog of 2 s. It rejoins the mesh, says READY=1 and pings the watchdog."""
+    assert not mesh.running("n3")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    try:
+        pid = mesh.start("n3", wrapper=SERVICE_CAPABILITIES, env=env)
+        mesh.wait_full_mesh(NODES, timeout=60)
+        assert capabilities(pid) == {"CapEff": SERVICE_CAP_MASK, "CapBnd": SERVICE_CAP_MASK}
+        messages: list[bytes] = []
+        while not any(m.startswith(b"READY=1") for m in messages):
+            messages.append(notify.recv(256))
+        # Pings go on after READY=1: two more arrive (one per second).
+        assert [notify.recv(256) for _ in range(2)] == [b"WATCHDOG=1"] * 2
+        assert b"WATCHDOG=1" in messages  # pinged during start-up too
+    finally:
+        notify.close()
 
 
 def test_every_node_is_healthy_again(mesh: MeshLab) -> None:
