@@ -78,6 +78,8 @@ def test_a_wedged_loop_stops_the_watchdog_pings(
     finally:
         release.set()
         pinger.cancel()
+        for _ in range(3):  # let the loop deliver the cancellation before it stops
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         runner.join(5)
         loop.close()
