@@ -18,7 +18,8 @@ The checks, in order:
     clock         skew against each live member, from the time in its record
     certificate   this node's certificate is neither expired nor expiring (14 days)
     nat           the NAT type and public endpoint this node publishes
-    mtu           the mesh MTU plus WireGuard's overhead fits the route to each peer
+    mtu           the mesh MTU plus WireGuard's overhead fits the path to each peer: a
+                  full-size echo with "don't fragment", then the route's (learnt) MTU
     state files   secrets 0600, the state directory 0700, nothing others can write
     stale         no interface, wireguard-go or UAPI socket left by a crashed agent
 
@@ -30,6 +31,7 @@ code is 0 when every check is ok, 1 otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -61,6 +63,9 @@ WIREGUARD_OVERHEAD = {4: 20 + 8 + 32, 6: 40 + 8 + 32}
 # past CLOCK_SKEW, certificates it signs are refused.
 CLOCK_WARN = 30.0
 CONNECT_TIMEOUT = 2.0
+# Full-size echo probes of the path MTU: at most this many peers, each waited for this long.
+MAX_PROBES = 16
+PROBE_WAIT = 1
 SECRET_FILES = ("wireguard.key", "gossip.key", "ca.key", "join-token", "serf/keyring.json")
 WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
 
@@ -483,18 +488,50 @@ def check_enrolment(config: Config, status: Mapping[str, Any] | None) -> Check:
     return Check("enrolment", OK, f"TCP {host}:{port} answers")
 
 
+def probe_full_size(hosts: Sequence[str], mtu: int) -> set[str]:
+    """The hosts that answer an echo as large as WireGuard's biggest packet with
+    "don't fragment" set, all probed at once (one try, ``PROBE_WAIT`` s). A router on
+    the path that cannot carry it answers "fragmentation needed", which the kernel
+    keeps as the route's path MTU: :func:`route_mtu` reads it afterwards."""
+    probes = {}
+    for host in hosts[:MAX_PROBES]:
+        version = 6 if ":" in host else 4
+        # The echo's IP packet is as large as a full WireGuard datagram to this host.
+        payload = mtu + WIREGUARD_OVERHEAD[version] - (48 if version == 6 else 28)
+        argv = ["ping", f"-{version}", "-M", "do", "-c", "1", "-W", str(PROBE_WAIT)]
+        with contextlib.suppress(OSError):
+            probes[host] = subprocess.Popen(
+                [*argv, "-s", str(payload), host],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+    answered = set()
+    for host, probe in probes.items():
+        try:
+            if probe.wait(timeout=PROBE_WAIT + 1) == 0:
+                answered.add(host)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+            probe.wait()
+    return answered
+
+
 def check_mtu(config: Config, status: Mapping[str, Any] | None) -> Check:
-    paths: dict[str, tuple[int, int]] = {}
+    endpoints: dict[str, str] = {}
     for row in (status or {}).get("peers", []):
-        endpoint = row.get("endpoint")
-        if not endpoint:
-            continue
-        with contextlib.suppress(DecodeError):
-            host = parse_host_port(endpoint)[0]
-            found = route_mtu(host)
-            if found is not None:
-                paths[endpoint] = found
-    return judge_mtu(config.wireguard.mtu, paths)
+        with contextlib.suppress(DecodeError, TypeError):
+            endpoints[row["endpoint"]] = parse_host_port(row["endpoint"])[0]
+    answered = probe_full_size(sorted(set(endpoints.values())), config.wireguard.mtu)
+    paths: dict[str, tuple[int, int]] = {}
+    for endpoint, host in endpoints.items():
+        found = route_mtu(host)
+        if found is not None:
+            paths[endpoint] = found
+    check = judge_mtu(config.wireguard.mtu, paths)
+    if check.ok and endpoints:
+        probed = f"{len(answered)} of {len(endpoints)} answered a full-size echo"
+        return dataclasses.replace(check, detail=f"{check.detail}; {probed}")
+    return check
 
 
 def check_stale(config: Config, agent_up: bool) -> Check:

@@ -1,6 +1,7 @@
 """``meshd doctor`` on a real 3-node mesh: quiet on a healthy node, and it finds each of
-five planted faults (a state file 0644, a certificate about to expire, the enrolment
-port dropped by nftables, Serf killed, the WireGuard port taken while the agent is down).
+the planted faults (a state file 0644, a certificate about to expire, the enrolment
+port dropped by nftables, a link narrower than the mesh MTU, Serf killed, the WireGuard
+port taken while the agent is down). Then an agent runs as the systemd unit runs it.
 
 Each fault is planted on one node, checked, and removed again; the healthy test
 runs first and last, so a fault that was not cleaned up fails the module.
@@ -69,6 +70,7 @@ def nft(mesh: MeshLab, node: str, *command: str) -> None:
 
 def test_a_healthy_node_has_nothing_wrong(mesh: MeshLab) -> None:
     code, checks = doctor(mesh, "n2")
+    assert checks["mtu"]["detail"].endswith("2 of 2 answered a full-size echo"), checks["mtu"]
     assert not_ok(checks) == {}, checks
     assert code == 0
     assert set(checks) >= {
@@ -142,6 +144,25 @@ def test_the_enrolment_port_dropped_by_nftables_fails(mesh: MeshLab) -> None:
     assert not_ok(checks) == {"enrolment": "FAIL"}
     assert "dropped by nftables: inet fault input" in checks["enrolment"]["detail"]
     assert "no answer" in checks["enrolment"]["detail"]
+
+
+def test_a_path_narrower_than_the_mesh_mtu_is_warned(mesh: MeshLab) -> None:
+    """n2's underlay link shrinks to 1400: WireGuard's 1480-byte datagrams no longer fit."""
+    route = json.loads(
+        mesh.lab.run("n2", ["ip", "-j", "route", "get", mesh.lab.node("n1").address]).stdout
+    )
+    device = route[0]["dev"]
+    link = json.loads(mesh.lab.run("n2", ["ip", "-j", "link", "show", "dev", device]).stdout)
+    original = str(link[0]["mtu"])
+    mesh.lab.run("n2", ["ip", "link", "set", "dev", device, "mtu", "1400"])
+    try:
+        code, checks = doctor(mesh, "n2")
+    finally:
+        mesh.lab.run("n2", ["ip", "link", "set", "dev", device, "mtu", original])
+    assert code == 1
+    assert not_ok(checks) == {"mtu": "warn"}
+    assert "(path 1400)" in checks["mtu"]["detail"]
+    assert checks["mtu"]["fix"].startswith("set [wireguard] mtu = 1340 ")
 
 
 def test_a_killed_serf_is_found(mesh: MeshLab) -> None:
