@@ -215,6 +215,20 @@ def test_the_wireguard_port_taken_while_the_agent_is_down(mesh: MeshLab) -> None
     assert not_ok(checks) == {"agent": "FAIL"}
 
 
+def test_an_interface_left_without_an_agent_is_stale(mesh: MeshLab) -> None:
+    """What a crashed agent can leave: its interface (here a TUN device of that name,
+    as wireguard-go makes)."""
+    assert not mesh.running("n3")
+    ifname = mesh.lab.ifname("n3", "mw")
+    mesh.lab.run("n3", ["ip", "tuntap", "add", "dev", ifname, "mode", "tun"])
+    try:
+        _, checks = doctor(mesh, "n3")
+    finally:
+        mesh.lab.run("n3", ["ip", "link", "del", ifname])
+    assert not_ok(checks) == {"agent": "FAIL", "stale": "FAIL"}
+    assert checks["stale"]["fix"] == f"ip link del {ifname}"
+
+
 def test_the_agent_runs_as_the_service_does(mesh: MeshLab, tmp_path: Path) -> None:
     """n3 (stopped by the test before) starts as systemd/meshd.service runs it: only
     CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, no_new_privs, a notify socket and a
