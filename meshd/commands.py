@@ -150,13 +150,13 @@ def _fork_agent(state: CliState, log_path: Path) -> int:
 
 def run_agent(state: CliState) -> None:
     from meshd.agent import Agent
-    from meshd.tasks import run
+    from meshd.tasks import DEFAULT_LOOP, ENV_LOOP, event_loop_factory, run
 
-    # The default loop, not uvloop: pyroute2's asyncio netlink opens AF_NETLINK datagram
-    # endpoints, which uvloop refuses ("invalid family 16"). No packet passes through
-    # this loop, so its speed hardly matters.
+    # $MESHD_LOOP picks the loop (asyncio or uvloop); bench/uvloop.py measures both.
+    # pyroute2 (the kernel backend) runs on a selector loop of its own either way.
+    loop_factory = event_loop_factory(os.environ.get(ENV_LOOP, DEFAULT_LOOP))
     agent = Agent(state.config, state.plugins, NodeStore(state.config.state_dir))
-    run(agent.run())
+    run(agent.run(), loop_factory=loop_factory)
 
 
 start_options = [

@@ -61,3 +61,39 @@ def listens(pid: int, host: str, port: int) -> bool:
     """Whether ``host:port`` is listened on by process ``pid`` itself."""
     inode = listener_inode(pid, host, port)
     return inode is not None and owns_socket(pid, inode)
+
+
+_UDP_UNCONNECTED = "07"
+
+
+def port_inodes(protocol: str, port: int) -> list[int]:
+    """Inodes of the sockets bound to local ``port`` in this process's network namespace:
+    TCP listeners, or UDP sockets not connected to one peer (``protocol`` "tcp" or "udp")."""
+    wanted_state = _LISTEN if protocol == "tcp" else _UDP_UNCONNECTED
+    suffix = f":{port:04X}"
+    found = []
+    for table in (protocol, f"{protocol}6"):
+        try:
+            with open(f"/proc/self/net/{table}", encoding="ascii") as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[1].endswith(suffix) and fields[3] == wanted_state:
+                        found.append(int(fields[9]))
+        except OSError:
+            continue
+    return found
+
+
+def socket_owners(inode: int) -> list[tuple[int, str]]:
+    """``(pid, command name)`` of every process holding socket ``inode`` (none for a
+    kernel socket, such as the kernel WireGuard's)."""
+    owners = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and owns_socket(int(entry), inode):
+            try:
+                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as comm:
+                    owners.append((int(entry), comm.read().strip()))
+            except OSError:
+                continue
+    return owners

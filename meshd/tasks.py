@@ -15,6 +15,7 @@ Public API::
     budget.abandoned                                      # everything left behind
     log_tasks()                                           # every task of the loop and its stack
     result = run(main(), cleanup_timeout=0.5)             # asyncio.run with a bounded clean-up
+    run(main(), loop_factory=event_loop_factory("uvloop"))  # on another loop
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import FrameType
 from typing import Any, TypeVar
+
+from meshd.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 # After the first cancel, pending tasks are cancelled again at this fraction of the
 # deadline: a cancellation lost in a race is delivered; a task that refuses twice is stuck.
 _RECANCEL_AT = 0.5
+# The environment variable that picks the agent's event loop (see event_loop_factory).
+ENV_LOOP = "MESHD_LOOP"
+DEFAULT_LOOP = "asyncio"
 
 
 def task_stack(task: asyncio.Task[Any]) -> str:
@@ -178,7 +184,28 @@ def log_tasks(level: int = logging.WARNING, loop: asyncio.AbstractEventLoop | No
     return len(found)
 
 
-def run(main: Coroutine[Any, Any, T], *, cleanup_timeout: float = 0.5) -> T:
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop the agent runs on: ``"asyncio"`` (the standard selector loop) or
+    ``"uvloop"``; ConfigError for another name or a uvloop that is not installed."""
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError(
+                "uvloop is not installed (pip install uvloop)", key=ENV_LOOP
+            ) from None
+        return uvloop.new_event_loop
+    raise ConfigError(f"must be 'asyncio' or 'uvloop', not {name!r}", key=ENV_LOOP)
+
+
+def run(
+    main: Coroutine[Any, Any, T],
+    *,
+    cleanup_timeout: float = 0.5,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> T:
     """``asyncio.run(main)``, but its clean-up is bounded too.
 
     After ``main`` returns, ``asyncio.run`` cancels the tasks still running and
@@ -187,7 +214,7 @@ def run(main: Coroutine[Any, Any, T], *, cleanup_timeout: float = 0.5) -> T:
     alive forever. Here each of those waits ends after ``cleanup_timeout``; what is
     left is logged (see :func:`cancel_and_wait`) and dropped with the loop.
     """
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     try:
         return loop.run_until_complete(main)
     finally:

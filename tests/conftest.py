@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -48,3 +49,26 @@ def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], fl
             if sample.name == name:
                 found[tuple(sorted(sample.labels.items()))] = sample.value
     return found
+
+
+def pip_install_target(source: Path, target: Path) -> Path:
+    """Install the distribution at ``source`` with pip into directory ``target`` (for
+    PYTHONPATH), never into the project's environment; returns ``target``."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-build-isolation",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return target

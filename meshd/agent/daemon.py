@@ -21,7 +21,8 @@ that ignores its cancellation is named in the log and abandoned.
 The rooms: :mod:`~meshd.agent.runtime` (shared handles), :mod:`~meshd.agent.presence`
 (record, Serf, joins), :mod:`~meshd.agent.exchange` (chains and revocations),
 :mod:`~meshd.agent.addressing` (address conflicts), :mod:`~meshd.agent.seed`
-(enrolment, seed side), :mod:`~meshd.agent.operations` (control commands).
+(enrolment, seed side), :mod:`~meshd.agent.operations` (control commands),
+:mod:`~meshd.agent.diagnosis` (the facts ``meshd doctor`` judges).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
+from meshd.agent.diagnosis import Diagnosis
 from meshd.agent.exchange import TrustExchange
 from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
 from meshd.agent.operations import Operations
@@ -83,6 +85,7 @@ class Agent:
         )
         self.seed = Seed(rt, run_pass=self._pass, announce=self.exchange.announce)
         self.operations = Operations(rt, self.presence, self.exchange)
+        self.diagnosis = Diagnosis(rt)
         self.pipeline = Pipeline(rt, own_record=self.presence.record())
 
     async def _announce_own(self) -> None:
@@ -99,6 +102,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # `kill -USR1` logs every task with its stack: a hang can be read on a live agent.
         loop.add_signal_handler(signal.SIGUSR1, log_tasks)
+        # From the first moment to the last: start-up and shutdown are the loop's too.
+        interval = systemd.watchdog_interval()
+        pinger = asyncio.create_task(systemd.watchdog(interval)) if interval else None
         try:
             # Start-up itself races the stop request: SIGTERM during start-up ends it.
             started = asyncio.ensure_future(self._start_and_wait_joined())
@@ -114,6 +120,8 @@ class Agent:
         finally:
             systemd.notify("STOPPING=1")
             await self._shutdown()
+            if pinger is not None:
+                await cancel_and_wait([pinger], 0.5, what="watchdog")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
 
@@ -148,7 +156,9 @@ class Agent:
 
         # Gossip first: every join waits for it; the control and enrolment ports can wait.
         await self.presence.start_gossip(self._on_gossip_event)
-        self._control = ControlServer(rt.store.dir, self.operations.handlers())
+        self._control = ControlServer(
+            rt.store.dir, {**self.operations.handlers(), "doctor": self.diagnosis.report}
+        )
         await self._control.start()
         if cfg.enrol.enabled:
             self._enrol = EnrolServer(

@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,19 @@ class MeshLab:
                 return node.name
         raise LabError("no node of this lab ran 'meshd init'")
 
-    def start(self, node: NodeRef, *, log_level: str | None = None) -> int:
+    def start(
+        self,
+        node: NodeRef,
+        *,
+        log_level: str | None = None,
+        wrapper: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Start the node's agent; ``wrapper`` goes before the command (e.g. ``setpriv``
+        with a capability set, to run it as a hardened service would), ``env`` is added
+        to its environment (e.g. ``PYTHONPATH`` for a plugin installed elsewhere)."""
         argv = [
+            *wrapper,
             *meshd_argv(),
             "--config",
             str(self.config_path(node)),
@@ -217,7 +228,7 @@ class MeshLab:
             log_level or self.log_level,
             AGENT,
         ]
-        return self.lab.spawn(node, argv, name=AGENT)
+        return self.lab.spawn(node, argv, name=AGENT, env=env)
 
     def stop(self, node: NodeRef, *, sig: int = signal.SIGTERM, wait: float = 15) -> bool:
         """Stop the node's agent (SIGKILL for a crash); True when it was running."""

@@ -95,6 +95,17 @@ class KernelBackend:
         return AsyncWireGuard()
 
     async def _genl(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One pyroute2 call, on a plain selector loop in a worker thread: pyroute2's
+        asyncio netlink opens AF_NETLINK datagram endpoints, which uvloop (the agent's
+        loop when installed) refuses with "invalid family" (pyroute2 #1335)."""
+
+        def on_selector_loop() -> Any:
+            with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+                return runner.run(self._genl_here(what, method, *args, **kwargs))
+
+        return await asyncio.to_thread(on_selector_loop)
+
+    async def _genl_here(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
         try:

@@ -9,37 +9,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_meshd
+from tests.conftest import pip_install_target, run_meshd
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "meshd-testplugin"
 
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-build-isolation",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(FIXTURE),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return pip_install_target(FIXTURE, tmp_path_factory.mktemp("site"))
 
 
 def meshd(

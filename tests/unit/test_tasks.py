@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from meshd.tasks import ShutdownBudget, cancel_and_wait, log_tasks, run
+from meshd.errors import ConfigError
+from meshd.tasks import ShutdownBudget, cancel_and_wait, event_loop_factory, log_tasks, run
 
 
 async def obedient() -> None:
@@ -224,3 +225,19 @@ def test_run_raises_what_main_raises_and_still_cleans_up() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         run(main())
     assert finished == ["tidy"]
+
+
+@pytest.mark.parametrize("name", ["asyncio", "uvloop"])
+def test_run_on_the_loop_named(name: str) -> None:
+    pytest.importorskip(name)
+
+    async def loop_type() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    found = run(loop_type(), loop_factory=event_loop_factory(name))
+    assert found.split(".")[0] == name
+
+
+def test_an_unknown_loop_name_is_a_config_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"MESHD_LOOP: must be 'asyncio' or 'uvloop', not 'trio'"):
+        event_loop_factory("trio")

@@ -1,0 +1,74 @@
+"""What ``meshd doctor`` asks of a running agent: facts only, judged by :mod:`meshd.doctor`.
+
+The control command ``doctor`` answers with what only the agent knows and
+``status`` does not carry: its Serf child (pid, running, restarts), the live
+interface's port, and every member's gossip state and record version.
+
+A record's version is its publisher's wall clock in milliseconds at the time it
+was published (:meth:`meshd.agent.presence.Presence.record`), and an agent
+republishes at least every ``REPUBLISH_INTERVAL`` (plus half a resync interval
+for its loop to notice). That is what the doctor measures clock skew with: a
+version ahead of our clock means the peer's clock is ahead by at least that
+much; one older than the republish interval means it is behind by at least the
+excess. ``now`` is the agent's clock when it answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from meshd.agent.presence import REPUBLISH_INTERVAL, RESYNC_INTERVAL
+from meshd.agent.runtime import Runtime
+from meshd.desired import current_incarnations
+from meshd.errors import MeshdError
+
+# How old a live member's record may be before its clock is suspect, in seconds.
+RECORD_MAX_AGE = REPUBLISH_INTERVAL + RESYNC_INTERVAL
+
+
+class Diagnosis:
+    """The agent's side of ``meshd doctor``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def report(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        rt = self._rt
+        listen_port: int | None = None
+        device_error = None
+        try:
+            listen_port = (await rt.iface.state()).listen_port
+        except MeshdError as exc:
+            device_error = str(exc)
+        serf: dict[str, Any] = {"running": False, "pid": None, "restarts": 0}
+        if rt.has_gossip:
+            agent = rt.gossip.serf
+            serf = {"running": agent.running, "pid": agent.pid, "restarts": agent.restarts}
+        serf["joined"] = rt.joined.is_set()
+        members = [
+            {
+                "name": m.name,
+                "state": m.state.value,
+                "certified": m.certified,
+                "certificate_error": m.certificate_error,
+                "record_version": m.record.version if m.record else None,
+            }
+            for m in sorted(current_incarnations(rt.snapshot.others(rt.name)), key=lambda m: m.name)
+        ]
+        return {
+            "now": time.time(),
+            "record_max_age": RECORD_MAX_AGE,
+            "interface": {
+                "name": rt.iface.ifname,
+                "backend": rt.iface.backend_name,
+                "configured_port": rt.config.wireguard.port,
+                "listen_port": listen_port,
+                "error": device_error,
+                "mtu": rt.config.wireguard.mtu,
+            },
+            "enrol": {"enabled": rt.config.enrol.enabled, "port": rt.config.enrol.port},
+            "serf": serf,
+            "members": members,
+        }
