@@ -46,6 +46,7 @@ from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
 from meshd.gossip.messages import SerfEvent
+from meshd.identity import decode_key
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
 from meshd.pki.enrol_server import EnrolServer, chain_verifier
@@ -156,6 +157,8 @@ class Agent:
                 cfg.enrol.port,
                 verify=chain_verifier(state.ca_public_key, revoked=lambda: rt.trust.revoked),
                 on_enrolled=self.seed.enrolled,
+                private_key=decode_key(state.keys.private_key),
+                on_rejoin=self.seed.rejoined,
             )
             await self._enrol.start()
 

@@ -3,7 +3,10 @@
 - :meth:`Presence.record` builds the record (addresses, endpoints from the
   plugins, roles, certificate reference) and :meth:`publish` sets it as Serf tags.
 - :meth:`join_loop` asks Serf to join known peers until another member is alive,
-  and again whenever this node finds itself alone.
+  and again whenever this node finds itself alone; alone for ``REJOIN_AFTER``
+  seconds, it also asks the enrolment port of its known peers and every member
+  gossip showed it to take it back (:meth:`rejoin`): the others may have dropped
+  its peer entry, and then its gossip reaches no one.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
   shook hands with this node (see its docstring), and every ``REPUBLISH_INTERVAL``.
 """
@@ -33,8 +36,11 @@ from meshd.gossip.record import encode_record
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.hostport import format_host_port
+from meshd.identity import decode_key
 from meshd.netlink import Netlink, watch_addresses
 from meshd.node import gossip_address, new_rpc_key
+from meshd.pki.enrol import EnrolResult, rejoin
+from meshd.pki.token import split_endpoint
 from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,11 @@ HEARD_SETTLE = 3 * UNHEARD_GRACE
 HEARD_RECHECK = 15.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
+# Alone this long (Serf's own joins went unanswered), ask members to take this node back.
+REJOIN_AFTER = 2.0
+REJOIN_TIMEOUT = 3.0
+# Members asked per round, all at once.
+REJOIN_TARGETS = 8
 # Serf's log tells the view of every member change at once; the poll is the safety net.
 VIEW_POLL_INTERVAL = 2.0
 
@@ -76,6 +87,7 @@ class Presence:
         self._version = 0
         self._published_at = 0.0
         self._join_call: asyncio.Task[None] | None = None
+        self._rejoin_call: asyncio.Task[None] | None = None
 
     def record(self) -> NodeRecord:
         """This node's record as it should be published now (a new version each time)."""
@@ -253,6 +265,7 @@ class Presence:
         """
         rt = self._rt
         rounds = 0
+        alone_since: float | None = None
         while True:
             if not rt.has_gossip:  # restarting on a new address
                 await asyncio.sleep(JOIN_RETRY)
@@ -264,7 +277,16 @@ class Presence:
                     m.state is MemberState.ALIVE and m.name != rt.name for m in members.values()
                 )
 
-            if others_alive(view.members):
+            alone = not others_alive(view.members)
+            now = time.monotonic()
+            alone_since = (alone_since or now) if alone else None
+            if (
+                alone_since is not None
+                and now - alone_since >= REJOIN_AFTER
+                and (self._rejoin_call is None or self._rejoin_call.done())
+            ):
+                self._rejoin_call = rt.tasks.start(self.rejoin(), name="gossip-rejoin")
+            if not alone:
                 rounds = 0
                 if not rt.joined.is_set():
                     await self._announce_chain()
@@ -280,6 +302,70 @@ class Presence:
                 rounds += 1
             # Wake as soon as someone answers: READY=1 and the chain announcement wait on it.
             await view.wait_for(lambda m: others_alive(m) != rt.joined.is_set(), JOIN_RETRY)
+
+    def rejoin_targets(self, limit: int = REJOIN_TARGETS) -> list[tuple[str, str | None]]:
+        """Hosts (with their gossip address) of known peers, then of every member gossip
+        showed, in random order: where their WireGuard endpoints are. Their enrolment
+        port is taken to be this node's own (the mesh uses one)."""
+        rt = self._rt
+        found: dict[str, str | None] = {}
+        known = list(rt.known)
+        others = [m for m in rt.snapshot.others(rt.name) if m.record is not None]
+        random.shuffle(known)
+        random.shuffle(others)
+        for peer in known:
+            if peer.endpoint:
+                found.setdefault(split_endpoint(peer.endpoint)[0], peer.gossip_addr)
+        for member in others:
+            assert member.record is not None
+            for endpoint in member.record.endpoints[:1]:
+                address = str(gossip_address(member.record.addresses))
+                found.setdefault(split_endpoint(endpoint)[0], address)
+        return list(found.items())[:limit]
+
+    async def rejoin(self) -> None:
+        """Ask members, all at once, to take this node back as a peer; Serf then joins
+        the first that did, through the tunnel it just opened. (One at a time, targets
+        still unreachable held each round for seconds after the cut had ended.)"""
+        rt = self._rt
+        own = rt.published
+        if own is None or not own.endpoints:
+            return
+        chain, key = rt.own_chain, decode_key(rt.state.keys.private_key)
+        port = rt.config.enrol.port
+
+        async def ask(host: str) -> EnrolResult | None:
+            try:
+                return await rejoin(
+                    host,
+                    port,
+                    chain,
+                    key,
+                    own.endpoints[0],
+                    rt.state.ca_public_key,
+                    timeout=REJOIN_TIMEOUT,
+                )
+            except MeshdError as exc:
+                log.debug("re-join through %s failed: %s", host, exc)
+                return None
+
+        asked = [asyncio.ensure_future(ask(host)) for host, _ in self.rejoin_targets()]
+        try:
+            for next_answer in asyncio.as_completed(asked):
+                answer = await next_answer
+                if answer is None:
+                    continue
+                log.info("heard nobody: %s took this node back", answer.seed.name)
+                rt.iface.poke(
+                    p for p in rt.snapshot.desired.peers if p.public_key == answer.seed.public_key
+                )
+                if rt.has_gossip:
+                    address = str(gossip_address(answer.seed.addresses))
+                    await self._join([format_host_port(address, rt.config.gossip.port)])
+                return
+        finally:
+            for task in asked:
+                task.cancel()
 
     async def _join(self, targets: list[str]) -> None:
         """One Serf join, on an RPC connection of its own.

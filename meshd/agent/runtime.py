@@ -182,6 +182,8 @@ class Runtime:
         self.departed: dict[str, int] = {}
         # Last WireGuard handshake (epoch seconds) per peer key, read by presence.
         self.handshakes: dict[str, float] = {}
+        # Keys that proved themselves over the enrolment port (a re-join), until when.
+        self.vouched: dict[str, float] = {}
         self.snapshot = Snapshot()
         self.published: NodeRecord | None = None
         self.local_addresses: tuple[IPAddress, ...] = ()
@@ -218,9 +220,16 @@ class Runtime:
         return CertChain.decode(self.state.chain)
 
     def recent_handshakes(self, within: float) -> frozenset[str]:
-        """Keys of peers whose last handshake is at most ``within`` seconds old."""
+        """Keys of peers whose last handshake is at most ``within`` seconds old, and of
+        members vouched for (see :meth:`vouch`)."""
         now = time.time()
-        return frozenset(k for k, at in self.handshakes.items() if now - at <= within)
+        heard = {k for k, at in self.handshakes.items() if now - at <= within}
+        self.vouched = {k: until for k, until in self.vouched.items() if until > now}
+        return frozenset(heard | self.vouched.keys())
+
+    def vouch(self, key: str, seconds: float) -> None:
+        """Count ``key`` as recently heard for ``seconds``: it proved it holds that key."""
+        self.vouched[key] = time.time() + seconds
 
     def request_stop(self, *, leave: bool = False) -> None:
         """Stop the agent (SIGTERM, ``meshd leave``, a failed task); ``leave`` sticks."""

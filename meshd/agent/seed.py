@@ -5,22 +5,37 @@ the chain; here the seed refuses a name held by a live member or an address
 held by another node (saying which, as data), adds the joiner as a known peer
 so the tunnel comes up at once, announces its chain to the mesh, and answers
 with every certified member so the joiner has tunnels to all of them at once.
+
+A member that proved it holds its certified WireGuard key (a re-join: it hears
+nobody) is taken back the same way, and counts as recently heard for
+``REJOIN_VOUCH`` seconds, so a forged *left* in this node's view does not keep
+its peer out while its Serf comes back and refutes it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from meshd.agent.runtime import Runtime
-from meshd.errors import EnrolRefused
+from meshd.errors import EnrolRefused, IdentityError
 from meshd.node import KnownPeer, gossip_address, host_prefixes
-from meshd.pki.enrol import MAX_MEMBERS_IN_ANSWER, EnrolRequest, EnrolResult, PeerInfo
+from meshd.pki.enrol import (
+    MAX_MEMBERS_IN_ANSWER,
+    EnrolRequest,
+    EnrolResult,
+    PeerInfo,
+    RejoinRequest,
+)
 from meshd.types import IPAddress, MemberState
 
 log = logging.getLogger(__name__)
+
+# Long enough for the member's Serf to join through the new tunnel and refute a leave.
+REJOIN_VOUCH = 30.0
 
 
 class Seed:
@@ -81,6 +96,34 @@ class Seed:
         return EnrolResult(
             seed=PeerInfo(chain=rt.own_chain, endpoint=_first(own.endpoints if own else ())),
             members=tuple(self._member_infos(exclude=name)[:MAX_MEMBERS_IN_ANSWER]),
+        )
+
+    async def rejoined(self, request: RejoinRequest) -> EnrolResult:
+        """Take back a member that proved it holds its certified key (the server checked)."""
+        rt = self._rt
+        try:
+            request.chain.verify(rt.state.ca_public_key, int(time.time()), revoked=rt.trust.revoked)
+        except IdentityError as exc:
+            raise EnrolRefused(f"certificate refused: {exc}") from exc
+        key = request.public_key
+        if key == rt.state.keys.public_key:
+            raise EnrolRefused("that is this node's own key")
+        rt.vouch(key, REJOIN_VOUCH)
+        peer = KnownPeer(
+            name=request.name,
+            public_key=key,
+            allowed_ips=host_prefixes(request.addresses),
+            endpoint=request.endpoint,
+            gossip_addr=str(gossip_address(request.addresses)),
+        )
+        rt.known.add(peer)
+        rt.trust.add_chain(request.chain.encode(), request.chain.ref)
+        await self._run_pass()
+        rt.iface.poke(p for p in rt.snapshot.desired.peers if p.public_key == key)
+        log.info("took %s back as a peer (%s): it heard nobody", request.name, request.endpoint)
+        own = rt.published
+        return EnrolResult(
+            seed=PeerInfo(chain=rt.own_chain, endpoint=_first(own.endpoints if own else ())),
         )
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:

@@ -1,9 +1,11 @@
 """Attacks from the security review, each as a test (issue: security findings).
 
-A revoked machine must not come back with the token it joined with, while the
-machines that joined earlier with that same token keep their place; a rogue's
-name full of terminal escapes is printed escaped; a host with sixty addresses
-still starts and joins.
+A member wrongly dropped by every other node (cut off, then a forged leave, its
+peer entries gone) finds its way back by itself once the cut ends. A revoked
+machine must not come back with the token it joined with, while the machines
+that joined earlier with that same token keep their place; a rogue's name full
+of terminal escapes is printed escaped; a host with sixty addresses still starts
+and joins.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from meshd.gossip.names import display_name
 from meshd.identity import WireGuardKeyPair
 from meshd.lab.mesh import MeshLab
-from tests.integration.conftest import mesh_lab, rogue_serf
+from tests.integration.conftest import eventually, mesh_lab, rogue_serf, wg_peers
 
-pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft")
 
 NODES = ["n1", "n2", "n3", "n4"]
 
@@ -34,9 +37,107 @@ def mesh() -> Iterator[MeshLab]:
         yield built
 
 
-def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
-    mesh.up(NODES, seed=2)
+def formed(mesh: MeshLab) -> None:
+    """NODES in a full mesh (brought up by the first test that needs them)."""
+    if mesh.status("n1") is None:
+        mesh.up(NODES, seed=2)
     mesh.wait_full_mesh(NODES, timeout=60)
+
+
+CUT = "meshd_test_cut"
+
+
+def cut(mesh: MeshLab, node: str, *, on: bool) -> None:
+    """Drop (``on``) or let through again every packet of ``node``'s underlay link."""
+    if not on:
+        mesh.lab.run(node, ["nft", "delete", "table", "inet", CUT])
+        return
+    eth = mesh.lab.node(node).interface
+    rules = (
+        f"table inet {CUT} {{\n"
+        f"  chain in {{ type filter hook input priority -300; iifname {eth} drop; }}\n"
+        f"  chain out {{ type filter hook output priority -300; oifname {eth} drop; }}\n"
+        "}\n"
+    )
+    mesh.lab.run(node, ["nft", "-f", "-"], input=rules)
+
+
+def gossip_state(mesh: MeshLab, node: str, of: str) -> str | None:
+    found = mesh.status(node)
+    rows = [p for p in (found or {}).get("peers", []) if p["name"] == of]
+    return str(rows[0]["gossip"]) if rows else None
+
+
+def test_a_wrongly_dropped_member_finds_its_way_back(mesh: MeshLab) -> None:
+    """n3 is cut off until the others mark it failed; a rogue with the gossip key forges
+    its leave; its peer entries go everywhere (as they do once its last handshake is
+    older than meshd's 150 s, removed by hand here). n3 now hears nobody, and nobody has
+    a tunnel to it any more: gossip alone cannot bring it back. It must be back, pings
+    both ways and alive for all, within 10 s of the cut ending."""
+    formed(mesh)
+    victim, others = "n3", [n for n in NODES if n != "n3"]
+    key = mesh.status(victim)["node"]["public_key"]  # type: ignore[index]
+
+    async def drop_victim() -> None:
+        # The rogue joins while n3 is healthy, so it knows n3's Serf name.
+        rogue = rogue_serf(mesh, "n1", "rogue-rejoin", 7990)
+        await rogue.start()
+        client = rogue.client()
+        try:
+            await client.connect()
+            deadline = time.monotonic() + 20
+            target = None
+            while target is None:
+                assert time.monotonic() < deadline, "the rogue never saw n3"
+                names = [m.name for m in await client.members()]
+                target = next((n for n in names if display_name(n) == victim), None)
+                await asyncio.sleep(0.2)
+            cut(mesh, victim, on=True)
+            eventually(
+                lambda: all(gossip_state(mesh, n, victim) == "failed" for n in others),
+                30,
+                "the others mark n3 failed",
+            )
+            await client.force_leave(target)
+        finally:
+            await client.close()
+            await rogue.stop()
+
+    try:
+        asyncio.run(drop_victim())
+        eventually(
+            lambda: all(gossip_state(mesh, n, victim) == "left" for n in others),
+            15,
+            "the others mark n3 left",
+        )
+        for node in others:
+            mesh.lab.run(node, ["wg", "set", mesh.lab.ifname(node, "mw"), "peer", key, "remove"])
+        eventually(
+            lambda: all(key not in wg_peers(mesh, n) for n in others),
+            15,
+            "n3's peer entry gone everywhere",
+        )
+    finally:
+        cut(mesh, victim, on=False)
+    started = time.monotonic()
+    addresses = mesh.mesh_addresses(NODES)
+
+    def back() -> bool:
+        return all(
+            gossip_state(mesh, n, victim) == "alive"
+            and mesh.lab.ping(n, addresses[victim], deadline=0.5) is not None
+            and mesh.lab.ping(victim, addresses[n], deadline=0.5) is not None
+            for n in others
+        )
+
+    eventually(back, 30, "n3 back: alive for all, pings both ways")
+    took = time.monotonic() - started
+    print(f"n3 back {took:.1f} s after the cut ended")
+    assert took <= 10
+
+
+def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
+    formed(mesh)
     # Every node joined with the first node's token; keep a copy of it, as an attacker
     # who wiped n4 and kept its token file would.
     stolen = mesh.lab.node_dir("n4") / "stolen-token"
