@@ -6,10 +6,12 @@ held by another node (saying which, as data), adds the joiner as a known peer
 so the tunnel comes up at once, announces its chain to the mesh, and answers
 with every certified member so the joiner has tunnels to all of them at once.
 
-A member that proved it holds its certified WireGuard key (a re-join: it hears
-nobody) is taken back the same way, and counts as recently heard for
-``REJOIN_VOUCH`` seconds, so a forged *left* in this node's view does not keep
-its peer out while its Serf comes back and refutes it.
+A member that proved it holds its certified WireGuard key (a re-join, see
+:mod:`meshd.pki.rejoin`: everybody dropped it and it hears nobody) is added back
+as a known peer the same way, after its chain is checked like any other (CA,
+validity, revocations), and counts as recently heard for ``REJOIN_VOUCH``
+seconds, so a forged *left* in this node's view does not keep its peer out while
+its Serf comes back.
 """
 
 from __future__ import annotations
@@ -23,13 +25,8 @@ from typing import Any
 from meshd.agent.runtime import Runtime
 from meshd.errors import EnrolRefused, IdentityError
 from meshd.node import KnownPeer, gossip_address, host_prefixes
-from meshd.pki.enrol import (
-    MAX_MEMBERS_IN_ANSWER,
-    EnrolRequest,
-    EnrolResult,
-    PeerInfo,
-    RejoinRequest,
-)
+from meshd.pki.enrol import MAX_MEMBERS_IN_ANSWER, EnrolRequest, EnrolResult, PeerInfo
+from meshd.pki.rejoin import RejoinRequest
 from meshd.types import IPAddress, MemberState
 
 log = logging.getLogger(__name__)
@@ -98,8 +95,9 @@ class Seed:
             members=tuple(self._member_infos(exclude=name)[:MAX_MEMBERS_IN_ANSWER]),
         )
 
-    async def rejoined(self, request: RejoinRequest) -> EnrolResult:
-        """Take back a member that proved it holds its certified key (the server checked)."""
+    async def rejoined(self, request: RejoinRequest) -> str:
+        """Take back a member that proved it holds its certified key (the server checked
+        the proof); how this node's gossip saw it before ("absent" if not at all)."""
         rt = self._rt
         try:
             request.chain.verify(rt.state.ca_public_key, int(time.time()), revoked=rt.trust.revoked)
@@ -108,23 +106,26 @@ class Seed:
         key = request.public_key
         if key == rt.state.keys.public_key:
             raise EnrolRefused("that is this node's own key")
+        states = {m.state for m in rt.snapshot.members if m.record and m.record.public_key == key}
+        known = "alive" if MemberState.ALIVE in states else min(states, default="absent")
         rt.vouch(key, REJOIN_VOUCH)
-        peer = KnownPeer(
-            name=request.name,
-            public_key=key,
-            allowed_ips=host_prefixes(request.addresses),
-            endpoint=request.endpoint,
-            gossip_addr=str(gossip_address(request.addresses)),
+        addresses = request.chain.node.addresses
+        rt.known.add(
+            KnownPeer(
+                name=request.name,
+                public_key=key,
+                allowed_ips=host_prefixes(addresses),
+                endpoint=request.endpoint,
+                gossip_addr=str(gossip_address(addresses)),
+            )
         )
-        rt.known.add(peer)
         rt.trust.add_chain(request.chain.encode(), request.chain.ref)
         await self._run_pass()
         rt.iface.poke(p for p in rt.snapshot.desired.peers if p.public_key == key)
-        log.info("took %s back as a peer (%s): it heard nobody", request.name, request.endpoint)
-        own = rt.published
-        return EnrolResult(
-            seed=PeerInfo(chain=rt.own_chain, endpoint=_first(own.endpoints if own else ())),
+        log.info(
+            "took %s back as a peer (%s; gossip here: %s)", request.name, request.endpoint, known
         )
+        return known
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:
         """Every alive, certified member (but the joiner) with its chain and first endpoint."""

@@ -22,16 +22,6 @@ the answer comes with its certificate chain, the joiner verifies them against
 the token's CA and drops any that do not verify: the answer travels in clear
 over TCP, but a man in the middle cannot slip in a peer of its own.
 
-**Re-join.** A member that hears nobody (wrongly dropped: its peer entries gone
-everywhere, so its gossip reaches no one) asks a member's enrolment port to take
-it back. It has no token any more; it proves instead that it holds the WireGuard
-key its certificate binds. The hello then carries the seed's WireGuard public key
-(``"key"``), and the request is ``{"type": "rejoin", "v": 1, "chain": ...,
-"endpoint": ..., "proof": b64(mac)}`` where ``mac`` is BLAKE2b keyed with the
-X25519 shared secret of the two WireGuard keys over the nonce, the chain and the
-endpoint (:func:`rejoin_proof`): only the holder of the member's private key (or
-the seed's) can make it. The answer is a ``welcome`` as for an enrolment.
-
 The server (the seed's side) is :mod:`meshd.pki.enrol_server`.
 
 Public API::
@@ -40,16 +30,12 @@ Public API::
     EnrolRequest (.chain .endpoint .proof .nonce .source .name .public_key .addresses)
     EnrolResult(seed: PeerInfo, members: tuple[PeerInfo, ...]); PeerInfo(chain, endpoint)
     EnrolRequest.decode(data, *, nonce, source)   # IdentityError on anything malformed
-    await rejoin(host, port, chain, private_key, endpoint, ca_public_key, *, timeout) -> EnrolResult
-    RejoinRequest; rejoin_proof(private_key, peer_public_key, nonce, chain, endpoint)
-    decode_request(data, *, nonce, source) -> EnrolRequest | RejoinRequest
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -57,10 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nacl.bindings import crypto_scalarmult
-from nacl.encoding import RawEncoder
 from nacl.exceptions import BadSignatureError
-from nacl.hash import blake2b
 from nacl.signing import VerifyKey
 
 from meshd.b64 import decode_b64, encode_b64
@@ -83,8 +66,6 @@ MAX_ANSWER = 512 * 1024
 MAX_MEMBERS_IN_ANSWER = 256
 MAX_REASON = 300
 _PROOF_DOMAIN = b"meshd enrol proof v1\x00"
-_REJOIN_DOMAIN = b"meshd rejoin proof v1\x00"
-REJOIN_PROOF_LEN = 32
 
 
 def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:
@@ -99,22 +80,6 @@ def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:
         .u32(len(endpoint_bytes))
         .raw(endpoint_bytes)
         .getvalue()
-    )
-
-
-def rejoin_proof(
-    private_key: bytes, peer_public_key: bytes, nonce: bytes, chain: bytes, endpoint: str
-) -> bytes:
-    """The MAC a re-joining member sends: keyed with the X25519 secret of its WireGuard
-    key and the seed's (either side computes it from its private half)."""
-    try:
-        shared = crypto_scalarmult(private_key, peer_public_key)
-    except Exception as exc:  # nacl raises its own RuntimeError for a low-order point
-        raise IdentityError("a WireGuard key does not make a shared secret") from exc
-    message = BinaryWriter().raw(_REJOIN_DOMAIN).raw(nonce).u32(len(chain)).raw(chain)
-    message.u32(len(endpoint.encode("utf-8"))).raw(endpoint.encode("utf-8"))
-    return bytes(
-        blake2b(message.getvalue(), digest_size=REJOIN_PROOF_LEN, key=shared, encoder=RawEncoder)
     )
 
 
@@ -215,63 +180,6 @@ class EnrolRequest(_ChainedNode):
             nonce=nonce,
             source=source,
         )
-
-
-@dataclass(frozen=True)
-class RejoinRequest(_ChainedNode):
-    """A member's request to be taken back (``nonce`` and ``source`` set by the seed)."""
-
-    chain: CertChain
-    endpoint: str
-    proof: bytes
-    nonce: bytes = b""
-    source: str = ""
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "type": "rejoin",
-                "v": PROTOCOL_VERSION,
-                "chain": encode_b64(self.chain.encode()),
-                "endpoint": self.endpoint,
-                "proof": encode_b64(self.proof),
-            }
-        ).encode("utf-8")
-
-    def verify_proof(self, seed_private_key: bytes) -> None:
-        """The member holds the WireGuard key its certificate binds; IdentityError if not."""
-        expected = rejoin_proof(
-            seed_private_key,
-            self.chain.node.public_key_bytes,
-            self.nonce,
-            self.chain.encode(),
-            self.endpoint,
-        )
-        if not hmac.compare_digest(expected, self.proof):
-            raise IdentityError("the proof of holding the certified WireGuard key does not verify")
-
-
-def decode_request(
-    data: bytes, *, nonce: bytes = b"", source: str = ""
-) -> EnrolRequest | RejoinRequest:
-    """An enrolment or a re-join request frame; IdentityError on anything malformed."""
-    try:
-        kind = json.loads(data.decode("utf-8")).get("type")
-    except (ValueError, RecursionError, AttributeError):
-        kind = None
-    if kind != "rejoin":
-        return EnrolRequest.decode(data, nonce=nonce, source=source)
-    message = _load_json(data, "rejoin")
-    proof = _unb64(message.get("proof"), "proof")
-    if len(proof) != REJOIN_PROOF_LEN:
-        raise IdentityError("malformed enrolment message: proof is not a MAC")
-    return RejoinRequest(
-        chain=CertChain.decode(_unb64(message.get("chain"), "chain")),
-        endpoint=_endpoint(message.get("endpoint"), "endpoint"),
-        proof=proof,
-        nonce=nonce,
-        source=source,
-    )
 
 
 def verify_proof(request: EnrolRequest) -> None:
@@ -446,58 +354,3 @@ def _verified(result: EnrolResult, token: Token, seed: str, now: int) -> EnrolRe
             continue
         members.append(member)
     return EnrolResult(seed=result.seed, members=tuple(members))
-
-
-async def rejoin(
-    host: str,
-    port: int,
-    chain: CertChain,
-    private_key: bytes,
-    endpoint: str,
-    ca_public_key: bytes,
-    *,
-    timeout: float = 5.0,
-    now: int | None = None,
-) -> EnrolResult:
-    """Ask the member at ``host:port`` to take this node back as a peer; its verified answer.
-
-    ``chain`` is this node's own, ``private_key`` its raw WireGuard private key.
-    Raises EnrolError (unreachable, timeout, bad answer) or EnrolRefused.
-    """
-    now = int(time.time()) if now is None else now
-    seed = format_host_port(host, port)
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                hello = _load_json(
-                    await read_frame(reader, MAX_HELLO), "hello", refusal_allowed=True
-                )
-                nonce = _unb64(hello.get("nonce"), "nonce")
-                if "key" not in hello:
-                    raise EnrolError(f"seed {seed} does not take members back")
-                seed_key = _unb64(hello.get("key"), "key")
-                if len(nonce) != NONCE_LEN or len(seed_key) != 32:
-                    raise EnrolError(f"seed {seed} does not take members back")
-                encoded = chain.encode()
-                proof = rejoin_proof(private_key, seed_key, nonce, encoded, endpoint)
-                request = RejoinRequest(chain=chain, endpoint=endpoint, proof=proof)
-                await write_frame(writer, request.encode())
-                result = EnrolResult.decode(await read_frame(reader, MAX_ANSWER))
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-    except TimeoutError as exc:
-        raise EnrolError(f"seed {seed} did not answer within {timeout:g} s") from exc
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        raise EnrolError(f"cannot reach seed {seed}: {exc}") from exc
-    except EnrolRefused as exc:
-        raise EnrolRefused(exc.reason, seed=seed) from None
-    except IdentityError as exc:
-        raise EnrolError(f"seed {seed} sent a malformed answer ({exc})") from exc
-    try:
-        result.seed.chain.verify(ca_public_key, now)
-    except IdentityError as exc:
-        raise EnrolError(f"seed {seed} is not a member of this network: {exc}") from exc
-    return result

@@ -3,9 +3,7 @@
 It speaks the protocol of :mod:`meshd.pki.enrol`: checks the joiner's proof,
 then ``verify`` (normally :func:`chain_verifier`: chain to the CA, at
 admission, not revoked), then ``on_enrolled``, the agent's callback that adds
-the joiner as a WireGuard peer and answers with the members it knows. Given the
-node's WireGuard private key and ``on_rejoin``, it also takes back a member that
-proves it holds its certified key (a re-join, see :mod:`meshd.pki.enrol`).
+the joiner as a WireGuard peer and answers with the members it knows.
 
 Defences: a token bucket per source address (per /64 for IPv6) refuses floods
 before any work; at most ``max_per_source`` conversations per source and
@@ -19,8 +17,7 @@ client sends can stop the server.
 Public API::
 
     EnrolServer(host, port, verify, on_enrolled, *, burst, refill_per_second, timeout,
-                first_frame_timeout, max_connections, max_per_source,
-                private_key=None, on_rejoin=None)
+                first_frame_timeout, max_connections, max_per_source)
     await .start(); .port; await .stop(); async with
     chain_verifier(ca_public_key, *, revoked=None, clock=time.time) -> Verifier
 """
@@ -35,9 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-
-from nacl.bindings import crypto_scalarmult_base
+from collections.abc import Callable
 
 from meshd.b64 import encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError, MeshdError
@@ -46,11 +41,8 @@ from meshd.pki.enrol import (
     NONCE_LEN,
     PROTOCOL_VERSION,
     EnrolRequest,
-    EnrolResult,
     OnEnrolled,
-    RejoinRequest,
     Verifier,
-    decode_request,
     read_frame,
     refusal,
     verify_proof,
@@ -148,15 +140,11 @@ class EnrolServer:
         first_frame_timeout: float = 3.0,
         max_connections: int = 128,
         max_per_source: int = 4,
-        private_key: bytes | None = None,
-        on_rejoin: Callable[[RejoinRequest], Awaitable[EnrolResult]] | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
         self._verify = verify
         self._on_enrolled = on_enrolled
-        self._private_key = private_key
-        self._on_rejoin = on_rejoin
         self._limiter = RateLimiter(burst, refill_per_second)
         self._timeout = timeout
         self._first_frame_timeout = first_frame_timeout
@@ -288,8 +276,6 @@ class EnrolServer:
     ) -> None:
         nonce = os.urandom(NONCE_LEN)
         hello = {"type": "hello", "v": PROTOCOL_VERSION, "nonce": encode_b64(nonce)}
-        if self._private_key is not None and self._on_rejoin is not None:
-            hello["key"] = encode_b64(crypto_scalarmult_base(self._private_key))
         await write_frame(writer, json.dumps(hello).encode("utf-8"))
         try:
             # A short deadline for the request: an idle connection holds a place.
@@ -302,17 +288,11 @@ class EnrolServer:
         # Reading errors (EOF, reset) end the conversation in _accept; from here on, any
         # failure is answered with a reason.
         try:
-            request = decode_request(body, nonce=nonce, source=source)
-            if isinstance(request, RejoinRequest):
-                if self._private_key is None or self._on_rejoin is None:
-                    raise EnrolRefused("this seed does not take members back")
-                request.verify_proof(self._private_key)
-                result = await self._on_rejoin(request)
-            else:
-                verify_proof(request)
-                self._verify(request)
-                outcome = self._on_enrolled(request)
-                result = await outcome if inspect.isawaitable(outcome) else outcome
+            request = EnrolRequest.decode(body, nonce=nonce, source=source)
+            verify_proof(request)
+            self._verify(request)
+            outcome = self._on_enrolled(request)
+            result = await outcome if inspect.isawaitable(outcome) else outcome
         except EnrolRefused as exc:
             await self._refuse(writer, source, exc.reason, taken=exc.taken)
             return
@@ -328,8 +308,7 @@ class EnrolServer:
             log.exception("enrolment from %s failed on this seed", source)
             await write_frame(writer, refusal("the seed failed to add you; see its log"))
             return
-        done = "took back" if isinstance(request, RejoinRequest) else "enrolled"
-        log.info("%s %s (%s) from %s", done, request.name, request.public_key, source)
+        log.info("enrolled %s (%s) from %s", request.name, request.public_key, source)
         await write_frame(writer, result.encode())
 
     @staticmethod

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import EnrolError, EnrolRefused, IdentityError
-from meshd.identity import WireGuardKeyPair, decode_key
+from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain, Certificate, check_binding
 from meshd.pki.enrol import (
@@ -28,10 +28,8 @@ from meshd.pki.enrol import (
     EnrolRequest,
     EnrolResult,
     PeerInfo,
-    RejoinRequest,
     enrol,
     proof_message,
-    rejoin,
     verify_proof,
 )
 from meshd.pki.enrol_server import EnrolServer, RateLimiter, chain_verifier
@@ -663,63 +661,5 @@ def test_admission_story_with_the_ca_machine_offline() -> None:
             public_key=me.public_key,
             addresses=[IPv4Address("100.64.9.9")],
         )
-
-    run(scenario)
-
-
-# --- re-join: a member proves it holds its certified WireGuard key ----------------------
-
-
-def test_a_member_holding_its_key_is_taken_back_and_an_impostor_is_refused() -> None:
-    net = Network()
-    seed = WireGuardKeyPair.generate()
-    member = WireGuardKeyPair.generate()
-    chain = CertChain(net.ca.issue_node_cert("m", member.public_key, [IPv4Address("100.80.0.9")]))
-    taken: list[RejoinRequest] = []
-
-    async def take_back(request: RejoinRequest) -> EnrolResult:
-        taken.append(request)
-        return EnrolResult(seed=PeerInfo(net.seed_chain, "127.0.0.1:51820"))
-
-    async def scenario() -> None:
-        server = net.server(private_key=decode_key(seed.private_key), on_rejoin=take_back)
-        async with server:
-            answer = await rejoin(
-                LOOPBACK,
-                server.port,
-                chain,
-                decode_key(member.private_key),
-                "192.0.2.9:51820",
-                net.ca.public_key,
-            )
-            assert answer.seed.name == "seed"
-            assert [r.name for r in taken] == ["m"]
-            # Someone with the member's (public) chain but another private key.
-            impostor = decode_key(WireGuardKeyPair.generate().private_key)
-            with pytest.raises(EnrolRefused, match="proof of holding the certified WireGuard key"):
-                await rejoin(
-                    LOOPBACK, server.port, chain, impostor, "192.0.2.9:51820", net.ca.public_key
-                )
-            assert len(taken) == 1
-
-    run(scenario)
-
-
-def test_a_seed_that_does_not_take_members_back_says_so() -> None:
-    net = Network()
-    member = WireGuardKeyPair.generate()
-    chain = CertChain(net.ca.issue_node_cert("m", member.public_key, [IPv4Address("100.80.0.9")]))
-
-    async def scenario() -> None:
-        async with net.server() as server:
-            with pytest.raises(EnrolError, match="does not take members back"):
-                await rejoin(
-                    LOOPBACK,
-                    server.port,
-                    chain,
-                    decode_key(member.private_key),
-                    "192.0.2.9:51820",
-                    net.ca.public_key,
-                )
 
     run(scenario)
