@@ -74,6 +74,10 @@ ROAM_SETTLE = 0.1
 # probe at a time, tens of seconds for a few.
 SILENCE = {"lan": 3.0, "local": 3.0, "wan": 15.0}
 SILENCE_POLL = 0.5
+# A joiner's first seconds are quiet too: silence counts once it joined, or after this.
+SILENCE_AT_START = 30.0
+# Their gossip still holds this node's Serf name in a state it comes back from.
+_RETURNS_FROM = frozenset({MemberState.ALIVE.value, MemberState.FAILED.value})
 REJOIN_TIMEOUT = 2.0
 # While nobody answers, ask again after 2, 4, ... up to this many seconds.
 REJOIN_BACKOFF_MAX = 30.0
@@ -316,7 +320,7 @@ class Presence:
         rt = self._rt
         silence = SILENCE[rt.config.gossip.profile]
         count: int | None = None
-        heard_at = next_at = time.monotonic()
+        started = heard_at = next_at = time.monotonic()
         wait = 0.0
         async with Netlink() as nl:
             while True:
@@ -331,6 +335,8 @@ class Presence:
                     count, heard_at, wait = received, now, 0.0
                     continue
                 if now - heard_at < silence or now < next_at:
+                    continue
+                if not rt.joined.is_set() and now - started < SILENCE_AT_START:
                     continue
                 if await self.rejoin():
                     heard_at = time.monotonic()  # give the tunnels time to carry gossip
@@ -364,8 +370,9 @@ class Presence:
 
     async def rejoin(self) -> bool:
         """Ask every member at once to take this node back; then join those that did,
-        as a fresh Serf member unless one of them still saw this node alive. Whether
-        anyone took it back."""
+        as a fresh Serf member unless one of them still holds this node's Serf name
+        alive or failed (memberlist brings a failed one back). Whether anyone took it
+        back."""
         rt = self._rt
         own = rt.published
         targets = self.rejoin_targets()
@@ -388,17 +395,19 @@ class Presence:
             ", ".join(name for name, _ in takers) or f"{len(welcomes)} member(s)",
             ", ".join(sorted({w.known for w in welcomes})),
         )
-        if all(w.known != MemberState.ALIVE.value for w in welcomes) and rt.has_gossip:
+        if all(w.known not in _RETURNS_FROM for w in welcomes) and rt.has_gossip:
             # Their Serf holds this name as left, or erased it (a forged prune) while
             # memberlist still counts it alive: either way it ignores its return.
             self._generation += 1
             log.info("starting gossip again as a fresh member (generation %d)", self._generation)
+            rt.carry_peers()  # the new Serf's view starts empty
             await self.stop_gossip(leave=False, timeout=JOIN_RETRY)
             assert self._on_event is not None
             await self.start_gossip(self._on_event)
         if rt.has_gossip and takers:
             port = rt.config.gossip.port
-            await self._join([format_host_port(address, port) for _, address in takers])
+            joins = [format_host_port(address, port) for _, address in takers]
+            await self._join(joins[:JOIN_TARGETS])
         return True
 
     def _takers(self, welcomes: list[Welcome]) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from meshd.desired import DesiredState, KnownEntry
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
-from meshd.node import KnownPeer, NodeState, NodeStore
+from meshd.node import KnownPeer, NodeState, NodeStore, gossip_address
 from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
@@ -218,6 +218,20 @@ class Runtime:
     @property
     def own_chain(self) -> CertChain:
         return CertChain.decode(self.state.chain)
+
+    def carry_peers(self) -> None:
+        """Keep every current peer as a known peer: a Serf that starts afresh knows no
+        member yet, and the tunnels must carry its joins meanwhile."""
+        now = time.monotonic()
+        by_key = self.snapshot.by_key()
+        for peer in self.snapshot.desired.peers:
+            member = by_key.get(peer.public_key)
+            if member is not None and member.record is not None:
+                gossip = str(gossip_address(member.record.addresses))
+                known = KnownPeer(
+                    member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip
+                )
+                self.known.add(known, now)
 
     def recent_handshakes(self, within: float) -> frozenset[str]:
         """Keys of peers whose last handshake is at most ``within`` seconds old, and of
