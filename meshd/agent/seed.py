@@ -103,28 +103,26 @@ class Seed:
             request.chain.verify(rt.state.ca_public_key, int(time.time()), revoked=rt.trust.revoked)
         except IdentityError as exc:
             raise EnrolRefused(f"certificate refused: {exc}") from exc
-        key = request.public_key
+        node = request.chain.node
+        key = node.public_key
         if key == rt.state.keys.public_key:
             raise EnrolRefused("that is this node's own key")
         states = {m.state for m in rt.snapshot.members if m.record and m.record.public_key == key}
         known = "alive" if MemberState.ALIVE in states else min(states, default="absent")
         rt.vouch(key, REJOIN_VOUCH)
-        addresses = request.chain.node.addresses
         rt.known.add(
             KnownPeer(
-                name=request.name,
+                name=node.name,
                 public_key=key,
-                allowed_ips=host_prefixes(addresses),
+                allowed_ips=host_prefixes(node.addresses),
                 endpoint=request.endpoint,
-                gossip_addr=str(gossip_address(addresses)),
+                gossip_addr=str(gossip_address(node.addresses)),
             )
         )
         rt.trust.add_chain(request.chain.encode(), request.chain.ref)
         await self._run_pass()
         rt.iface.poke(p for p in rt.snapshot.desired.peers if p.public_key == key)
-        log.info(
-            "took %s back as a peer (%s; gossip here: %s)", request.name, request.endpoint, known
-        )
+        log.info("took %s back as a peer (%s; gossip here: %s)", node.name, request.endpoint, known)
         return known
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:

@@ -133,15 +133,6 @@ class RejoinRequest:
     nonce: bytes
     mac: bytes = b""
 
-    @property
-    def name(self) -> str:
-        return self.chain.node.name
-
-    @property
-    def public_key(self) -> str:
-        """The requester's WireGuard key (base64), as its certificate binds it."""
-        return self.chain.node.public_key
-
     def signed_part(self) -> bytes:
         chain = self.chain.encode()
         endpoint = self.endpoint.encode("utf-8")
@@ -366,10 +357,10 @@ class RejoinServer(asyncio.DatagramProtocol):
         try:
             known = await self._on_rejoin(request)
         except MeshdError as exc:
-            log.info("did not take %s back: %s", request.name, exc)
+            log.info("did not take %s back: %s", request.chain.node.name, exc)
             return
         except Exception:
-            log.exception("taking %s back failed on this node", request.name)
+            log.exception("taking %s back failed on this node", request.chain.node.name)
             return
         if self._transport is not None:
             self._transport.sendto(Welcome.make(request, self._private_key, known).encode(), addr)

@@ -68,7 +68,7 @@ class Pair:
 
     def server(self, *, clock: Callable[[], float] = lambda: NOW) -> RejoinServer:
         async def take_back(request: RejoinRequest) -> str:
-            if request.name == "refused":
+            if request.chain.node.name == "refused":
                 raise EnrolRefused("certificate refused: revoked")
             self.taken.append(request)
             self.took.set()
@@ -92,7 +92,7 @@ def test_a_request_verifies_only_with_the_key_its_chain_binds() -> None:
     pair = Pair()
     request = RejoinRequest.decode(pair.request().encode())
     request.verify(pair.seed_private)
-    assert request.public_key == pair.member.public_key
+    assert request.chain.node.public_key == pair.member.public_key
     # Someone holding the member's (public) chain but another private key.
     forged = pair.request(private=decode_key(WireGuardKeyPair.generate().private_key))
     with pytest.raises(IdentityError, match="proof of holding the certified WireGuard key"):
@@ -132,7 +132,7 @@ def test_a_member_is_taken_back_and_an_impostor_a_replay_or_a_stale_request_is_n
 
             answers = await ask(pair.member_private)
             assert [a.known for a in answers] == ["absent"]
-            assert [r.name for r in pair.taken] == ["m"]
+            assert [r.chain.node.name for r in pair.taken] == ["m"]
 
             impostor = decode_key(WireGuardKeyPair.generate().private_key)
             assert await ask(impostor) == []
