@@ -73,7 +73,7 @@ ROAM_SETTLE = 0.1
 # others still hear is never silent that long; Serf itself marks members failed one
 # probe at a time, tens of seconds for a few.
 SILENCE = {"lan": 3.0, "local": 3.0, "wan": 15.0}
-SILENCE_POLL = 0.5
+SILENCE_POLL = 1.0
 # A joiner's first seconds are quiet too: silence counts once it joined, or after this.
 SILENCE_AT_START = 30.0
 # Their gossip still holds this node's Serf name in a state it comes back from.
