@@ -68,6 +68,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 4, 18, 1
+IFLA_STATS64 = 23  # struct rtnl_link_stats64: rx_packets first, a u64
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 _NLA_TYPE_MASK = 0x3FFF  # without the NLA_F_NESTED / NLA_F_NET_BYTEORDER bits
@@ -366,6 +367,15 @@ class Netlink:
         link = await self._get_link(await self._index(ifname), ifname)
         (mtu,) = _U32.unpack(link.attrs[IFLA_MTU][:4])
         return mtu, bool(link.flags & _IFF_UP)
+
+    async def received_packets(self, ifname: str) -> int:
+        """How many packets ``ifname`` has received (for a WireGuard interface: packets
+        that came out of a tunnel)."""
+        link = await self._get_link(await self._index(ifname), ifname)
+        stats = link.attrs.get(IFLA_STATS64, b"")
+        if len(stats) < 8:
+            raise NetlinkError(f"{ifname}: the kernel gave no packet counters")
+        return int(struct.unpack_from("=Q", stats)[0])
 
     # Addresses
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from meshd.agent.runtime import Runtime
 from meshd.desired import Claim, address_owners, claim_of
 from meshd.errors import MeshdError
-from meshd.node import KnownPeer, gossip_address, mesh_interface_addresses
+from meshd.node import gossip_address, mesh_interface_addresses
 from meshd.types import IPAddress, Member, MemberState
 
 log = logging.getLogger(__name__)
@@ -104,17 +103,6 @@ class Addressing:
             await self._republish()
             return
         # Known peers carry the mesh while the new Serf finds the others again.
-        now = time.monotonic()
-        by_key = rt.snapshot.by_key()
-        for peer in rt.snapshot.desired.peers:
-            member = by_key.get(peer.public_key)
-            if member is not None and member.record is not None:
-                gossip = str(gossip_address(member.record.addresses))
-                rt.known.add(
-                    KnownPeer(
-                        member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip
-                    ),
-                    now,
-                )
+        rt.carry_peers()
         # Serf is bound to the moved address: it must start again on the new one.
         await self._restart_gossip()

@@ -48,9 +48,11 @@ from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
 from meshd.gossip.messages import SerfEvent
+from meshd.identity import decode_key
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
 from meshd.pki.enrol_server import EnrolServer, chain_verifier
+from meshd.pki.rejoin import RejoinServer
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.plugins import PluginHost
 from meshd.tasks import ShutdownBudget, cancel_and_wait, log_tasks
@@ -78,6 +80,7 @@ class Agent:
         self._expiry_warned = 0.0
         self._control: ControlServer | None = None
         self._enrol: EnrolServer | None = None
+        self._rejoin: RejoinServer | None = None
         self.presence = Presence(rt, announce_chain=self._announce_own)
         self.exchange = TrustExchange(rt, republish=self.presence.publish)
         self.addressing = Addressing(
@@ -169,10 +172,19 @@ class Agent:
                 identity=self.seed.identity,
             )
             await self._enrol.start()
+            # The same port number over UDP: members everybody dropped ask to come back.
+            self._rejoin = RejoinServer(
+                "0.0.0.0",
+                cfg.enrol.port,
+                decode_key(state.keys.private_key),
+                on_rejoin=self.seed.rejoined,
+            )
+            await self._rejoin.start()
 
         rt.plugins.startup(rt.face)
         rt.tasks.start(self._loop(), name="reconcile-loop")
         rt.tasks.start(self.presence.join_loop(), name="gossip-join")
+        rt.tasks.start(self.presence.rejoin_loop(), name="gossip-rejoin")
         rt.tasks.start(self.exchange.revocation_loop(), name="revocation-sync")
         rt.tasks.start(self.presence.reannounce_loop(), name="reannounce")
         rt.tasks.start(self.presence.roam_loop(), name="roaming")
@@ -246,6 +258,8 @@ class Agent:
         closers = [budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5)]
         if self._enrol is not None:
             closers.append(budget.step("stopping the enrolment port", self._enrol.stop()))
+        if self._rejoin is not None:
+            closers.append(budget.step("stopping the re-join port", self._rejoin.stop()))
         if self._control is not None:
             closers.append(budget.step("stopping the control socket", self._control.stop()))
         if rt.has_iface:

@@ -4,6 +4,13 @@
   plugins, roles, certificate reference) and :meth:`publish` sets it as Serf tags.
 - :meth:`join_loop` asks Serf to join known peers until another member is alive,
   and again whenever this node finds itself alone.
+- :meth:`rejoin_loop` notices when this node hears nobody (its mesh interface
+  received nothing for ``SILENCE`` seconds: not even an ack of Serf's probes) and
+  asks every member it knows, proving it holds its certified key, to take it back
+  (:mod:`meshd.pki.rejoin`): the others may all have dropped its peer entry, and
+  then its gossip reaches no one. If none of those that took it back still saw it
+  alive, Serf starts again as a fresh member (the next name generation,
+  :mod:`meshd.gossip.names`) and joins them.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
   shook hands with this node (see its docstring), and every ``REPUBLISH_INTERVAL``.
 """
@@ -26,15 +33,18 @@ from meshd.agent.goodbye import goodbye_port
 from meshd.agent.runtime import Gossip, Runtime, bounded
 from meshd.b64 import encode_b64
 from meshd.desired import STATIC_ROLE
-from meshd.errors import FirewallError, GossipError, MeshdError, RecordError
+from meshd.errors import FirewallError, GossipError, MeshdError, NetlinkError, RecordError
 from meshd.gossip.messages import SerfEvent
 from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.gossip.view import MembershipView, publish_record
 from meshd.hostport import format_host_port
+from meshd.identity import decode_key
 from meshd.netlink import Netlink, watch_addresses
 from meshd.node import gossip_address, new_rpc_key
+from meshd.pki.rejoin import RejoinTarget, Welcome, ask_to_rejoin
+from meshd.pki.token import split_endpoint
 from meshd.types import Member, MemberState, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,21 @@ HEARD_SETTLE = 3 * UNHEARD_GRACE
 HEARD_RECHECK = 15.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
+# Nothing came out of any tunnel for this long: this node hears nobody. Serf probes a
+# member every second (every 5 s on "wan") and each probe is answered, so a node that
+# others still hear is never silent that long; Serf itself marks members failed one
+# probe at a time, tens of seconds for a few.
+SILENCE = {"lan": 3.0, "local": 3.0, "wan": 15.0}
+SILENCE_POLL = 1.0
+# A joiner's first seconds are quiet too: silence counts once it joined, or after this.
+SILENCE_AT_START = 30.0
+# Their gossip still holds this node's Serf name in a state it comes back from.
+_RETURNS_FROM = frozenset({MemberState.ALIVE.value, MemberState.FAILED.value})
+REJOIN_TIMEOUT = 2.0
+# While nobody answers, ask again after 2, 4, ... up to this many seconds.
+REJOIN_BACKOFF_MAX = 30.0
+# Members asked per round, all at once (one datagram each).
+REJOIN_TARGETS = 32
 # Serf's log tells the view of every member change at once; the poll is the safety net.
 VIEW_POLL_INTERVAL = 2.0
 
@@ -76,6 +101,9 @@ class Presence:
         self._version = 0
         self._published_at = 0.0
         self._join_call: asyncio.Task[None] | None = None
+        # Serf name generation (meshd.gossip.names): the next one after a re-join.
+        self._generation = 0
+        self._on_event: Callable[[SerfEvent], None] | None = None
 
     def record(self) -> NodeRecord:
         """This node's record as it should be published now (a new version each time)."""
@@ -117,11 +145,12 @@ class Presence:
         """Start Serf on this node's mesh address, with the record in its first alive message."""
         rt = self._rt
         cfg, state = rt.config, rt.state
+        self._on_event = on_event
         record = self.record()
         bind = str(gossip_address(state.addresses.all()))
         targets = self.join_targets(limit=1)
         settings = SerfSettings(
-            node_name=serf_node_name(state.name, state.keys.public_key),
+            node_name=serf_node_name(state.name, state.keys.public_key, self._generation),
             state_dir=rt.store.serf_dir,
             # A fresh key every start: one learnt from an old run opens nothing.
             rpc_auth_key=new_rpc_key(),
@@ -280,6 +309,121 @@ class Presence:
                 rounds += 1
             # Wake as soon as someone answers: READY=1 and the chain announcement wait on it.
             await view.wait_for(lambda m: others_alive(m) != rt.joined.is_set(), JOIN_RETRY)
+
+    async def rejoin_loop(self) -> None:
+        """Ask to be taken back whenever this node hears nobody (see the module docstring).
+
+        The mesh interface's packet counter is read every ``SILENCE_POLL`` seconds (one
+        netlink request); while nobody takes this node back, it asks again less and
+        less often.
+        """
+        rt = self._rt
+        silence = SILENCE[rt.config.gossip.profile]
+        count: int | None = None
+        started = heard_at = next_at = time.monotonic()
+        wait = 0.0
+        async with Netlink() as nl:
+            while True:
+                await asyncio.sleep(SILENCE_POLL)
+                now = time.monotonic()
+                try:
+                    received = await nl.received_packets(rt.iface.ifname)
+                except NetlinkError as exc:
+                    log.debug("cannot read the mesh interface's counters: %s", exc)
+                    continue
+                if received != count:
+                    count, heard_at, wait = received, now, 0.0
+                    continue
+                if now - heard_at < silence or now < next_at:
+                    continue
+                if not rt.joined.is_set() and now - started < SILENCE_AT_START:
+                    continue
+                if await self.rejoin():
+                    heard_at = time.monotonic()  # give the tunnels time to carry gossip
+                    continue
+                wait = min(max(2 * wait, JOIN_RETRY), REJOIN_BACKOFF_MAX)
+                next_at = time.monotonic() + wait
+
+    def rejoin_targets(self, limit: int = REJOIN_TARGETS) -> list[RejoinTarget]:
+        """Every member gossip showed (then the known peers), in random order: the host of
+        its first WireGuard endpoint and its key. Their re-join port is taken to be this
+        node's own enrolment port (the mesh uses one)."""
+        rt = self._rt
+        found: dict[str, str] = {}
+        others = [m for m in rt.snapshot.others(rt.name) if m.record and m.record.endpoints]
+        random.shuffle(others)
+        for member in others:
+            assert member.record is not None
+            found.setdefault(member.record.public_key, member.record.endpoints[0])
+        for peer in rt.known:
+            if peer.endpoint:
+                found.setdefault(peer.public_key, peer.endpoint)
+        found.pop(rt.state.keys.public_key, None)
+        targets = []
+        for key, endpoint in list(found.items())[:limit]:
+            try:
+                host = split_endpoint(endpoint)[0]
+                targets.append(RejoinTarget(host, rt.config.enrol.port, decode_key(key)))
+            except MeshdError as exc:
+                log.debug("cannot ask %s to take this node back: %s", endpoint, exc)
+        return targets
+
+    async def rejoin(self) -> bool:
+        """Ask every member at once to take this node back; then join those that did,
+        as a fresh Serf member unless one of them still holds this node's Serf name
+        alive or failed (memberlist brings a failed one back). Whether anyone took it
+        back."""
+        rt = self._rt
+        own = rt.published
+        targets = self.rejoin_targets()
+        if own is None or not own.endpoints or not targets:
+            return False
+        key = decode_key(rt.state.keys.private_key)
+        try:
+            welcomes = await ask_to_rejoin(
+                targets, rt.own_chain, key, own.endpoints[0], timeout=REJOIN_TIMEOUT
+            )
+        except (MeshdError, OSError) as exc:
+            log.warning("cannot ask members to take this node back: %s", exc)
+            return False
+        if not welcomes:
+            log.debug("heard nobody; none of %d member(s) asked took this node back", len(targets))
+            return False
+        takers = self._takers(welcomes)
+        log.info(
+            "heard nobody: taken back by %s (gossip there: %s)",
+            ", ".join(name for name, _ in takers) or f"{len(welcomes)} member(s)",
+            ", ".join(sorted({w.known for w in welcomes})),
+        )
+        if all(w.known not in _RETURNS_FROM for w in welcomes) and rt.has_gossip:
+            # Their Serf holds this name as left, or erased it (a forged prune) while
+            # memberlist still counts it alive: either way it ignores its return.
+            self._generation += 1
+            log.info("starting gossip again as a fresh member (generation %d)", self._generation)
+            rt.carry_peers()  # the new Serf's view starts empty
+            await self.stop_gossip(leave=False, timeout=JOIN_RETRY)
+            assert self._on_event is not None
+            await self.start_gossip(self._on_event)
+        if rt.has_gossip and takers:
+            port = rt.config.gossip.port
+            joins = [format_host_port(address, port) for _, address in takers]
+            await self._join(joins[:JOIN_TARGETS])
+        return True
+
+    def _takers(self, welcomes: list[Welcome]) -> list[tuple[str, str]]:
+        """(name, gossip address) of the members behind ``welcomes``, where known."""
+        rt = self._rt
+        by_key = rt.snapshot.by_key()
+        known = {p.public_key: p for p in rt.known}
+        takers = []
+        for welcome in welcomes:
+            key = encode_b64(welcome.key)
+            member, peer = by_key.get(key), known.get(key)
+            if member is not None and member.record is not None:
+                takers.append((member.name, str(gossip_address(member.record.addresses))))
+            elif peer is not None and peer.gossip_addr:
+                takers.append((peer.name, peer.gossip_addr))
+        return takers
 
     async def _join(self, targets: list[str]) -> None:
         """One Serf join, on an RPC connection of its own.

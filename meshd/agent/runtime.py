@@ -23,7 +23,7 @@ from meshd.errors import GossipError
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
-from meshd.node import KnownPeer, NodeState, NodeStore
+from meshd.node import KnownPeer, NodeState, NodeStore, gossip_address
 from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
@@ -196,6 +196,8 @@ class Runtime:
         self.departed: dict[str, int] = {}
         # Last WireGuard handshake (epoch seconds) per peer key, read by presence.
         self.handshakes: dict[str, float] = {}
+        # Keys that proved themselves over the enrolment port (a re-join), until when.
+        self.vouched: dict[str, float] = {}
         self.snapshot = Snapshot()
         # What the reconcile loop has done (written by the pipeline, read by metrics).
         self.engine_stats = EngineStats()
@@ -246,10 +248,31 @@ class Runtime:
             self._derived_of = state
         return derived
 
+    def carry_peers(self) -> None:
+        """Keep every current peer as a known peer: a Serf that starts afresh knows no
+        member yet, and the tunnels must carry its joins meanwhile."""
+        now = time.monotonic()
+        by_key = self.snapshot.by_key()
+        for peer in self.snapshot.desired.peers:
+            member = by_key.get(peer.public_key)
+            if member is not None and member.record is not None:
+                gossip = str(gossip_address(member.record.addresses))
+                known = KnownPeer(
+                    member.name, peer.public_key, peer.allowed_ips, peer.endpoint, gossip
+                )
+                self.known.add(known, now)
+
     def recent_handshakes(self, within: float) -> frozenset[str]:
-        """Keys of peers whose last handshake is at most ``within`` seconds old."""
+        """Keys of peers whose last handshake is at most ``within`` seconds old, and of
+        members vouched for (see :meth:`vouch`)."""
         now = time.time()
-        return frozenset(k for k, at in self.handshakes.items() if now - at <= within)
+        heard = {k for k, at in self.handshakes.items() if now - at <= within}
+        self.vouched = {k: until for k, until in self.vouched.items() if until > now}
+        return frozenset(heard | self.vouched.keys())
+
+    def vouch(self, key: str, seconds: float) -> None:
+        """Count ``key`` as recently heard for ``seconds``: it proved it holds that key."""
+        self.vouched[key] = time.time() + seconds
 
     def request_stop(self, *, leave: bool = False) -> None:
         """Stop the agent (SIGTERM, ``meshd leave``, a failed task); ``leave`` sticks."""

@@ -5,17 +5,25 @@ the chain; here the seed refuses a name held by a live member or an address
 held by another node (saying which, as data), adds the joiner as a known peer
 so the tunnel comes up at once, announces its chain to the mesh, and answers
 with every certified member so the joiner has tunnels to all of them at once.
+
+A member that proved it holds its certified WireGuard key (a re-join, see
+:mod:`meshd.pki.rejoin`: everybody dropped it and it hears nobody) is added back
+as a known peer the same way, after its chain is checked like any other (CA,
+validity, revocations), and counts as recently heard for ``REJOIN_VOUCH``
+seconds, so a forged *left* in this node's view does not keep its peer out while
+its Serf comes back.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from meshd.agent.runtime import Runtime
-from meshd.errors import EnrolRefused
+from meshd.errors import EnrolRefused, IdentityError
 from meshd.identity import decode_key
 from meshd.node import KnownPeer, gossip_address, host_prefixes
 from meshd.pki.enrol import (
@@ -25,9 +33,13 @@ from meshd.pki.enrol import (
     PeerInfo,
     SeedIdentity,
 )
+from meshd.pki.rejoin import RejoinRequest
 from meshd.types import IPAddress, MemberState
 
 log = logging.getLogger(__name__)
+
+# Long enough for the member's Serf to join through the new tunnel and refute a leave.
+REJOIN_VOUCH = 30.0
 
 
 class Seed:
@@ -104,6 +116,36 @@ class Seed:
             gossip_keys=rt.store.gossip_keys() or (state.gossip_key,),
             ca_public_key=state.ca_public_key,
         )
+
+    async def rejoined(self, request: RejoinRequest) -> str:
+        """Take back a member that proved it holds its certified key (the server checked
+        the proof); how this node's gossip saw it before ("absent" if not at all)."""
+        rt = self._rt
+        try:
+            request.chain.verify(rt.state.ca_public_key, int(time.time()), revoked=rt.trust.revoked)
+        except IdentityError as exc:
+            raise EnrolRefused(f"certificate refused: {exc}") from exc
+        node = request.chain.node
+        key = node.public_key
+        if key == rt.state.keys.public_key:
+            raise EnrolRefused("that is this node's own key")
+        states = {m.state for m in rt.snapshot.members if m.record and m.record.public_key == key}
+        known = "alive" if MemberState.ALIVE in states else min(states, default="absent")
+        rt.vouch(key, REJOIN_VOUCH)
+        rt.known.add(
+            KnownPeer(
+                name=node.name,
+                public_key=key,
+                allowed_ips=host_prefixes(node.addresses),
+                endpoint=request.endpoint,
+                gossip_addr=str(gossip_address(node.addresses)),
+            )
+        )
+        rt.trust.add_chain(request.chain.encode(), request.chain.ref)
+        await self._run_pass()
+        rt.iface.poke(p for p in rt.snapshot.desired.peers if p.public_key == key)
+        log.info("took %s back as a peer (%s; gossip here: %s)", node.name, request.endpoint, known)
+        return known
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:
         """Every alive, certified member (but the joiner) with its chain and first endpoint."""

@@ -14,6 +14,12 @@ The split is unambiguous because a meshd name is a DNS label (see
 :func:`meshd.pki.certificate.check_name`): it never holds a dot. A Serf name without a
 suffix (a bare Serf agent, an older meshd) shows as it is.
 
+A member that everybody dropped (see :mod:`meshd.pki.rejoin`) comes back as a
+fresh Serf member, ``generation`` 1, 2, ...: the others' Serf may still hold
+its old name as left, or have erased it while memberlist still counts it alive
+(a forged prune), and then ignores that name's return. The suffix of a later
+generation is derived from the key and the generation.
+
 The suffix only tells incarnations apart; it proves nothing (anyone with the
 gossip key may pick any Serf name): the member's certificate binds its name and
 key. After a key rotation the running agent keeps its Serf name until it next
@@ -30,14 +36,16 @@ _SEPARATOR = "."
 _SUFFIX_RE = re.compile(rf"[0-9a-f]{{{SUFFIX_LENGTH}}}")
 
 
-def key_suffix(public_key: str) -> str:
-    """Eight hex digits derived from ``public_key`` (any text: a hash, not a decode)."""
-    return hashlib.sha256(public_key.encode("utf-8", "surrogatepass")).hexdigest()[:SUFFIX_LENGTH]
+def key_suffix(public_key: str, generation: int = 0) -> str:
+    """Eight hex digits derived from ``public_key`` (any text: a hash, not a decode)
+    and, after the first, the ``generation``."""
+    text = public_key if generation == 0 else f"{public_key}#{generation}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:SUFFIX_LENGTH]
 
 
-def serf_node_name(name: str, public_key: str) -> str:
+def serf_node_name(name: str, public_key: str, generation: int = 0) -> str:
     """The Serf node name of the node ``name`` with WireGuard key ``public_key``."""
-    return f"{name}{_SEPARATOR}{key_suffix(public_key)}"
+    return f"{name}{_SEPARATOR}{key_suffix(public_key, generation)}"
 
 
 def display_name(serf_name: str) -> str:

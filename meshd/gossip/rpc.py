@@ -490,8 +490,12 @@ class SerfClient:
         """Leave the cluster gracefully; the agent shuts down afterwards."""
         await self._call("leave", reply_timeout=max(self._timeout, 30.0))
 
-    async def force_leave(self, node: str) -> None:
-        await self._call("force-leave", {"Node": node})
+    async def force_leave(self, node: str, *, prune: bool = False) -> None:
+        """Mark ``node`` left; with ``prune``, erase it from the members list at once."""
+        body: dict[str, Any] = {"Node": node}
+        if prune:
+            body["Prune"] = True
+        await self._call("force-leave", body)
 
     async def user_event(self, name: str, payload: bytes = b"", *, coalesce: bool = True) -> None:
         await self._call("event", {"Name": name, "Payload": payload, "Coalesce": coalesce})

@@ -1,9 +1,11 @@
 """Attacks from the security review, each as a test (issue: security findings).
 
-A revoked machine must not come back with the token it joined with, while the
-machines that joined earlier with that same token keep their place; a rogue's
-name full of terminal escapes is printed escaped; a host with sixty addresses
-still starts and joins.
+A member wrongly dropped by every other node (cut off, then a forged leave, its
+peer entries gone) finds its way back by itself once the cut ends. A revoked
+machine must not come back with the token it joined with, while the machines
+that joined earlier with that same token keep their place; a rogue's name full
+of terminal escapes is printed escaped; a host with sixty addresses still starts
+and joins.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from meshd.gossip.names import display_name
 from meshd.identity import WireGuardKeyPair
 from meshd.lab.mesh import MeshLab
-from tests.integration.conftest import mesh_lab, rogue_serf
+from tests.integration.conftest import eventually, mesh_lab, rogue_serf, wg_peers
 
-pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft")
 
 NODES = ["n1", "n2", "n3", "n4"]
 
@@ -34,9 +37,86 @@ def mesh() -> Iterator[MeshLab]:
         yield built
 
 
-def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
-    mesh.up(NODES, seed=2)
+def formed(mesh: MeshLab) -> None:
+    """NODES in a full mesh (brought up by the first test that needs them)."""
+    if mesh.status("n1") is None:
+        mesh.up(NODES, seed=2)
     mesh.wait_full_mesh(NODES, timeout=60)
+
+
+def gossip_state(mesh: MeshLab, node: str, of: str) -> str | None:
+    """How ``node``'s agent sees ``of`` in gossip (None: not a member there at all)."""
+    found = mesh.status(node)
+    rows = [p for p in (found or {}).get("peers", []) if p["name"] == of]
+    return str(rows[0]["gossip"]) if rows else None
+
+
+async def forge_leaves_until(
+    mesh: MeshLab, victim: str, dropped: Callable[[], bool], *, deadline: float
+) -> tuple[int, float]:
+    """A rogue holding only the gossip key sends ``force-leave -prune`` for ``victim``
+    every second until ``dropped()`` holds; how many it sent, and when (monotonic) it
+    saw ``dropped()`` hold, the moment the attack ends."""
+    rogue = rogue_serf(mesh, "n1", "rogue-rejoin", 7990)
+    await rogue.start()
+    client = rogue.client()
+    sent = 0
+    try:
+        await client.connect()
+        ends = time.monotonic() + deadline
+        target = None
+        while target is None:  # its Serf name carries a key suffix
+            assert time.monotonic() < ends, f"the rogue never saw {victim}"
+            names = [m.name for m in await client.members()]
+            target = next((n for n in names if display_name(n) == victim), None)
+            await asyncio.sleep(0.2)
+        while not await asyncio.to_thread(dropped):
+            assert time.monotonic() < ends, f"{victim} still a peer after {sent} forged leaves"
+            await client.force_leave(target, prune=True)
+            sent += 1
+            await asyncio.sleep(1.0)
+        ended = time.monotonic()
+    finally:
+        await client.close()
+        await rogue.stop()
+    return sent, ended
+
+
+def test_a_wrongly_dropped_member_finds_its_way_back(mesh: MeshLab) -> None:
+    """A rogue with the gossip key forges n3's leave (with Serf's prune) until every other
+    node has dropped n3's peer entry: then nobody has a tunnel to n3 and n3's own gossip
+    reaches no one. Within 10 s of that moment, n3 must be back by itself: alive for
+    every other member, pings both ways."""
+    formed(mesh)
+    victim, others = "n3", [n for n in NODES if n != "n3"]
+    key = mesh.status(victim)["node"]["public_key"]  # type: ignore[index]
+    addresses = mesh.mesh_addresses(NODES)
+
+    def dropped() -> bool:
+        return all(key not in wg_peers(mesh, n) for n in others)
+
+    def back() -> bool:
+        return all(
+            gossip_state(mesh, n, victim) == "alive"
+            and mesh.lab.ping(n, addresses[victim], deadline=0.5) is not None
+            and mesh.lab.ping(victim, addresses[n], deadline=0.5) is not None
+            for n in others
+        )
+
+    def views() -> dict[str, object]:
+        return {n: gossip_state(mesh, n, victim) for n in others}
+
+    sent, ended = asyncio.run(forge_leaves_until(mesh, victim, dropped, deadline=90))
+    print(f"n3 dropped by every other node after {sent} forged leaves")
+    left = ended + 10 - time.monotonic()
+    eventually(back, left, "n3 back (alive for all, pings both ways) 10 s after the drop", views)
+    took = time.monotonic() - ended  # when the check that saw it back had finished
+    print(f"n3 back {took:.1f} s after the drop")
+    assert took <= 10, f"n3 back only {took:.1f} s after the drop"
+
+
+def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
+    formed(mesh)
     # Every node joined with the first node's token; keep a copy of it, as an attacker
     # who wiped n4 and kept its token file would.
     stolen = mesh.lab.node_dir("n4") / "stolen-token"

@@ -73,3 +73,15 @@ def test_the_suffix_comes_from_the_key() -> None:
     key = WireGuardKeyPair.generate().public_key
     assert len(key_suffix(key)) == SUFFIX_LENGTH
     assert serf_node_name("n1", key).startswith("n1.")
+
+
+@given(names, keys, st.integers(min_value=1, max_value=1000))
+def test_a_later_generation_is_a_new_serf_member_with_the_same_display_name(
+    name: str, key: str, generation: int
+) -> None:
+    # A member everybody dropped comes back as a fresh Serf member (meshd.pki.rejoin).
+    fresh = serf_node_name(name, key, generation)
+    assert fresh != serf_node_name(name, key)
+    assert fresh != serf_node_name(name, key, generation + 1)
+    assert display_name(fresh) == name
+    assert serf_node_name(name, key, 0) == serf_node_name(name, key)
