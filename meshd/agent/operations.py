@@ -28,7 +28,7 @@ from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from meshd.pki.revocation import Revocation
-from meshd.pki.token import check_network, parse_token
+from meshd.pki.token import Token, check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.types import Member, PathChoice
 from meshd.wireguard.backend import PeerState
@@ -72,6 +72,13 @@ class Operations:
                 "this machine does not hold the network CA key: revoke where 'meshd init' ran"
             )
         return NetworkCA.from_secret(rt.state.network.name, secret)
+
+    def _check_token_network(self, token: Token) -> None:
+        """Refuse a token of another network: its CA key must be one this node trusts
+        (after a CA rotation, new tokens name the new key)."""
+        roots = self._rt.trust.roots
+        if token.ca_public_key not in roots.keys:
+            check_network(token, roots.ids[-1])
 
     async def _publish_revocation(self, revocation: Revocation) -> None:
         self._rt.trust.add(revocation)
@@ -123,10 +130,9 @@ class Operations:
 
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""
-        rt = self._rt
         ca = self._ca()
         token = parse_token(str(request.get("token", "")), int(time.time()))
-        check_network(token, rt.state.network.network_id)
+        self._check_token_network(token)
         enrolment = token.enrolment.cert
         await self._publish_revocation(ca.revoke(enrolment, include_key=True))
         log.warning("revoked the enrolment key %r of a token", enrolment.name)
@@ -158,11 +164,11 @@ class Operations:
         """A new WireGuard key and certificate (signed with a token's enrolment key)."""
         rt = self._rt
         token = parse_token(str(request.get("token", "")), int(time.time()))
-        check_network(token, rt.state.network.network_id)
+        self._check_token_network(token)
         keys = WireGuardKeyPair.generate()
         cert = token.enrolment.sign_node_cert(rt.name, keys.public_key, rt.state.addresses.all())
         chain = CertChain(cert, (token.enrolment.cert,))
-        chain.verify(rt.state.ca_public_key, int(time.time()), at_admission=True)
+        chain.verify(rt.trust.roots, int(time.time()), at_admission=True)
         old = rt.state.keys.public_key
         # Tell the mesh first, through the tunnels the old key still holds up: a node
         # that switched before the others knew its new key would be cut off, unable
@@ -233,6 +239,7 @@ class Operations:
                 "certificate_expires": expires,
                 "certificate_expiring": expires - time.time() < EXPIRY_WARNING,
                 "revocations": len(rt.trust.revoked),
+                "ca_keys": list(rt.trust.roots.ids),
             },
             "peers": rows,
         }

@@ -466,10 +466,9 @@ def verify_chain(
     for cert in signed:
         if cert.network_id != network_id:
             raise IdentityError(f"{cert.describe()} belongs to network {cert.network_id}")
-    for cert in (*signed, used_cross):
-        if revoked is None or cert is None:
-            continue
-        revocation = revoked.find(cert)
+    checked = [*signed, used_cross] if used_cross is not None else signed
+    for cert in checked:
+        revocation = revoked.find(cert) if revoked is not None else None
         # A revoked enrolment key signs nothing new; what it signed before stays
         # valid (other machines joined with the same token), unless revoked itself.
         if revocation is not None and not (

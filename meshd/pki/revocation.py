@@ -44,7 +44,7 @@ from meshd.pki.certificate import (
     check_signature,
     decode_signed,
     key_id,
-        network_id_of,
+    network_id_of,
     read_name,
 )
 

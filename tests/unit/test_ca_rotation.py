@@ -119,7 +119,7 @@ def test_a_member_learns_the_new_ca_from_a_chain_and_keeps_it_across_a_restart(
     tmp_path: Path, old: NetworkCA, new: NetworkCA
 ) -> None:
     trust = Trust(old.public_key, tmp_path)
-    chain, record = member(old)
+    chain, _ = member(old)
     again = renewed(old, new, chain)
     trust.add_chain(again.encode(), again.ref)
     assert trust.roots.keys == (old.public_key, new.public_key)
