@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # name -> "module:attribute" of a click command; imported only when used.
 LAZY_COMMANDS: dict[str, str] = {
     "agent": "meshd.commands:agent",
+    "ca": "meshd.ca_commands:ca",
     "init": "meshd.commands:init",
     "join": "meshd.commands:join",
     "key": "meshd.commands:key",
