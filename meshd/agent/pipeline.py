@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 
 from meshd.agent.runtime import Runtime, Snapshot
 from meshd.desired import DesiredState, compute
-from meshd.errors import MeshdError
+from meshd.errors import IdentityError, MeshdError
 from meshd.node import KnownPeer, gossip_address
+from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
 from meshd.types import (
@@ -101,6 +102,7 @@ class Pipeline:
         self._rt = runtime
         self._policy = HookPolicy(runtime.plugins, runtime.face)
         self._fallback_record = own_record
+        self._known_checked = -1
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
@@ -115,8 +117,30 @@ class Pipeline:
                 del rt.departed[record.public_key]
         return members
 
+    def _drop_refused_known(self) -> None:
+        """Forget a peer learnt at enrolment or restored from disk whose chain the trust
+        store refuses now (a revocation, a retired CA key) at once, not after the grace
+        period. Checked again only when the trust store changed."""
+        rt = self._rt
+        if self._known_checked == rt.trust.generation:
+            return
+        self._known_checked = rt.trust.generation
+        refused = []
+        for peer in rt.known:
+            if peer.chain is None:
+                continue
+            try:
+                CertChain.decode(peer.chain).verify(
+                    rt.trust.roots, int(time.time()), revoked=rt.trust.revoked
+                )
+            except IdentityError as exc:
+                log.info("%s: no longer a peer: %s", peer.name, exc)
+                refused.append(peer.public_key)
+        rt.known.forget(refused)
+
     def desire(self, members: tuple[Member, ...]) -> DesiredState:
         rt = self._rt
+        self._drop_refused_known()
         own = rt.published or self._fallback_record
         desired = compute(
             own_name=rt.name,

@@ -53,6 +53,11 @@ def status(mesh: MeshLab, node: str) -> dict[str, Any]:
     return found
 
 
+def rows_of(mesh: MeshLab, node: str, key: str) -> list[dict[str, Any]]:
+    """``node``'s status rows for the member with WireGuard key ``key``."""
+    return [row for row in status(mesh, node)["peers"] if row["public_key"] == key]
+
+
 def test_a_ca_rotation_under_pings_leaves_no_pair_silent_for_3_s(
     mesh: MeshLab, before: dict[str, Any]
 ) -> None:
@@ -120,6 +125,7 @@ def test_after_retiring_the_old_ca_its_certificates_and_tokens_are_refused(
         lambda: all(before["n5_key"] not in wg_peers(mesh, n) for n in PINGED),
         15,
         "no node keeps n5 (certificate of the old CA only) as a peer",
+        lambda: {n: rows_of(mesh, n, before["n5_key"]) for n in PINGED},
     )
     # n5 comes back, still holding its certificate of the old CA: nobody answers it.
     keys = {n: status(mesh, n)["node"]["public_key"] for n in PINGED}
