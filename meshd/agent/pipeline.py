@@ -103,6 +103,7 @@ class Pipeline:
         self._policy = HookPolicy(runtime.plugins, runtime.face)
         self._fallback_record = own_record
         self._known_checked = -1
+        self._saved_chains: frozenset[tuple[str, str]] = frozenset()
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
@@ -168,11 +169,26 @@ class Pipeline:
         snapshot = Snapshot(members, desired)
         rt.snapshot = snapshot
         result = await rt.iface.reconcile(desired.peers)
-        if result.operations:
+        chains = self._peer_chains(snapshot)
+        if result.operations or chains != self._saved_chains:
+            # Also when only a certificate changed (a CA rotation renews every member
+            # without touching WireGuard): a restart must not restore a stale chain.
             self._save_peers(snapshot)
+            self._saved_chains = chains
+        if result.operations:
             view = MeshView(node=rt.identity, members=members, peers=desired.peers)
             rt.plugins.mesh_changed(rt.face, view)
         return snapshot
+
+    @staticmethod
+    def _peer_chains(snapshot: Snapshot) -> frozenset[tuple[str, str]]:
+        """(key, certificate reference) of each peer gossip describes."""
+        by_key = snapshot.by_key()
+        return frozenset(
+            (key, member.record.cert)
+            for key in (p.public_key for p in snapshot.desired.peers)
+            if (member := by_key.get(key)) is not None and member.record is not None
+        )
 
     def _save_peers(self, snapshot: Snapshot) -> None:
         """The peers just applied, with what a restart needs to re-join and re-admit them."""
