@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from meshd.agent.rotation import is_renewal
 from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair, encode_key
-from meshd.pki.ca import NetworkCA
+from meshd.pki.ca import CROSS_LIFETIME, NetworkCA
 from meshd.pki.certificate import CertChain, Roots, verify_chain
 from meshd.pki.revocation import RevocationList
 from meshd.pki.trust import Trust
@@ -179,3 +180,29 @@ def dataclass_replace_cert(record: NodeRecord, ref: str) -> NodeRecord:
     return NodeRecord(
         public_key=record.public_key, addresses=record.addresses, port=record.port, cert=ref
     )
+
+
+def test_a_member_installs_only_its_own_renewal_by_the_ca_that_issued_it(
+    old: NetworkCA, new: NetworkCA
+) -> None:
+    now = int(time.time())
+    own, _ = member(old)
+    identity = (own.node.name, own.node.public_key)
+    roots = Roots((old.public_key,))
+    again = renewed(old, new, own)
+    assert is_renewal(own, again, identity, roots, now)
+    assert not is_renewal(again, again, identity, roots, now)  # already installed
+    someone_else, _ = member(old, "n4")
+    assert not is_renewal(own, renewed(old, new, someone_else), identity, roots, now)
+    # Valid, but cross-signed by another trusted CA than the one that issued ours.
+    other = NetworkCA.generate("lab")
+    theirs = CertChain(new.renew(own.node, now=NOW + 10), (other.cross_sign(new, now=NOW),))
+    both = Roots((old.public_key, other.public_key))
+    assert theirs.verify(both, now) == new.public_key
+    assert not is_renewal(own, theirs, identity, both, now)
+    # Without the cross-signature, nothing says the new CA succeeds ours.
+    bare = CertChain(again.node)
+    assert not is_renewal(own, bare, identity, Roots((old.public_key, new.public_key)), now)
+    # A renewal that does not verify (its cross-signature expired) is refused.
+    late = CertChain(again.node, (old.cross_sign(new, now=NOW - CROSS_LIFETIME - 10),))
+    assert not is_renewal(own, late, identity, roots, now)
