@@ -26,7 +26,7 @@ from meshd.desired import current_incarnations
 from meshd.errors import GossipError, IdentityError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
-from meshd.pki.certificate import CertChain
+from meshd.pki.certificate import CertChain, Role
 from meshd.pki.revocation import Revocation
 from meshd.pki.token import Token, check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
@@ -111,7 +111,9 @@ class Operations:
             )
         await self._publish_revocation(ca.revoke(chain.node, include_key=True))
         token_revoked = None
-        if chain.issuers and not request.get("keep_token"):
+        enrolled = chain.issuers and chain.issuers[0].role is Role.ENROL
+        if enrolled and not request.get("keep_token"):
+            # (A chain renewed by a CA rotation has no enrolment key, only a cross-signature.)
             enrolment = chain.issuers[0]
             await self._publish_revocation(ca.revoke(enrolment, include_key=True))
             token_revoked = enrolment.name
