@@ -251,3 +251,21 @@ class Pinger(threading.Thread):
     def longest_gap(self) -> float:
         stamps = sorted(self.replies)
         return max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
+
+
+HANDSHAKE_INITIATION = 148  # bytes: the only traffic a peer without a session sends
+
+
+def refused_twice(mesh: MeshLab, node: str, keys: dict[str, str]) -> bool:
+    """Whether each member in ``keys`` (name -> WireGuard key) left two of ``node``'s
+    handshake initiations unanswered since ``node``'s agent started (a fresh interface:
+    WireGuard resends an unanswered initiation after 5 s). Fails the test at once when
+    one was answered, or ``node`` forgot a member (nothing left to refuse)."""
+    found = mesh.status(node)
+    assert found is not None, f"the agent on {node} does not answer"
+    rows = {p["public_key"]: p for p in found["peers"]}
+    for name, key in keys.items():
+        row = rows.get(key)
+        assert row is not None, f"{node} has forgotten {name}: nothing left to refuse"
+        assert row["last_handshake"] is None, f"{name} answered {node}'s handshake"
+    return all(rows[key]["tx_bytes"] >= 2 * HANDSHAKE_INITIATION for key in keys.values())

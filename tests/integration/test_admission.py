@@ -23,12 +23,18 @@ from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
-from tests.integration.conftest import Pinger, eventually, mesh_lab, rogue_serf, wg_peers
+from tests.integration.conftest import (
+    Pinger,
+    eventually,
+    mesh_lab,
+    refused_twice,
+    rogue_serf,
+    wg_peers,
+)
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
 NODES = [f"n{i}" for i in range(1, 9)]
-HANDSHAKE_INITIATION = 148  # bytes: the only traffic a peer without a session sends
 
 
 @pytest.fixture(scope="module")
@@ -203,15 +209,11 @@ def test_revocation_reaches_every_node_and_one_that_was_down(mesh: MeshLab) -> N
     mesh.start("n8")
     mesh.wait_ready("n8")
 
-    def every_node_refused_n8_twice() -> bool:
-        rows = {p["public_key"]: p for p in status(mesh, "n8")["peers"]}
-        for node in up:
-            row = rows.get(keys[node])
-            assert row is not None, f"n8 has forgotten {node}: nothing left to refuse"
-            assert row["last_handshake"] is None, f"{node} answered n8's handshake"
-        return all(rows[keys[n]]["tx_bytes"] >= 2 * HANDSHAKE_INITIATION for n in up)
-
-    eventually(every_node_refused_n8_twice, 60, "every node left two of n8's handshakes unanswered")
+    eventually(
+        lambda: refused_twice(mesh, "n8", keys),
+        60,
+        "every node left two of n8's handshakes unanswered",
+    )
     for node in up:
         assert victim_key not in wg_peers(mesh, node)
 

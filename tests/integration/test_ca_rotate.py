@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 
 from meshd.lab.mesh import MeshLab
-from tests.integration.conftest import Pinger, eventually, mesh_lab, wg_peers
+from tests.integration.conftest import Pinger, eventually, mesh_lab, refused_twice, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
 PINGED = ["n1", "n2", "n3", "n4"]
 MAX_SILENCE = 3.0
-HANDSHAKE_INITIATION = 148  # bytes: the only traffic a peer without a session sends
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +131,11 @@ def test_after_retiring_the_old_ca_its_certificates_and_tokens_are_refused(
     mesh.start("n5")
     mesh.wait_ready("n5")
 
-    def every_node_refused_n5_twice() -> bool:
-        rows = {p["public_key"]: p for p in status(mesh, "n5")["peers"]}
-        for node in PINGED:
-            row = rows.get(keys[node])
-            assert row is not None, f"n5 has forgotten {node}: nothing left to refuse"
-            assert row["last_handshake"] is None, f"{node} answered n5's handshake"
-        return all(rows[keys[n]]["tx_bytes"] >= 2 * HANDSHAKE_INITIATION for n in PINGED)
-
-    eventually(every_node_refused_n5_twice, 60, "every node left two of n5's handshakes unanswered")
+    eventually(
+        lambda: refused_twice(mesh, "n5", keys),
+        60,
+        "every node left two of n5's handshakes unanswered",
+    )
     for node in PINGED:
         assert before["n5_key"] not in wg_peers(mesh, node)
     mesh.wait_full_mesh(PINGED, timeout=15)

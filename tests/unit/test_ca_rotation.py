@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 
 from meshd.agent.rotation import is_renewal
-from meshd.errors import IdentityError
+from meshd.b64 import encode_b64
+from meshd.errors import IdentityError, StateError
 from meshd.identity import WireGuardKeyPair, encode_key
+from meshd.node import NodeStore
 from meshd.pki.ca import CROSS_LIFETIME, NetworkCA
 from meshd.pki.certificate import CertChain, Roots, verify_chain
 from meshd.pki.revocation import RevocationList
 from meshd.pki.trust import Trust
+from meshd.state import read_secret, write_secret
 from meshd.types import NodeRecord
 
 NOW = int(time.time()) - 1000  # learning a CA key checks the cross-signature now
@@ -206,3 +209,22 @@ def test_a_member_installs_only_its_own_renewal_by_the_ca_that_issued_it(
     # A renewal that does not verify (its cross-signature expired) is refused.
     late = CertChain(again.node, (old.cross_sign(new, now=NOW - CROSS_LIFETIME - 10),))
     assert not is_renewal(own, late, identity, roots, now)
+
+
+def test_the_next_ca_secret_is_staged_then_committed_and_the_old_one_kept(
+    tmp_path: Path, old: NetworkCA, new: NetworkCA
+) -> None:
+    store = NodeStore(tmp_path)
+    with pytest.raises(StateError, match="no CA key to rotate here"):
+        store.stage_ca_secret(new.secret)
+    write_secret(store.path("ca.key"), encode_b64(old.secret) + "\n")
+    store.stage_ca_secret(new.secret)
+    # A crash here leaves ca.key as it was, and the next one to be judged by the agent.
+    assert store.ca_secret() == old.secret
+    assert store.staged_ca_secret() == new.secret
+    store.commit_ca_secret()
+    assert store.ca_secret() == new.secret
+    assert store.staged_ca_secret() is None
+    assert read_secret(store.path("ca.key.old")).decode().strip() == encode_b64(old.secret)
+    store.discard_ca_secret("old")
+    assert not store.path("ca.key.old").exists()
