@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshd.agent.rotation import is_renewal
 from meshd.b64 import encode_b64
@@ -16,7 +18,7 @@ from meshd.node import NodeStore
 from meshd.pki.ca import CROSS_LIFETIME, NetworkCA
 from meshd.pki.certificate import CertChain, Roots, verify_chain
 from meshd.pki.revocation import RevocationList
-from meshd.pki.trust import Trust
+from meshd.pki.trust import ROOTS_FILE, Trust
 from meshd.state import read_secret, write_secret
 from meshd.types import NodeRecord
 
@@ -228,3 +230,21 @@ def test_the_next_ca_secret_is_staged_then_committed_and_the_old_one_kept(
     assert read_secret(store.path("ca.key.old")).decode().strip() == encode_b64(old.secret)
     store.discard_ca_secret("old")
     assert not store.path("ca.key.old").exists()
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=400), flip=st.integers(min_value=0))
+def test_a_damaged_roots_file_leaves_the_key_joined_under_and_never_raises(
+    tmp_path_factory: pytest.TempPathFactory, garbage: bytes, flip: int
+) -> None:
+    state = tmp_path_factory.mktemp("state")
+    old, new = NetworkCA.generate("lab"), NetworkCA.generate("lab")
+    Trust(old.public_key, state).learn_root(old.cross_sign(new))
+    good = (state / ROOTS_FILE).read_bytes()
+    damaged = bytearray(good)
+    damaged[flip % len(damaged)] ^= 0xFF
+    for content in (garbage, bytes(damaged)):
+        (state / ROOTS_FILE).write_bytes(content)
+        roots = Trust(old.public_key, state).roots.keys
+        assert roots[0] == old.public_key
+        assert roots in ((old.public_key,), (old.public_key, new.public_key))
