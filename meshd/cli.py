@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # name -> "module:attribute" of a click command; imported only when used.
 LAZY_COMMANDS: dict[str, str] = {
     "agent": "meshd.commands:agent",
+    "ca": "meshd.ca_commands:ca",
     "doctor": "meshd.doctor:doctor",
     "init": "meshd.commands:init",
     "join": "meshd.commands:join",

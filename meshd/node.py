@@ -8,6 +8,10 @@ Files in the state directory (0700)::
     gossip.key      the network's gossip key at creation (Serf then keeps
                     its own keyring in serf/keyring.json)               (0600)
     ca.key          the network CA's secret, only where it was created  (0600)
+    ca.key.new      during ``meshd ca rotate``: the next CA secret, until it is
+                    trusted (then it replaces ca.key)                   (0600)
+    ca.key.old      the CA secret a rotation replaced, until it is retired (0600)
+    ca-roots        CA keys learnt by cross-signature, and keys retired (0644)
     peers.json      the peers last applied, restored at start so a rebooted
                     node has a data plane before gossip converges       (0644)
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +259,28 @@ class NodeStore:
         if not self.path("ca.key").exists():
             return None
         return _unb64(self._secret("ca.key"), "ca.key")
+
+    def stage_ca_secret(self, secret: bytes) -> None:
+        """Keep the current CA secret as ca.key.old and write the next one to ca.key.new;
+        :meth:`commit_ca_secret` makes it ca.key once the mesh trusts its key."""
+        current = self.ca_secret()
+        if current is None:
+            raise StateError(f"{self.path('ca.key')} does not exist: no CA key to rotate here")
+        write_secret(self.path("ca.key.old"), encode_b64(current) + "\n")
+        write_secret(self.path("ca.key.new"), encode_b64(secret) + "\n")
+
+    def staged_ca_secret(self) -> bytes | None:
+        """The next CA secret of a rotation not committed yet (a crash in between)."""
+        if not self.path("ca.key.new").exists():
+            return None
+        return _unb64(self._secret("ca.key.new"), "ca.key.new")
+
+    def commit_ca_secret(self) -> None:
+        os.replace(self.path("ca.key.new"), self.path("ca.key"))
+
+    def discard_ca_secret(self, which: str) -> None:
+        """Remove ca.key.new (a rotation that never took) or ca.key.old (retired)."""
+        self.path(f"ca.key.{which}").unlink(missing_ok=True)
 
     def load_peers(self) -> list[KnownPeer]:
         path = self.path("peers.json")

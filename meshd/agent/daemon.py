@@ -42,6 +42,8 @@ from meshd.agent.goodbye import GoodbyeListener, goodbye_targets, say_goodbye
 from meshd.agent.operations import Operations
 from meshd.agent.pipeline import Pipeline
 from meshd.agent.presence import RESYNC_INTERVAL, Presence
+from meshd.agent.rotation import CaRotation
+from meshd.agent.rotation import handlers as rotation_handlers
 from meshd.agent.runtime import Runtime
 from meshd.agent.seed import Seed
 from meshd.config import Config
@@ -51,7 +53,8 @@ from meshd.gossip.messages import SerfEvent
 from meshd.identity import decode_key
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
-from meshd.pki.enrol_server import EnrolServer, chain_verifier
+from meshd.pki.enrol import EnrolRequest
+from meshd.pki.enrol_server import EnrolServer
 from meshd.pki.rejoin import RejoinServer
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.plugins import PluginHost
@@ -83,6 +86,13 @@ class Agent:
         self._rejoin: RejoinServer | None = None
         self.presence = Presence(rt, announce_chain=self._announce_own)
         self.exchange = TrustExchange(rt, republish=self.presence.publish)
+        self.rotation = CaRotation(
+            rt,
+            announce=self.exchange.announce,
+            republish=self.presence.publish,
+            revoke=self.exchange.revoke,
+        )
+        self.exchange.on_chain = self.rotation.offer
         self.addressing = Addressing(
             rt, republish=self.presence.publish, restart_gossip=self._restart_gossip
         )
@@ -90,6 +100,14 @@ class Agent:
         self.operations = Operations(rt, self.presence, self.exchange)
         self.diagnosis = Diagnosis(rt)
         self.pipeline = Pipeline(rt, own_record=self.presence.record())
+
+    def _verify_joiner(self, request: EnrolRequest) -> None:
+        """A joiner's chain leads to a CA key this node trusts (two during a CA rotation),
+        fresh, and nothing in it is revoked."""
+        trust = self._rt.trust
+        request.chain.verify(
+            trust.roots, int(time.time()), revoked=trust.revoked, at_admission=True
+        )
 
     async def _announce_own(self) -> None:
         await self.exchange.announce_own()
@@ -160,14 +178,19 @@ class Agent:
         # Gossip first: every join waits for it; the control and enrolment ports can wait.
         await self.presence.start_gossip(self._on_gossip_event)
         self._control = ControlServer(
-            rt.store.dir, {**self.operations.handlers(), "doctor": self.diagnosis.report}
+            rt.store.dir,
+            {
+                **self.operations.handlers(),
+                **rotation_handlers(self.rotation),
+                "doctor": self.diagnosis.report,
+            },
         )
         await self._control.start()
         if cfg.enrol.enabled:
             self._enrol = EnrolServer(
                 "0.0.0.0",
                 cfg.enrol.port,
-                verify=chain_verifier(state.ca_public_key, revoked=lambda: rt.trust.revoked),
+                verify=self._verify_joiner,
                 on_enrolled=self.seed.enrolled,
                 identity=self.seed.identity,
             )
@@ -186,6 +209,8 @@ class Agent:
         rt.tasks.start(self.presence.join_loop(), name="gossip-join")
         rt.tasks.start(self.presence.rejoin_loop(), name="gossip-rejoin")
         rt.tasks.start(self.exchange.revocation_loop(), name="revocation-sync")
+        if self.rotation.held_ca() is not None:
+            rt.tasks.start(self.rotation.renew_loop(), name="ca-renewal")
         rt.tasks.start(self.presence.reannounce_loop(), name="reannounce")
         rt.tasks.start(self.presence.roam_loop(), name="roaming")
         rt.tasks.start(GoodbyeListener(rt).run(), name="goodbye")

@@ -65,6 +65,8 @@ class TrustExchange:
         self._quiet = Throttle(log)
         self.fetches = 0
         """Chain queries sent since start (for tests and diagnostics)."""
+        self.on_chain: Callable[[CertChain], None] = lambda chain: None
+        """Told of every chain announced in gossip (a CA rotation installs its renewal)."""
 
     # --- incoming -------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class TrustExchange:
             if not self._rt.trust.has_chain(chain.ref):
                 self._rt.trust.add_chain(data, chain.ref)
                 self._rt.kick()
+            self.on_chain(chain)
         except IdentityError as exc:
             log.debug("ignored a certificate chain event: %s", exc)
 

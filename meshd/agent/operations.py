@@ -27,9 +27,9 @@ from meshd.desired import current_incarnations
 from meshd.errors import GossipError, IdentityError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
-from meshd.pki.certificate import CertChain
+from meshd.pki.certificate import CertChain, Role
 from meshd.pki.revocation import Revocation
-from meshd.pki.token import check_network, parse_token
+from meshd.pki.token import Token, check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
 from meshd.types import Member, PathChoice
 from meshd.wireguard.backend import PeerState
@@ -74,6 +74,13 @@ class Operations:
             )
         return NetworkCA.from_secret(rt.state.network.name, secret)
 
+    def _check_token_network(self, token: Token) -> None:
+        """Refuse a token of another network: its CA key must be one this node trusts
+        (after a CA rotation, new tokens name the new key)."""
+        roots = self._rt.trust.roots
+        if token.ca_public_key not in roots.keys:
+            check_network(token, roots.ids[-1])
+
     async def _publish_revocation(self, revocation: Revocation) -> None:
         self._rt.trust.add(revocation)
         await self._exchange.revoke(revocation.encode())
@@ -105,7 +112,9 @@ class Operations:
             )
         await self._publish_revocation(ca.revoke(chain.node, include_key=True))
         token_revoked = None
-        if chain.issuers and not request.get("keep_token"):
+        enrolled = chain.issuers and chain.issuers[0].role is Role.ENROL
+        if enrolled and not request.get("keep_token"):
+            # (A chain renewed by a CA rotation has no enrolment key, only a cross-signature.)
             enrolment = chain.issuers[0]
             await self._publish_revocation(ca.revoke(enrolment, include_key=True))
             token_revoked = enrolment.name
@@ -143,10 +152,9 @@ class Operations:
 
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""
-        rt = self._rt
         ca = self._ca()
         token = parse_token(str(request.get("token", "")), int(time.time()))
-        check_network(token, rt.state.network.network_id)
+        self._check_token_network(token)
         enrolment = token.enrolment.cert
         await self._publish_revocation(ca.revoke(enrolment, include_key=True))
         log.warning("revoked the enrolment key %r of a token", enrolment.name)
@@ -178,11 +186,11 @@ class Operations:
         """A new WireGuard key and certificate (signed with a token's enrolment key)."""
         rt = self._rt
         token = parse_token(str(request.get("token", "")), int(time.time()))
-        check_network(token, rt.state.network.network_id)
+        self._check_token_network(token)
         keys = WireGuardKeyPair.generate()
         cert = token.enrolment.sign_node_cert(rt.name, keys.public_key, rt.state.addresses.all())
         chain = CertChain(cert, (token.enrolment.cert,))
-        chain.verify(rt.state.ca_public_key, int(time.time()), at_admission=True)
+        chain.verify(rt.trust.roots, int(time.time()), at_admission=True)
         old = rt.state.keys.public_key
         # Tell the mesh first, through the tunnels the old key still holds up: a node
         # that switched before the others knew its new key would be cut off, unable
@@ -253,6 +261,7 @@ class Operations:
                 "certificate_expires": expires,
                 "certificate_expiring": expires - time.time() < EXPIRY_WARNING,
                 "revocations": len(rt.trust.revoked),
+                "ca_keys": list(rt.trust.roots.ids),
             },
             "peers": rows,
         }

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 
 from meshd.agent.runtime import Runtime, Snapshot
 from meshd.desired import DesiredState, compute
-from meshd.errors import MeshdError
+from meshd.errors import IdentityError, MeshdError
 from meshd.node import KnownPeer, gossip_address
+from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
 from meshd.types import (
@@ -102,6 +103,8 @@ class Pipeline:
         self._policy = HookPolicy(runtime.plugins, runtime.face)
         self._fallback_record = own_record
         self._notified: MeshView | None = None
+        self._known_checked = -1
+        self._saved_chains: frozenset[tuple[str, str]] = frozenset()
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
@@ -116,8 +119,30 @@ class Pipeline:
                 del rt.departed[record.public_key]
         return members
 
+    def _drop_refused_known(self) -> None:
+        """Forget a peer learnt at enrolment or restored from disk whose chain the trust
+        store refuses now (a revocation, a retired CA key) at once, not after the grace
+        period. Checked again only when the trust store changed."""
+        rt = self._rt
+        if self._known_checked == rt.trust.generation:
+            return
+        self._known_checked = rt.trust.generation
+        refused = []
+        for peer in rt.known:
+            if peer.chain is None:
+                continue
+            try:
+                CertChain.decode(peer.chain).verify(
+                    rt.trust.roots, int(time.time()), revoked=rt.trust.revoked
+                )
+            except IdentityError as exc:
+                log.info("%s: no longer a peer: %s", peer.name, exc)
+                refused.append(peer.public_key)
+        rt.known.forget(refused)
+
     def desire(self, members: tuple[Member, ...]) -> DesiredState:
         rt = self._rt
+        self._drop_refused_known()
         own = rt.published or self._fallback_record
         desired = compute(
             own_name=rt.name,
@@ -157,13 +182,27 @@ class Pipeline:
             pass_seconds=stats.pass_seconds + (time.monotonic() - started),
             last_pass=time.time(),
         )
-        if result.operations:
+        chains = self._peer_chains(snapshot)
+        if result.operations or chains != self._saved_chains:
+            # Also when only a certificate changed (a CA rotation renews every member
+            # without touching WireGuard): a restart must not restore a stale chain.
             self._save_peers(snapshot)
+            self._saved_chains = chains
         view = MeshView(node=rt.identity, members=members, peers=desired.peers)
         if result.operations or view != self._notified:
             self._notified = view
             rt.plugins.mesh_changed(rt.face, view)
         return snapshot
+
+    @staticmethod
+    def _peer_chains(snapshot: Snapshot) -> frozenset[tuple[str, str]]:
+        """(key, certificate reference) of each peer gossip describes."""
+        by_key = snapshot.by_key()
+        return frozenset(
+            (key, member.record.cert)
+            for key in (p.public_key for p in snapshot.desired.peers)
+            if (member := by_key.get(key)) is not None and member.record is not None
+        )
 
     def _save_peers(self, snapshot: Snapshot) -> None:
         """The peers just applied, with what a restart needs to re-join and re-admit them."""

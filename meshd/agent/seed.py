@@ -77,6 +77,7 @@ class Seed:
             holder = self._holder_of(address, key)
             if holder is not None:
                 raise EnrolRefused(f"address {address} is taken by {holder}", taken=str(address))
+        chain = request.chain.encode()
         rt.known.add(
             KnownPeer(
                 name=name,
@@ -84,9 +85,10 @@ class Seed:
                 allowed_ips=host_prefixes(request.addresses),
                 endpoint=request.endpoint,
                 gossip_addr=str(gossip_address(request.addresses)),
+                # Kept with it: a revocation or a retired CA key drops it at once.
+                chain=chain,
             )
         )
-        chain = request.chain.encode()
         rt.trust.add_chain(chain, request.chain.ref)
         await self._run_pass()
         rt.tasks.start(self._announce(chain), name="announce-chain")

@@ -15,6 +15,8 @@ Public API::
       .issue_enrolment_key(*, lifetime, node_lifetime, now) -> EnrolmentKey
       .revoke(cert, *, now, include_key=True) -> Revocation
       .revoke_key(name, public_key, *, now) -> Revocation
+      .cross_sign(successor, *, now) -> Certificate         (CA rotation)
+      .renew(cert, *, now) -> Certificate                   (CA rotation)
     EnrolmentKey.sign_node_cert(name, public_key, addresses, *, lifetime, now) -> Certificate
 """
 
@@ -29,6 +31,7 @@ from meshd.errors import IdentityError
 from meshd.identity import decode_key, encode_key
 from meshd.pki.certificate import (
     DEFAULT_NODE_LIFETIME,
+    MAX_TIME,
     NO_SERIAL,
     Certificate,
     Role,
@@ -41,6 +44,11 @@ from meshd.pki.certificate import (
 )
 from meshd.pki.revocation import Revocation, sign_revocation
 from meshd.types import IPAddress
+
+# A cross-signature must outlive every certificate renewed under it (they keep
+# their own end of validity, at most DEFAULT_NODE_LIFETIME away): members that
+# still trust only the old CA accept the new one through it.
+CROSS_LIFETIME = 2 * DEFAULT_NODE_LIFETIME
 
 
 class _SigningKey:
@@ -206,4 +214,40 @@ class NetworkCA(_SigningKey):
             serial=NO_SERIAL,
             public_key=public_key,
             revoked_at=now_or(now),
+        )
+
+    def cross_sign(self, successor: NetworkCA, *, now: int | None = None) -> Certificate:
+        """A root certificate: this CA vouches that ``successor``'s key is a CA of the
+        same network (``meshd ca rotate``). Members that trust only this key accept
+        chains of the successor that carry it."""
+        now = now_or(now)
+        if successor.public_key == self.public_key:
+            raise IdentityError("a CA cannot cross-sign itself")
+        return sign_certificate(
+            self.signing_key,
+            role=Role.ROOT,
+            network_id=self.network_id,
+            name=self.name,
+            public_key=encode_key(successor.public_key),
+            addresses=(),
+            not_before=now,
+            not_after=min(now + CROSS_LIFETIME, MAX_TIME),
+        )
+
+    def renew(self, cert: Certificate, *, now: int | None = None) -> Certificate:
+        """``cert`` issued again by this CA: same name, key, addresses and end of validity
+        (a rotation moves the issuer, it does not extend anyone's certificate)."""
+        now = now_or(now)
+        if cert.role is not Role.NODE:
+            raise IdentityError(f"{cert.describe()} is not a node certificate")
+        check_window(cert, now)
+        return sign_certificate(
+            self.signing_key,
+            role=Role.NODE,
+            network_id=self.network_id,
+            name=cert.name,
+            public_key=cert.public_key,
+            addresses=cert.addresses,
+            not_before=min(now, cert.not_after),
+            not_after=cert.not_after,
         )

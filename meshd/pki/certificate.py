@@ -30,6 +30,12 @@ Chain rule (what :func:`verify_chain` accepts), decided here:
   serial to shut them all out — but never a seed, so they never get a tunnel.
 - chains are at most one enrolment certificate long; enrolment keys cannot make
   enrolment keys.
+- a network may trust several CA keys at once (:class:`Roots`) while its CA is
+  rotated. A certificate carries the ``network_id`` of the CA key that signed its
+  chain. A **root** certificate (a cross-signature) is an old CA's statement that a
+  new CA key belongs to the network: a chain may end with one, and then its
+  node/enrolment part may be signed by the new key while the verifier trusts only
+  the old one. A chain whose issuing CA is trusted directly ignores it.
 
 Encoding: a small deterministic binary format of fixed-width fields and
 length-prefixed strings (:mod:`meshd.binary`, shared with :mod:`meshd.pki.token`),
@@ -49,7 +55,8 @@ Public API::
     CertChain(node, issuers).encode() / .decode(data) / .ref / .verify(ca, now, ...)
     cert_ref(cert) -> str
     verify(cert, signer_public_key, now)
-    verify_chain(node_cert, chain, ca_public_key, now, *, revoked=None, at_admission=False)
+    verify_chain(node_cert, chain, roots, now, *, revoked=None, at_admission=False) -> CA key
+    Roots(keys).of(bytes | Roots) / .find(key_id) / .ids
     check_binding(cert, *, name, public_key, addresses)
 """
 
@@ -85,6 +92,8 @@ KEY_ID_LEN = 8
 SERIAL_LEN = 8
 MAX_ADDRESSES = 8
 MAX_CHAIN_LEN = 1
+# After the enrolment certificate (if any), one cross-signature of the issuing CA.
+MAX_CROSS = 1
 # Clocks of machines that have never met disagree; a certificate made "now" on
 # one must not be refused as "not yet valid" on another.
 CLOCK_SKEW = 300
@@ -105,6 +114,8 @@ class Role(enum.IntEnum):
 
     NODE = 1
     ENROL = 2
+    ROOT = 3
+    """A cross-signature: ``public_key`` is another CA key of the same network."""
 
 
 def key_id(public_key: bytes) -> bytes:
@@ -298,6 +309,8 @@ def _shape_problem(cert: Certificate) -> str | None:
         return "a node certificate needs at least one address"
     if cert.role is Role.ENROL and cert.addresses:
         return "an enrolment certificate carries no addresses"
+    if cert.role is Role.ROOT and (cert.addresses or cert.max_child_lifetime):
+        return "a root certificate carries no addresses and no child lifetime"
     if len(set(cert.addresses)) != len(cert.addresses):
         return "duplicate addresses"
     return None
@@ -365,46 +378,106 @@ def verify(cert: Certificate, signer_public_key: bytes, now: int) -> None:
     check_window(cert, now)
 
 
+@dataclass(frozen=True)
+class Roots:
+    """The CA public keys a node trusts: one, or two while the CA is rotated."""
+
+    keys: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise IdentityError("a node must trust at least one CA key")
+        for key in self.keys:
+            if len(key) != KEY_LEN:
+                raise IdentityError(f"a CA public key must be {KEY_LEN} bytes, got {len(key)}")
+
+    @classmethod
+    def of(cls, roots: bytes | Roots) -> Roots:
+        return roots if isinstance(roots, Roots) else cls((roots,))
+
+    def find(self, issuer_key_id: bytes) -> bytes | None:
+        """The trusted key whose id is ``issuer_key_id``, if any."""
+        return next((k for k in self.keys if key_id(k) == issuer_key_id), None)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The network id of each key (what ``meshd status`` shows)."""
+        return tuple(network_id_of(k) for k in self.keys)
+
+
+def split_chain(chain: Sequence[Certificate]) -> tuple[Certificate | None, Certificate | None]:
+    """(the enrolment certificate, the cross-signature) of a chain's issuers, each optional,
+    in that order; IdentityError for any other shape."""
+    enrol = chain[0] if chain and chain[0].role is not Role.ROOT else None
+    rest = chain[1:] if enrol is not None else chain
+    if enrol is not None and enrol.role is not Role.ENROL:
+        raise IdentityError(f"{enrol.describe()} cannot sign node certificates")
+    if len(rest) > MAX_CROSS or any(c.role is not Role.ROOT for c in rest):
+        raise IdentityError(
+            f"certificate chain longer than {MAX_CHAIN_LEN} enrolment certificate "
+            f"and {MAX_CROSS} root certificate"
+        )
+    return enrol, (rest[0] if rest else None)
+
+
+def issuing_key(
+    top: Certificate, cross: Certificate | None, roots: Roots, now: int
+) -> tuple[bytes, Certificate | None]:
+    """The CA key that signed ``top`` (the chain's highest node or enrolment certificate),
+    trusted directly or through ``cross``; and the cross-signature it took, if any."""
+    direct = roots.find(top.issuer_key_id)
+    if direct is not None:
+        return direct, None
+    if cross is not None and key_id(cross.public_key_bytes) == top.issuer_key_id:
+        signer = roots.find(cross.issuer_key_id)
+        if signer is not None:
+            if cross.network_id != network_id_of(signer):
+                raise IdentityError(f"{cross.describe()} belongs to network {cross.network_id}")
+            verify(cross, signer, now)
+            return cross.public_key_bytes, cross
+    if top.network_id not in roots.ids:
+        raise IdentityError(f"{top.describe()} belongs to network {top.network_id}")
+    raise IdentityError(f"{top.describe()} was not issued by the network CA")
+
+
 def verify_chain(
     node_cert: Certificate,
     chain: Sequence[Certificate],
-    ca_public_key: bytes,
+    roots: bytes | Roots,
     now: int,
     *,
     revoked: RevocationList | None = None,
     at_admission: bool = False,
-) -> None:
-    """Check ``node_cert`` chains to the network CA; IdentityError says why not.
+) -> bytes:
+    """Check ``node_cert`` chains to a trusted CA key; IdentityError says why not.
 
     ``chain`` is empty (CA-signed node certificate) or the one enrolment
-    certificate that signed it. See the module docstring for the rules.
+    certificate that signed it, optionally followed by a cross-signature of the
+    issuing CA key. See the module docstring for the rules. Returns the CA key
+    that issued the chain.
     """
-    network_id = network_id_of(ca_public_key)
+    trusted = Roots.of(roots)
     if node_cert.role is not Role.NODE:
         raise IdentityError(f"{node_cert.describe()} is not a node certificate")
-    for cert in (node_cert, *chain):
+    enrol_cert, cross = split_chain(chain)
+    ca_public_key, used_cross = issuing_key(enrol_cert or node_cert, cross, trusted, now)
+    network_id = network_id_of(ca_public_key)
+    signed = [c for c in (node_cert, enrol_cert) if c is not None]
+    for cert in signed:
         if cert.network_id != network_id:
             raise IdentityError(f"{cert.describe()} belongs to network {cert.network_id}")
-        if revoked is not None:
-            revocation = revoked.find(cert)
-            # A revoked enrolment key signs nothing new; what it signed before stays
-            # valid (other machines joined with the same token), unless revoked itself.
-            if revocation is not None and not (
-                cert.role is Role.ENROL and node_cert.not_before < revocation.revoked_at
-            ):
-                raise IdentityError(
-                    f"{cert.describe()} was revoked at {utc(revocation.revoked_at)}"
-                )
-    if not chain:
+    checked = [*signed, used_cross] if used_cross is not None else signed
+    for cert in checked:
+        revocation = revoked.find(cert) if revoked is not None else None
+        # A revoked enrolment key signs nothing new; what it signed before stays
+        # valid (other machines joined with the same token), unless revoked itself.
+        if revocation is not None and not (
+            cert.role is Role.ENROL and node_cert.not_before < revocation.revoked_at
+        ):
+            raise IdentityError(f"{cert.describe()} was revoked at {utc(revocation.revoked_at)}")
+    if enrol_cert is None:
         verify(node_cert, ca_public_key, now)
-        return
-    if len(chain) > MAX_CHAIN_LEN:
-        raise IdentityError(f"certificate chain longer than {MAX_CHAIN_LEN}")
-    enrol_cert = chain[0]
-    if enrol_cert.role is not Role.ENROL:
-        raise IdentityError(f"{enrol_cert.describe()} cannot sign node certificates")
-    if enrol_cert.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{enrol_cert.describe()} was not issued by the network CA")
+        return ca_public_key
     check_signature(
         ca_public_key, enrol_cert.signed_part(), enrol_cert.signature, enrol_cert.describe()
     )
@@ -426,6 +499,7 @@ def verify_chain(
                 f"{node_cert.describe()} was not made just now (not_before "
                 f"{utc(node_cert.not_before)}); check the joining machine's clock"
             )
+    return ca_public_key
 
 
 def check_binding(
@@ -461,7 +535,7 @@ class CertChain:
 
         def read(reader: BinaryReader) -> CertChain:
             count = reader.u8()
-            if not 1 <= count <= 1 + MAX_CHAIN_LEN:
+            if not 1 <= count <= 1 + MAX_CHAIN_LEN + MAX_CROSS:
                 raise reader.fail(f"{count} certificates")
             certs = [Certificate.decode(reader.long_bytes()) for _ in range(count)]
             return cls(node=certs[0], issuers=tuple(certs[1:]))
@@ -474,12 +548,19 @@ class CertChain:
 
     def verify(
         self,
-        ca_public_key: bytes,
+        roots: bytes | Roots,
         now: int,
         *,
         revoked: RevocationList | None = None,
         at_admission: bool = False,
-    ) -> None:
-        verify_chain(
-            self.node, self.issuers, ca_public_key, now, revoked=revoked, at_admission=at_admission
+    ) -> bytes:
+        """:func:`verify_chain` of this chain; the CA key that issued it."""
+        return verify_chain(
+            self.node, self.issuers, roots, now, revoked=revoked, at_admission=at_admission
         )
+
+    @property
+    def cross(self) -> Certificate | None:
+        """The cross-signature this chain ends with, if any."""
+        last = self.issuers[-1] if self.issuers else None
+        return last if last is not None and last.role is Role.ROOT else None

@@ -7,9 +7,16 @@ a revoked enrolment key refuses only what it signs afterwards). A revocation
 
 Public API::
 
-    Revocation.encode() / .decode(data); verify_revocation(rev, ca_public_key)
+    Revocation.encode() / .decode(data); verify_revocation(rev, roots)
     sign_revocation(signing_key, *, network_id, name, serial, public_key, revoked_at)
-    RevocationList.add(rev, ca_public_key) / .find(cert) / .encode() / .decode(data, ca_key)
+    RevocationList.add(rev, roots) / .find(cert) / .encode() / .decode(data, roots)
+      .keep_only(roots) -> how many were dropped
+
+A revocation signed by any trusted CA key covers certificates of every trusted
+key: during a CA rotation a member holds a certificate of the old CA and one of
+the new, and revoking one must revoke both (its serial differs, its WireGuard
+key does not). Only verified revocations enter a list, so this widens nothing
+beyond the keys the node already trusts.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from meshd.pki.certificate import (
     SERIAL_LEN,
     SIGNATURE_LEN,
     Certificate,
+    Roots,
     SignedValue,
     check_name,
     check_signature,
@@ -99,8 +107,6 @@ class Revocation(SignedValue):
         return decode_signed(data, "revocation", _REVOCATION_MAGIC, read)
 
     def matches(self, cert: Certificate) -> bool:
-        if cert.network_id != self.network_id:
-            return False
         if self.serial != NO_SERIAL and cert.serial == self.serial:
             return True
         return bool(self.public_key) and cert.public_key == self.public_key
@@ -127,13 +133,14 @@ def sign_revocation(
     return unsigned.signed_by(signing_key)
 
 
-def verify_revocation(revocation: Revocation, ca_public_key: bytes) -> None:
-    """Check a revocation was signed by the network CA."""
+def verify_revocation(revocation: Revocation, roots: bytes | Roots) -> None:
+    """Check a revocation was signed by a trusted CA key of the network."""
     what = f"revocation of {revocation.name!r}"
+    ca_public_key = Roots.of(roots).find(revocation.issuer_key_id)
+    if ca_public_key is None:
+        raise IdentityError(f"{what} was not issued by the network CA")
     if revocation.network_id != network_id_of(ca_public_key):
         raise IdentityError(f"{what} belongs to network {revocation.network_id}")
-    if revocation.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{what} was not issued by the network CA")
     check_signature(ca_public_key, revocation.signed_part(), revocation.signature, what)
 
 
@@ -145,9 +152,9 @@ class RevocationList:
         self._by_key: dict[str, Revocation] = {}
         self._all: dict[bytes, Revocation] = {}
 
-    def add(self, revocation: Revocation, ca_public_key: bytes) -> bool:
+    def add(self, revocation: Revocation, roots: bytes | Roots) -> bool:
         """Verify and keep ``revocation``; True when it was new."""
-        verify_revocation(revocation, ca_public_key)
+        verify_revocation(revocation, roots)
         encoded = revocation.encode()
         if encoded in self._all:
             return False
@@ -173,14 +180,30 @@ class RevocationList:
             writer.long_bytes(encoded)
         return writer.getvalue()
 
+    def keep_only(self, roots: Roots) -> int:
+        """Drop what no key of ``roots`` signed (after a CA key is retired); how many."""
+        kept = [r for r in self._all.values() if roots.find(r.issuer_key_id) is not None]
+        dropped = len(self._all) - len(kept)
+        if dropped:
+            self._all.clear()
+            self._by_serial.clear()
+            self._by_key.clear()
+            for revocation in kept:
+                self.add(revocation, roots)
+        return dropped
+
     @classmethod
-    def decode(cls, data: bytes, ca_public_key: bytes) -> RevocationList:
-        """Read :meth:`encode`'s output, verifying every revocation again."""
+    def decode(cls, data: bytes, roots: bytes | Roots) -> RevocationList:
+        """Read :meth:`encode`'s output, verifying every revocation again (one signed by
+        a CA key no longer trusted, e.g. retired, is left out)."""
+        trusted = Roots.of(roots)
 
         def read(reader: BinaryReader) -> RevocationList:
             revoked = cls()
             for _ in range(reader.u32()):
-                revoked.add(Revocation.decode(reader.long_bytes()), ca_public_key)
+                revocation = Revocation.decode(reader.long_bytes())
+                if trusted.find(revocation.issuer_key_id) is not None:
+                    revoked.add(revocation, trusted)
             return revoked
 
         return decode_signed(data, "revocation list", _REVOCATION_LIST_MAGIC, read)

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -217,3 +219,53 @@ def eventually(
             pytest.fail(f"{what}: not true after {timeout:g} s {detail()}".rstrip())
         time.sleep(0.2)
     return time.monotonic() - started
+
+
+class Pinger(threading.Thread):
+    """``ping`` from one node to another, 5 per second until stopped, recording each reply."""
+
+    def __init__(self, mesh: MeshLab, src: str, dst: str) -> None:
+        super().__init__(daemon=True)
+        argv = ["ping", "-n", "-D", "-i", "0.2", "-W", "1", mesh.mesh_address(dst)]
+        self.argv = ["ip", "netns", "exec", mesh.lab.netns_of(src), *argv]
+        self.replies: list[float] = []  # the kernel's time stamps (-D), seconds
+        self.proc: subprocess.Popen[str] | None = None
+
+    def run(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if "bytes from" in line and line.startswith("["):
+                self.replies.append(float(line[1 : line.index("]")]))
+
+    def answered_since(self, stamp: float) -> bool:
+        return any(r > stamp for r in self.replies)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+        self.join(timeout=10)
+
+    def longest_gap(self) -> float:
+        stamps = sorted(self.replies)
+        return max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
+
+
+HANDSHAKE_INITIATION = 148  # bytes: the only traffic a peer without a session sends
+
+
+def refused_twice(mesh: MeshLab, node: str, keys: dict[str, str]) -> bool:
+    """Whether each member in ``keys`` (name -> WireGuard key) left two of ``node``'s
+    handshake initiations unanswered since ``node``'s agent started (a fresh interface:
+    WireGuard resends an unanswered initiation after 5 s). Fails the test at once when
+    one was answered, or ``node`` forgot a member (nothing left to refuse)."""
+    found = mesh.status(node)
+    assert found is not None, f"the agent on {node} does not answer"
+    rows = {p["public_key"]: p for p in found["peers"]}
+    for name, key in keys.items():
+        row = rows.get(key)
+        assert row is not None, f"{node} has forgotten {name}: nothing left to refuse"
+        assert row["last_handshake"] is None, f"{name} answered {node}'s handshake"
+    return all(rows[key]["tx_bytes"] >= 2 * HANDSHAKE_INITIATION for key in keys.values())

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import itertools
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +23,18 @@ from meshd.identity import WireGuardKeyPair
 from meshd.lab import Lab
 from meshd.lab.mesh import MeshLab
 from meshd.types import NodeRecord
-from tests.integration.conftest import eventually, mesh_lab, rogue_serf, wg_peers
+from tests.integration.conftest import (
+    Pinger,
+    eventually,
+    mesh_lab,
+    refused_twice,
+    rogue_serf,
+    wg_peers,
+)
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 
 NODES = [f"n{i}" for i in range(1, 9)]
-HANDSHAKE_INITIATION = 148  # bytes: the only traffic a peer without a session sends
 
 
 @pytest.fixture(scope="module")
@@ -205,49 +209,13 @@ def test_revocation_reaches_every_node_and_one_that_was_down(mesh: MeshLab) -> N
     mesh.start("n8")
     mesh.wait_ready("n8")
 
-    def every_node_refused_n8_twice() -> bool:
-        rows = {p["public_key"]: p for p in status(mesh, "n8")["peers"]}
-        for node in up:
-            row = rows.get(keys[node])
-            assert row is not None, f"n8 has forgotten {node}: nothing left to refuse"
-            assert row["last_handshake"] is None, f"{node} answered n8's handshake"
-        return all(rows[keys[n]]["tx_bytes"] >= 2 * HANDSHAKE_INITIATION for n in up)
-
-    eventually(every_node_refused_n8_twice, 60, "every node left two of n8's handshakes unanswered")
+    eventually(
+        lambda: refused_twice(mesh, "n8", keys),
+        60,
+        "every node left two of n8's handshakes unanswered",
+    )
     for node in up:
         assert victim_key not in wg_peers(mesh, node)
-
-
-class Pinger(threading.Thread):
-    """``ping`` from one node to another, 5 per second until stopped, recording each reply."""
-
-    def __init__(self, mesh: MeshLab, src: str, dst: str) -> None:
-        super().__init__(daemon=True)
-        argv = ["ping", "-n", "-D", "-i", "0.2", "-W", "1", mesh.mesh_address(dst)]
-        self.argv = ["ip", "netns", "exec", mesh.lab.netns_of(src), *argv]
-        self.replies: list[float] = []  # the kernel's time stamps (-D), seconds
-        self.proc: subprocess.Popen[str] | None = None
-
-    def run(self) -> None:
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if "bytes from" in line and line.startswith("["):
-                self.replies.append(float(line[1 : line.index("]")]))
-
-    def answered_since(self, stamp: float) -> bool:
-        return any(r > stamp for r in self.replies)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-        self.join(timeout=10)
-
-    def longest_gap(self) -> float:
-        stamps = sorted(self.replies)
-        return max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
 
 
 def test_key_rotations_while_pinging_lose_no_pair_for_more_than_a_few_seconds(
