@@ -112,11 +112,15 @@ class Seed:
         this node's own before Serf first ran."""
         rt = self._rt
         state = rt.state
+        # A token names a CA key this node trusts now: two during a CA rotation, and
+        # never the old one once it is retired.
+        first, *others = rt.trust.roots.keys
         return SeedIdentity(
             private_key=decode_key(state.keys.private_key, what="wireguard.key"),
             chain=rt.own_chain,
             gossip_keys=rt.store.gossip_keys() or (state.gossip_key,),
-            ca_public_key=state.ca_public_key,
+            ca_public_key=first,
+            other_ca_keys=tuple(others),
         )
 
     async def rejoined(self, request: RejoinRequest) -> str:
@@ -124,7 +128,7 @@ class Seed:
         the proof); how this node's gossip saw it before ("absent" if not at all)."""
         rt = self._rt
         try:
-            request.chain.verify(rt.state.ca_public_key, int(time.time()), revoked=rt.trust.revoked)
+            request.chain.verify(rt.trust.roots, int(time.time()), revoked=rt.trust.revoked)
         except IdentityError as exc:
             raise EnrolRefused(f"certificate refused: {exc}") from exc
         node = request.chain.node

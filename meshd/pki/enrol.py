@@ -129,9 +129,12 @@ class SeedIdentity:
     chain: CertChain
     gossip_keys: tuple[bytes, ...] = field(repr=False)
     ca_public_key: bytes
+    # The other CA key trusted while the CA is rotated: a token names either one.
+    other_ca_keys: tuple[bytes, ...] = ()
 
     def psks(self) -> tuple[bytes, ...]:
-        return tuple(enrolment_psk(k, self.ca_public_key) for k in self.gossip_keys)
+        cas = (self.ca_public_key, *self.other_ca_keys)
+        return tuple(enrolment_psk(k, ca) for ca in cas for k in self.gossip_keys)
 
 
 def proof_message(nonce: bytes, chain: bytes, endpoint: str) -> bytes:

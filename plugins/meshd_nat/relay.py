@@ -73,7 +73,7 @@ used a ``DatagramProtocol`` per socket: asyncio's selector transport reads one
 datagram per wake-up of the loop, and on loopback the relay then cost 36 us of
 CPU per forwarded datagram and dropped 80 % of a burst; draining costs 7-9 us
 on either loop (uvloop's protocol path was already 8 us). In the agent the relay
-runs on the agent's loop (uvloop when installed); standalone it uses uvloop too.
+runs on the agent's loop (asyncio unless MESHD_LOOP=uvloop); standalone, --loop chooses.
 Figures in ``bench/README.md`` (``bench/relay.py``).
 
 Standalone, for the lab and the benchmark (one relay process serving given pairs
@@ -514,7 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ports-file", required=True, help="JSON {key: port} goes here")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (uvloop)"
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (asyncio; uvloop measured no faster: bench/README.md, meshd[uvloop])",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
