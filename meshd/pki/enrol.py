@@ -104,7 +104,8 @@ HANDSHAKE_REFUSED = b"R"
 # it tells a prober nothing it did not know.
 HANDSHAKE_REFUSAL = (
     "the enrolment handshake failed: the token is not for this seed's network, "
-    "or the network's gossip key was rotated since the token was made"
+    "or names a CA key the network retired ('meshd ca retire'), or the network's "
+    "gossip key was rotated since the token was made"
 )
 _CHUNK = MAX_MESSAGE - TAGLEN
 
