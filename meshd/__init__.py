@@ -4,7 +4,8 @@ The public API for plugins is what this package exports, and a plugin imports
 nothing else of meshd: ``hookimpl``, the errors a hook may raise
 (``ConfigError``), the frozen dataclasses and protocols the hooks pass (from
 :mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
-raises ``DecodeError``) for the endpoints a plugin publishes or reads.
+raises ``DecodeError``) for the endpoints a plugin publishes or reads, and the mDNS
+face (``Advert``, ``LanService``, ``MdnsError``, from :mod:`meshd.mdns`).
 Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
@@ -23,6 +24,9 @@ from meshd.errors import ConfigError, DecodeError, MeshdError, WireGuardError
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.hostport import format_host_port as format_host_port
     from meshd.hostport import parse_host_port as parse_host_port
+    from meshd.mdns import Advert as Advert
+    from meshd.mdns import LanService as LanService
+    from meshd.mdns import MdnsError as MdnsError
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
     from meshd.types import ConfigView as ConfigView
@@ -49,12 +53,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 __all__ = [
     "PROJECT",
     "Admission",
+    "Advert",
     "AgentAPI",
     "ConfigError",
     "ConfigView",
     "DecodeError",
     "IPAddress",
     "IPNetwork",
+    "LanService",
+    "MdnsError",
     "Member",
     "MemberState",
     "MeshAddresses",
@@ -75,7 +82,13 @@ __all__ = [
     "parse_host_port",
 ]
 # Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
-_HOMES = {"format_host_port": "meshd.hostport", "parse_host_port": "meshd.hostport"}
+_HOMES = {
+    "format_host_port": "meshd.hostport",
+    "parse_host_port": "meshd.hostport",
+    "Advert": "meshd.mdns",
+    "LanService": "meshd.mdns",
+    "MdnsError": "meshd.mdns",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,11 @@ so an ``async def`` implementation would "answer" with an un-awaited coroutine.
 A plugin that needs I/O starts its own task in :func:`meshd_startup` through
 ``agent.spawn`` and keeps its results ready for the next call.
 
+``AgentAPI`` (:mod:`meshd.types`) is what hooks get as ``agent``; besides identity,
+network, config, addresses and ``spawn`` it tells ``ca_fingerprint`` (the network
+CA's, as LAN adverts carry it) and ``enrol_port`` (``None`` when this node admits
+nobody), which the zeroconf plugin advertises.
+
 Calling rules: *firstresult* hooks stop at the first implementation that returns
 something other than ``None`` (``tryfirst``/``trylast`` order them; the standard
 plugins are ``trylast`` so any installed plugin pre-empts them). Every other hook

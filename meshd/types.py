@@ -240,6 +240,14 @@ class AgentAPI(Protocol):
     def interface(self) -> str:
         """The name of this node's WireGuard interface."""
 
+    @property
+    def ca_fingerprint(self) -> str:
+        """The network CA key's fingerprint (SHA-256, 32 hex digits), as LAN adverts carry it."""
+
+    @property
+    def enrol_port(self) -> int | None:
+        """The TCP port this node admits new machines on; ``None`` when enrolment is off."""
+
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         """What WireGuard reports of each peer now: live endpoint, last handshake, bytes.
         Raises :class:`meshd.WireGuardError` when the device cannot be read."""

@@ -276,6 +276,17 @@ class PluginFace:
     def interface(self) -> str:
         return self._rt.config.wireguard.interface
 
+    @property
+    def ca_fingerprint(self) -> str:
+        from meshd.mdns import ca_fingerprint
+
+        return ca_fingerprint(self._rt.state.ca_public_key)
+
+    @property
+    def enrol_port(self) -> int | None:
+        enrol = self._rt.config.enrol
+        return enrol.port if enrol.enabled else None
+
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         if not self._rt.has_iface:
             return ()

@@ -1,0 +1,195 @@
+"""Standard zeroconf plugin: LAN discovery by mDNS (python-zeroconf, through ``meshd``).
+
+Each node advertises ``_meshd._udp`` on its LAN addresses only (IPv4; never the mesh
+interface, never loopback) with its network id, its CA's fingerprint, its WireGuard
+key and port, and its enrolment port when it admits new machines; never a secret
+(:class:`meshd.Advert`). ``meshd join --discover`` finds seeds by these adverts.
+
+It browses too. A member heard on this node's LAN is reached at that LAN address
+(``direct (LAN)``), pre-empting the NAT plugin's choice, but only when all of this
+holds: the member is certified (its certificate chain leads to the network CA), the
+advert names the member's certified WireGuard key, and the address with the
+member's WireGuard port is an endpoint the member publishes in its own record. So
+an advert is a hint that says *which* of a member's own endpoints is on this link
+(two sites can both use 192.168.1.0/24: a private address in a record does not say
+"same LAN"; an mDNS answer, link-local by nature, does). A forged advert can at
+worst aim this node at an endpoint the member itself published; WireGuard talks
+there only with the member's certified key, so nobody else gets in.
+
+Configuration (``[plugins.zeroconf]``, every key optional)::
+
+    advertise = true   # publish this node's advert on its LANs
+    browse = true      # listen for other members' adverts and use their LAN paths
+
+The zeroconf instance runs in the agent's own event loop (asyncio API) and is made
+again when this machine's LAN addresses change (checked every 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from meshd import (
+    Advert,
+    AgentAPI,
+    ConfigError,
+    ConfigView,
+    IPAddress,
+    LanService,
+    MdnsError,
+    Member,
+    PathChoice,
+    format_host_port,
+    hookimpl,
+)
+
+log = logging.getLogger("meshd_zeroconf")
+
+ADDRESS_CHECK = 5.0
+_KEYS = ("advertise", "browse")
+
+
+def lan_addresses(agent: AgentAPI) -> tuple[IPAddress, ...]:
+    """This machine's IPv4 addresses that face a LAN: no mesh, loopback or link-local."""
+    mesh = [net for net in (agent.network.cidr4, agent.network.cidr6) if net is not None]
+    return tuple(
+        address
+        for address in agent.local_addresses
+        if address.version == 4
+        and not (address.is_loopback or address.is_link_local)
+        and not any(address in net for net in mesh)
+    )
+
+
+def lan_path(member: Member, advert: Advert | None) -> PathChoice | None:
+    """``direct (LAN)`` to the member's own published endpoint that ``advert`` shows on
+    this LAN; None when the advert is absent or does not fit the certified member."""
+    record = member.record
+    if advert is None or record is None or not member.certified:
+        return None
+    if advert.public_key != record.public_key:
+        return None
+    for address in advert.addresses:
+        endpoint = format_host_port(address, record.port)
+        if endpoint in record.endpoints:
+            return PathChoice(endpoint=endpoint, label="direct (LAN)")
+    return None
+
+
+async def addresses_changed(agent: AgentAPI, addresses: tuple[IPAddress, ...]) -> None:
+    """Return once this machine's LAN addresses are no longer ``addresses``."""
+    while True:
+        await asyncio.sleep(ADDRESS_CHECK)
+        if lan_addresses(agent) != addresses:
+            return
+
+
+class ZeroconfPlugin:
+    """Settings and what was heard live in the object (two lab hosts never share)."""
+
+    def __init__(self) -> None:
+        self.advertise = True
+        self.browse = True
+        self.heard: dict[str, Advert] = {}  # WireGuard key -> this network's advert
+        self.service: LanService | None = None
+        self._agent: AgentAPI | None = None
+
+    @hookimpl
+    def meshd_configure(self, config: ConfigView) -> None:
+        section: Mapping[str, Any] = config.section("zeroconf")
+        settings = {"advertise": True, "browse": True}
+        for key, value in section.items():
+            where = f"plugins.zeroconf.{key}"
+            if key not in _KEYS:
+                raise ConfigError(
+                    f"unknown key (known keys: {', '.join(_KEYS)})", file=config.path, key=where
+                )
+            if not isinstance(value, bool):
+                raise ConfigError("must be true or false", file=config.path, key=where)
+            settings[key] = value
+        self.advertise, self.browse = settings["advertise"], settings["browse"]
+
+    @hookimpl
+    def meshd_startup(self, agent: AgentAPI) -> None:
+        if self.advertise or self.browse:
+            self._agent = agent
+            agent.spawn(self.run(agent), name="zeroconf")
+
+    @hookimpl
+    def meshd_select_path(self, agent: AgentAPI, member: Member) -> PathChoice | None:
+        if member.record is None:
+            return None
+        return lan_path(member, self.heard.get(member.record.public_key))
+
+    # --- the task ---------------------------------------------------------------
+
+    def advert(self, agent: AgentAPI, addresses: tuple[IPAddress, ...]) -> Advert:
+        return Advert(
+            name=agent.identity.name,
+            network_id=agent.network.network_id,
+            ca_fingerprint=agent.ca_fingerprint,
+            public_key=agent.identity.public_key,
+            addresses=addresses,
+            port=agent.listen_port,
+            enrol_port=agent.enrol_port,
+        )
+
+    def on_advert(self, advert: Advert) -> None:
+        agent = self._agent
+        if agent is None or advert.public_key == agent.identity.public_key:
+            return
+        if (advert.network_id, advert.ca_fingerprint) != (
+            agent.network.network_id,
+            agent.ca_fingerprint,
+        ):
+            return
+        if self.heard.get(advert.public_key) != advert:
+            log.info("mDNS: %s is on this LAN at %s", advert.name, advert.addresses[0])
+            self.heard[advert.public_key] = advert
+            agent.refresh()
+
+    def on_gone(self, instance: str) -> None:
+        for key, advert in list(self.heard.items()):
+            if advert.instance == instance:
+                log.info("mDNS: %s left this LAN", advert.name)
+                del self.heard[key]
+                if self._agent is not None:
+                    self._agent.refresh()
+
+    async def run(self, agent: AgentAPI) -> None:
+        """Advertise and browse on the LAN addresses; start again when they change."""
+        warned = False
+        while True:
+            addresses = lan_addresses(agent)
+            service = LanService(addresses)
+            try:
+                if addresses:
+                    await service.start()
+                    self.service = service
+                    if self.browse:
+                        await service.browse(self.on_advert, self.on_gone)
+                    if self.advertise:
+                        await service.advertise(self.advert(agent, addresses))
+                    log.info("mDNS on %s", ", ".join(map(str, addresses)))
+                    warned = False
+                await addresses_changed(agent, addresses)
+            except MdnsError as exc:
+                (log.debug if warned else log.warning)("mDNS is off for now: %s", exc)
+                warned = True
+                await asyncio.sleep(ADDRESS_CHECK)
+            finally:
+                self.service = None
+                with contextlib.suppress(Exception):
+                    await service.close()
+            # Other LAN addresses: what was heard may be of another LAN now.
+            if self.heard:
+                self.heard.clear()
+                agent.refresh()
+
+
+plugin = ZeroconfPlugin()
+"""What the ``meshd.plugins`` entry point registers."""
