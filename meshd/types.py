@@ -167,7 +167,8 @@ class PathChoice:
       its addresses ride the relay's peer (the relay decrypts and re-encrypts).
 
     ``label`` is how status shows the path (``direct``, ``direct (LAN)``, ``relay via
-    n3``); ``reason`` says why a pair is not direct.
+    n3``); ``reason`` says why a pair is not direct, or what showed a direct path
+    (``heard on this LAN by mDNS``).
     """
 
     via: str | None = None

@@ -50,6 +50,7 @@ from meshd import (
 log = logging.getLogger("meshd_zeroconf")
 
 ADDRESS_CHECK = 5.0
+HEARD = "heard on this LAN by mDNS"  # what `meshd status` says of a path this plugin chose
 _KEYS = ("advertise", "browse")
 
 
@@ -76,7 +77,7 @@ def lan_path(member: Member, advert: Advert | None) -> PathChoice | None:
     for address in advert.addresses:
         endpoint = format_host_port(address, record.port)
         if endpoint in record.endpoints:
-            return PathChoice(endpoint=endpoint, label="direct (LAN)")
+            return PathChoice(endpoint=endpoint, label="direct (LAN)", reason=HEARD)
     return None
 
 
