@@ -34,9 +34,7 @@ RECORD = NodeRecord(
     endpoints=("203.0.113.9:40000", "192.168.1.20:51820"),
 )
 MEMBER = Member("n2", "100.80.0.2", MemberState.ALIVE, RECORD, certified=True)
-ADVERT = Advert(
-    "n2", NET.network_id, FP, KEY, (ipaddress.ip_address("192.168.1.20"),), 51820, None
-)
+ADVERT = Advert("n2", NET.network_id, FP, KEY, (ipaddress.ip_address("192.168.1.20"),), 51820, None)
 
 
 class FakeAgent:
