@@ -139,8 +139,9 @@ def decode_txt(properties: Mapping[Any, Any], addresses: Iterable[str], port: in
     )
 
 
-OnAdvert = Callable[[Advert], None]
-"""Called in the loop for every advert heard (again after each change)."""
+OnAdvert = Callable[[str, Advert], None]
+"""Called in the loop with the instance name and the advert, for every advert heard
+(again after each change). Two instances may claim one key: one of them lies."""
 OnGone = Callable[[str], None]
 """Called in the loop with the instance name of an advert withdrawn or expired."""
 GOODBYE_TIMEOUT = 0.3  # the agent's shutdown gives each task 0.5 s
@@ -205,25 +206,26 @@ class LanService:
                 if on_gone is not None:
                     on_gone(name.removesuffix("." + SERVICE_TYPE))
                 return
-            task = asyncio.get_running_loop().create_task(self._resolve(name, on_advert))
+            instance = name.removesuffix("." + SERVICE_TYPE)
+            task = asyncio.get_running_loop().create_task(self._resolve(instance, on_advert))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[changed])
 
-    async def _resolve(self, name: str, on_advert: OnAdvert) -> None:
+    async def _resolve(self, instance: str, on_advert: OnAdvert) -> None:
         from zeroconf.asyncio import AsyncServiceInfo
 
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        info = AsyncServiceInfo(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}")
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
-            log.debug("mDNS: %s did not resolve", name)
+            log.debug("mDNS: %s did not resolve", instance)
             return
         try:
             advert = decode_txt(info.properties or {}, info.parsed_addresses(), info.port)
         except DecodeError as exc:
-            log.debug("mDNS: ignoring %s: %s", name, exc)
+            log.debug("mDNS: ignoring %s: %s", instance, exc)
             return
-        on_advert(advert)
+        on_advert(instance, advert)
 
     async def close(self) -> None:
         """Say goodbye (adverts withdrawn) and close the sockets."""
@@ -262,15 +264,15 @@ async def find_seeds(
     first = asyncio.Event()
     others: set[str] = set()
 
-    def heard(advert: Advert) -> None:
+    def heard(instance: str, advert: Advert) -> None:
         if advert.network_id != network_id or advert.ca_fingerprint != ca_fp:
-            if advert.instance not in others:
-                others.add(advert.instance)
+            if instance not in others:
+                others.add(instance)
                 report(f"{advert.name} ({advert.addresses[0]}) is of another network")
             return
-        if advert.enrol_port is None or advert.instance in found:
+        if advert.enrol_port is None or instance in found:
             return
-        found[advert.instance] = advert
+        found[instance] = advert
         report(f"found seed {advert.name} at {advert.addresses[0]}:{advert.enrol_port}")
         first.set()
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from meshd import (
@@ -43,6 +45,8 @@ from meshd import (
     MdnsError,
     Member,
     PathChoice,
+    PeerStats,
+    WireGuardError,
     format_host_port,
     hookimpl,
 )
@@ -50,6 +54,9 @@ from meshd import (
 log = logging.getLogger("meshd_zeroconf")
 
 ADDRESS_CHECK = 5.0
+WATCH_INTERVAL = 2.0
+SILENT_LIMIT = 12.0  # WireGuard answers data with a keepalive after 10 s at most
+RETRY_AFTER = 60.0  # a LAN endpoint that failed is left alone this long
 HEARD = "heard on this LAN by mDNS"  # what `meshd status` says of a path this plugin chose
 _KEYS = ("advertise", "browse")
 
@@ -66,19 +73,55 @@ def lan_addresses(agent: AgentAPI) -> tuple[IPAddress, ...]:
     )
 
 
-def lan_path(member: Member, advert: Advert | None) -> PathChoice | None:
-    """``direct (LAN)`` to the member's own published endpoint that ``advert`` shows on
-    this LAN; None when the advert is absent or does not fit the certified member."""
+def lan_endpoints(member: Member, advert: Advert) -> list[str]:
+    """The member's own published endpoints that ``advert`` shows on this LAN (none when
+    the member is not certified or the advert names another key)."""
     record = member.record
-    if advert is None or record is None or not member.certified:
-        return None
-    if advert.public_key != record.public_key:
-        return None
-    for address in advert.addresses:
-        endpoint = format_host_port(address, record.port)
-        if endpoint in record.endpoints:
-            return PathChoice(endpoint=endpoint, label="direct (LAN)", reason=HEARD)
+    if record is None or not member.certified or advert.public_key != record.public_key:
+        return []
+    wanted = (format_host_port(address, record.port) for address in advert.addresses)
+    return [endpoint for endpoint in wanted if endpoint in record.endpoints]
+
+
+def choose_lan(
+    member: Member, adverts: Mapping[str, Advert], failed: Mapping[str, float], now: float
+) -> PathChoice | None:
+    """``direct (LAN)`` to the first endpoint the adverts (by instance name) show for the
+    member that has not failed lately (``failed``: endpoint -> retry after); else None."""
+    for instance in sorted(adverts):
+        for endpoint in lan_endpoints(member, adverts[instance]):
+            if failed.get(endpoint, 0.0) <= now:
+                return PathChoice(endpoint=endpoint, label="direct (LAN)", reason=HEARD)
     return None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A LAN path under watch since ``since``, with the peer's byte counters then."""
+
+    endpoint: str
+    since: float
+    tx: int
+    rx: int
+
+
+def judge(trial: Trial | None, endpoint: str, stats: PeerStats, now: float) -> tuple[str, Trial]:
+    """Whether the LAN path to a peer works: ``ok``, ``wait`` or ``failed``, and the
+    trial to keep. It works when authenticated packets of the peer came from that
+    endpoint (WireGuard moves the live endpoint to where they come from); it failed
+    when this node kept sending for SILENT_LIMIT s and nothing came back from there
+    (WireGuard answers data with a keepalive within 10 s). An idle pair proves
+    nothing either way: its window starts again."""
+    fresh = Trial(endpoint, now, stats.tx_bytes, stats.rx_bytes)
+    if trial is None or trial.endpoint != endpoint:
+        return "wait", fresh
+    if stats.rx_bytes > trial.rx and stats.endpoint == endpoint:
+        return "ok", fresh
+    if now - trial.since < SILENT_LIMIT:
+        return "wait", trial
+    if stats.tx_bytes > trial.tx:
+        return "failed", trial
+    return "wait", fresh
 
 
 async def addresses_changed(agent: AgentAPI, addresses: tuple[IPAddress, ...]) -> None:
@@ -95,7 +138,12 @@ class ZeroconfPlugin:
     def __init__(self) -> None:
         self.advertise = True
         self.browse = True
-        self.heard: dict[str, Advert] = {}  # WireGuard key -> this network's advert
+        # WireGuard key -> mDNS instance name -> this network's advert for that key
+        self.heard: dict[str, dict[str, Advert]] = {}
+        # WireGuard key -> (member name, the LAN endpoint select_path gave)
+        self.chosen: dict[str, tuple[str, str]] = {}
+        self.failed: dict[str, dict[str, float]] = {}  # key -> endpoint -> retry after
+        self.trials: dict[str, Trial] = {}
         self.service: LanService | None = None
         self._agent: AgentAPI | None = None
 
@@ -119,12 +167,22 @@ class ZeroconfPlugin:
         if self.advertise or self.browse:
             self._agent = agent
             agent.spawn(self.run(agent), name="zeroconf")
+        if self.browse:
+            agent.spawn(self.watch(agent), name="zeroconf-paths")
 
     @hookimpl
     def meshd_select_path(self, agent: AgentAPI, member: Member) -> PathChoice | None:
         if member.record is None:
             return None
-        return lan_path(member, self.heard.get(member.record.public_key))
+        key = member.record.public_key
+        choice = choose_lan(
+            member, self.heard.get(key, {}), self.failed.get(key, {}), time.monotonic()
+        )
+        if choice is None or choice.endpoint is None:
+            self.chosen.pop(key, None)
+            return None
+        self.chosen[key] = (member.name, choice.endpoint)
+        return choice
 
     # --- the task ---------------------------------------------------------------
 
@@ -139,7 +197,7 @@ class ZeroconfPlugin:
             enrol_port=agent.enrol_port,
         )
 
-    def on_advert(self, advert: Advert) -> None:
+    def on_advert(self, instance: str, advert: Advert) -> None:
         agent = self._agent
         if agent is None or advert.public_key == agent.identity.public_key:
             return
@@ -148,18 +206,51 @@ class ZeroconfPlugin:
             agent.ca_fingerprint,
         ):
             return
-        if self.heard.get(advert.public_key) != advert:
+        adverts = self.heard.setdefault(advert.public_key, {})
+        if adverts.get(instance) != advert:
             log.info("mDNS: %s is on this LAN at %s", advert.name, advert.addresses[0])
-            self.heard[advert.public_key] = advert
+            adverts[instance] = advert
             agent.refresh()
 
     def on_gone(self, instance: str) -> None:
-        for key, advert in list(self.heard.items()):
-            if advert.instance == instance:
-                log.info("mDNS: %s left this LAN", advert.name)
+        for key, adverts in list(self.heard.items()):
+            advert = adverts.pop(instance, None)
+            if advert is None:
+                continue
+            log.info("mDNS: %s left this LAN", advert.name)
+            if not adverts:
                 del self.heard[key]
-                if self._agent is not None:
-                    self._agent.refresh()
+            if self._agent is not None:
+                self._agent.refresh()
+
+    async def watch(self, agent: AgentAPI) -> None:
+        """Keep a LAN path only while the peer answers there (:func:`judge`)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.trials = {k: t for k, t in self.trials.items() if k in self.chosen}
+            if not self.chosen:
+                continue
+            try:
+                stats = {s.public_key: s for s in await agent.peer_stats()}
+            except WireGuardError as exc:
+                log.debug("watching LAN paths: %s", exc)
+                continue
+            now = time.monotonic()
+            for key, (name, endpoint) in list(self.chosen.items()):
+                if key not in stats:
+                    continue
+                verdict, self.trials[key] = judge(self.trials.get(key), endpoint, stats[key], now)
+                if verdict == "failed":
+                    log.warning(
+                        "LAN path to %s at %s: nothing came back in %.0f s; leaving it for %.0f s",
+                        name,
+                        endpoint,
+                        SILENT_LIMIT,
+                        RETRY_AFTER,
+                    )
+                    self.failed.setdefault(key, {})[endpoint] = now + RETRY_AFTER
+                    del self.chosen[key], self.trials[key]
+                    agent.refresh()
 
     async def run(self, agent: AgentAPI) -> None:
         """Advertise and browse on the LAN addresses; start again when they change."""
