@@ -7,6 +7,12 @@ like a seed that admits everyone, presenting a certificate of its own CA.
 
 Prints ``ready`` once advertised, then one ``enrolment request from NAME`` line per
 request it received (what it learnt: the joiner's public certificate, nothing else).
+
+    python forged_seed.py --member ADDRESS NETWORK_ID CA_FINGERPRINT KEY CLAIMED
+
+publishes, with zeroconf itself, an advert for a real member's WireGuard KEY that
+puts it at CLAIMED (an address of that member's record that is no use from this
+LAN); its instance name sorts before the member's own. Prints ``ready``.
 """
 
 from __future__ import annotations
@@ -56,5 +62,31 @@ async def main(address: str, network_id: str, ca_fp: str) -> None:
     await asyncio.Event().wait()
 
 
+async def forge_member(address: str, network_id: str, ca_fp: str, key: str, claimed: str) -> None:
+    import socket
+
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    from meshd.mdns import SERVICE_TYPE, encode_txt
+
+    advert = Advert("a", network_id, ca_fp, key, (ipaddress.ip_address(claimed),), 51820)
+    info = AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"a-forged.{SERVICE_TYPE}",
+        addresses=[socket.inet_aton(claimed)],
+        port=WIREGUARD_PORT,
+        properties=encode_txt(advert),
+        server="a-forged.local.",
+    )
+    zc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    await (await zc.async_register_service(info))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    if sys.argv[1] == "--member":
+        asyncio.run(forge_member(*sys.argv[2:7]))
+    else:
+        asyncio.run(main(*sys.argv[1:4]))

@@ -220,3 +220,38 @@ def test_two_members_of_one_nat_site_reach_each_other_on_the_lan(nat_site: MeshL
     for src, dst in (("n2", "n4"), ("n2", "n6")):
         assert lab.ping(src, nat_site.mesh_address(dst), deadline=3) is not None, f"{src}->{dst}"
     print(f"paths seen: {seen}; waited {by_mdns:.1f} s (mDNS), then {by_nat:.1f} s (NAT plugin)")
+
+
+def test_a_forged_lan_advert_for_a_member_is_tried_then_left(nat_site: MeshLab) -> None:
+    # n4 gets an address no one else can reach (on its loopback interface; its record
+    # publishes it like any address that is not 127/8), and a forger on the site LAN claims n4's key is there, under an
+    # instance name that sorts first. n2 takes the hint, sends into the void, hears
+    # nothing back from there, and leaves it for n4's own advert.
+    lab = nat_site.lab
+    lab.run("n4", ["ip", "addr", "add", "10.99.0.4/32", "dev", "lo"])
+    token = parse_token(
+        (nat_site.state_dir("n1") / "join-token").read_text().strip(), int(time.time())
+    )
+    n4_key = nat_site.status("n4")["node"]["public_key"]  # type: ignore[index]
+    argv = [sys.executable, str(FORGED_SEED), "--member", lab.node("n6").address]
+    argv += [token.network_id, ca_fingerprint(token.ca_public_key), n4_key, "10.99.0.4"]
+    lab.spawn("n6", argv, name="forged")
+    log = lab.log_path("n2", "agent")
+    gave_up = "LAN path to n4 at 10.99.0.4:51820: nothing came back"
+    took = eventually(
+        lambda: gave_up in log.read_text(errors="replace"),
+        40,
+        "n2 tries the forged endpoint of n4 and leaves it",
+    )
+    row: dict[str, Any] = {}
+
+    def back_on_lan() -> bool:
+        row.update(peer_row(nat_site, "n2", "n4") or {})
+        return (row.get("path"), row.get("endpoint")) == (
+            "direct (LAN)",
+            f"{lab.node('n4').address}:{WIREGUARD_PORT}",
+        )
+
+    eventually(back_on_lan, 10, "n2 back on n4's own LAN endpoint", lambda: row)
+    assert lab.ping("n2", nat_site.mesh_address("n4"), deadline=3) is not None
+    print(f"the forged endpoint was left {took:.1f} s after the forger started")
