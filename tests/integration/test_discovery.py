@@ -224,9 +224,10 @@ def test_two_members_of_one_nat_site_reach_each_other_on_the_lan(nat_site: MeshL
 
 def test_a_forged_lan_advert_for_a_member_is_tried_then_left(nat_site: MeshLab) -> None:
     # n4 gets an address no one else can reach (on its loopback interface; its record
-    # publishes it like any address that is not 127/8), and a forger on the site LAN claims n4's key is there, under an
-    # instance name that sorts first. n2 takes the hint, sends into the void, hears
-    # nothing back from there, and leaves it for n4's own advert.
+    # publishes it like any address outside 127/8), and a forger on the site LAN claims
+    # n4's key is there, under an instance name that sorts first. n2 takes the hint,
+    # sends into the void, hears nothing back from there, and leaves it for n4's own
+    # advert.
     lab = nat_site.lab
     lab.run("n4", ["ip", "addr", "add", "10.99.0.4/32", "dev", "lo"])
     token = parse_token(
