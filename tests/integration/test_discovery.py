@@ -6,7 +6,8 @@ multicast). Its hosts:
     n1  seed of network "lab" (agent running, zeroconf advertising)
     n2  first node of network "other" (made at once, its agent started by a test)
     n3  joins "lab" with --discover
-    n4  joins "other" with --discover: first with only a forged seed on the LAN, then
+    n4  joins "other" with --discover: first with no seed of "other" on the LAN, then
+        with only a forged one, then
         with "lab"'s seeds, "other"'s seed and the forged one all advertising
     n5  not a member of anything: publishes a forged advert for "other" and answers
         enrolment like a seed that admits everyone (tests/integration/forged_seed.py)
@@ -50,7 +51,9 @@ class Flat:
     def token(self, first: str) -> Path:
         return self.mesh.state_dir(first) / "join-token"
 
-    def join_discover(self, node: str, token: Path) -> tuple[CompletedProcess[str], float]:
+    def join_discover(
+        self, node: str, token: Path, *extra: str
+    ) -> tuple[CompletedProcess[str], float]:
         """``meshd join --discover`` on ``node`` (no seed address); its output and duration."""
         copy = self.mesh.token_path(node)
         shutil.copyfile(token, copy)
@@ -66,6 +69,7 @@ class Flat:
             "--endpoint",
             self.mesh.endpoint(node),
             "--no-start",
+            *extra,
             check=False,
         )
         return done, time.monotonic() - started
@@ -123,6 +127,15 @@ def test_join_discover_finds_the_seed_without_an_address(flat: Flat) -> None:
     row = peer_row(mesh, "n1", "n3")
     assert row is not None
     assert row["endpoint"] == f"{flat.lab.node('n3').address}:{WIREGUARD_PORT}"
+
+
+def test_with_no_seed_of_its_network_on_the_lan_join_discover_says_so(flat: Flat) -> None:
+    # "other"'s only seed (n2) is not running; "lab"'s seeds are, and are not taken.
+    done, _took = flat.join_discover("n4", flat.token("n2"), "--discover-timeout", "1")
+    assert done.returncode == 1, done.stdout
+    assert "meshd: error: no seed of network other (" in done.stderr
+    assert "answered on the LAN within 1 s; give a seed's address" in done.stderr
+    assert not (flat.mesh.state_dir("n4") / "node.json").exists()
 
 
 def test_a_forged_advert_alone_gets_nobody_in(flat: Flat) -> None:
