@@ -7,14 +7,15 @@ multicast). Its hosts:
     n2  first node of network "other" (made at once, its agent started by a test)
     n3  joins "lab" with --discover
     n4  joins "other" with --discover: first with no seed of "other" on the LAN, then
-        with only a forged one, then
-        with "lab"'s seeds, "other"'s seed and the forged one all advertising
+        with only a forged one, then with "lab"'s seeds, "other"'s seed and the forged
+        one all advertising
     n5  not a member of anything: publishes a forged advert for "other" and answers
         enrolment like a seed that admits everyone (tests/integration/forged_seed.py)
 
 The nat lab (two sites, the fewest the lab builds): n1 public; n2, n4, n6 in site 1
 behind a NAT router (n3, n5 in site 2 stay idle); n6 runs without the zeroconf plugin,
 so one status shows the NAT plugin's LAN path (n2 -> n6) beside zeroconf's (n2 -> n4).
+Last, a forger on n6 claims n4 is at an address nobody reaches: n2 tries it and leaves it.
 """
 
 from __future__ import annotations
