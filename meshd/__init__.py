@@ -5,8 +5,9 @@ nothing else of meshd: ``hookimpl``, the errors a hook may raise
 (``ConfigError``, ``GossipError``...), the frozen dataclasses and protocols the hooks pass (from
 :mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
 raises ``DecodeError``) for the endpoints a plugin publishes or reads,
-``atomic_write`` for files other programs read, and ``path_kind`` (direct, LAN,
-relay or down, as ``meshd status --graph`` draws a pair).
+``atomic_write`` for files other programs read, ``path_kind`` (direct, LAN,
+relay or down, as ``meshd status --graph`` draws a pair), and the mDNS face
+(``Advert``, ``LanService``, ``MdnsError``, from :mod:`meshd.mdns`).
 Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
@@ -26,6 +27,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.graph import path_kind as path_kind
     from meshd.hostport import format_host_port as format_host_port
     from meshd.hostport import parse_host_port as parse_host_port
+    from meshd.mdns import Advert as Advert
+    from meshd.mdns import LanService as LanService
+    from meshd.mdns import MdnsError as MdnsError
     from meshd.state import atomic_write as atomic_write
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
@@ -55,6 +59,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 __all__ = [
     "PROJECT",
     "Admission",
+    "Advert",
     "AgentAPI",
     "ConfigError",
     "ConfigView",
@@ -63,6 +68,8 @@ __all__ = [
     "GossipError",
     "IPAddress",
     "IPNetwork",
+    "LanService",
+    "MdnsError",
     "Member",
     "MemberState",
     "MeshAddresses",
@@ -91,6 +98,9 @@ _HOMES = {
     "format_host_port": "meshd.hostport",
     "parse_host_port": "meshd.hostport",
     "path_kind": "meshd.graph",
+    "Advert": "meshd.mdns",
+    "LanService": "meshd.mdns",
+    "MdnsError": "meshd.mdns",
 }
 
 

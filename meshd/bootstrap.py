@@ -32,7 +32,7 @@ from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from meshd.pki.token import Seed, Token, create_token, split_endpoint
 from meshd.plugins import PluginHost
-from meshd.types import MeshAddresses, Network, NodeIdentity
+from meshd.types import IPAddress, MeshAddresses, Network, NodeIdentity
 
 MAX_ADDRESS_RETRIES = 4
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
@@ -56,6 +56,55 @@ def check_endpoint(value: str | None, *, option: str = "--endpoint") -> str | No
         except MeshdError as exc:
             raise InputError(str(exc), option=option) from None
     return value
+
+
+def lan_addresses(config: Config) -> tuple[IPAddress, ...]:
+    """This machine's addresses outside the mesh (no loopback, no link-local)."""
+    from meshd.netlink import Netlink  # pyroute2 is heavy; only init/join need it
+
+    async def listed() -> tuple[IPAddress, ...]:
+        async with Netlink() as nl:
+            found = await nl.host_addresses(exclude=[config.wireguard.interface])
+        return tuple(iface.ip for iface in found)
+
+    return asyncio.run(listed())
+
+
+def discover_seeds(
+    config: Config, token: Token, *, timeout: float, report: Report
+) -> list[tuple[str, int]]:
+    """Seeds of the token's network heard by mDNS on this machine's LANs, in the order
+    heard (hints: the enrolment checks each seed's certificate against the token's CA).
+    EnrolError when none answered within ``timeout`` s."""
+    from meshd.mdns import ca_fingerprint, find_seeds
+
+    addresses = [a for a in lan_addresses(config) if a.version == 4]
+    if not addresses:
+        raise EnrolError("--discover: this machine has no IPv4 LAN address to look on")
+    report(
+        f"looking for a seed of network {token.network_name} ({token.network_id}) on "
+        f"{', '.join(map(str, addresses))} for up to {timeout:g} s"
+    )
+    found = asyncio.run(
+        find_seeds(
+            addresses,
+            token.network_id,
+            ca_fingerprint(token.ca_public_key),
+            timeout=timeout,
+            report=report,
+        )
+    )
+    if not found:
+        raise EnrolError(
+            f"no seed of network {token.network_name} ({token.network_id}) answered on the "
+            f"LAN within {timeout:g} s; give a seed's address: meshd join SEED-HOST"
+        )
+    return [
+        (str(address), advert.enrol_port)
+        for advert in found
+        if advert.enrol_port is not None
+        for address in advert.addresses
+    ]
 
 
 def local_endpoint(config: Config) -> str:
@@ -206,8 +255,10 @@ def join_network(
     address: str | None,
     endpoint: str | None,
     report: Report,
+    targets: list[tuple[str, int]] | None = None,
 ) -> Joined:
-    """Enrol through ``seed`` (or the token's seeds) and store the new node and its peers.
+    """Enrol through ``seed`` (or ``targets``, e.g. discovered; or the token's seeds) and
+    store the new node and its peers; the targets are tried in order.
 
     A seed that finds the chosen address taken says which; another one is taken and
     the request made again (``report`` tells the user), up to MAX_ADDRESS_RETRIES.
@@ -226,7 +277,10 @@ def join_network(
     own_endpoint = check_endpoint(endpoint) or local_endpoint(config)
 
     errors: list[str] = []
-    for host, port in seed_targets(seed, token, config.enrol.port):
+    tries = targets if targets is not None else seed_targets(seed, token, config.enrol.port)
+    for host, port in tries:
+        if targets is not None:
+            report(f"trying seed {format_host_port(host, port)}")
         for _ in range(MAX_ADDRESS_RETRIES):
             cert = token.enrolment.sign_node_cert(name, keys.public_key, addresses.all())
             try:

@@ -24,6 +24,7 @@ from meshd.b64 import decode_b64
 from meshd.bootstrap import (
     check_endpoint,
     create_network,
+    discover_seeds,
     join_network,
     local_endpoint,
     parse_duration,
@@ -341,6 +342,19 @@ def token_create(state: CliState, ttl: str, endpoint: str | None, out: str | Non
 @token_source_option("Read the token from FILE ('-' for stdin), removed after a successful join")
 @address_option
 @endpoint_option
+@click.option(
+    "--discover",
+    is_flag=True,
+    help="Find a seed of the token's network on the LAN (mDNS) instead of SEED.",
+)
+@click.option(
+    "--discover-timeout",
+    type=click.FloatRange(0.5, 120),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long --discover looks before giving up.",
+)
 @with_start_options
 @click.pass_obj
 def join(
@@ -349,19 +363,35 @@ def join(
     token_source: str | None,
     address: str | None,
     endpoint: str | None,
+    discover: bool,
+    discover_timeout: float,
     start: str,
 ) -> None:
-    """Join a network through any member (SEED), or the seeds the token names.
+    """Join a network through any member (SEED), the seeds the token names, or
+    with --discover a seed found on the LAN.
 
     The token comes from a file, stdin or the MESHD_TOKEN variable, never from
     the command line (it would show in 'ps'). Nothing is written unless the
-    seed admits this node.
+    seed admits this node. A seed found by --discover is a hint: it must show a
+    certificate of the token's network, or the next one is tried.
 
     \b
-    Example:
+    Examples:
       meshd join 192.0.2.10 --token-file join-token
+      meshd join --discover --token-file join-token
     """
+    if discover and seed is not None:
+        raise InputError("give SEED-HOST or --discover, not both", option="--discover")
     token_ = parse_token(read_token_source(token_source), int(time.time()))
+
+    def report(line: str) -> None:
+        click.echo(f"meshd: {line}", err=True)
+
+    targets = (
+        discover_seeds(state.config, token_, timeout=discover_timeout, report=report)
+        if discover
+        else None
+    )
     # The agent this command may become, or start, must not inherit the secret.
     os.environ.pop("MESHD_TOKEN", None)
     joined = join_network(
@@ -371,7 +401,8 @@ def join(
         seed=seed,
         address=address,
         endpoint=endpoint,
-        report=lambda line: click.echo(f"meshd: {line}", err=True),
+        report=report,
+        targets=targets,
     )
     node, network = joined.node, joined.node.network
     if token_source not in (None, "-") and not token_source.startswith("env:"):

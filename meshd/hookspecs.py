@@ -19,6 +19,11 @@ What ``agent`` (:class:`meshd.AgentAPI`) offers for reporting: ``members``,
 reports) and, awaited in a task, ``peer_stats()`` (WireGuard's handshakes and
 bytes) and ``gossip_stats()`` (Serf's queues and counts).
 
+``AgentAPI`` (:mod:`meshd.types`) is what hooks get as ``agent``; besides identity,
+network, config, addresses and ``spawn`` it tells ``ca_fingerprint`` (the network
+CA's, as LAN adverts carry it) and ``enrol_port`` (``None`` when this node admits
+nobody), which the zeroconf plugin advertises.
+
 Calling rules: *firstresult* hooks stop at the first implementation that returns
 something other than ``None`` (``tryfirst``/``trylast`` order them; the standard
 plugins are ``trylast`` so any installed plugin pre-empts them). Every other hook

@@ -167,7 +167,8 @@ class PathChoice:
       its addresses ride the relay's peer (the relay decrypts and re-encrypts).
 
     ``label`` is how status shows the path (``direct``, ``direct (LAN)``, ``relay via
-    n3``); ``reason`` says why a pair is not direct.
+    n3``); ``reason`` says why a pair is not direct, or what showed a direct path
+    (``heard on this LAN by mDNS``).
     """
 
     via: str | None = None
@@ -299,6 +300,14 @@ class AgentAPI(Protocol):
         name -> value, as Serf prints them (``serf.event_queue``, ``serf.query_queue``,
         ``serf.intent_queue``, ``serf.members``, ``serf.failed``...). Raises
         :class:`meshd.GossipError` when Serf does not answer."""
+
+    @property
+    def ca_fingerprint(self) -> str:
+        """The network CA key's fingerprint (SHA-256, 32 hex digits), as LAN adverts carry it."""
+
+    @property
+    def enrol_port(self) -> int | None:
+        """The TCP port this node admits new machines on; ``None`` when enrolment is off."""
 
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         """What WireGuard reports of each peer now: live endpoint, last handshake, bytes.

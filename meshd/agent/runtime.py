@@ -352,6 +352,17 @@ class PluginFace:
             raise GossipError("gossip is not running (starting, or restarting on a new address)")
         return await self._rt.gossip.client.stats()
 
+    @property
+    def ca_fingerprint(self) -> str:
+        from meshd.mdns import ca_fingerprint
+
+        return ca_fingerprint(self._rt.state.ca_public_key)
+
+    @property
+    def enrol_port(self) -> int | None:
+        enrol = self._rt.config.enrol
+        return enrol.port if enrol.enabled else None
+
     async def peer_stats(self) -> tuple[PeerStats, ...]:
         if not self._rt.has_iface:
             return ()

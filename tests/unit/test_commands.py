@@ -151,3 +151,9 @@ def test_bad_ttl_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not a duration" in result.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_join_refuses_a_seed_and_discover_together(tmp_path: Path) -> None:
+    result = meshd(tmp_path, "join", "198.18.0.1", "--discover", "--no-start")
+    assert result.returncode == 2
+    assert "--discover: give SEED-HOST or --discover, not both" in result.stderr
