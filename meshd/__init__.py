@@ -4,7 +4,9 @@ The public API for plugins is what this package exports, and a plugin imports
 nothing else of meshd: ``hookimpl``, the errors a hook may raise
 (``ConfigError``), the frozen dataclasses and protocols the hooks pass (from
 :mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
-raises ``DecodeError``) for the endpoints a plugin publishes or reads.
+raises ``DecodeError``) for the endpoints a plugin publishes or reads,
+``atomic_write`` for the files a plugin keeps, and ``call_agent`` for a plugin's
+command-line commands to ask the running agent (a control command).
 Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
@@ -21,8 +23,10 @@ import pluggy
 from meshd.errors import ConfigError, DecodeError, MeshdError, WireGuardError
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from meshd.control import call_agent as call_agent
     from meshd.hostport import format_host_port as format_host_port
     from meshd.hostport import parse_host_port as parse_host_port
+    from meshd.state import atomic_write as atomic_write
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
     from meshd.types import ConfigView as ConfigView
@@ -70,12 +74,19 @@ __all__ = [
     "RecordExtras",
     "WireGuardError",
     "__version__",
+    "atomic_write",
+    "call_agent",
     "format_host_port",
     "hookimpl",
     "parse_host_port",
 ]
 # Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
-_HOMES = {"format_host_port": "meshd.hostport", "parse_host_port": "meshd.hostport"}
+_HOMES = {
+    "atomic_write": "meshd.state",
+    "call_agent": "meshd.control",
+    "format_host_port": "meshd.hostport",
+    "parse_host_port": "meshd.hostport",
+}
 
 
 def __getattr__(name: str) -> Any:

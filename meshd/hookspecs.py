@@ -27,7 +27,7 @@ import pluggy
 from meshd import PROJECT
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from ipaddress import IPv4Address, IPv6Address
 
     import click
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         Admission,
         AgentAPI,
         ConfigView,
+        IPNetwork,
         Member,
         MeshAddresses,
         MeshView,
@@ -156,6 +157,28 @@ def meshd_peer_config(agent: AgentAPI, member: Member, peer: PeerConfig) -> Peer
         routes) are added, an endpoint or keepalive replaces the engine's.
 
     Calling rule: all results are merged in call order.
+    """
+
+
+@hookspec
+def meshd_peer_routes(
+    agent: AgentAPI, members: Sequence[Member]
+) -> Mapping[str, Sequence[IPNetwork]] | None:
+    """Prefixes outside the mesh to route to members (gateways, exit nodes).
+
+    Called once per reconcile pass with every admitted member of this pass (the
+    current incarnation of each name, alive or failed), before any peer is shaped:
+    a choice between several members offering one prefix (a primary gateway) sees
+    them all, in this pass's states.
+
+    :param members: the admitted members; ``member.approved_routes`` are the
+        prefixes of its record that a CA-signed route grant covers.
+    :returns: member name -> prefixes to add to that member's allowed IPs (or
+        to its routed relay's); the interface adds a kernel route for each.
+        Names that are not admitted members are ignored. A prefix two members
+        are given stays with the lower WireGuard key.
+
+    Calling rule: all results are merged (prefixes are unioned per member).
     """
 
 

@@ -172,6 +172,17 @@ class PluginHost:
             preshared_key=peer.preshared_key,
         )
 
+    def peer_routes(
+        self, agent: t.AgentAPI, members: Sequence[t.Member]
+    ) -> dict[str, tuple[t.IPNetwork, ...]]:
+        merged: dict[str, dict[t.IPNetwork, None]] = {}
+        for answer in self._call_all(
+            "meshd_peer_routes", isolate=True, agent=agent, members=tuple(members)
+        ):
+            for name, prefixes in answer.items():
+                merged.setdefault(name, {}).update(dict.fromkeys(prefixes))
+        return {name: tuple(prefixes) for name, prefixes in merged.items()}
+
     def select_path(self, agent: t.AgentAPI, member: t.Member) -> t.PathChoice:
         result: t.PathChoice | None = self._call_first(
             "meshd_select_path", agent=agent, member=member

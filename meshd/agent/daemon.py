@@ -228,7 +228,10 @@ class Agent:
             ),
             limit=1.0 + LEAVE_EXTRA * leaving,
         )
-        closers = [budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5)]
+        closers = [
+            budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5),
+            budget.step("undoing the gateway's forwarding", rt.forwarding.stop(), limit=0.5),
+        ]
         if self._enrol is not None:
             closers.append(budget.step("stopping the enrolment port", self._enrol.stop()))
         if self._control is not None:

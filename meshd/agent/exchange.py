@@ -11,7 +11,7 @@ query's answers travel point to point):
   within about a second), one fetch at a time per node, at most one per second,
   with a per-chain back-off (5 s doubling to 60 s). Never a query per member per
   node on every pass, which at 30 nodes queued 760 queries in Serf.
-- A revocation is one broadcast. Anti-entropy (a node that was away learns what
+- A revocation, or a route grant, is one broadcast. Anti-entropy (a node that was away learns what
   it missed): every record carries a digest of its revocations, and a node asks
   (one query, paged) only members whose digest differs from its own. A mesh that
   agrees sends no revocation query at all.
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CHAIN_EVENT = "meshd-chain"
 CHAIN_QUERY = "meshd-chain"
 REVOKE_EVENT = "meshd-revoke"
+GRANT_EVENT = "meshd-grant"
 REVOCATIONS_QUERY = "meshd-revocations"
 # 0: Serf's own default, which grows with the mesh (gossip interval x 16 x log10(N+1),
 # ~5 s at 40 members). A fixed 1 s closed queries before members 3-4 gossip hops away
@@ -74,6 +75,8 @@ class TrustExchange:
             self._take_chain(event.payload)
         elif isinstance(event, UserEvent) and event.name == REVOKE_EVENT:
             self.take_revocation(event.payload, "gossip")
+        elif isinstance(event, UserEvent) and event.name == GRANT_EVENT:
+            self.take_grant(event.payload, "gossip")
         elif isinstance(event, QueryEvent) and event.name in (CHAIN_QUERY, REVOCATIONS_QUERY):
             self._rt.tasks.start(self._answer(event), name=f"answer-{event.name}")
         else:
@@ -102,6 +105,16 @@ class TrustExchange:
                 revocation.public_key or "-",
                 source,
             )
+            self._trust_changed()
+
+    def take_grant(self, data: bytes, source: str) -> None:
+        try:
+            grant = self._rt.trust.add_grant(data)
+        except MeshdError as exc:
+            self._quiet.warning(source, "ignored a route grant from %s: %s", source, exc)
+            return
+        if grant is not None:
+            log.info("route %s approved for %s (from %s)", grant.prefix, grant.name, source)
             self._trust_changed()
 
     def _trust_changed(self) -> None:
@@ -153,6 +166,10 @@ class TrustExchange:
 
     async def revoke(self, data: bytes) -> None:
         await self._rt.gossip.client.user_event(REVOKE_EVENT, data, coalesce=False)
+        self._trust_changed()
+
+    async def grant(self, data: bytes) -> None:
+        await self._rt.gossip.client.user_event(GRANT_EVENT, data, coalesce=False)
         self._trust_changed()
 
     def fetch_missing(self, members: Sequence[Member]) -> None:

@@ -1,15 +1,17 @@
 """What an operator asks of a running agent over the control socket.
 
-``status``, ``leave``, ``revoke`` (on the CA machine), ``rotate-gossip`` (a new
-gossip key on every member) and ``rotate-wireguard`` (a new key and certificate
-for this node). Each handler takes the request's JSON object and returns the
-answer's; a :class:`~meshd.errors.MeshdError` becomes the error the CLI prints.
+``status``, ``leave``, ``revoke`` and ``route-approve`` (on the CA machine),
+``rotate-gossip`` (a new gossip key on every member) and ``rotate-wireguard`` (a new
+key and certificate for this node). Each handler takes the request's JSON object and
+returns the answer's; a :class:`~meshd.errors.MeshdError` becomes the error the CLI
+prints.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -23,14 +25,14 @@ from meshd.agent.runtime import Runtime
 from meshd.b64 import encode_b64
 from meshd.control import Handler
 from meshd.desired import current_incarnations
-from meshd.errors import GossipError, IdentityError, SerfCommandError
+from meshd.errors import GossipError, IdentityError, InputError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from meshd.pki.revocation import Revocation
 from meshd.pki.token import check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
-from meshd.types import Member, PathChoice
+from meshd.types import IPNetwork, Member, PathChoice
 from meshd.wireguard.backend import PeerState
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Operations:
             "leave": self.leave,
             "revoke": self.revoke,
             "revoke-token": self.revoke_token,
+            "route-approve": self.route_approve,
             "rotate-gossip": self.rotate_gossip,
             "rotate-wireguard": self.rotate_wireguard,
         }
@@ -121,6 +124,18 @@ class Operations:
             "token_revoked": token_revoked,
         }
 
+    async def route_approve(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Approve ``prefix`` behind node ``name`` (needs the CA key here) and gossip it."""
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        prefix = parse_prefix(str(request.get("prefix", "")))
+        grant = ca.grant_route(name, prefix)
+        data = grant.encode()
+        self._rt.trust.add_grant(data)
+        await self._exchange.grant(data)
+        log.warning("approved the route %s behind %s", prefix, name)
+        return {"node": name, "prefix": str(prefix)}
+
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""
         rt = self._rt
@@ -185,6 +200,7 @@ class Operations:
         snapshot = rt.snapshot
         desired = snapshot.desired
         peer_keys = {p.public_key for p in desired.peers}
+        carried = {p.public_key: frozenset(p.allowed_ips) for p in desired.peers}
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
         for member in sorted(current_incarnations(snapshot.others(rt.name)), key=lambda m: m.name):
@@ -199,6 +215,7 @@ class Operations:
                     via=desired.relayed.get(member.name),
                     excluded=desired.excluded.get(member.name),
                     path=desired.paths.get(member.name),
+                    carried=carried.get(key, frozenset()) if key else frozenset(),
                 )
             )
         for known in rt.known:
@@ -233,6 +250,10 @@ class Operations:
                 "certificate_expires": expires,
                 "certificate_expiring": expires - time.time() < EXPIRY_WARNING,
                 "revocations": len(rt.trust.revoked),
+                "routes": [
+                    {"prefix": str(p), "approved": bool(rt.trust.grants.approved(rt.name, (p,)))}
+                    for p in (own.routes if own else ())
+                ],
             },
             "peers": rows,
         }
@@ -264,6 +285,14 @@ async def _key_step(step: str, call: Callable[[str], Awaitable[Any]], key: str, 
     raise AssertionError("unreachable")
 
 
+def parse_prefix(text: str) -> IPNetwork:
+    """``10.1.0.0/24`` as a network; InputError for anything else (host bits set too)."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise InputError(f"{text!r} is not a prefix: {exc}") from None
+
+
 def _nat_type(roles: frozenset[str]) -> str | None:
     """What this node's record says of its NAT (roles of the NAT plugin), if anything."""
     if "public" in roles:
@@ -280,6 +309,7 @@ def _member_row(
     via: str | None,
     excluded: str | None,
     path: PathChoice | None,
+    carried: frozenset[IPNetwork] = frozenset(),
 ) -> dict[str, Any]:
     record = member.record
     row = _row(
@@ -295,6 +325,16 @@ def _member_row(
     if path is not None:
         row["path"] = path.label or None
         row["path_reason"] = path.reason or None
+    approved = set(member.approved_routes)
+    row["routes"] = [
+        {
+            "prefix": str(prefix),
+            "approved": prefix in approved,
+            # in this node's WireGuard peer (and kernel route) for the member: in use here
+            "installed": prefix in carried,
+        }
+        for prefix in (record.routes if record else ())
+    ]
     return row
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from meshd.config import Config
 from meshd.desired import DesiredState, KnownEntry
+from meshd.firewall import Forwarding
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
@@ -30,6 +31,7 @@ from meshd.tasks import cancel_and_wait
 from meshd.types import (
     ConfigView,
     IPAddress,
+    IPNetwork,
     Member,
     MemberState,
     Network,
@@ -192,6 +194,8 @@ class Runtime:
         self.stop_requested = asyncio.Event()
         self.leaving = False
         self.tasks = TaskSet(self.stop_requested.set)
+        # IP forwarding and the gateway table, on while a plugin routes for others.
+        self.forwarding = Forwarding(config.wireguard.interface)
         self.face = PluginFace(self)
 
     iface: Late[WireGuardInterface] = Late("the interface is opened first")
@@ -287,6 +291,9 @@ class PluginFace:
     async def set_endpoint(self, public_key: str, endpoint: str) -> None:
         if self._rt.has_iface:
             await self._rt.iface.set_endpoint(public_key, endpoint)
+
+    async def set_forwarding(self, enabled: bool, masquerade: Sequence[IPNetwork] = ()) -> None:
+        await self._rt.forwarding.apply(enabled, masquerade)
 
     def refresh(self) -> None:
         self._rt.record_stale.set()

@@ -39,8 +39,9 @@ from meshd.pki.certificate import (
     sign_certificate,
     signing_key_from,
 )
+from meshd.pki.grant import RouteGrant, sign_grant
 from meshd.pki.revocation import Revocation, sign_revocation
-from meshd.types import IPAddress
+from meshd.types import IPAddress, IPNetwork
 
 
 class _SigningKey:
@@ -206,4 +207,14 @@ class NetworkCA(_SigningKey):
             serial=NO_SERIAL,
             public_key=public_key,
             revoked_at=now_or(now),
+        )
+
+    def grant_route(self, name: str, prefix: IPNetwork, *, now: int | None = None) -> RouteGrant:
+        """Approve ``prefix`` (and every prefix inside it) behind node ``name``."""
+        return sign_grant(
+            self.signing_key,
+            network_id=self.network_id,
+            name=check_name(name),
+            prefix=prefix,
+            granted_at=now_or(now),
         )

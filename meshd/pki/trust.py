@@ -2,8 +2,10 @@
 
 Pure bookkeeping (the agent does the I/O): chains fetched from members are
 kept by their reference (the ``c`` tag of a record), each member's record is
-checked against its chain, and revocations are verified, kept and persisted
-in ``<state_dir>/revocations``.
+checked against its chain, and revocations and route grants are verified, kept
+and persisted in ``<state_dir>/revocations`` and ``<state_dir>/route-grants``.
+Both travel together: one digest (a record's ``revocations`` field) and one
+paged query cover them, each item told apart by its magic bytes.
 
 A member is *certified* when its chain leads to the network CA (directly or
 through an enrolment key, :func:`meshd.pki.certificate.verify_chain`), nothing in it is
@@ -25,6 +27,7 @@ from pathlib import Path
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError
 from meshd.pki.certificate import CertChain
+from meshd.pki.grant import GRANT_MAGIC, GrantList, RouteGrant
 from meshd.pki.revocation import Revocation, RevocationList
 from meshd.state import atomic_write
 from meshd.types import IPAddress, NodeRecord
@@ -32,6 +35,7 @@ from meshd.types import IPAddress, NodeRecord
 log = logging.getLogger(__name__)
 
 REVOCATIONS_FILE = "revocations"
+GRANTS_FILE = "route-grants"
 # A Serf query response carries at most 1024 bytes; a revocation is ~150.
 REVOCATIONS_PER_PAGE = 5
 EXPIRY_WARNING = 14 * 86400
@@ -57,7 +61,9 @@ class Trust:
         self._path = Path(state_dir) / REVOCATIONS_FILE
         self._chains: dict[str, CertChain] = {}
         self._verdicts: dict[tuple[str, str, str], tuple[int, Verdict]] = {}
+        self._grants_path = Path(state_dir) / GRANTS_FILE
         self.revoked = RevocationList()
+        self.grants = GrantList()
         self.generation = 0
         self._load()
 
@@ -130,6 +136,17 @@ class Trust:
         self._changed()
         return True
 
+    # --- route grants -----------------------------------------------------------
+
+    def add_grant(self, data: bytes) -> RouteGrant | None:
+        """Verify and keep one encoded route grant; the grant when it was new."""
+        grant = RouteGrant.decode(data)
+        if not self.grants.add(grant, self.ca_public_key):
+            return None
+        self.generation += 1
+        atomic_write(self._grants_path, self.grants.encode())
+        return grant
+
     def _changed(self) -> None:
         self.generation += 1
         atomic_write(self._path, self.revoked.encode())
@@ -144,31 +161,51 @@ class Trust:
         except IdentityError as exc:
             # Refusing to start would be worse: log loudly, keep what gossip re-teaches.
             log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+        try:
+            grants = self._grants_path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            self.grants = GrantList.decode(grants, self.ca_public_key)
+        except IdentityError as exc:
+            log.error("%s is damaged (%s); starting with no route grants", self._grants_path, exc)
 
     def digest(self) -> str:
-        """A short digest of the revocations held ("" for none): equal digests, equal lists."""
-        if not len(self.revoked):
+        """A short digest of the revocations and grants held ("" for none): equal digests,
+        equal lists."""
+        items = self._statements()
+        if not items:
             return ""
-        encoded = b"".join(sorted(r.encode() for r in self.revoked))
+        encoded = b"".join(sorted(items))
         return base64.urlsafe_b64encode(hashlib.sha256(encoded).digest()[:9]).decode("ascii")
 
     def page(self, number: int) -> bytes:
-        """Page ``number`` of the revocations, for a Serf query answer: count, then items."""
-        items = list(self.revoked)
+        """Page ``number`` of the revocations and grants, for a Serf query answer: count,
+        then items."""
+        items = self._statements()
         chunk = items[number * REVOCATIONS_PER_PAGE : (number + 1) * REVOCATIONS_PER_PAGE]
         writer = BinaryWriter().u16(len(items))
-        for revocation in chunk:
-            writer.long_bytes(revocation.encode())
+        for item in chunk:
+            writer.long_bytes(item)
         return writer.getvalue()
 
+    def _statements(self) -> list[bytes]:
+        return [r.encode() for r in self.revoked] + [g.encode() for g in self.grants]
+
     def merge_page(self, data: bytes) -> tuple[int, int]:
-        """Add the revocations of one answered page; (how many were new, their total there)."""
+        """Add the revocations and grants of one answered page; (how many were new, their
+        total there)."""
         reader = BinaryReader(data, "revocation page")
         added = 0
         try:
             total = reader.u16()
             while reader.remaining:
-                if self.add_revocation(reader.long_bytes()) is not None:
+                item = reader.long_bytes()
+                if item.startswith(GRANT_MAGIC):
+                    new: object = self.add_grant(item)
+                else:
+                    new = self.add_revocation(item)
+                if new is not None:
                     added += 1
         except DecodeError as exc:
             raise IdentityError(str(exc)) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +14,15 @@ from hypothesis import strategies as st
 from meshd.desired import STATIC_ROLE, KnownEntry, compute, current_incarnations
 from meshd.identity import WireGuardKeyPair
 from meshd.node import KnownPeer
-from meshd.types import Admission, Member, MemberState, NodeRecord, PathChoice, PeerConfig
+from meshd.types import (
+    Admission,
+    IPNetwork,
+    Member,
+    MemberState,
+    NodeRecord,
+    PathChoice,
+    PeerConfig,
+)
 from meshd.wireguard.backend import PeerState
 from meshd.wireguard.reconcile import plan_peers
 
@@ -36,6 +45,9 @@ class AdmitAll:
 
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
         return peer
+
+    def routes(self, members: Sequence[Member]) -> dict[str, list[IPNetwork]]:
+        return {}
 
 
 KEYS = [WireGuardKeyPair.generate().public_key for _ in range(8)]

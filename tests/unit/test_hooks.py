@@ -99,6 +99,10 @@ class Recorder:
         return PeerPatch(extra_allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),), keepalive=5)
 
     @hookimpl
+    def meshd_peer_routes(self, agent: Any, members: Any) -> dict[str, list[Any]]:
+        return {m.name: [ipaddress.ip_network("10.7.0.0/16")] for m in members}
+
+    @hookimpl
     def meshd_select_path(self, agent: Any, member: Member) -> PathChoice:
         return PathChoice(via="n3")
 
@@ -149,6 +153,7 @@ def test_each_hook_changes_what_the_engine_gets(host_and_recorder: Any) -> None:
     assert ipaddress.ip_network("10.9.0.0/24") in shaped.allowed_ips
     assert shaped.keepalive == 5
     assert host.select_path(agent, MEMBER).via == "n3"
+    assert host.peer_routes(agent, [MEMBER]) == {"n2": (ipaddress.ip_network("10.7.0.0/16"),)}
     host.mesh_changed(agent, MeshView(agent.identity, (MEMBER,), (PEER,)))
     group = click.Group()
     host.cli(group)

@@ -1,0 +1,253 @@
+"""Standard gateway plugin: routes to prefixes behind a node (egress), with failover.
+
+Configuration (``[plugins.gateway]``, every key optional)::
+
+    routes = ["192.168.50.0/24"]   # prefixes behind this node, advertised in its record
+    accept_routes = true           # route to approved prefixes other nodes advertise
+    masquerade = true              # traffic from the mesh leaves with this node's address
+
+``meshd route advertise PREFIX`` / ``meshd route withdraw PREFIX`` add and remove
+advertised prefixes at run time (kept in ``<state_dir>/gateway.json``; the agent
+notices within a second). Other nodes use a prefix only when the network CA
+approved it (``meshd route approve NODE PREFIX``, on the CA machine): the engine
+gives each member's approved prefixes as ``member.approved_routes``.
+
+Several gateways for one prefix: every node picks the same primary, the alive one
+with the lowest WireGuard key (a failed one only when none is alive), and routes
+the prefix to it alone; when Serf declares the primary failed, the next pass moves
+the prefix to the next one. How it works in full: ``docs/gateways.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshd import (
+    AgentAPI,
+    ConfigError,
+    ConfigView,
+    IPNetwork,
+    Member,
+    MemberState,
+    MeshdError,
+    RecordExtras,
+    atomic_write,
+    call_agent,
+    hookimpl,
+)
+
+log = logging.getLogger(__name__)
+
+_KEYS = ("routes", "accept_routes", "masquerade")
+STATE_FILE = "gateway.json"
+ROLE = "gateway"
+WATCH_INTERVAL = 1.0
+
+
+def parse_prefix(text: object) -> IPNetwork:
+    """A prefix as written by a user; ValueError says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a string")
+    return ipaddress.ip_network(text.strip())
+
+
+def primaries(
+    members: Sequence[Member], exclude: frozenset[IPNetwork] = frozenset()
+) -> dict[IPNetwork, Member]:
+    """For each approved prefix, the member that carries it: the same everywhere.
+
+    Alive members before any other, then the lowest WireGuard key. ``exclude``
+    are prefixes this node should not route into the mesh (its own).
+    """
+    chosen: dict[IPNetwork, Member] = {}
+
+    def rank(member: Member) -> tuple[bool, str]:
+        assert member.record is not None
+        return (member.state is not MemberState.ALIVE, member.record.public_key)
+
+    for member in members:
+        if member.record is None:
+            continue
+        for prefix in member.approved_routes:
+            if prefix in exclude:
+                continue
+            held = chosen.get(prefix)
+            if held is None or rank(member) < rank(held):
+                chosen[prefix] = member
+    return chosen
+
+
+class GatewayPlugin:
+    """Settings and running state live in the object (two lab hosts never share)."""
+
+    def __init__(self) -> None:
+        self.configured: tuple[IPNetwork, ...] = ()
+        self.accept_routes = True
+        self.masquerade = True
+        self.state_dir: Path | None = None
+        self.from_file: tuple[IPNetwork, ...] = ()
+        self._quiet_failure = False
+
+    # --- configuration and the state file ------------------------------------
+
+    @hookimpl
+    def meshd_configure(self, config: ConfigView) -> None:
+        section: Mapping[str, Any] = config.section("gateway")
+        routes: list[IPNetwork] = []
+        accept, masquerade = True, True
+        for key, value in section.items():
+            where = f"plugins.gateway.{key}"
+            if key not in _KEYS:
+                raise ConfigError(
+                    f"unknown key (known keys: {', '.join(_KEYS)})", file=config.path, key=where
+                )
+            if key == "routes":
+                if not isinstance(value, list):
+                    raise ConfigError("must be a list of prefixes", file=config.path, key=where)
+                for item in value:
+                    try:
+                        routes.append(parse_prefix(item))
+                    except ValueError as exc:
+                        raise ConfigError(
+                            f"{item!r} is not a prefix: {exc}", file=config.path, key=where
+                        ) from None
+            elif not isinstance(value, bool):
+                raise ConfigError("must be true or false", file=config.path, key=where)
+            elif key == "accept_routes":
+                accept = value
+            else:
+                masquerade = value
+        self.configured = tuple(dict.fromkeys(routes))
+        self.accept_routes, self.masquerade = accept, masquerade
+        self.state_dir = config.state_dir
+        self.from_file = self._read_file()
+
+    def _path(self) -> Path:
+        if self.state_dir is None:
+            raise ConfigError("the gateway plugin is not configured yet")
+        return self.state_dir / STATE_FILE
+
+    def _read_file(self) -> tuple[IPNetwork, ...]:
+        try:
+            data = json.loads(self._path().read_text(encoding="utf-8"))
+            return tuple(parse_prefix(p) for p in data.get("routes", []))
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("ignoring %s: %s", self._path(), exc)
+            return ()
+
+    def write_file(self, routes: Sequence[IPNetwork]) -> None:
+        text = json.dumps({"routes": [str(p) for p in routes]}, indent=2) + "\n"
+        atomic_write(self._path(), text)
+        self.from_file = tuple(routes)
+
+    def advertised(self) -> tuple[IPNetwork, ...]:
+        return tuple(dict.fromkeys((*self.configured, *self.from_file)))
+
+    # --- the running agent ------------------------------------------------------
+
+    @hookimpl
+    def meshd_startup(self, agent: AgentAPI) -> None:
+        agent.spawn(self._watch(agent), name="gateway")
+
+    async def _watch(self, agent: AgentAPI) -> None:
+        """Follow the state file (``meshd route advertise``) and keep forwarding in line."""
+        while True:
+            found = self._read_file()
+            if found != self.from_file:
+                self.from_file = found
+                log.info("advertised routes now: %s", ", ".join(map(str, self.advertised())))
+                agent.refresh()
+            advertised = self.advertised()
+            try:
+                await agent.set_forwarding(bool(advertised), advertised if self.masquerade else ())
+                self._quiet_failure = False
+            except MeshdError as exc:
+                if not self._quiet_failure:
+                    log.warning("cannot set up forwarding for the gateway: %s", exc)
+                self._quiet_failure = True
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    @hookimpl
+    def meshd_node_record(self, agent: AgentAPI) -> RecordExtras | None:
+        advertised = self.advertised()
+        if not advertised:
+            return None
+        return RecordExtras(roles=frozenset({ROLE}), routes=advertised)
+
+    @hookimpl
+    def meshd_peer_routes(
+        self, agent: AgentAPI, members: Sequence[Member]
+    ) -> dict[str, list[IPNetwork]] | None:
+        if not self.accept_routes:
+            return None
+        routes: dict[str, list[IPNetwork]] = {}
+        for prefix, member in primaries(members, frozenset(self.advertised())).items():
+            routes.setdefault(member.name, []).append(prefix)
+        return routes
+
+    # --- the command line ---------------------------------------------------------
+
+    @hookimpl
+    def meshd_cli(self, group: click.Group) -> None:
+        group.add_command(self._route_group())
+
+    def _route_group(self) -> click.Group:
+        plugin = self
+
+        def prefix_argument(value: str) -> IPNetwork:
+            try:
+                return parse_prefix(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+
+        @click.group()
+        def route() -> None:
+            """Routes to networks behind mesh nodes (egress gateways)."""
+
+        @route.command("advertise")
+        @click.argument("prefix")
+        def advertise(prefix: str) -> None:
+            """Offer PREFIX (a LAN behind this node) to the mesh; others use it once the
+            CA approves it: meshd route approve NODE PREFIX."""
+            net = prefix_argument(prefix)
+            current = plugin._read_file()
+            if net not in current:
+                plugin.write_file((*current, net))
+            click.echo(f"advertising {net}")
+
+        @route.command("withdraw")
+        @click.argument("prefix")
+        def withdraw(prefix: str) -> None:
+            """Stop offering PREFIX (only one added by 'route advertise')."""
+            net = prefix_argument(prefix)
+            current = plugin._read_file()
+            if net not in current:
+                raise click.ClickException(f"{net} is not advertised with 'route advertise'")
+            plugin.write_file(tuple(p for p in current if p != net))
+            click.echo(f"withdrawn {net}")
+
+        @route.command("approve")
+        @click.argument("node")
+        @click.argument("prefix")
+        def approve(node: str, prefix: str) -> None:
+            """On the CA machine: let every node route PREFIX to NODE (a signed grant,
+            gossiped to all and kept by each)."""
+            net = prefix_argument(prefix)
+            result = call_agent(plugin._path().parent, "route-approve", name=node, prefix=str(net))
+            click.echo(f"approved {result['prefix']} behind {result['node']}")
+
+        return route
+
+
+plugin = GatewayPlugin()
+"""What the ``meshd.plugins`` entry point registers."""
