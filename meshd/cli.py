@@ -122,6 +122,11 @@ def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, log_
     """
     _setup_logging(log_level)
     ctx.obj = CliState(config_path=config_path, state_dir=state_dir)
+    sub = ctx.invoked_subcommand
+    if sub is not None and sub not in cli.commands and sub not in LAZY_COMMANDS:
+        # A plugin's command: click resolved it before this ran, with plugins configured
+        # from the default config; configure them again from this invocation's options.
+        ctx.obj.plugins  # noqa: B018
 
 
 @cli.command()

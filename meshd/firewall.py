@@ -20,18 +20,22 @@ transaction, and deleted when the agent stops. Everything is done through the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from meshd.errors import FirewallError
+from meshd.state import atomic_write
 from meshd.types import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
 TABLE = "meshd"
 GATEWAY_TABLE = "meshd-gateway"
+FORWARDING_FILE = "forwarding-sysctls.json"
+"""In the state directory: the forwarding sysctls' values before meshd changed them."""
 FORWARDING_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
 NFT_TIMEOUT = 5.0
 
@@ -111,14 +115,31 @@ class Forwarding:
     """IP forwarding and the gateway table of one agent: on while it routes for others.
 
     The sysctls' values before the first change are kept, and written back by
-    :meth:`stop` (a node that was already forwarding stays so).
+    :meth:`stop` (a node that was already forwarding stays so). They are kept in
+    ``saved_path`` too, before anything changes: an agent that crashed while
+    forwarding finds them at its next start and still restores the first values.
     """
 
-    def __init__(self, mesh_ifname: str, proc_sys: Path = Path("/proc/sys")) -> None:
+    def __init__(
+        self, mesh_ifname: str, saved_path: Path, proc_sys: Path = Path("/proc/sys")
+    ) -> None:
         self._ifname = mesh_ifname
         self._proc_sys = proc_sys
-        self._saved: dict[str, str] = {}
+        self._saved_path = saved_path
+        self._saved: dict[str, str] = self._load_saved()
         self._applied: tuple[bool, tuple[IPNetwork, ...]] | None = None
+
+    def _load_saved(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._saved_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self._saved_path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: str(v) for k, v in data.items() if k in FORWARDING_SYSCTLS}
 
     async def apply(self, enabled: bool, masquerade: Sequence[IPNetwork]) -> None:
         """Forward (and masquerade to ``masquerade``) when ``enabled``; else undo it all."""
@@ -148,6 +169,7 @@ class Forwarding:
             current = path.read_text().strip()
             if name not in self._saved:
                 self._saved[name] = current
+                atomic_write(self._saved_path, json.dumps(self._saved))
             if current != value:
                 path.write_text(value + "\n")
         except OSError as exc:
@@ -163,6 +185,7 @@ class Forwarding:
             except OSError as exc:
                 log.warning("cannot restore %s: %s", name.replace("/", "."), exc)
             del self._saved[name]
+        self._saved_path.unlink(missing_ok=True)
         await _remove_table(GATEWAY_TABLE)
         self._applied = None
 

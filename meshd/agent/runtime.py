@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from meshd.config import Config
 from meshd.desired import DesiredState, KnownEntry
-from meshd.firewall import Forwarding
+from meshd.firewall import FORWARDING_FILE, Forwarding
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
@@ -195,7 +195,7 @@ class Runtime:
         self.leaving = False
         self.tasks = TaskSet(self.stop_requested.set)
         # IP forwarding and the gateway table, on while a plugin routes for others.
-        self.forwarding = Forwarding(config.wireguard.interface)
+        self.forwarding = Forwarding(config.wireguard.interface, store.dir / FORWARDING_FILE)
         self.face = PluginFace(self)
 
     iface: Late[WireGuardInterface] = Late("the interface is opened first")

@@ -160,14 +160,17 @@ class GatewayPlugin:
         agent.spawn(self._watch(agent), name="gateway")
 
     async def _watch(self, agent: AgentAPI) -> None:
-        """Follow the state file (``meshd route advertise``) and keep forwarding in line."""
+        """Follow the state file (``meshd route advertise``) and the configuration (a
+        SIGHUP re-reads it), republish when the advertised prefixes change, and keep
+        forwarding in line."""
+        published = self.advertised()
         while True:
-            found = self._read_file()
-            if found != self.from_file:
-                self.from_file = found
-                log.info("advertised routes now: %s", ", ".join(map(str, self.advertised())))
-                agent.refresh()
+            self.from_file = self._read_file()
             advertised = self.advertised()
+            if advertised != published:
+                published = advertised
+                log.info("advertised routes now: %s", ", ".join(map(str, advertised)) or "none")
+                agent.refresh()
             try:
                 await agent.set_forwarding(bool(advertised), advertised if self.masquerade else ())
                 self._quiet_failure = False
