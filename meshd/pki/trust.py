@@ -152,23 +152,22 @@ class Trust:
         atomic_write(self._path, self.revoked.encode())
 
     def _load(self) -> None:
-        try:
-            data = self._path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            self.revoked = RevocationList.decode(data, self.ca_public_key)
-        except IdentityError as exc:
-            # Refusing to start would be worse: log loudly, keep what gossip re-teaches.
-            log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
-        try:
-            grants = self._grants_path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            self.grants = GrantList.decode(grants, self.ca_public_key)
-        except IdentityError as exc:
-            log.error("%s is damaged (%s); starting with no route grants", self._grants_path, exc)
+        # Refusing to start on a damaged file would be worse: log loudly, keep what
+        # gossip re-teaches.
+        data = _read_if_there(self._path)
+        if data is not None:
+            try:
+                self.revoked = RevocationList.decode(data, self.ca_public_key)
+            except IdentityError as exc:
+                log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+        data = _read_if_there(self._grants_path)
+        if data is not None:
+            try:
+                self.grants = GrantList.decode(data, self.ca_public_key)
+            except IdentityError as exc:
+                log.error(
+                    "%s is damaged (%s); starting with no route grants", self._grants_path, exc
+                )
 
     def digest(self) -> str:
         """A short digest of the revocations and grants held ("" for none): equal digests,
@@ -210,3 +209,10 @@ class Trust:
         except DecodeError as exc:
             raise IdentityError(str(exc)) from exc
         return added, total
+
+
+def _read_if_there(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
