@@ -33,6 +33,7 @@ import signal
 import time
 from typing import Any
 
+from meshd import config as config_mod
 from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
 from meshd.agent.exchange import TrustExchange
@@ -247,12 +248,18 @@ class Agent:
             log.info("stopped")
 
     def _reload(self) -> None:
+        """SIGHUP: the plugins' tables of the config file, read again (the rest of the
+        file needs a restart: the interface, ports and state directory are in use)."""
+        rt = self._rt
         log.info("SIGHUP: re-reading the configuration of plugins")
         try:
-            self._rt.plugins.configure(self._rt.config.view())
+            fresh = config_mod.reload_plugin_sections(rt.config)
+            rt.plugins.configure(fresh.view())
         except MeshdError as exc:
             log.error("reload refused: %s", exc)
-        self._rt.kick()
+        else:
+            rt.config = fresh
+        rt.kick()
 
     def _on_gossip_event(self, event: SerfEvent) -> None:
         self.exchange.on_event(event)

@@ -12,6 +12,9 @@ notices within a second). Other nodes use a prefix only when the network CA
 approved it (``meshd route approve NODE PREFIX``, on the CA machine): the engine
 gives each member's approved prefixes as ``member.approved_routes``.
 
+A node never routes into the mesh a prefix it advertises itself or one of its
+own (non-mesh) addresses is in: it reaches that LAN directly.
+
 Several gateways for one prefix: every node picks the same primary, the alive one
 with the lowest WireGuard key (a failed one only when none is alive), and routes
 the prefix to it alone; when Serf declares the primary failed, the next pass moves
@@ -43,6 +46,7 @@ from meshd import (
     call_agent,
     hookimpl,
 )
+from meshd_gateway.probe import Prober, ipv4_of
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +64,25 @@ def parse_prefix(text: object) -> IPNetwork:
 
 
 def primaries(
-    members: Sequence[Member], exclude: frozenset[IPNetwork] = frozenset()
+    members: Sequence[Member],
+    exclude: frozenset[IPNetwork] = frozenset(),
+    unanswered: frozenset[str] = frozenset(),
 ) -> dict[IPNetwork, Member]:
     """For each approved prefix, the member that carries it: the same everywhere.
 
-    Alive members before any other, then the lowest WireGuard key. ``exclude``
+    Alive members before any other, then those that answer this node's probes
+    (``unanswered`` names the others), then the lowest WireGuard key. ``exclude``
     are prefixes this node should not route into the mesh (its own).
     """
     chosen: dict[IPNetwork, Member] = {}
 
-    def rank(member: Member) -> tuple[bool, str]:
+    def rank(member: Member) -> tuple[bool, bool, str]:
         assert member.record is not None
-        return (member.state is not MemberState.ALIVE, member.record.public_key)
+        return (
+            member.state is not MemberState.ALIVE,
+            member.name in unanswered,
+            member.record.public_key,
+        )
 
     for member in members:
         if member.record is None:
@@ -95,6 +106,7 @@ class GatewayPlugin:
         self.state_dir: Path | None = None
         self.from_file: tuple[IPNetwork, ...] = ()
         self._quiet_failure = False
+        self.prober: Prober | None = None
 
     # --- configuration and the state file ------------------------------------
 
@@ -158,6 +170,9 @@ class GatewayPlugin:
     @hookimpl
     def meshd_startup(self, agent: AgentAPI) -> None:
         agent.spawn(self._watch(agent), name="gateway")
+        if self.accept_routes:
+            self.prober = Prober(agent.refresh)
+            agent.spawn(self.prober.run(), name="gateway-probe")
 
     async def _watch(self, agent: AgentAPI) -> None:
         """Follow the state file (``meshd route advertise``) and the configuration (a
@@ -193,9 +208,32 @@ class GatewayPlugin:
     ) -> dict[str, list[IPNetwork]] | None:
         if not self.accept_routes:
             return None
+        # Its own prefixes, and a LAN this machine is on itself, it reaches directly (a
+        # route into the mesh would shadow, or replace, the on-link one).
+        own = set(self.advertised())
+        for prefix in {p for m in members for p in m.approved_routes}:
+            if any(a in prefix for a in agent.local_addresses if a.version == prefix.version):
+                own.add(prefix)
+        unanswered: frozenset[str] = frozenset()
+        if self.prober is not None:
+            down = self.prober.down()
+            unanswered = frozenset(
+                m.name for m in members if m.record and ipv4_of(m.record.addresses) in down
+            )
         routes: dict[str, list[IPNetwork]] = {}
-        for prefix, member in primaries(members, frozenset(self.advertised())).items():
+        chosen = primaries(members, frozenset(own), unanswered)
+        for prefix, member in chosen.items():
             routes.setdefault(member.name, []).append(prefix)
+        if self.prober is not None:
+            # Probe every gateway that carries something here, and any that stopped
+            # answering (to see it come back).
+            self.prober.watch(
+                a
+                for m in members
+                if m.record
+                and (m.name in routes or m.name in unanswered)
+                and (a := ipv4_of(m.record.addresses))
+            )
         return routes
 
     # --- the command line ---------------------------------------------------------

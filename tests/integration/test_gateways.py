@@ -7,11 +7,13 @@ advertises a prefix nobody approves. The tests run in file order on it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import itertools
 import re
 import signal
 import subprocess
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,6 +38,7 @@ UNAPPROVED = ipaddress.ip_network("10.99.0.0/24")
 class GatewayLab:
     mesh: MeshLab
     lan: str  # the LAN host's namespace
+    initial: dict[str, dict[str, str]]  # traces() of each gateway before it was one
 
     def lan_run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return netns.run(netns.exec_argv(self.lan, list(argv)), check=check, timeout=30)
@@ -65,7 +68,7 @@ def gw() -> Iterator[GatewayLab]:
                 mesh.lab.netns_of(node),
                 [f"addr add {LAN_ADDRESS[node]}/24 dev lan", "link set lan up"],
             )
-        yield GatewayLab(mesh, lan)
+        yield GatewayLab(mesh, lan, {node: traces(mesh, node) for node in GATEWAYS})
 
 
 def status(mesh: MeshLab, node: str) -> dict:
@@ -129,3 +132,161 @@ def test_an_approved_lan_is_reached_and_an_unapproved_route_is_ignored(gw: Gatew
         assert route == {"prefix": str(UNAPPROVED), "approved": False, "installed": False}
         assert str(UNAPPROVED) not in allowed_ips(mesh, node)
         assert kernel_routes(mesh, node, str(UNAPPROVED)) == ""
+
+
+def gateway_keys(mesh: MeshLab) -> dict[str, str]:
+    return {n: status(mesh, n)["node"]["public_key"] for n in GATEWAYS}
+
+
+def carried_by(mesh: MeshLab, node: str) -> set[str]:
+    """The gateways whose LAN route ``node`` has installed."""
+    return {
+        gw
+        for (gw, prefix), r in routes_of(mesh, node).items()
+        if prefix == str(LAN) and r["installed"]
+    }
+
+
+class Pinger:
+    """``ping -i 0.2`` from a node, each reply's arrival time kept."""
+
+    def __init__(self, mesh: MeshLab, node: str, address: str) -> None:
+        argv = ["stdbuf", "-oL", "ping", "-n", "-D", "-i", "0.2", "-W", "1", address]
+        self.proc = subprocess.Popen(
+            netns.exec_argv(mesh.lab.netns_of(node), argv), stdout=subprocess.PIPE, text=True
+        )
+        self.replies: list[float] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            found = re.match(r"\[(\d+\.\d+)\] \d+ bytes from", line)
+            if found:
+                self.replies.append(float(found.group(1)))
+
+    def stop(self) -> float:
+        """Stop; the longest time between two replies (seconds)."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        self._reader.join(timeout=10)
+        assert len(self.replies) > 2, "ping got almost no replies"
+        return max(b - a for a, b in itertools.pairwise(self.replies))
+
+
+def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab) -> None:
+    mesh = gw.mesh
+    mesh.meshd("n3", "route", "advertise", str(LAN))
+    mesh.meshd("n1", "route", "approve", "n3", str(LAN))
+    keys = gateway_keys(mesh)
+    primary = min(GATEWAYS, key=keys.__getitem__)
+    standby = max(GATEWAYS, key=keys.__getitem__)
+    # The standby keeps source addresses: the LAN host routes the mesh back through it.
+    mesh.write_config(standby, "[plugins.gateway]\nmasquerade = false\n")
+    mesh.lab.kill(standby, AGENT, signal.SIGHUP)
+    gw.lan_run("ip", "route", "add", mesh.cidr, "via", LAN_ADDRESS[standby])
+    for node in ("n1", "n4"):
+        eventually(
+            lambda node=node: (
+                carried_by(mesh, node) == {primary}
+                and routes_of(mesh, node)[(standby, str(LAN))]["approved"]
+            ),
+            20,
+            f"{node} uses {primary} as the primary and knows {standby} is approved",
+            lambda node=node: routes_of(mesh, node),
+        )
+    assert reaches(mesh, "n1", LAN_HOST)
+
+    pinger = Pinger(mesh, "n1", LAN_HOST)
+    try:
+        eventually(lambda: len(pinger.replies) >= 3, 10, "pings through the primary")
+        mesh.stop(primary, sig=signal.SIGKILL)
+        took = eventually(
+            lambda: carried_by(mesh, "n1") == {standby}, 20, f"n1 moves {LAN} to {standby}"
+        )
+        since = len(pinger.replies)
+        eventually(
+            lambda: len(pinger.replies) >= since + 5,
+            10,
+            "pings through the standby",
+            lambda: diagnose(mesh, gw, standby),
+        )
+        # The standby does not masquerade: the LAN host sees the far node's mesh address.
+        n1_address = mesh.mesh_address("n1")
+        seen = gw.lan_run(
+            "timeout",
+            "10",
+            "tcpdump",
+            "-n",
+            "-l",
+            "-c",
+            "1",
+            "-i",
+            "br0",
+            f"icmp and src host {n1_address}",  # fmt: skip
+        )
+        assert n1_address in seen.stdout
+    finally:
+        gap = pinger.stop()
+    print(f"failover: n1 switched {LAN} to {standby} {took:.1f} s after the primary's agent "
+          f"was killed; longest gap between ping replies {gap:.2f} s")  # fmt: skip
+    assert gap < 5.0
+
+    mesh.start(primary)
+    mesh.wait_ready(primary)
+    eventually(lambda: carried_by(mesh, "n1") == {primary}, 30, f"{LAN} back on {primary}")
+    eventually(lambda: reaches(mesh, "n1", LAN_HOST), 10, "n1 reaches the LAN through it again")
+
+
+def diagnose(mesh: MeshLab, gw: GatewayLab, standby: str) -> str:
+    out = []
+    for node, argv in [
+        ("n1", ["wg", "show", mesh.lab.ifname("n1", "mw"), "allowed-ips"]),
+        ("n1", ["ip", "route", "get", LAN_HOST]),
+        (standby, ["wg", "show", mesh.lab.ifname(standby, "mw")]),
+        (standby, ["ip", "route"]),
+        (standby, ["nft", "list", "ruleset"]),
+        (standby, ["sysctl", "net.ipv4.ip_forward"]),
+    ]:
+        out.append(f"--- {node}: {' '.join(argv)}\n" + mesh.lab.run(node, argv, check=False).stdout)
+    out.append(gw.lan_run("ip", "route", check=False).stdout)
+    return "\n".join(out)
+
+
+def traces(mesh: MeshLab, node: str) -> dict[str, str]:
+    """What meshd may leave on a node: nftables tables, forwarding sysctls, its routes."""
+    run = functools.partial(mesh.lab.run, node)
+    return {
+        "nft tables": run(["nft", "list", "tables"]).stdout.strip(),
+        "ip_forward": run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip(),
+        "ipv6 forwarding": run(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip(),
+        "meshd routes": (
+            run(["ip", "route", "show", "proto", "109"]).stdout
+            + run(["ip", "-6", "route", "show", "proto", "109"]).stdout
+        ).strip(),
+    }
+
+
+def test_leave_on_a_gateway_leaves_no_table_sysctl_or_route(gw: GatewayLab) -> None:
+    mesh = gw.mesh
+    gateway = min(GATEWAYS, key=gateway_keys(mesh).__getitem__)  # masquerading, restarted
+    eventually(lambda: "meshd-gateway" in traces(mesh, gateway)["nft tables"], 10, "its table")
+    before = traces(mesh, gateway)
+    print(f"{gateway} before leave: {before}")
+    assert before["ip_forward"] == "1"
+    assert "meshd-gateway" in before["nft tables"]
+    mesh.meshd(gateway, "leave")
+    after = traces(mesh, gateway)
+    print(f"{gateway} after leave: {after}")
+    assert "meshd" not in after["nft tables"]
+    initial = gw.initial[gateway]
+    print(f"{gateway} before it was a gateway: {initial}")
+    assert (after["ip_forward"], after["ipv6 forwarding"]) == (
+        initial["ip_forward"],
+        initial["ipv6 forwarding"],
+    )
+    assert after["meshd routes"] == ""
+    # The others move the LAN to the remaining gateway.
+    other = next(n for n in GATEWAYS if n != gateway)
+    eventually(lambda: carried_by(mesh, "n1") == {other}, 20, f"n1 moves {LAN} to {other}")
