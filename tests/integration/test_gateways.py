@@ -214,23 +214,15 @@ def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab
         )
         # The standby does not masquerade: the LAN host sees the far node's mesh address.
         n1_address = mesh.mesh_address("n1")
-        seen = gw.lan_run(
-            "timeout",
-            "10",
-            "tcpdump",
-            "-n",
-            "-l",
-            "-c",
-            "1",
-            "-i",
-            "br0",
-            f"icmp and src host {n1_address}",  # fmt: skip
-        )
+        capture = ["timeout", "10", "tcpdump", "-n", "-l", "-c", "1", "-i", "br0"]
+        seen = gw.lan_run(*capture, f"icmp and src host {n1_address}")
         assert n1_address in seen.stdout
     finally:
         gap = pinger.stop()
-    print(f"failover: n1 switched {LAN} to {standby} {took:.1f} s after the primary's agent "
-          f"was killed; longest gap between ping replies {gap:.2f} s")  # fmt: skip
+    print(
+        f"failover: n1 switched {LAN} to {standby} {took:.1f} s after the primary's agent "
+        f"was killed; longest gap between ping replies {gap:.2f} s"
+    )
     assert gap < 5.0
 
     mesh.start(primary)
