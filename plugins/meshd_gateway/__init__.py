@@ -12,13 +12,19 @@ notices within a second). Other nodes use a prefix only when the network CA
 approved it (``meshd route approve NODE PREFIX``, on the CA machine): the engine
 gives each member's approved prefixes as ``member.approved_routes``.
 
+Exit nodes: a gateway that advertises ``0.0.0.0/0`` and ``::/0`` (approved like any
+route) offers its internet access; a node uses it only after ``meshd exit use
+NODE`` (``meshd exit off`` to stop). The engine keeps WireGuard's own packets on
+the underlay (policy routing, :mod:`meshd.wireguard.policy`).
+
 A node never routes into the mesh a prefix it advertises itself or one of its
 own (non-mesh) addresses is in: it reaches that LAN directly.
 
 Several gateways for one prefix: every node picks the same primary, the alive one
 with the lowest WireGuard key (a failed one only when none is alive), and routes
-the prefix to it alone; when Serf declares the primary failed, the next pass moves
-the prefix to the next one. How it works in full: ``docs/gateways.md``.
+the prefix to it alone. When Serf declares the primary failed, or it stops
+answering this node's probes for 2 s (:mod:`meshd_gateway.probe`), the next pass
+moves the prefix to the next one. How it works in full: ``docs/gateways.md``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ def parse_prefix(text: object) -> IPNetwork:
     return ipaddress.ip_network(text.strip())
 
 
+def is_default(prefix: IPNetwork) -> bool:
+    return prefix.prefixlen == 0
+
+
 def primaries(
     members: Sequence[Member],
     exclude: frozenset[IPNetwork] = frozenset(),
@@ -88,7 +98,7 @@ def primaries(
         if member.record is None:
             continue
         for prefix in member.approved_routes:
-            if prefix in exclude:
+            if prefix in exclude or is_default(prefix):  # exit routes: only by choice
                 continue
             held = chosen.get(prefix)
             if held is None or rank(member) < rank(held):
@@ -105,6 +115,7 @@ class GatewayPlugin:
         self.masquerade = True
         self.state_dir: Path | None = None
         self.from_file: tuple[IPNetwork, ...] = ()
+        self.exit_node: str | None = None
         self._quiet_failure = False
         self.prober: Prober | None = None
 
@@ -140,27 +151,33 @@ class GatewayPlugin:
         self.configured = tuple(dict.fromkeys(routes))
         self.accept_routes, self.masquerade = accept, masquerade
         self.state_dir = config.state_dir
-        self.from_file = self._read_file()
+        self._load()
 
     def _path(self) -> Path:
         if self.state_dir is None:
             raise ConfigError("the gateway plugin is not configured yet")
         return self.state_dir / STATE_FILE
 
-    def _read_file(self) -> tuple[IPNetwork, ...]:
+    def _read_file(self) -> tuple[tuple[IPNetwork, ...], str | None]:
+        """The routes advertised and the exit node chosen on the command line."""
         try:
             data = json.loads(self._path().read_text(encoding="utf-8"))
-            return tuple(parse_prefix(p) for p in data.get("routes", []))
+            routes = tuple(parse_prefix(p) for p in data.get("routes", []))
+            exit_node = data.get("exit")
+            return routes, exit_node if isinstance(exit_node, str) else None
         except FileNotFoundError:
-            return ()
+            return (), None
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("ignoring %s: %s", self._path(), exc)
-            return ()
+            return (), None
 
-    def write_file(self, routes: Sequence[IPNetwork]) -> None:
-        text = json.dumps({"routes": [str(p) for p in routes]}, indent=2) + "\n"
-        atomic_write(self._path(), text)
-        self.from_file = tuple(routes)
+    def _load(self) -> None:
+        self.from_file, self.exit_node = self._read_file()
+
+    def write_file(self, routes: Sequence[IPNetwork], exit_node: str | None) -> None:
+        data = {"routes": [str(p) for p in routes], "exit": exit_node}
+        atomic_write(self._path(), json.dumps(data, indent=2) + "\n")
+        self.from_file, self.exit_node = tuple(routes), exit_node
 
     def advertised(self) -> tuple[IPNetwork, ...]:
         return tuple(dict.fromkeys((*self.configured, *self.from_file)))
@@ -178,13 +195,17 @@ class GatewayPlugin:
         """Follow the state file (``meshd route advertise``) and the configuration (a
         SIGHUP re-reads it), republish when the advertised prefixes change, and keep
         forwarding in line."""
-        published = self.advertised()
+        published, exit_node = self.advertised(), self.exit_node
         while True:
-            self.from_file = self._read_file()
+            self._load()
             advertised = self.advertised()
             if advertised != published:
                 published = advertised
                 log.info("advertised routes now: %s", ", ".join(map(str, advertised)) or "none")
+                agent.refresh()
+            if self.exit_node != exit_node:
+                exit_node = self.exit_node
+                log.info("exit node now: %s", exit_node or "none")
                 agent.refresh()
             try:
                 await agent.set_forwarding(bool(advertised), advertised if self.masquerade else ())
@@ -224,6 +245,11 @@ class GatewayPlugin:
         chosen = primaries(members, frozenset(own), unanswered)
         for prefix, member in chosen.items():
             routes.setdefault(member.name, []).append(prefix)
+        for member in members:
+            if member.name == self.exit_node:
+                exits = [p for p in member.approved_routes if is_default(p)]
+                if exits:
+                    routes.setdefault(member.name, []).extend(exits)
         if self.prober is not None:
             # Probe every gateway that carries something here, and any that stopped
             # answering (to see it come back).
@@ -241,6 +267,32 @@ class GatewayPlugin:
     @hookimpl
     def meshd_cli(self, group: click.Group) -> None:
         group.add_command(self._route_group())
+        group.add_command(self._exit_group())
+
+    def _exit_group(self) -> click.Group:
+        plugin = self
+
+        @click.group("exit")
+        def exit_group() -> None:
+            """Send this node's internet traffic through an exit node of the mesh."""
+
+        @exit_group.command("use")
+        @click.argument("node")
+        def use(node: str) -> None:
+            """Route 0.0.0.0/0 and ::/0 through NODE (it must advertise them, approved
+            by the CA). WireGuard's own packets stay on this machine's underlay."""
+            routes, _ = plugin._read_file()
+            plugin.write_file(routes, node)
+            click.echo(f"using {node} as the exit node")
+
+        @exit_group.command("off")
+        def off() -> None:
+            """Stop using an exit node."""
+            routes, _ = plugin._read_file()
+            plugin.write_file(routes, None)
+            click.echo("no exit node")
+
+        return exit_group
 
     def _route_group(self) -> click.Group:
         plugin = self
@@ -261,9 +313,9 @@ class GatewayPlugin:
             """Offer PREFIX (a LAN behind this node) to the mesh; others use it once the
             CA approves it: meshd route approve NODE PREFIX."""
             net = prefix_argument(prefix)
-            current = plugin._read_file()
+            current, exit_node = plugin._read_file()
             if net not in current:
-                plugin.write_file((*current, net))
+                plugin.write_file((*current, net), exit_node)
             click.echo(f"advertising {net}")
 
         @route.command("withdraw")
@@ -271,10 +323,10 @@ class GatewayPlugin:
         def withdraw(prefix: str) -> None:
             """Stop offering PREFIX (only one added by 'route advertise')."""
             net = prefix_argument(prefix)
-            current = plugin._read_file()
+            current, exit_node = plugin._read_file()
             if net not in current:
                 raise click.ClickException(f"{net} is not advertised with 'route advertise'")
-            plugin.write_file(tuple(p for p in current if p != net))
+            plugin.write_file(tuple(p for p in current if p != net), exit_node)
             click.echo(f"withdrawn {net}")
 
         @route.command("approve")

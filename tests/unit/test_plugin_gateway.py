@@ -74,7 +74,7 @@ def test_config_is_checked_key_by_key(tmp_path: Path) -> None:
 def test_routes_advertised_from_the_command_line_are_kept_in_the_state_dir(tmp_path: Path) -> None:
     plugin = GatewayPlugin()
     plugin.meshd_configure(ConfigView(None, "n1", tmp_path, {}))
-    plugin.write_file([LAN])
+    plugin.write_file([LAN], None)
     again = GatewayPlugin()
     again.meshd_configure(ConfigView(None, "n1", tmp_path, {"gateway": {"routes": ["10.0.0.0/8"]}}))
     assert again.advertised() == (ipaddress.ip_network("10.0.0.0/8"), LAN)
