@@ -231,6 +231,60 @@ def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab
     eventually(lambda: reaches(mesh, "n1", LAN_HOST), 10, "n1 reaches the LAN through it again")
 
 
+INTERNET_HOST = "203.0.113.10"
+
+
+def test_an_exit_node_carries_only_a_node_that_opts_in(gw: GatewayLab) -> None:
+    mesh = gw.mesh
+    exit_node = max(GATEWAYS, key=gateway_keys(mesh).__getitem__)
+    www = netns_name(mesh.lab.lab_id, "www")  # "the internet", behind the exit node only
+    netns.add_netns(www)
+    netns.ip_batch(
+        www,
+        [
+            "link set lo up",
+            f"link add up0 type veth peer name www netns {mesh.lab.netns_of(exit_node)}",
+            f"addr add {INTERNET_HOST}/24 dev up0",
+            "link set up0 up",
+            f"route add {mesh.cidr} via 203.0.113.1",  # this exit node keeps source addresses
+        ],
+    )
+    netns.ip_batch(
+        mesh.lab.netns_of(exit_node), ["addr add 203.0.113.1/24 dev www", "link set www up"]
+    )
+    mesh.meshd(exit_node, "route", "advertise", "0.0.0.0/0")
+    mesh.meshd("n1", "route", "approve", exit_node, "0.0.0.0/0")
+    eventually(
+        lambda: routes_of(mesh, "n4").get((exit_node, "0.0.0.0/0"), {}).get("approved"),
+        20,
+        f"n4 sees {exit_node}'s approved default route",
+    )
+    # Approved, but nobody uses an exit node without opting in.
+    for node in ("n1", "n4"):
+        assert not reaches(mesh, node, INTERNET_HOST)
+        assert "0.0.0.0/0" not in allowed_ips(mesh, node)
+
+    mesh.meshd("n4", "exit", "use", exit_node)
+    eventually(lambda: reaches(mesh, "n4", INTERNET_HOST), 20, f"n4 reaches {INTERNET_HOST}")
+    assert not reaches(mesh, "n1", INTERNET_HOST)
+    iface = mesh.lab.ifname("n4", "mw")
+    # Anything else goes into the mesh; WireGuard's own (marked) packets never do.
+    assert f"dev {iface}" in mesh.lab.run("n4", ["ip", "route", "get", "192.0.2.1"]).stdout
+    marked = mesh.lab.run("n4", ["ip", "route", "get", "192.0.2.1", "mark", "0x6d65"], check=False)
+    assert iface not in marked.stdout
+    # Its WireGuard sessions stay up: every other node still answers through the mesh.
+    for node in ("n1", "n2", "n3"):
+        assert reaches(mesh, "n4", mesh.mesh_address(node)), f"n4 lost {node}"
+
+    mesh.meshd("n4", "exit", "off")
+    eventually(lambda: not reaches(mesh, "n4", INTERNET_HOST), 20, "n4 off the exit node")
+    eventually(
+        lambda: "30800" not in mesh.lab.run("n4", ["ip", "rule"]).stdout,
+        10,
+        "n4's exit routing rules are gone",
+    )
+
+
 def diagnose(mesh: MeshLab, gw: GatewayLab, standby: str) -> str:
     out = []
     for node, argv in [
