@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.state import atomic_write as atomic_write
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
+    from meshd.types import Client as Client
     from meshd.types import ConfigView as ConfigView
     from meshd.types import IPAddress as IPAddress
     from meshd.types import IPNetwork as IPNetwork
@@ -54,6 +55,7 @@ __all__ = [
     "PROJECT",
     "Admission",
     "AgentAPI",
+    "Client",
     "ConfigError",
     "ConfigView",
     "DecodeError",

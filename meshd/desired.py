@@ -38,6 +38,8 @@ Rules:
   networks, so the kernel routes follow. A prefix two peers claim stays with the
   lower key (:func:`_without_overlaps`). Members' own addresses are host prefixes,
   so they win over any wider route by WireGuard's longest-prefix match.
+- Peers that are no members (plain WireGuard clients of a gateway) come from the
+  policy (:meth:`Policy.extra_peers`); a key a member holds is never taken by one.
 - Known peers (learnt at enrolment or restored from the last run) fill in what
   gossip has not described yet: each keeps only the prefixes nobody else holds
   (a joiner whose IPv4 address turns out taken still needs its IPv6 gossip
@@ -85,6 +87,8 @@ class Policy(Protocol):
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig: ...
 
     def routes(self, members: Sequence[Member]) -> Mapping[str, Sequence[IPNetwork]]: ...
+
+    def extra_peers(self) -> Sequence[PeerConfig]: ...
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,9 @@ def compute(
             preshared_key=peer.preshared_key,
         )
 
-    gossip_peers = _without_overlaps(tuple(peers.values()))
+    member_keys = {p.public_key for p in peers.values()} | {own_record.public_key}
+    non_members = [p for p in policy.extra_peers() if p.public_key not in member_keys]
+    gossip_peers = _without_overlaps((*peers.values(), *non_members))
     merged, forget, unconfirmed = _merge_known(
         gossip_peers, members, own_name, own_record, known, keepalive, known_grace, departed
     )

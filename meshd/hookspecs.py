@@ -182,6 +182,20 @@ def meshd_peer_routes(
     """
 
 
+@hookspec
+def meshd_extra_peers(agent: AgentAPI) -> Sequence[PeerConfig] | None:
+    """WireGuard peers that are no members: plain WireGuard clients a gateway serves.
+
+    Called once per reconcile pass, after the members' peers are computed. Their
+    allowed IPs must not overlap a member's (an overlapping prefix stays with the
+    lower key, as everywhere).
+
+    :returns: the peers to add (``agent.clients`` has the CA-signed clients).
+
+    Calling rule: all results are concatenated; a key given twice keeps the first.
+    """
+
+
 @hookspec(firstresult=True)
 def meshd_select_path(agent: AgentAPI, member: Member) -> PathChoice | None:
     """Reach ``member`` directly or through a relay.

@@ -183,6 +183,13 @@ class PluginHost:
                 merged.setdefault(name, {}).update(dict.fromkeys(prefixes))
         return {name: tuple(prefixes) for name, prefixes in merged.items()}
 
+    def extra_peers(self, agent: t.AgentAPI) -> tuple[t.PeerConfig, ...]:
+        found: dict[str, t.PeerConfig] = {}
+        for answer in self._call_all("meshd_extra_peers", isolate=True, agent=agent):
+            for peer in answer:
+                found.setdefault(peer.public_key, peer)
+        return tuple(found.values())
+
     def select_path(self, agent: t.AgentAPI, member: t.Member) -> t.PathChoice:
         result: t.PathChoice | None = self._call_first(
             "meshd_select_path", agent=agent, member=member

@@ -121,6 +121,17 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class Client:
+    """A plain WireGuard client (no meshd on it), as the network CA signed it: it dials
+    ``gateway`` (a node name) with ``public_key`` and uses ``address`` in the mesh."""
+
+    name: str
+    public_key: str
+    address: IPAddress
+    gateway: str
+
+
+@dataclass(frozen=True)
 class PeerStats:
     """What WireGuard reports of one live peer."""
 
@@ -235,6 +246,10 @@ class AgentAPI(Protocol):
     @property
     def members(self) -> tuple[Member, ...]:
         """The gossip members as of the last pass, each with the engine's certificate verdict."""
+
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        """The plain WireGuard clients in force (CA-signed, not removed), every gateway's."""
 
     @property
     def mesh_addresses(self) -> tuple[IPAddress, ...]:

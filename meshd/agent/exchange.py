@@ -11,8 +11,9 @@ query's answers travel point to point):
   within about a second), one fetch at a time per node, at most one per second,
   with a per-chain back-off (5 s doubling to 60 s). Never a query per member per
   node on every pass, which at 30 nodes queued 760 queries in Serf.
-- A revocation, or a route grant, is one broadcast. Anti-entropy (a node that was away learns what
-  it missed): every record carries a digest of its revocations, and a node asks
+- A revocation, a route grant or a client record is one broadcast. Anti-entropy
+  (a node that was away learns what it missed): every record carries a digest of
+  its revocations, grants and client records, and a node asks
   (one query, paged) only members whose digest differs from its own. A mesh that
   agrees sends no revocation query at all.
 """
@@ -39,6 +40,7 @@ CHAIN_EVENT = "meshd-chain"
 CHAIN_QUERY = "meshd-chain"
 REVOKE_EVENT = "meshd-revoke"
 GRANT_EVENT = "meshd-grant"
+CLIENT_EVENT = "meshd-client"
 REVOCATIONS_QUERY = "meshd-revocations"
 # 0: Serf's own default, which grows with the mesh (gossip interval x 16 x log10(N+1),
 # ~5 s at 40 members). A fixed 1 s closed queries before members 3-4 gossip hops away
@@ -77,6 +79,8 @@ class TrustExchange:
             self.take_revocation(event.payload, "gossip")
         elif isinstance(event, UserEvent) and event.name == GRANT_EVENT:
             self.take_grant(event.payload, "gossip")
+        elif isinstance(event, UserEvent) and event.name == CLIENT_EVENT:
+            self.take_client(event.payload, "gossip")
         elif isinstance(event, QueryEvent) and event.name in (CHAIN_QUERY, REVOCATIONS_QUERY):
             self._rt.tasks.start(self._answer(event), name=f"answer-{event.name}")
         else:
@@ -115,6 +119,16 @@ class TrustExchange:
             return
         if grant is not None:
             log.info("route %s approved for %s (from %s)", grant.prefix, grant.name, source)
+            self._trust_changed()
+
+    def take_client(self, data: bytes, source: str) -> None:
+        try:
+            client = self._rt.trust.add_client(data)
+        except MeshdError as exc:
+            self._quiet.warning(source, "ignored a client record from %s: %s", source, exc)
+            return
+        if client is not None:
+            log.info("client %s (%s) is served by %s", client.name, client.address, client.gateway)
             self._trust_changed()
 
     def _trust_changed(self) -> None:
@@ -170,6 +184,10 @@ class TrustExchange:
 
     async def grant(self, data: bytes) -> None:
         await self._rt.gossip.client.user_event(GRANT_EVENT, data, coalesce=False)
+        self._trust_changed()
+
+    async def announce_client(self, data: bytes) -> None:
+        await self._rt.gossip.client.user_event(CLIENT_EVENT, data, coalesce=False)
         self._trust_changed()
 
     def fetch_missing(self, members: Sequence[Member]) -> None:

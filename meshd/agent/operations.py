@@ -59,6 +59,8 @@ class Operations:
             "revoke": self.revoke,
             "revoke-token": self.revoke_token,
             "route-approve": self.route_approve,
+            "client-add": self.client_add,
+            "client-remove": self.client_remove,
             "rotate-gossip": self.rotate_gossip,
             "rotate-wireguard": self.rotate_wireguard,
         }
@@ -135,6 +137,62 @@ class Operations:
         await self._exchange.grant(data)
         log.warning("approved the route %s behind %s", prefix, name)
         return {"node": name, "prefix": str(prefix)}
+
+    async def client_add(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """A plain WireGuard client: a key, an address, a CA-signed record naming its
+        gateway (this node unless ``gateway``); the answer holds its wg-quick settings."""
+        rt = self._rt
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        gateway = str(request.get("gateway") or rt.name)
+        if gateway == rt.name:
+            record = rt.published
+        else:
+            found = [
+                m.record
+                for m in current_incarnations(rt.snapshot.members)
+                if m.name == gateway and m.record is not None
+            ]
+            record = found[0] if found else None
+        if record is None or not record.endpoints:
+            raise IdentityError(f"no member {gateway!r} with an endpoint is known here")
+        taken = {a for m in rt.snapshot.members if m.record for a in m.record.addresses}
+        taken.update(rt.state.addresses.all())
+        taken.update(c.address for c in rt.trust.clients() if c.name != name)
+        cidr = rt.state.network.cidr4
+        address = next(
+            (cidr.broadcast_address - k for k in range(1, cidr.num_addresses - 1)
+             if cidr.broadcast_address - k not in taken),
+            None,
+        )  # fmt: skip
+        if address is None:
+            raise IdentityError(f"no free address left in {cidr} for a client")
+        keys = WireGuardKeyPair.generate()
+        data = ca.sign_client(name, keys.public_key, address, gateway).encode()
+        rt.trust.add_client(data)
+        await self._exchange.announce_client(data)
+        log.warning("client %s added (%s, through %s)", name, address, gateway)
+        return {
+            "name": name,
+            "address": str(address),
+            "private_key": keys.private_key,
+            "public_key": keys.public_key,
+            "gateway": gateway,
+            "gateway_public_key": record.public_key,
+            "gateway_endpoint": record.endpoints[0],
+            "allowed_ips": [str(cidr)],
+        }
+
+    async def client_remove(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Remove client ``name``: its key is revoked, and every gateway drops it."""
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        found = [c for c in self._rt.trust.clients() if c.name == name]
+        if not found:
+            raise IdentityError(f"no client {name!r}")
+        await self._publish_revocation(ca.revoke_key(name, found[0].public_key))
+        log.warning("client %s removed", name)
+        return {"removed": name, "public_key": found[0].public_key}
 
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""
@@ -250,6 +308,16 @@ class Operations:
                 "certificate_expires": expires,
                 "certificate_expiring": expires - time.time() < EXPIRY_WARNING,
                 "revocations": len(rt.trust.revoked),
+                "clients": [
+                    {
+                        "name": c.name,
+                        "address": str(c.address),
+                        "gateway": c.gateway,
+                        "public_key": c.public_key,
+                        "peer": c.public_key in peer_keys,
+                    }
+                    for c in rt.trust.clients()
+                ],
                 "routes": [
                     {"prefix": str(p), "approved": bool(rt.trust.grants.approved(rt.name, (p,)))}
                     for p in (own.routes if own else ())

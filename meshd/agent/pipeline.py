@@ -100,6 +100,9 @@ class HookPolicy:
     def routes(self, members: Sequence[Member]) -> Mapping[str, Sequence[IPNetwork]]:
         return self._plugins.peer_routes(self._agent, members)
 
+    def extra_peers(self) -> Sequence[PeerConfig]:
+        return self._plugins.extra_peers(self._agent)
+
 
 class Pipeline:
     """Runs passes for one agent; the only writer of ``runtime.snapshot``."""

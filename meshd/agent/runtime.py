@@ -29,6 +29,7 @@ from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
 from meshd.tasks import cancel_and_wait
 from meshd.types import (
+    Client,
     ConfigView,
     IPAddress,
     IPNetwork,
@@ -271,6 +272,12 @@ class PluginFace:
     def members(self) -> tuple[Member, ...]:
         """The members of the last pass, certified."""
         return self._rt.snapshot.members
+
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        return tuple(
+            Client(c.name, c.public_key, c.address, c.gateway) for c in self._rt.trust.clients()
+        )
 
     @property
     def mesh_addresses(self) -> tuple[IPAddress, ...]:

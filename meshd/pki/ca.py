@@ -39,6 +39,7 @@ from meshd.pki.certificate import (
     sign_certificate,
     signing_key_from,
 )
+from meshd.pki.client import ClientRecord, sign_client
 from meshd.pki.grant import RouteGrant, sign_grant
 from meshd.pki.revocation import Revocation, sign_revocation
 from meshd.types import IPAddress, IPNetwork
@@ -217,4 +218,24 @@ class NetworkCA(_SigningKey):
             name=check_name(name),
             prefix=prefix,
             granted_at=now_or(now),
+        )
+
+    def sign_client(
+        self,
+        name: str,
+        public_key: str,
+        address: IPAddress,
+        gateway: str,
+        *,
+        now: int | None = None,
+    ) -> ClientRecord:
+        """Describe a plain WireGuard client of node ``gateway``."""
+        return sign_client(
+            self.signing_key,
+            network_id=self.network_id,
+            name=name,
+            public_key=public_key,
+            address=address,
+            gateway=gateway,
+            issued_at=now_or(now),
         )

@@ -165,6 +165,10 @@ class RevocationList:
                 return found
         return None
 
+    def revokes_key(self, public_key: str) -> bool:
+        """Whether a revocation names this key (a removed plain WireGuard client)."""
+        return public_key in self._by_key
+
     def encode(self) -> bytes:
         """All revocations, for the agent's state file."""
         writer = BinaryWriter().header(_REVOCATION_LIST_MAGIC, FORMAT_VERSION)

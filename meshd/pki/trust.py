@@ -27,6 +27,7 @@ from pathlib import Path
 from meshd.binary import BinaryReader, BinaryWriter
 from meshd.errors import DecodeError, IdentityError
 from meshd.pki.certificate import CertChain
+from meshd.pki.client import CLIENT_MAGIC, ClientRecord, verify_client
 from meshd.pki.grant import GRANT_MAGIC, GrantList, RouteGrant
 from meshd.pki.revocation import Revocation, RevocationList
 from meshd.state import atomic_write
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 REVOCATIONS_FILE = "revocations"
 GRANTS_FILE = "route-grants"
+CLIENTS_FILE = "clients"
+_CLIENT_LIST_MAGIC = b"MK"
 # A Serf query response carries at most 1024 bytes; a revocation is ~150.
 REVOCATIONS_PER_PAGE = 5
 EXPIRY_WARNING = 14 * 86400
@@ -64,6 +67,8 @@ class Trust:
         self._grants_path = Path(state_dir) / GRANTS_FILE
         self.revoked = RevocationList()
         self.grants = GrantList()
+        self._clients_path = Path(state_dir) / CLIENTS_FILE
+        self._clients: dict[str, ClientRecord] = {}
         self.generation = 0
         self._load()
 
@@ -147,6 +152,29 @@ class Trust:
         atomic_write(self._grants_path, self.grants.encode())
         return grant
 
+    # --- plain WireGuard clients -------------------------------------------------
+
+    def add_client(self, data: bytes) -> ClientRecord | None:
+        """Verify and keep one client record (the newest per name); the record when new."""
+        record = ClientRecord.decode(data)
+        verify_client(record, self.ca_public_key)
+        held = self._clients.get(record.name)
+        if held is not None and (held.issued_at, held.encode()) >= (record.issued_at, data):
+            return None
+        self._clients[record.name] = record
+        self.generation += 1
+        writer = BinaryWriter().header(_CLIENT_LIST_MAGIC, 1).u32(len(self._clients))
+        for kept in self._clients.values():
+            writer.long_bytes(kept.encode())
+        atomic_write(self._clients_path, writer.getvalue())
+        return record
+
+    def clients(self) -> tuple[ClientRecord, ...]:
+        """The clients in force: the newest record of each name, its key not revoked."""
+        return tuple(
+            c for c in self._clients.values() if not self.revoked.revokes_key(c.public_key)
+        )
+
     def _changed(self) -> None:
         self.generation += 1
         atomic_write(self._path, self.revoked.encode())
@@ -160,6 +188,15 @@ class Trust:
                 self.revoked = RevocationList.decode(data, self.ca_public_key)
             except IdentityError as exc:
                 log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+        data = _read_if_there(self._clients_path)
+        if data is not None:
+            try:
+                reader = BinaryReader(data, "client list")
+                reader.header(_CLIENT_LIST_MAGIC, 1)
+                for _ in range(reader.u32()):
+                    self.add_client(reader.long_bytes())
+            except (DecodeError, IdentityError) as exc:
+                log.error("%s is damaged (%s); some clients are missing", self._clients_path, exc)
         data = _read_if_there(self._grants_path)
         if data is not None:
             try:
@@ -189,7 +226,11 @@ class Trust:
         return writer.getvalue()
 
     def _statements(self) -> list[bytes]:
-        return [r.encode() for r in self.revoked] + [g.encode() for g in self.grants]
+        return (
+            [r.encode() for r in self.revoked]
+            + [g.encode() for g in self.grants]
+            + [c.encode() for c in self._clients.values()]
+        )
 
     def merge_page(self, data: bytes) -> tuple[int, int]:
         """Add the revocations and grants of one answered page; (how many were new, their
@@ -202,6 +243,8 @@ class Trust:
                 item = reader.long_bytes()
                 if item.startswith(GRANT_MAGIC):
                     new: object = self.add_grant(item)
+                elif item.startswith(CLIENT_MAGIC):
+                    new = self.add_client(item)
                 else:
                     new = self.add_revocation(item)
                 if new is not None:

@@ -41,12 +41,14 @@ import click
 
 from meshd import (
     AgentAPI,
+    Client,
     ConfigError,
     ConfigView,
     IPNetwork,
     Member,
     MemberState,
     MeshdError,
+    PeerConfig,
     RecordExtras,
     atomic_write,
     call_agent,
@@ -67,6 +69,24 @@ def parse_prefix(text: object) -> IPNetwork:
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not a string")
     return ipaddress.ip_network(text.strip())
+
+
+def host_prefix(client: Client) -> IPNetwork:
+    return ipaddress.ip_network(client.address)
+
+
+def wg_quick_config(answer: Mapping[str, Any]) -> str:
+    """The client's configuration file for wg-quick or a WireGuard app."""
+    return (
+        "[Interface]\n"
+        f"PrivateKey = {answer['private_key']}\n"
+        f"Address = {answer['address']}/32\n"
+        "\n[Peer]\n"
+        f"PublicKey = {answer['gateway_public_key']}\n"
+        f"Endpoint = {answer['gateway_endpoint']}\n"
+        f"AllowedIPs = {', '.join(answer['allowed_ips'])}\n"
+        "PersistentKeepalive = 25\n"
+    )
 
 
 def is_default(prefix: IPNetwork) -> bool:
@@ -245,6 +265,10 @@ class GatewayPlugin:
         chosen = primaries(members, frozenset(own), unanswered)
         for prefix, member in chosen.items():
             routes.setdefault(member.name, []).append(prefix)
+        names = {m.name for m in members}
+        for client in agent.clients:  # a client's address rides its gateway's tunnel
+            if client.gateway in names:
+                routes.setdefault(client.gateway, []).append(host_prefix(client))
         for member in members:
             if member.name == self.exit_node:
                 exits = [p for p in member.approved_routes if is_default(p)]
@@ -262,12 +286,65 @@ class GatewayPlugin:
             )
         return routes
 
+    @hookimpl
+    def meshd_extra_peers(self, agent: AgentAPI) -> list[PeerConfig]:
+        """The plain WireGuard clients this node is the gateway of (they dial in)."""
+        own = agent.identity.name
+        return [
+            PeerConfig(public_key=c.public_key, allowed_ips=(host_prefix(c),))
+            for c in agent.clients
+            if c.gateway == own
+        ]
+
     # --- the command line ---------------------------------------------------------
 
     @hookimpl
     def meshd_cli(self, group: click.Group) -> None:
         group.add_command(self._route_group())
         group.add_command(self._exit_group())
+        group.add_command(self._client_group())
+
+    def _client_group(self) -> click.Group:
+        plugin = self
+
+        @click.group("client")
+        def client_group() -> None:
+            """Plain WireGuard clients (phones, laptops) reaching the mesh through a gateway."""
+
+        @client_group.command("add")
+        @click.argument("name")
+        @click.option("--gateway", metavar="NODE", help="The node it dials (default: this one).")
+        @click.option("--qr", is_flag=True, help="Also print the config as a QR code (stderr).")
+        def add(name: str, gateway: str | None, qr: bool) -> None:
+            """On the CA machine: a key, an address and a CA-signed record for client NAME;
+            prints its wg-quick config (it holds the client's private key)."""
+            answer = call_agent(plugin._path().parent, "client-add", name=name, gateway=gateway)
+            text = wg_quick_config(answer)
+            click.echo(text, nl=False)
+            if qr:
+                import qrcode  # only this command needs it
+
+                # On stderr: stdout stays the config file ("... > phone.conf").
+                code = qrcode.QRCode(border=1)
+                code.add_data(text)
+                code.print_ascii(out=click.get_text_stream("stderr"), invert=True)
+
+        @client_group.command("list")
+        def list_clients() -> None:
+            """The clients in force: name, address, gateway, whether this node peers with it."""
+            status = call_agent(plugin._path().parent, "status")
+            for c in status["node"].get("clients", []):
+                here = "  (peer here)" if c["peer"] else ""
+                click.echo(f"{c['name']}  {c['address']}  via {c['gateway']}{here}")
+
+        @client_group.command("remove")
+        @click.argument("name")
+        def remove(name: str) -> None:
+            """On the CA machine: revoke client NAME's key; every gateway drops it."""
+            answer = call_agent(plugin._path().parent, "client-remove", name=name)
+            click.echo(f"removed {answer['removed']}")
+
+        return client_group
 
     def _exit_group(self) -> click.Group:
         plugin = self

@@ -22,7 +22,7 @@ import pytest
 from meshd.lab import netns
 from meshd.lab.mesh import AGENT, MeshLab
 from meshd.lab.plan import netns_name
-from tests.integration.conftest import eventually, mesh_lab
+from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
 pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft", "tcpdump")
 
@@ -283,6 +283,61 @@ def test_an_exit_node_carries_only_a_node_that_opts_in(gw: GatewayLab) -> None:
         10,
         "n4's exit routing rules are gone",
     )
+
+
+def addresses_of_client(found: dict) -> str:
+    return next(c["address"] for c in found["node"]["clients"] if c["name"] == "phone")
+
+
+def test_a_plain_wireguard_client_reaches_every_node_until_removed(gw: GatewayLab) -> None:
+    mesh = gw.mesh
+    gateway = "n4"
+    client = netns_name(mesh.lab.lab_id, "phone")  # wg and wg-quick only, no meshd
+    netns.add_netns(client)
+    netns.ip_batch(
+        client,
+        [
+            "link set lo up",
+            f"link add up0 type veth peer name phone netns {mesh.lab.netns_of(gateway)}",
+            "addr add 192.168.99.2/24 dev up0",
+            "link set up0 up",
+            "route add default via 192.168.99.1",
+        ],
+    )
+    netns.ip_batch(
+        mesh.lab.netns_of(gateway), ["addr add 192.168.99.1/24 dev phone", "link set phone up"]
+    )
+    added = mesh.meshd("n1", "client", "add", "phone", "--gateway", gateway, "--qr")
+    assert "PrivateKey = " in added.stdout
+    assert "\u2588" in added.stderr  # the QR code, in block characters
+    conf = mesh.lab.node_dir("n1") / "phone0.conf"
+    conf.write_text(added.stdout)
+    conf.chmod(0o600)
+    netns.run(
+        netns.exec_argv(
+            client,
+            ["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go", "wg-quick", "up", str(conf)],
+        )
+    )
+    addresses = mesh.mesh_addresses()
+
+    def client_reaches(address: str) -> bool:
+        done = netns.run(
+            netns.exec_argv(client, ["ping", "-c", "1", "-W", "1", address]), check=False
+        )
+        return done.returncode == 0
+
+    for node, address in addresses.items():
+        eventually(lambda a=address: client_reaches(a), 20, f"the client pings {node}")
+    listed = mesh.meshd("n1", "client", "list").stdout
+    assert f"phone  {addresses_of_client(status(mesh, 'n1'))}  via {gateway}" in listed
+
+    key = next(c["public_key"] for c in status(mesh, "n1")["node"]["clients"])
+    mesh.meshd("n1", "client", "remove", "phone")
+    took = eventually(lambda: key not in wg_peers(mesh, gateway), 5, f"{gateway} drops the client")
+    print(f"client removed: gone from its gateway after {took:.1f} s")
+    for node, address in addresses.items():
+        assert not client_reaches(address), f"the removed client still reaches {node}"
 
 
 def diagnose(mesh: MeshLab, gw: GatewayLab, standby: str) -> str:

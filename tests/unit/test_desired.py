@@ -49,6 +49,9 @@ class AdmitAll:
     def routes(self, members: Sequence[Member]) -> dict[str, list[IPNetwork]]:
         return {}
 
+    def extra_peers(self) -> list[PeerConfig]:
+        return []
+
 
 KEYS = [WireGuardKeyPair.generate().public_key for _ in range(8)]
 

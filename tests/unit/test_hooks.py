@@ -99,6 +99,10 @@ class Recorder:
         return PeerPatch(extra_allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),), keepalive=5)
 
     @hookimpl
+    def meshd_extra_peers(self, agent: Any) -> list[PeerConfig]:
+        return [PeerConfig("C" * 43 + "=", (ipaddress.ip_network("100.80.7.7/32"),))]
+
+    @hookimpl
     def meshd_peer_routes(self, agent: Any, members: Any) -> dict[str, list[Any]]:
         return {m.name: [ipaddress.ip_network("10.7.0.0/16")] for m in members}
 
@@ -154,6 +158,7 @@ def test_each_hook_changes_what_the_engine_gets(host_and_recorder: Any) -> None:
     assert shaped.keepalive == 5
     assert host.select_path(agent, MEMBER).via == "n3"
     assert host.peer_routes(agent, [MEMBER]) == {"n2": (ipaddress.ip_network("10.7.0.0/16"),)}
+    assert [p.public_key for p in host.extra_peers(agent)] == ["C" * 43 + "="]
     host.mesh_changed(agent, MeshView(agent.identity, (MEMBER,), (PEER,)))
     group = click.Group()
     host.cli(group)
