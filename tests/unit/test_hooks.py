@@ -55,6 +55,7 @@ class FakeAgent:
     local_addresses = (ipaddress.ip_address("198.18.0.1"),)
     state_dir = Path("/tmp")
     members = ()
+    clients = ()
 
     def spawn(self, coro: Any, *, name: str) -> None:
         coro.close()
@@ -211,7 +212,8 @@ def test_plugins_change_what_desired_compute_gets() -> None:
     state = compute(
         own_name="n1", own_record=own, members=[MEMBER], policy=HookPolicy(refusing, agent)
     )
-    assert state.peers == ()
+    # Refused, so no peer; the recorder's extra peer (a plain client) is one.
+    assert [p.public_key for p in state.peers] == ["C" * 43 + "="]
     assert state.excluded[MEMBER.name] == "not admitted: acl says no"
 
     class Shaper:

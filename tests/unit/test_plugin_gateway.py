@@ -78,3 +78,28 @@ def test_routes_advertised_from_the_command_line_are_kept_in_the_state_dir(tmp_p
     again = GatewayPlugin()
     again.meshd_configure(ConfigView(None, "n1", tmp_path, {"gateway": {"routes": ["10.0.0.0/8"]}}))
     assert again.advertised() == (ipaddress.ip_network("10.0.0.0/8"), LAN)
+
+
+def test_the_client_config_is_what_wg_quick_reads() -> None:
+    from meshd_gateway import wg_quick_config
+
+    text = wg_quick_config(
+        {
+            "private_key": "P" * 43 + "=",
+            "address": "100.80.255.254",
+            "gateway_public_key": "G" * 43 + "=",
+            "gateway_endpoint": "198.18.0.4:51820",
+            "allowed_ips": ["100.80.0.0/16"],
+        }
+    )
+    assert text.splitlines() == [
+        "[Interface]",
+        "PrivateKey = " + "P" * 43 + "=",
+        "Address = 100.80.255.254/32",
+        "",
+        "[Peer]",
+        "PublicKey = " + "G" * 43 + "=",
+        "Endpoint = 198.18.0.4:51820",
+        "AllowedIPs = 100.80.0.0/16",
+        "PersistentKeepalive = 25",
+    ]

@@ -86,3 +86,25 @@ def test_a_grant_round_trips() -> None:
     back = RouteGrant.decode(grant.encode())
     assert back == grant
     assert back.covers("gw", ipaddress.ip_network("fd00:1:0:2::/64"))
+
+
+def test_client_records_newest_wins_persist_and_a_revoked_key_is_out(tmp_path: Path) -> None:
+    from meshd.identity import WireGuardKeyPair
+
+    trust = Trust(CA.public_key, tmp_path)
+    old, new = WireGuardKeyPair.generate(), WireGuardKeyPair.generate()
+    address = ipaddress.ip_address("100.80.255.254")
+    trust.add_client(CA.sign_client("phone", old.public_key, address, "gw1", now=10).encode())
+    assert (
+        trust.add_client(CA.sign_client("phone", old.public_key, address, "gw0", now=5).encode())
+        is None
+    )  # an older record never replaces a newer one
+    trust.add_client(CA.sign_client("phone", new.public_key, address, "gw2", now=20).encode())
+    (moved,) = Trust(CA.public_key, tmp_path).clients()
+    assert (moved.public_key, moved.gateway) == (new.public_key, "gw2")
+    trust.add(CA.revoke_key("phone", new.public_key))
+    assert trust.clients() == ()
+    with pytest.raises(IdentityError, match="network"):
+        trust.add_client(
+            NetworkCA.generate("lab").sign_client("x", old.public_key, address, "gw1").encode()
+        )
