@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from meshd.agent.runtime import Runtime
 from meshd.errors import IdentityError, MeshdError
@@ -35,6 +36,7 @@ from meshd.quietlog import Throttle
 from meshd.types import Member, MemberState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAIN_EVENT = "meshd-chain"
 CHAIN_QUERY = "meshd-chain"
@@ -112,24 +114,27 @@ class TrustExchange:
             self._trust_changed()
 
     def take_grant(self, data: bytes, source: str) -> None:
-        try:
-            grant = self._rt.trust.add_grant(data)
-        except MeshdError as exc:
-            self._quiet.warning(source, "ignored a route grant from %s: %s", source, exc)
-            return
+        grant = self._take(self._rt.trust.add_grant, data, "a route grant", source)
         if grant is not None:
             log.info("route %s approved for %s (from %s)", grant.prefix, grant.name, source)
-            self._trust_changed()
 
     def take_client(self, data: bytes, source: str) -> None:
-        try:
-            client = self._rt.trust.add_client(data)
-        except MeshdError as exc:
-            self._quiet.warning(source, "ignored a client record from %s: %s", source, exc)
-            return
+        client = self._take(self._rt.trust.add_client, data, "a client record", source)
         if client is not None:
             log.info("client %s (%s) is served by %s", client.name, client.address, client.gateway)
+
+    def _take(
+        self, add: Callable[[bytes], T | None], data: bytes, what: str, source: str
+    ) -> T | None:
+        """A CA-signed statement from gossip, kept when valid and new."""
+        try:
+            found = add(data)
+        except MeshdError as exc:
+            self._quiet.warning(source, "ignored %s from %s: %s", what, source, exc)
+            return None
+        if found is not None:
             self._trust_changed()
+        return found
 
     def _trust_changed(self) -> None:
         self._rt.kick()

@@ -166,6 +166,18 @@ def check_signature(signer_public_key: bytes, signed: bytes, signature: bytes, w
         raise IdentityError(f"{what}: bad signature (tampered, or signed by another key)") from exc
 
 
+def check_ca_statement(
+    value: SignedValue, network_id: str, issuer_key_id: bytes, ca_public_key: bytes, what: str
+) -> None:
+    """Check a statement the network CA itself signs (revocation, route grant, client
+    record): of this network, issued by the CA key, and its signature holds."""
+    if network_id != network_id_of(ca_public_key):
+        raise IdentityError(f"{what} belongs to network {network_id}")
+    if issuer_key_id != key_id(ca_public_key):
+        raise IdentityError(f"{what} was not issued by the network CA")
+    check_signature(ca_public_key, value.signed_part(), value.signature, what)
+
+
 class SignedValue:
     """What certificates, revocations and tokens share: a signed part, then its signature.
 

@@ -22,7 +22,6 @@ from typing import ClassVar
 from nacl.signing import SigningKey
 
 from meshd.binary import BinaryReader, BinaryWriter
-from meshd.errors import IdentityError
 from meshd.identity import decode_key, encode_key
 from meshd.pki.certificate import (
     FORMAT_VERSION,
@@ -30,11 +29,10 @@ from meshd.pki.certificate import (
     KEY_LEN,
     SIGNATURE_LEN,
     SignedValue,
+    check_ca_statement,
     check_name,
-    check_signature,
     decode_signed,
     key_id,
-    network_id_of,
     read_name,
 )
 from meshd.types import IPAddress
@@ -117,9 +115,10 @@ def sign_client(
 
 
 def verify_client(record: ClientRecord, ca_public_key: bytes) -> None:
-    what = f"client record of {record.name!r}"
-    if record.network_id != network_id_of(ca_public_key):
-        raise IdentityError(f"{what} belongs to network {record.network_id}")
-    if record.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{what} was not issued by the network CA")
-    check_signature(ca_public_key, record.signed_part(), record.signature, what)
+    check_ca_statement(
+        record,
+        record.network_id,
+        record.issuer_key_id,
+        ca_public_key,
+        f"client record of {record.name!r}",
+    )

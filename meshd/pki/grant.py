@@ -27,17 +27,15 @@ from typing import ClassVar
 from nacl.signing import SigningKey
 
 from meshd.binary import BinaryReader, BinaryWriter
-from meshd.errors import IdentityError
 from meshd.pki.certificate import (
     FORMAT_VERSION,
     KEY_ID_LEN,
     SIGNATURE_LEN,
     SignedValue,
+    check_ca_statement,
     check_name,
-    check_signature,
     decode_signed,
     key_id,
-    network_id_of,
     read_name,
 )
 from meshd.types import IPNetwork
@@ -118,12 +116,13 @@ def sign_grant(
 
 def verify_grant(grant: RouteGrant, ca_public_key: bytes) -> None:
     """Check a grant was signed by the network CA."""
-    what = f"route grant of {grant.prefix} to {grant.name!r}"
-    if grant.network_id != network_id_of(ca_public_key):
-        raise IdentityError(f"{what} belongs to network {grant.network_id}")
-    if grant.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{what} was not issued by the network CA")
-    check_signature(ca_public_key, grant.signed_part(), grant.signature, what)
+    check_ca_statement(
+        grant,
+        grant.network_id,
+        grant.issuer_key_id,
+        ca_public_key,
+        f"route grant of {grant.prefix} to {grant.name!r}",
+    )
 
 
 class GrantList:

@@ -21,7 +21,6 @@ from typing import ClassVar
 from nacl.signing import SigningKey
 
 from meshd.binary import BinaryReader, BinaryWriter
-from meshd.errors import IdentityError
 from meshd.identity import decode_key, encode_key
 from meshd.pki.certificate import (
     FORMAT_VERSION,
@@ -32,11 +31,10 @@ from meshd.pki.certificate import (
     SIGNATURE_LEN,
     Certificate,
     SignedValue,
+    check_ca_statement,
     check_name,
-    check_signature,
     decode_signed,
     key_id,
-    network_id_of,
     read_name,
 )
 
@@ -129,12 +127,13 @@ def sign_revocation(
 
 def verify_revocation(revocation: Revocation, ca_public_key: bytes) -> None:
     """Check a revocation was signed by the network CA."""
-    what = f"revocation of {revocation.name!r}"
-    if revocation.network_id != network_id_of(ca_public_key):
-        raise IdentityError(f"{what} belongs to network {revocation.network_id}")
-    if revocation.issuer_key_id != key_id(ca_public_key):
-        raise IdentityError(f"{what} was not issued by the network CA")
-    check_signature(ca_public_key, revocation.signed_part(), revocation.signature, what)
+    check_ca_statement(
+        revocation,
+        revocation.network_id,
+        revocation.issuer_key_id,
+        ca_public_key,
+        f"revocation of {revocation.name!r}",
+    )
 
 
 class RevocationList:

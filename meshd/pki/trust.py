@@ -2,8 +2,9 @@
 
 Pure bookkeeping (the agent does the I/O): chains fetched from members are
 kept by their reference (the ``c`` tag of a record), each member's record is
-checked against its chain, and revocations and route grants are verified, kept
-and persisted in ``<state_dir>/revocations`` and ``<state_dir>/route-grants``.
+checked against its chain, and revocations, route grants and client records are
+verified, kept and persisted in ``<state_dir>/revocations``, ``route-grants`` and
+``clients``.
 Both travel together: one digest (a record's ``revocations`` field) and one
 paged query cover them, each item told apart by its magic bytes.
 
