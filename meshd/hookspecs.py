@@ -132,6 +132,22 @@ def meshd_node_record(agent: AgentAPI) -> RecordExtras | None:
     """
 
 
+@hookspec
+def meshd_route_health(agent: AgentAPI, prefix: IPNetwork) -> bool | None:
+    """Whether this node can carry traffic for ``prefix`` right now (its LAN side is up).
+
+    Called before each publication of this node's record, for every route the
+    ``meshd_node_record`` answers advertise. A route some plugin answers ``False``
+    for is left out of the record: every other node stops routing it here and
+    fails over to another gateway. A plugin whose check changes its answer calls
+    ``agent.refresh()`` so the record is published again.
+
+    :returns: ``False`` when unhealthy, ``True`` or ``None`` otherwise.
+
+    Calling rule: all implementations are called; one ``False`` withdraws the route.
+    """
+
+
 @hookspec(firstresult=True)
 def meshd_admit_peer(agent: AgentAPI, member: Member) -> Admission | None:
     """Decide whether a member may become a WireGuard peer (certificates, ACLs).

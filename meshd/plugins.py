@@ -146,7 +146,13 @@ class PluginHost:
         for extra in self._call_all("meshd_node_record", isolate=True, agent=agent):
             roles.update(extra.roles)
             routes.update(dict.fromkeys(extra.routes))
-        return t.RecordExtras(roles=frozenset(roles), routes=tuple(routes))
+        healthy = [
+            prefix
+            for prefix in routes
+            if False
+            not in self._call_all("meshd_route_health", isolate=True, agent=agent, prefix=prefix)
+        ]
+        return t.RecordExtras(roles=frozenset(roles), routes=tuple(healthy))
 
     def admit_peer(self, agent: t.AgentAPI, member: t.Member) -> t.Admission | None:
         result: t.Admission | None = self._call_first(

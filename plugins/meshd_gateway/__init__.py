@@ -5,6 +5,8 @@ Configuration (``[plugins.gateway]``, every key optional)::
     routes = ["192.168.50.0/24"]   # prefixes behind this node, advertised in its record
     accept_routes = true           # route to approved prefixes other nodes advertise
     masquerade = true              # traffic from the mesh leaves with this node's address
+    health_check = ["192.168.50.1"]  # LAN addresses to ping; while none answers, the
+                                   # routes are withdrawn (others fail over)
 
 ``meshd route advertise PREFIX`` / ``meshd route withdraw PREFIX`` add and remove
 advertised prefixes at run time (kept in ``<state_dir>/gateway.json``; the agent
@@ -58,7 +60,7 @@ from meshd_gateway.probe import Prober, ipv4_of
 
 log = logging.getLogger(__name__)
 
-_KEYS = ("routes", "accept_routes", "masquerade")
+_KEYS = ("routes", "accept_routes", "masquerade", "health_check")
 STATE_FILE = "gateway.json"
 ROLE = "gateway"
 WATCH_INTERVAL = 1.0
@@ -138,6 +140,8 @@ class GatewayPlugin:
         self.exit_node: str | None = None
         self._quiet_failure = False
         self.prober: Prober | None = None
+        self.health_check: tuple[str, ...] = ()
+        self.health: Prober | None = None
 
     # --- configuration and the state file ------------------------------------
 
@@ -146,13 +150,22 @@ class GatewayPlugin:
         section: Mapping[str, Any] = config.section("gateway")
         routes: list[IPNetwork] = []
         accept, masquerade = True, True
+        self.health_check = ()
         for key, value in section.items():
             where = f"plugins.gateway.{key}"
             if key not in _KEYS:
                 raise ConfigError(
                     f"unknown key (known keys: {', '.join(_KEYS)})", file=config.path, key=where
                 )
-            if key == "routes":
+            if key == "health_check":
+                try:
+                    checks = [str(ipaddress.IPv4Address(a)) for a in value]
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(
+                        f"must be a list of IPv4 addresses: {exc}", file=config.path, key=where
+                    ) from None
+                self.health_check = tuple(checks)
+            elif key == "routes":
                 if not isinstance(value, list):
                     raise ConfigError("must be a list of prefixes", file=config.path, key=where)
                 for item in value:
@@ -210,6 +223,8 @@ class GatewayPlugin:
         if self.accept_routes:
             self.prober = Prober(agent.refresh)
             agent.spawn(self.prober.run(), name="gateway-probe")
+        self.health = Prober(agent.refresh)
+        agent.spawn(self.health.run(), name="gateway-health")
 
     async def _watch(self, agent: AgentAPI) -> None:
         """Follow the state file (``meshd route advertise``) and the configuration (a
@@ -227,8 +242,13 @@ class GatewayPlugin:
                 exit_node = self.exit_node
                 log.info("exit node now: %s", exit_node or "none")
                 agent.refresh()
+            if self.health is not None:
+                self.health.watch(self.health_check)  # a SIGHUP may have changed them
+            serving = any(c.gateway == agent.identity.name for c in agent.clients)
             try:
-                await agent.set_forwarding(bool(advertised), advertised if self.masquerade else ())
+                await agent.set_forwarding(
+                    bool(advertised) or serving, advertised if self.masquerade else ()
+                )
                 self._quiet_failure = False
             except MeshdError as exc:
                 if not self._quiet_failure:
@@ -242,6 +262,13 @@ class GatewayPlugin:
         if not advertised:
             return None
         return RecordExtras(roles=frozenset({ROLE}), routes=advertised)
+
+    @hookimpl
+    def meshd_route_health(self, agent: AgentAPI, prefix: IPNetwork) -> bool | None:
+        """This gateway's own check: its routes go while no health_check address answers."""
+        if self.health is None or not self.health_check or prefix not in self.advertised():
+            return None
+        return not set(self.health_check) <= self.health.down()
 
     @hookimpl
     def meshd_peer_routes(

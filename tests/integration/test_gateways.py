@@ -225,10 +225,20 @@ def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab
     )
     assert gap < 5.0
 
+    # Back, with a health check of its LAN side (the meshd_route_health hook).
+    mesh.write_config(primary, f'[plugins.gateway]\nhealth_check = ["{LAN_HOST}"]\n')
     mesh.start(primary)
     mesh.wait_ready(primary)
     eventually(lambda: carried_by(mesh, "n1") == {primary}, 30, f"{LAN} back on {primary}")
     eventually(lambda: reaches(mesh, "n1", LAN_HOST), 10, "n1 reaches the LAN through it again")
+
+    # Its LAN side goes down: it withdraws the route, the others fail over; and back.
+    mesh.lab.run(primary, ["ip", "link", "set", "lan", "down"])
+    took = eventually(lambda: carried_by(mesh, "n1") == {standby}, 20, "failover on health")
+    print(f"health check: {primary}'s LAN down, n1 moved {LAN} to {standby} after {took:.1f} s")
+    assert reaches(mesh, "n1", LAN_HOST)
+    mesh.lab.run(primary, ["ip", "link", "set", "lan", "up"])
+    eventually(lambda: carried_by(mesh, "n1") == {primary}, 20, f"{LAN} back after its LAN")
 
 
 INTERNET_HOST = "203.0.113.10"
@@ -292,6 +302,11 @@ def addresses_of_client(found: dict) -> str:
 def test_a_plain_wireguard_client_reaches_every_node_until_removed(gw: GatewayLab) -> None:
     mesh = gw.mesh
     gateway = "n4"
+    # n4 routes for nobody now: only its client will make it forward.
+    mesh.meshd(gateway, "route", "withdraw", str(UNAPPROVED))
+    eventually(
+        lambda: traces(mesh, gateway)["ip_forward"] == "0", 10, f"{gateway} stops forwarding"
+    )
     client = netns_name(mesh.lab.lab_id, "phone")  # wg and wg-quick only, no meshd
     netns.add_netns(client)
     netns.ip_batch(

@@ -100,6 +100,10 @@ class Recorder:
         return PeerPatch(extra_allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),), keepalive=5)
 
     @hookimpl
+    def meshd_route_health(self, agent: Any, prefix: Any) -> bool:
+        return prefix != ipaddress.ip_network("10.9.0.0/24")
+
+    @hookimpl
     def meshd_extra_peers(self, agent: Any) -> list[PeerConfig]:
         return [PeerConfig("C" * 43 + "=", (ipaddress.ip_network("100.80.7.7/32"),))]
 
@@ -153,6 +157,7 @@ def test_each_hook_changes_what_the_engine_gets(host_and_recorder: Any) -> None:
     )
     assert host.endpoint_candidates(agent)[0] == "203.0.113.7:51820"
     assert host.node_record(agent).roles == frozenset({"relay"})
+    assert host.node_record(agent).routes == ()  # its route is unhealthy: withdrawn
     assert host.admit_peer(agent, MEMBER) == Admission(admit=False, reason="acl says no")
     shaped = host.peer_config(agent, MEMBER, PEER)
     assert ipaddress.ip_network("10.9.0.0/24") in shaped.allowed_ips
