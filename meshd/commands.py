@@ -441,7 +441,9 @@ def _route_rows(result: dict[str, Any]) -> list[list[str]]:
             if not r["approved"]:
                 state = "ignored: not approved by the CA"
             elif r["installed"]:
-                state = "approved, in use (primary)"
+                state = "approved, in use"
+            elif r["prefix"] in ("0.0.0.0/0", "::/0"):
+                state = "approved exit node, not used here (meshd exit use)"
             else:
                 state = "approved, standby"
             rows.append([r["prefix"], peer["name"], state])
