@@ -69,6 +69,7 @@ class Prober:
         self._seq = 0
         self._targets: dict[str, float] = {}  # address -> when it last answered (or was added)
         self._down: set[str] = set()
+        self._wanted = asyncio.Event()  # set while there are targets
 
     def watch(self, addresses: Iterable[str]) -> None:
         """Probe exactly these from now on (each gets DOWN_AFTER before it can be down)."""
@@ -79,6 +80,8 @@ class Prober:
         for address in set(self._targets) - wanted:
             del self._targets[address]
             self._down.discard(address)
+        if self._targets:
+            self._wanted.set()
 
     def down(self) -> frozenset[str]:
         return frozenset(self._down)
@@ -102,6 +105,13 @@ class Prober:
                 self._on_change()
 
     async def run(self) -> None:
+        """Probe while there is something to probe; no socket open otherwise (a raw ICMP
+        socket sees every ICMP packet of the machine)."""
+        while True:
+            await self._wanted.wait()
+            await self._probe_while_wanted()
+
+    async def _probe_while_wanted(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -120,7 +130,7 @@ class Prober:
 
         loop.add_reader(sock.fileno(), readable)
         try:
-            while True:
+            while self._targets:
                 self._seq = (self._seq + 1) & 0xFFFF
                 for address in list(self._targets):
                     with contextlib.suppress(OSError):  # unreachable now: it stays unanswered
@@ -130,6 +140,7 @@ class Prober:
         finally:
             loop.remove_reader(sock.fileno())
             sock.close()
+            self._wanted.clear()
 
 
 def ipv4_of(addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str | None:

@@ -86,6 +86,14 @@ def routes_of(mesh: MeshLab, node: str) -> dict[tuple[str, str], dict]:
     }
 
 
+def route_state(
+    mesh: MeshLab, node: str, gateway: str, prefix: ipaddress.IPv4Network, key: str
+) -> bool:
+    """``approved`` or ``installed`` of a route in ``node``'s status; False while it is not
+    listed there yet (gossip has not brought it)."""
+    return bool(routes_of(mesh, node).get((gateway, str(prefix)), {}).get(key))
+
+
 def kernel_routes(mesh: MeshLab, node: str, prefix: str) -> str:
     return mesh.lab.run(node, ["ip", "route", "show", prefix]).stdout.strip()
 
@@ -120,13 +128,14 @@ def test_an_approved_lan_is_reached_and_an_unapproved_route_is_ignored(gw: Gatew
     eventually(lambda: reaches(mesh, "n1", LAN_HOST), 20, "n1 pings the LAN host behind n2")
     for node in ("n1", "n4"):
         eventually(
-            lambda node=node: routes_of(mesh, node)[("n2", str(LAN))]["installed"],
+            lambda node=node: route_state(mesh, node, "n2", LAN, "installed"),
             20,
             f"{node} routes {LAN} to n2",
         )
     assert "n2 (this node)" in mesh.meshd("n2", "status").stdout
     # n4's route stays ignored by every other node: not in status as approved, not in
     # WireGuard's allowed IPs, no kernel route.
+    eventually(lambda: ("n4", str(UNAPPROVED)) in routes_of(mesh, "n2"), 10, "n2 sees n4's route")
     for node in ("n1", "n2", "n3"):
         route = routes_of(mesh, node)[("n4", str(UNAPPROVED))]
         assert route == {"prefix": str(UNAPPROVED), "approved": False, "installed": False}
@@ -190,7 +199,7 @@ def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab
         eventually(
             lambda node=node: (
                 carried_by(mesh, node) == {primary}
-                and routes_of(mesh, node)[(standby, str(LAN))]["approved"]
+                and route_state(mesh, node, standby, LAN, "approved")
             ),
             20,
             f"{node} uses {primary} as the primary and knows {standby} is approved",
@@ -265,7 +274,7 @@ def test_an_exit_node_carries_only_a_node_that_opts_in(gw: GatewayLab) -> None:
     mesh.meshd(exit_node, "route", "advertise", "0.0.0.0/0")
     mesh.meshd("n1", "route", "approve", exit_node, "0.0.0.0/0")
     eventually(
-        lambda: routes_of(mesh, "n4").get((exit_node, "0.0.0.0/0"), {}).get("approved"),
+        lambda: route_state(mesh, "n4", exit_node, ipaddress.ip_network("0.0.0.0/0"), "approved"),
         20,
         f"n4 sees {exit_node}'s approved default route",
     )
