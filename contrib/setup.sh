@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(serf wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 python3-venv python3-pip
-          prometheus chromium dnsmasq-base knot knot-dnsutils bind9-utils systemd)
+          prometheus chromium dnsmasq-base knot knot-dnsutils bind9-utils systemd tcpdump coreutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

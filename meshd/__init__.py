@@ -6,8 +6,9 @@ nothing else of meshd: ``hookimpl``, the errors a hook may raise
 :mod:`meshd.types`), and ``format_host_port`` / ``parse_host_port`` (which
 raises ``DecodeError``) for the endpoints a plugin publishes or reads,
 ``atomic_write`` for files other programs read, ``path_kind`` (direct, LAN,
-relay or down, as ``meshd status --graph`` draws a pair), and the mDNS face
-(``Advert``, ``LanService``, ``MdnsError``, from :mod:`meshd.mdns`).
+relay or down, as ``meshd status --graph`` draws a pair), the mDNS face
+(``Advert``, ``LanService``, ``MdnsError``, from :mod:`meshd.mdns`), and
+``call_agent`` for a plugin's command-line commands to ask the running agent.
 Everything else is the engine and may change.
 
 Importing ``meshd`` stays cheap (the CLI imports it before it knows what it
@@ -24,6 +25,7 @@ import pluggy
 from meshd.errors import ConfigError, DecodeError, GossipError, MeshdError, WireGuardError
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from meshd.control import call_agent as call_agent
     from meshd.graph import path_kind as path_kind
     from meshd.hostport import format_host_port as format_host_port
     from meshd.hostport import parse_host_port as parse_host_port
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
     from meshd.state import atomic_write as atomic_write
     from meshd.types import Admission as Admission
     from meshd.types import AgentAPI as AgentAPI
+    from meshd.types import Client as Client
     from meshd.types import ConfigView as ConfigView
     from meshd.types import EngineStats as EngineStats
     from meshd.types import IPAddress as IPAddress
@@ -61,6 +64,7 @@ __all__ = [
     "Admission",
     "Advert",
     "AgentAPI",
+    "Client",
     "ConfigError",
     "ConfigView",
     "DecodeError",
@@ -87,6 +91,7 @@ __all__ = [
     "WireGuardError",
     "__version__",
     "atomic_write",
+    "call_agent",
     "format_host_port",
     "hookimpl",
     "parse_host_port",
@@ -95,6 +100,7 @@ __all__ = [
 # Where each name loaded on first use lives; the rest of __all__ is in meshd.types.
 _HOMES = {
     "atomic_write": "meshd.state",
+    "call_agent": "meshd.control",
     "format_host_port": "meshd.hostport",
     "parse_host_port": "meshd.hostport",
     "path_kind": "meshd.graph",

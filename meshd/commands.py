@@ -500,6 +500,35 @@ def status(state: CliState, as_json: bool, as_graph: bool) -> None:
     from tabulate import tabulate  # only status prints a table: spare every other command
 
     click.echo(tabulate(rows, headers=headers) if rows else "no other members yet")
+    routes = _route_rows(result)
+    if routes:
+        click.echo("")
+        click.echo(tabulate(routes, headers=["ROUTE", "GATEWAY", "STATE"]))
+
+
+def _route_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Routes this node advertises, then every member's, with what this node does with them."""
+    node = result["node"]
+    rows = [
+        [
+            r["prefix"],
+            f"{node['name']} (this node)",
+            "advertised, approved" if r["approved"] else "advertised, not approved by the CA",
+        ]
+        for r in node.get("routes", [])
+    ]
+    for peer in result["peers"]:
+        for r in peer.get("routes", []):
+            if not r["approved"]:
+                state = "ignored: not approved by the CA"
+            elif r["installed"]:
+                state = "approved, in use"
+            elif r["prefix"] in ("0.0.0.0/0", "::/0"):
+                state = "approved exit node, not used here (meshd exit use)"
+            else:
+                state = "approved, standby"
+            rows.append([r["prefix"], peer["name"], state])
+    return [[_printable(cell) for cell in row] for row in rows]
 
 
 @click.command()

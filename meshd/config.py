@@ -276,3 +276,12 @@ def load(
     except UnicodeDecodeError as exc:
         raise ConfigError("not UTF-8 text", file=str(config_path)) from exc
     return parse(text, path=config_path, state_dir=Path(state) if state else None)
+
+
+def reload_plugin_sections(config: Config) -> Config:
+    """``config`` with its ``[plugins.*]`` tables read again from its file (SIGHUP);
+    ConfigError when the file is now invalid, so the caller keeps the old one."""
+    if config.path is None:
+        return config
+    fresh = load(config.path, state_dir=config.state_dir)
+    return dataclasses.replace(config, plugin_sections=fresh.plugin_sections)

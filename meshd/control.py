@@ -120,3 +120,9 @@ def call(state_dir: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> An
     if not reply.get("ok"):
         raise ControlError(f"agent: {reply.get('error')}")
     return reply.get("result")
+
+
+def call_agent(state_dir: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> Any:
+    """:func:`call`, as the public API names it (``meshd.call_agent``) for plugins' CLI
+    commands; a failure is a :class:`~meshd.errors.ControlError`."""
+    return call(state_dir, cmd, timeout=timeout, **args)

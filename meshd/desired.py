@@ -30,6 +30,16 @@ Rules:
   forwarding endpoint) stays a peer of its own: only its endpoint changes, and the
   relay carries ciphertext. A member behind a *routed* relay (no endpoint given)
   is not a peer of its own: its addresses are added to the relay's allowed IPs.
+- Routes to prefixes outside the mesh (a gateway's LAN, an exit node's default
+  route) come from the policy, for all candidates at once (:meth:`Policy.routes`,
+  so a choice between gateways sees this pass's states): each prefix is added to
+  the allowed IPs of the member that carries it (of its routed relay, when it has
+  no peer of its own). The interface routes every allowed prefix outside its own
+  networks, so the kernel routes follow. A prefix two peers claim stays with the
+  lower key (:func:`_without_overlaps`). Members' own addresses are host prefixes,
+  so they win over any wider route by WireGuard's longest-prefix match.
+- Peers that are no members (plain WireGuard clients of a gateway) come from the
+  policy (:meth:`Policy.extra_peers`); a key a member holds is never taken by one.
 - Known peers (learnt at enrolment or restored from the last run) fill in what
   gossip has not described yet: each keeps only the prefixes nobody else holds
   (a joiner whose IPv4 address turns out taken still needs its IPv6 gossip
@@ -76,6 +86,10 @@ class Policy(Protocol):
     def select_path(self, member: Member) -> PathChoice: ...
 
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig: ...
+
+    def routes(self, members: Sequence[Member]) -> Mapping[str, Sequence[IPNetwork]]: ...
+
+    def extra_peers(self) -> Sequence[PeerConfig]: ...
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,7 @@ def compute(
     )
 
     by_name = {m.name: m for m in candidates}
+    extra_routes = policy.routes(candidates)
     peers: dict[str, PeerConfig] = {}
     routed: dict[str, list[IPNetwork]] = {}
     relayed: dict[str, str] = {}
@@ -226,6 +241,7 @@ def compute(
         if not kept:
             continue
         prefixes = [host_prefix(a) for a in kept]
+        prefixes += [p for p in extra_routes.get(member.name, ()) if p not in prefixes]
         choice = policy.select_path(member)
         paths[member.name] = choice
         if choice.via and choice.endpoint is None and not choice.learn:
@@ -263,7 +279,9 @@ def compute(
             preshared_key=peer.preshared_key,
         )
 
-    gossip_peers = _without_overlaps(tuple(peers.values()))
+    member_keys = {p.public_key for p in peers.values()} | {own_record.public_key}
+    non_members = [p for p in policy.extra_peers() if p.public_key not in member_keys]
+    gossip_peers = _without_overlaps((*peers.values(), *non_members))
     merged, forget, unconfirmed = _merge_known(
         gossip_peers, members, own_name, own_record, known, keepalive, known_grace, departed
     )

@@ -1,4 +1,4 @@
-"""meshd's own nftables table: gossip reaches this node only through the mesh.
+"""meshd's own nftables tables: gossip only through the mesh; a gateway's forwarding.
 
 Serf binds the node's mesh address, but Linux accepts a packet for a local
 address on any interface (the weak host model): a neighbour on the underlay
@@ -6,7 +6,12 @@ could route to the mesh address and talk to Serf directly, bypassing
 WireGuard. The table ``inet meshd`` drops traffic to the gossip address's
 gossip and goodbye ports unless it came in on the mesh interface (or loopback).
 
-Only this table is touched: it is replaced as a whole in one ``nft``
+A gateway (a node that routes to prefixes outside the mesh) gets a second table,
+``inet meshd-gateway`` (:class:`Forwarding`): masquerading of mesh traffic leaving
+for those prefixes, unless the gateway keeps source addresses; IP forwarding is
+switched on with it, and the sysctls are put back as they were when it goes.
+
+Only these tables are touched: each is replaced as a whole in one ``nft``
 transaction, and deleted when the agent stops. Everything is done through the
 ``nft`` command (Debian's ``nftables``); errors become
 :class:`~meshd.errors.FirewallError`.
@@ -20,13 +25,19 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from meshd.errors import FirewallError
-from meshd.types import IPAddress
+from meshd.state import atomic_write
+from meshd.types import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
 TABLE = "meshd"
+GATEWAY_TABLE = "meshd-gateway"
+FORWARDING_FILE = "forwarding-sysctls.json"
+"""In the state directory: the forwarding sysctls' values before meshd changed them."""
+FORWARDING_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
 NFT_TIMEOUT = 5.0
 
 
@@ -77,7 +88,7 @@ async def protect_gossip(address: IPAddress, ports: Sequence[int], mesh_ifname: 
 
 async def remove() -> None:
     """Delete meshd's table (nothing else); no error when there is none."""
-    await _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    await _remove_table(TABLE)
 
 
 def _port_in(right: object, port: int) -> bool:
@@ -159,3 +170,107 @@ def list_ruleset() -> object:
         return json.loads(done.stdout)
     except ValueError as exc:
         raise FirewallError(f"nft printed no JSON: {exc}") from exc
+
+
+def gateway_ruleset(mesh_ifname: str, masquerade: Sequence[IPNetwork]) -> str:
+    """The gateway table: mesh traffic to ``masquerade`` prefixes leaves with this node's
+    address (the hosts there need no route back into the mesh)."""
+    rules = []
+    for family in ("ip", "ip6"):
+        nets = ", ".join(str(n) for n in masquerade if (n.version == 6) == (family == "ip6"))
+        if nets:
+            rules.append(
+                f'    iifname "{mesh_ifname}" oifname != "{mesh_ifname}" '
+                f"{family} daddr {{ {nets} }} masquerade\n"
+            )
+    return (
+        f"table inet {GATEWAY_TABLE}\n"
+        f"delete table inet {GATEWAY_TABLE}\n"
+        f"table inet {GATEWAY_TABLE} {{\n"
+        "  chain masquerade_mesh_traffic {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n" + "".join(rules) + "  }\n"
+        "}\n"
+    )
+
+
+class Forwarding:
+    """IP forwarding and the gateway table of one agent: on while it routes for others.
+
+    The sysctls' values before the first change are kept, and written back by
+    :meth:`stop` (a node that was already forwarding stays so). They are kept in
+    ``saved_path`` too, before anything changes: an agent that crashed while
+    forwarding finds them at its next start and still restores the first values.
+    """
+
+    def __init__(
+        self, mesh_ifname: str, saved_path: Path, proc_sys: Path = Path("/proc/sys")
+    ) -> None:
+        self._ifname = mesh_ifname
+        self._proc_sys = proc_sys
+        self._saved_path = saved_path
+        self._saved: dict[str, str] = self._load_saved()
+        self._applied: tuple[bool, tuple[IPNetwork, ...]] | None = None
+
+    def _load_saved(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._saved_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self._saved_path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: str(v) for k, v in data.items() if k in FORWARDING_SYSCTLS}
+
+    async def apply(self, enabled: bool, masquerade: Sequence[IPNetwork]) -> None:
+        """Forward (and masquerade to ``masquerade``) when ``enabled``; else undo it all."""
+        wanted = (enabled, tuple(masquerade) if enabled else ())
+        if wanted == self._applied:
+            return
+        self._applied = None  # unknown until done
+        if not enabled:
+            await self.stop()
+            self._applied = wanted
+            return
+        for name in FORWARDING_SYSCTLS:
+            self._set(name, "1")
+        if wanted[1]:
+            await _nft(gateway_ruleset(self._ifname, wanted[1]))
+        else:
+            await _remove_table(GATEWAY_TABLE)
+        self._applied = wanted
+        log.info(
+            "forwarding on%s",
+            f", masquerading to {', '.join(map(str, wanted[1]))}" if wanted[1] else "",
+        )
+
+    def _set(self, name: str, value: str) -> None:
+        path = self._proc_sys / name
+        try:
+            current = path.read_text().strip()
+            if name not in self._saved:
+                self._saved[name] = current
+                atomic_write(self._saved_path, json.dumps(self._saved))
+            if current != value:
+                path.write_text(value + "\n")
+        except OSError as exc:
+            raise FirewallError(f"cannot set {name.replace('/', '.')}: {exc}") from exc
+
+    async def stop(self) -> None:
+        """Remove the gateway table and put the sysctls back; nothing when never applied."""
+        if not self._saved and self._applied is None:
+            return
+        for name, value in list(self._saved.items()):
+            try:
+                (self._proc_sys / name).write_text(value + "\n")
+            except OSError as exc:
+                log.warning("cannot restore %s: %s", name.replace("/", "."), exc)
+            del self._saved[name]
+        self._saved_path.unlink(missing_ok=True)
+        await _remove_table(GATEWAY_TABLE)
+        self._applied = None
+
+
+async def _remove_table(name: str) -> None:
+    await _nft(f"table inet {name}\ndelete table inet {name}\n")

@@ -39,7 +39,7 @@ import pluggy
 from meshd import PROJECT
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from ipaddress import IPv4Address, IPv6Address
 
     import click
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         Admission,
         AgentAPI,
         ConfigView,
+        IPNetwork,
         Member,
         MeshAddresses,
         MeshView,
@@ -144,6 +145,22 @@ def meshd_node_record(agent: AgentAPI) -> RecordExtras | None:
     """
 
 
+@hookspec
+def meshd_route_health(agent: AgentAPI, prefix: IPNetwork) -> bool | None:
+    """Whether this node can carry traffic for ``prefix`` right now (its LAN side is up).
+
+    Called before each publication of this node's record, for every route the
+    ``meshd_node_record`` answers advertise. A route some plugin answers ``False``
+    for is left out of the record: every other node stops routing it here and
+    fails over to another gateway. A plugin whose check changes its answer calls
+    ``agent.refresh()`` so the record is published again.
+
+    :returns: ``False`` when unhealthy, ``True`` or ``None`` otherwise.
+
+    Calling rule: all implementations are called; one ``False`` withdraws the route.
+    """
+
+
 @hookspec(firstresult=True)
 def meshd_admit_peer(agent: AgentAPI, member: Member) -> Admission | None:
     """Decide whether a member may become a WireGuard peer (certificates, ACLs).
@@ -169,6 +186,42 @@ def meshd_peer_config(agent: AgentAPI, member: Member, peer: PeerConfig) -> Peer
         routes) are added, an endpoint or keepalive replaces the engine's.
 
     Calling rule: all results are merged in call order.
+    """
+
+
+@hookspec
+def meshd_peer_routes(
+    agent: AgentAPI, members: Sequence[Member]
+) -> Mapping[str, Sequence[IPNetwork]] | None:
+    """Prefixes outside the mesh to route to members (gateways, exit nodes).
+
+    Called once per reconcile pass with every admitted member of this pass (the
+    current incarnation of each name, alive or failed), before any peer is shaped:
+    a choice between several members offering one prefix (a primary gateway) sees
+    them all, in this pass's states.
+
+    :param members: the admitted members; ``member.approved_routes`` are the
+        prefixes of its record that a CA-signed route grant covers.
+    :returns: member name -> prefixes to add to that member's allowed IPs (or
+        to its routed relay's); the interface adds a kernel route for each.
+        Names that are not admitted members are ignored. A prefix two members
+        are given stays with the lower WireGuard key.
+
+    Calling rule: all results are merged (prefixes are unioned per member).
+    """
+
+
+@hookspec
+def meshd_extra_peers(agent: AgentAPI) -> Sequence[PeerConfig] | None:
+    """WireGuard peers that are no members: plain WireGuard clients a gateway serves.
+
+    Called once per reconcile pass, after the members' peers are computed. Their
+    allowed IPs must not overlap a member's (an overlapping prefix stays with the
+    lower key, as everywhere).
+
+    :returns: the peers to add (``agent.clients`` has the CA-signed clients).
+
+    Calling rule: all results are concatenated; a key given twice keeps the first.
     """
 
 

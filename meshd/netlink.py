@@ -212,6 +212,8 @@ class Netlink:
         self._seq = 0
         # One request in flight at a time: each waits for its own answer.
         self._lock = asyncio.Lock()
+        # Prefixes whose route someone else holds (warned about once).
+        self._foreign: set[IPNetwork] = set()
 
     async def open(self) -> Netlink:
         where = f"network namespace {self.netns}" if self.netns else "this namespace"
@@ -454,11 +456,26 @@ class Netlink:
         await self._request(kind, flags | NLM_F_ACK, body)
 
     async def add_routes(self, ifname: str, prefixes: Sequence[IPNetwork]) -> None:
-        """Route ``prefixes`` into ``ifname`` (replacing a route to the same prefix)."""
+        """Route ``prefixes`` into ``ifname``. A route to the same prefix and metric that
+        someone else made (a connected LAN, an administrator's static route) is left
+        alone, with a warning, never replaced: removing ours later would lose it."""
         index = await self._index(ifname)
         for net in prefixes:
             with _converted(f"adding route {net} dev {ifname}"):
-                await self._change_route(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, index, net)
+                try:
+                    await self._change_route(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, index, net)
+                except OSError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise
+                    if net not in await self.routes(ifname) and net not in self._foreign:
+                        self._foreign.add(net)
+                        log.warning(
+                            "a route to %s that meshd did not make exists; leaving it "
+                            "(traffic to %s does not go through %s)",
+                            net,
+                            net,
+                            ifname,
+                        )
 
     async def remove_routes(self, ifname: str, prefixes: Sequence[IPNetwork]) -> None:
         """Remove meshd's routes to ``prefixes``; one that is already gone is fine."""

@@ -146,7 +146,13 @@ class PluginHost:
         for extra in self._call_all("meshd_node_record", isolate=True, agent=agent):
             roles.update(extra.roles)
             routes.update(dict.fromkeys(extra.routes))
-        return t.RecordExtras(roles=frozenset(roles), routes=tuple(routes))
+        healthy = [
+            prefix
+            for prefix in routes
+            if False
+            not in self._call_all("meshd_route_health", isolate=True, agent=agent, prefix=prefix)
+        ]
+        return t.RecordExtras(roles=frozenset(roles), routes=tuple(healthy))
 
     def admit_peer(self, agent: t.AgentAPI, member: t.Member) -> t.Admission | None:
         result: t.Admission | None = self._call_first(
@@ -171,6 +177,24 @@ class PluginHost:
             keepalive=keepalive,
             preshared_key=peer.preshared_key,
         )
+
+    def peer_routes(
+        self, agent: t.AgentAPI, members: Sequence[t.Member]
+    ) -> dict[str, tuple[t.IPNetwork, ...]]:
+        merged: dict[str, dict[t.IPNetwork, None]] = {}
+        for answer in self._call_all(
+            "meshd_peer_routes", isolate=True, agent=agent, members=tuple(members)
+        ):
+            for name, prefixes in answer.items():
+                merged.setdefault(name, {}).update(dict.fromkeys(prefixes))
+        return {name: tuple(prefixes) for name, prefixes in merged.items()}
+
+    def extra_peers(self, agent: t.AgentAPI) -> tuple[t.PeerConfig, ...]:
+        found: dict[str, t.PeerConfig] = {}
+        for answer in self._call_all("meshd_extra_peers", isolate=True, agent=agent):
+            for peer in answer:
+                found.setdefault(peer.public_key, peer)
+        return tuple(found.values())
 
     def select_path(self, agent: t.AgentAPI, member: t.Member) -> t.PathChoice:
         result: t.PathChoice | None = self._call_first(

@@ -7,7 +7,7 @@ of the engine, so a plugin that imports them cannot reach into it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -86,6 +86,9 @@ class Member:
     leads to the network CA, nothing in it is revoked or expired, and it binds
     the member's name and WireGuard key (``certificate_error`` says why not).
     ``certified_addresses`` are the addresses its certificate binds.
+    ``approved_routes`` are the prefixes of its record's ``routes`` that a route
+    grant signed by the network CA covers (none unless it is certified): only
+    those may be routed to it.
 
     ``name`` is the node's name, the one its certificate binds and people see;
     ``serf_name`` is its member name in Serf (``name.<key suffix>``, see
@@ -103,6 +106,7 @@ class Member:
     certificate_error: str | None = None
     certified_addresses: tuple[IPAddress, ...] = ()
     serf_name: str = ""
+    approved_routes: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,17 @@ class PeerConfig:
     endpoint: str | None = None
     keepalive: int | None = None
     preshared_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Client:
+    """A plain WireGuard client (no meshd on it), as the network CA signed it: it dials
+    ``gateway`` (a node name) with ``public_key`` and uses ``address`` in the mesh."""
+
+    name: str
+    public_key: str
+    address: IPAddress
+    gateway: str
 
 
 @dataclass(frozen=True)
@@ -268,6 +283,10 @@ class AgentAPI(Protocol):
         """The gossip members as of the last pass, each with the engine's certificate verdict."""
 
     @property
+    def clients(self) -> tuple[Client, ...]:
+        """The plain WireGuard clients in force (CA-signed, not removed), every gateway's."""
+
+    @property
     def mesh_addresses(self) -> tuple[IPAddress, ...]:
         """This node's own mesh addresses (IPv4 and IPv6)."""
 
@@ -317,6 +336,13 @@ class AgentAPI(Protocol):
         """Aim an existing peer at ``endpoint`` at once (hole punching: WireGuard may have
         moved it back to an older path). The next pass applies the desired state again.
         Raises :class:`meshd.WireGuardError`."""
+
+    async def set_forwarding(self, enabled: bool, masquerade: Sequence[IPNetwork] = ()) -> None:
+        """Route for others (a gateway): IP forwarding on and, for traffic from the mesh to
+        ``masquerade`` prefixes, source NAT to this node's address, in meshd's own nftables
+        table ``inet meshd-gateway``. ``enabled=False`` undoes it all (the sysctls get their
+        earlier values back); the agent undoes it when it stops. Repeating the last call
+        does nothing. Raises :class:`meshd.MeshdError` (``FirewallError``) on failure."""
 
     def refresh(self) -> None:
         """Republish this node's record if the plugins' answers changed it, and run a

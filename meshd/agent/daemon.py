@@ -34,6 +34,7 @@ import signal
 import time
 from typing import Any
 
+from meshd import config as config_mod
 from meshd import firewall, systemd
 from meshd.agent.addressing import Addressing
 from meshd.agent.diagnosis import Diagnosis
@@ -280,7 +281,10 @@ class Agent:
             ),
             limit=1.0 + LEAVE_EXTRA * leaving,
         )
-        closers = [budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5)]
+        closers = [
+            budget.step("removing meshd's nftables table", firewall.remove(), limit=0.5),
+            budget.step("undoing the gateway's forwarding", rt.forwarding.stop(), limit=0.5),
+        ]
         if self._enrol is not None:
             closers.append(budget.step("stopping the enrolment port", self._enrol.stop()))
         if self._rejoin is not None:
@@ -298,12 +302,18 @@ class Agent:
             log.info("stopped")
 
     def _reload(self) -> None:
+        """SIGHUP: the plugins' tables of the config file, read again (the rest of the
+        file needs a restart: the interface, ports and state directory are in use)."""
+        rt = self._rt
         log.info("SIGHUP: re-reading the configuration of plugins")
         try:
-            self._rt.plugins.configure(self._rt.config.view())
+            fresh = config_mod.reload_plugin_sections(rt.config)
+            rt.plugins.configure(fresh.view())
         except MeshdError as exc:
             log.error("reload refused: %s", exc)
-        self._rt.kick()
+        else:
+            rt.config = fresh
+        rt.kick()
 
     def _on_gossip_event(self, event: SerfEvent) -> None:
         self.exchange.on_event(event)

@@ -11,8 +11,9 @@ query's answers travel point to point):
   within about a second), one fetch at a time per node, at most one per second,
   with a per-chain back-off (5 s doubling to 60 s). Never a query per member per
   node on every pass, which at 30 nodes queued 760 queries in Serf.
-- A revocation is one broadcast. Anti-entropy (a node that was away learns what
-  it missed): every record carries a digest of its revocations, and a node asks
+- A revocation, a route grant or a client record is one broadcast. Anti-entropy
+  (a node that was away learns what it missed): every record carries a digest of
+  its revocations, grants and client records, and a node asks
   (one query, paged) only members whose digest differs from its own. A mesh that
   agrees sends no revocation query at all.
 """
@@ -24,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from meshd.agent.runtime import Runtime
 from meshd.errors import IdentityError, MeshdError
@@ -34,10 +36,13 @@ from meshd.quietlog import Throttle
 from meshd.types import Member, MemberState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAIN_EVENT = "meshd-chain"
 CHAIN_QUERY = "meshd-chain"
 REVOKE_EVENT = "meshd-revoke"
+GRANT_EVENT = "meshd-grant"
+CLIENT_EVENT = "meshd-client"
 REVOCATIONS_QUERY = "meshd-revocations"
 # 0: Serf's own default, which grows with the mesh (gossip interval x 16 x log10(N+1),
 # ~5 s at 40 members). A fixed 1 s closed queries before members 3-4 gossip hops away
@@ -76,6 +81,10 @@ class TrustExchange:
             self._take_chain(event.payload)
         elif isinstance(event, UserEvent) and event.name == REVOKE_EVENT:
             self.take_revocation(event.payload, "gossip")
+        elif isinstance(event, UserEvent) and event.name == GRANT_EVENT:
+            self.take_grant(event.payload, "gossip")
+        elif isinstance(event, UserEvent) and event.name == CLIENT_EVENT:
+            self.take_client(event.payload, "gossip")
         elif isinstance(event, QueryEvent) and event.name in (CHAIN_QUERY, REVOCATIONS_QUERY):
             self._rt.tasks.start(self._answer(event), name=f"answer-{event.name}")
         else:
@@ -106,6 +115,29 @@ class TrustExchange:
                 source,
             )
             self._trust_changed()
+
+    def take_grant(self, data: bytes, source: str) -> None:
+        grant = self._take(self._rt.trust.add_grant, data, "a route grant", source)
+        if grant is not None:
+            log.info("route %s approved for %s (from %s)", grant.prefix, grant.name, source)
+
+    def take_client(self, data: bytes, source: str) -> None:
+        client = self._take(self._rt.trust.add_client, data, "a client record", source)
+        if client is not None:
+            log.info("client %s (%s) is served by %s", client.name, client.address, client.gateway)
+
+    def _take(
+        self, add: Callable[[bytes], T | None], data: bytes, what: str, source: str
+    ) -> T | None:
+        """A CA-signed statement from gossip, kept when valid and new."""
+        try:
+            found = add(data)
+        except MeshdError as exc:
+            self._quiet.warning(source, "ignored %s from %s: %s", what, source, exc)
+            return None
+        if found is not None:
+            self._trust_changed()
+        return found
 
     def _trust_changed(self) -> None:
         self._rt.kick()
@@ -156,6 +188,14 @@ class TrustExchange:
 
     async def revoke(self, data: bytes) -> None:
         await self._rt.gossip.client.user_event(REVOKE_EVENT, data, coalesce=False)
+        self._trust_changed()
+
+    async def grant(self, data: bytes) -> None:
+        await self._rt.gossip.client.user_event(GRANT_EVENT, data, coalesce=False)
+        self._trust_changed()
+
+    async def announce_client(self, data: bytes) -> None:
+        await self._rt.gossip.client.user_event(CLIENT_EVENT, data, coalesce=False)
         self._trust_changed()
 
     def fetch_missing(self, members: Sequence[Member]) -> None:

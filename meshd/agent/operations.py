@@ -1,9 +1,10 @@
 """What an operator asks of a running agent over the control socket.
 
-``status``, ``leave``, ``revoke`` (on the CA machine), ``rotate-gossip`` (a new
-gossip key on every member) and ``rotate-wireguard`` (a new key and certificate
-for this node). Each handler takes the request's JSON object and returns the
-answer's; a :class:`~meshd.errors.MeshdError` becomes the error the CLI prints.
+``status``, ``leave``, ``revoke`` and ``route-approve`` (on the CA machine),
+``rotate-gossip`` (a new gossip key on every member) and ``rotate-wireguard`` (a new
+key and certificate for this node). Each handler takes the request's JSON object and
+returns the answer's; a :class:`~meshd.errors.MeshdError` becomes the error the CLI
+prints.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from meshd.agent.runtime import Runtime
 from meshd.b64 import encode_b64
 from meshd.control import Handler
 from meshd.desired import current_incarnations
-from meshd.errors import GossipError, IdentityError, SerfCommandError
+from meshd.errors import GossipError, IdentityError, InputError, SerfCommandError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain, Role
 from meshd.pki.revocation import Revocation
 from meshd.pki.token import Token, check_network, parse_token
 from meshd.pki.trust import EXPIRY_WARNING
-from meshd.types import Member, PathChoice
+from meshd.types import IPNetwork, Member, PathChoice
 from meshd.wireguard.backend import PeerState
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Operations:
             "leave": self.leave,
             "revoke": self.revoke,
             "revoke-token": self.revoke_token,
+            "route-approve": self.route_approve,
+            "client-add": self.client_add,
+            "client-remove": self.client_remove,
             "rotate-gossip": self.rotate_gossip,
             "rotate-wireguard": self.rotate_wireguard,
         }
@@ -150,6 +154,74 @@ class Operations:
             )
         return holders[0][1]
 
+    async def route_approve(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Approve ``prefix`` behind node ``name`` (needs the CA key here) and gossip it."""
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        prefix = parse_prefix(str(request.get("prefix", "")))
+        grant = ca.grant_route(name, prefix)
+        data = grant.encode()
+        self._rt.trust.add_grant(data)
+        await self._exchange.grant(data)
+        log.warning("approved the route %s behind %s", prefix, name)
+        return {"node": name, "prefix": str(prefix)}
+
+    async def client_add(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """A plain WireGuard client: a key, an address, a CA-signed record naming its
+        gateway (this node unless ``gateway``); the answer holds its wg-quick settings."""
+        rt = self._rt
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        gateway = str(request.get("gateway") or rt.name)
+        if gateway == rt.name:
+            record = rt.published
+        else:
+            found = [
+                m.record
+                for m in current_incarnations(rt.snapshot.members)
+                if m.name == gateway and m.record is not None
+            ]
+            record = found[0] if found else None
+        if record is None or not record.endpoints:
+            raise IdentityError(f"no member {gateway!r} with an endpoint is known here")
+        taken = {a for m in rt.snapshot.members if m.record for a in m.record.addresses}
+        taken.update(rt.state.addresses.all())
+        taken.update(c.address for c in rt.trust.clients() if c.name != name)
+        cidr = rt.state.network.cidr4
+        address = next(
+            (cidr.broadcast_address - k for k in range(1, cidr.num_addresses - 1)
+             if cidr.broadcast_address - k not in taken),
+            None,
+        )  # fmt: skip
+        if address is None:
+            raise IdentityError(f"no free address left in {cidr} for a client")
+        keys = WireGuardKeyPair.generate()
+        data = ca.sign_client(name, keys.public_key, address, gateway).encode()
+        rt.trust.add_client(data)
+        await self._exchange.announce_client(data)
+        log.warning("client %s added (%s, through %s)", name, address, gateway)
+        return {
+            "name": name,
+            "address": str(address),
+            "private_key": keys.private_key,
+            "public_key": keys.public_key,
+            "gateway": gateway,
+            "gateway_public_key": record.public_key,
+            "gateway_endpoint": record.endpoints[0],
+            "allowed_ips": [str(cidr)],
+        }
+
+    async def client_remove(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Remove client ``name``: its key is revoked, and every gateway drops it."""
+        ca = self._ca()
+        name = str(request.get("name", ""))
+        found = [c for c in self._rt.trust.clients() if c.name == name]
+        if not found:
+            raise IdentityError(f"no client {name!r}")
+        await self._publish_revocation(ca.revoke_key(name, found[0].public_key))
+        log.warning("client %s removed", name)
+        return {"removed": name, "public_key": found[0].public_key}
+
     async def revoke_token(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Revoke the enrolment key of a token: nobody can join with it any more."""
         ca = self._ca()
@@ -213,6 +285,7 @@ class Operations:
         snapshot = rt.snapshot
         desired = snapshot.desired
         peer_keys = {p.public_key for p in desired.peers}
+        carried = {p.public_key: frozenset(p.allowed_ips) for p in desired.peers}
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
         for member in sorted(current_incarnations(snapshot.others(rt.name)), key=lambda m: m.name):
@@ -227,6 +300,7 @@ class Operations:
                     via=desired.relayed.get(member.name),
                     excluded=desired.excluded.get(member.name),
                     path=desired.paths.get(member.name),
+                    carried=carried.get(key, frozenset()) if key else frozenset(),
                 )
             )
         for known in rt.known:
@@ -262,6 +336,20 @@ class Operations:
                 "certificate_expiring": expires - time.time() < EXPIRY_WARNING,
                 "revocations": len(rt.trust.revoked),
                 "ca_keys": list(rt.trust.roots.ids),
+                "clients": [
+                    {
+                        "name": c.name,
+                        "address": str(c.address),
+                        "gateway": c.gateway,
+                        "public_key": c.public_key,
+                        "peer": c.public_key in peer_keys,
+                    }
+                    for c in rt.trust.clients()
+                ],
+                "routes": [
+                    {"prefix": str(p), "approved": bool(rt.trust.grants.approved(rt.name, (p,)))}
+                    for p in (own.routes if own else ())
+                ],
             },
             "peers": rows,
         }
@@ -293,6 +381,14 @@ async def _key_step(step: str, call: Callable[[str], Awaitable[Any]], key: str, 
     raise AssertionError("unreachable")
 
 
+def parse_prefix(text: str) -> IPNetwork:
+    """``10.1.0.0/24`` as a network; InputError for anything else (host bits set too)."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise InputError(f"{text!r} is not a prefix: {exc}") from None
+
+
 def _nat_type(roles: frozenset[str]) -> str | None:
     """What this node's record says of its NAT (roles of the NAT plugin), if anything."""
     if "public" in roles:
@@ -309,6 +405,7 @@ def _member_row(
     via: str | None,
     excluded: str | None,
     path: PathChoice | None,
+    carried: frozenset[IPNetwork] = frozenset(),
 ) -> dict[str, Any]:
     record = member.record
     row = _row(
@@ -324,6 +421,16 @@ def _member_row(
     if path is not None:
         row["path"] = path.label or None
         row["path_reason"] = path.reason or None
+    approved = set(member.approved_routes)
+    row["routes"] = [
+        {
+            "prefix": str(prefix),
+            "approved": prefix in approved,
+            # in this node's WireGuard peer (and kernel route) for the member: in use here
+            "installed": prefix in carried,
+        }
+        for prefix in (record.routes if record else ())
+    ]
     return row
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from meshd.agent.runtime import Runtime, Snapshot
 from meshd.desired import DesiredState, compute
@@ -23,6 +23,7 @@ from meshd.plugins import PluginHost
 from meshd.types import (
     Admission,
     AgentAPI,
+    IPNetwork,
     Member,
     MemberState,
     MeshView,
@@ -62,6 +63,9 @@ def certify(
                 certified=verdict.certified,
                 certificate_error=verdict.error,
                 certified_addresses=verdict.addresses,
+                approved_routes=(
+                    trust.grants.approved(member.name, record.routes) if verdict.certified else ()
+                ),
             )
             if member.state is not MemberState.LEFT and record.public_key in departed:
                 member = dataclasses.replace(member, state=MemberState.LEFT)
@@ -93,6 +97,12 @@ class HookPolicy:
 
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
         return self._plugins.peer_config(self._agent, member, peer)
+
+    def routes(self, members: Sequence[Member]) -> Mapping[str, Sequence[IPNetwork]]:
+        return self._plugins.peer_routes(self._agent, members)
+
+    def extra_peers(self) -> Sequence[PeerConfig]:
+        return self._plugins.extra_peers(self._agent)
 
 
 class Pipeline:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from meshd.config import Config
 from meshd.desired import DesiredState, KnownEntry
 from meshd.errors import GossipError
+from meshd.firewall import FORWARDING_FILE, Forwarding
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent
 from meshd.gossip.view import MembershipView
@@ -29,9 +30,11 @@ from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
 from meshd.tasks import cancel_and_wait
 from meshd.types import (
+    Client,
     ConfigView,
     EngineStats,
     IPAddress,
+    IPNetwork,
     Member,
     MemberState,
     MetricSample,
@@ -210,6 +213,8 @@ class Runtime:
         self.stop_requested = asyncio.Event()
         self.leaving = False
         self.tasks = TaskSet(self.stop_requested.set)
+        # IP forwarding and the gateway table, on while a plugin routes for others.
+        self.forwarding = Forwarding(config.wireguard.interface, store.dir / FORWARDING_FILE)
         self.face = PluginFace(self)
 
     iface: Late[WireGuardInterface] = Late("the interface is opened first")
@@ -321,6 +326,12 @@ class PluginFace:
         return self._rt.snapshot.members
 
     @property
+    def clients(self) -> tuple[Client, ...]:
+        return tuple(
+            Client(c.name, c.public_key, c.address, c.gateway) for c in self._rt.trust.clients()
+        )
+
+    @property
     def mesh_addresses(self) -> tuple[IPAddress, ...]:
         return self._rt.state.addresses.all()
 
@@ -374,6 +385,9 @@ class PluginFace:
     async def set_endpoint(self, public_key: str, endpoint: str) -> None:
         if self._rt.has_iface:
             await self._rt.iface.set_endpoint(public_key, endpoint)
+
+    async def set_forwarding(self, enabled: bool, masquerade: Sequence[IPNetwork] = ()) -> None:
+        await self._rt.forwarding.apply(enabled, masquerade)
 
     def refresh(self) -> None:
         self._rt.record_stale.set()

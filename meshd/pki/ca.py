@@ -42,8 +42,10 @@ from meshd.pki.certificate import (
     sign_certificate,
     signing_key_from,
 )
+from meshd.pki.client import ClientRecord, sign_client
+from meshd.pki.grant import RouteGrant, sign_grant
 from meshd.pki.revocation import Revocation, sign_revocation
-from meshd.types import IPAddress
+from meshd.types import IPAddress, IPNetwork
 
 # A cross-signature must outlive every certificate renewed under it (they keep
 # their own end of validity, at most DEFAULT_NODE_LIFETIME away): members that
@@ -250,4 +252,34 @@ class NetworkCA(_SigningKey):
             addresses=cert.addresses,
             not_before=min(now, cert.not_after),
             not_after=cert.not_after,
+        )
+
+    def grant_route(self, name: str, prefix: IPNetwork, *, now: int | None = None) -> RouteGrant:
+        """Approve ``prefix`` (and every prefix inside it) behind node ``name``."""
+        return sign_grant(
+            self.signing_key,
+            network_id=self.network_id,
+            name=check_name(name),
+            prefix=prefix,
+            granted_at=now_or(now),
+        )
+
+    def sign_client(
+        self,
+        name: str,
+        public_key: str,
+        address: IPAddress,
+        gateway: str,
+        *,
+        now: int | None = None,
+    ) -> ClientRecord:
+        """Describe a plain WireGuard client of node ``gateway``."""
+        return sign_client(
+            self.signing_key,
+            network_id=self.network_id,
+            name=name,
+            public_key=public_key,
+            address=address,
+            gateway=gateway,
+            issued_at=now_or(now),
         )

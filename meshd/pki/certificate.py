@@ -177,6 +177,20 @@ def check_signature(signer_public_key: bytes, signed: bytes, signature: bytes, w
         raise IdentityError(f"{what}: bad signature (tampered, or signed by another key)") from exc
 
 
+def check_ca_statement(
+    value: SignedValue, network_id: str, issuer_key_id: bytes, roots: bytes | Roots, what: str
+) -> None:
+    """Check a statement the network CA itself signs (revocation, route grant, client
+    record): issued by a CA key this node trusts (two while the CA is rotated), of that
+    key's network, and its signature holds."""
+    ca_public_key = Roots.of(roots).find(issuer_key_id)
+    if ca_public_key is None:
+        raise IdentityError(f"{what} was not issued by the network CA")
+    if network_id != network_id_of(ca_public_key):
+        raise IdentityError(f"{what} belongs to network {network_id}")
+    check_signature(ca_public_key, value.signed_part(), value.signature, what)
+
+
 class SignedValue:
     """What certificates, revocations and tokens share: a signed part, then its signature.
 

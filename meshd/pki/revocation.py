@@ -28,7 +28,6 @@ from typing import ClassVar
 from nacl.signing import SigningKey
 
 from meshd.binary import BinaryReader, BinaryWriter
-from meshd.errors import IdentityError
 from meshd.identity import decode_key, encode_key
 from meshd.pki.certificate import (
     FORMAT_VERSION,
@@ -40,11 +39,10 @@ from meshd.pki.certificate import (
     Certificate,
     Roots,
     SignedValue,
+    check_ca_statement,
     check_name,
-    check_signature,
     decode_signed,
     key_id,
-    network_id_of,
     read_name,
 )
 
@@ -135,13 +133,13 @@ def sign_revocation(
 
 def verify_revocation(revocation: Revocation, roots: bytes | Roots) -> None:
     """Check a revocation was signed by a trusted CA key of the network."""
-    what = f"revocation of {revocation.name!r}"
-    ca_public_key = Roots.of(roots).find(revocation.issuer_key_id)
-    if ca_public_key is None:
-        raise IdentityError(f"{what} was not issued by the network CA")
-    if revocation.network_id != network_id_of(ca_public_key):
-        raise IdentityError(f"{what} belongs to network {revocation.network_id}")
-    check_signature(ca_public_key, revocation.signed_part(), revocation.signature, what)
+    check_ca_statement(
+        revocation,
+        revocation.network_id,
+        revocation.issuer_key_id,
+        roots,
+        f"revocation of {revocation.name!r}",
+    )
 
 
 class RevocationList:
@@ -171,6 +169,10 @@ class RevocationList:
             if found is not None and found.matches(cert):
                 return found
         return None
+
+    def revokes_key(self, public_key: str) -> bool:
+        """Whether a revocation names this key (a removed plain WireGuard client)."""
+        return public_key in self._by_key
 
     def encode(self) -> bytes:
         """All revocations, for the agent's state file."""

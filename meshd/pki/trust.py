@@ -2,8 +2,11 @@
 
 Pure bookkeeping (the agent does the I/O): chains fetched from members are
 kept by their reference (the ``c`` tag of a record), each member's record is
-checked against its chain, and revocations are verified, kept and persisted
-in ``<state_dir>/revocations``.
+checked against its chain, and revocations, route grants and client records are
+verified, kept and persisted in ``<state_dir>/revocations``, ``route-grants`` and
+``clients``.
+Both travel together: one digest (a record's ``revocations`` field) and one
+paged query cover them, each item told apart by its magic bytes.
 
 A member is *certified* when its chain leads to the network CA (directly or
 through an enrolment key, :func:`meshd.pki.certificate.verify_chain`), nothing in it is
@@ -46,6 +49,8 @@ from meshd.pki.certificate import (
     network_id_of,
     verify,
 )
+from meshd.pki.client import CLIENT_MAGIC, ClientRecord, verify_client
+from meshd.pki.grant import GRANT_MAGIC, GrantList, RouteGrant
 from meshd.pki.revocation import Revocation, RevocationList
 from meshd.state import atomic_write
 from meshd.types import IPAddress, NodeRecord
@@ -55,6 +60,9 @@ log = logging.getLogger(__name__)
 REVOCATIONS_FILE = "revocations"
 ROOTS_FILE = "ca-roots"
 _ROOTS_MAGIC = b"MX"
+GRANTS_FILE = "route-grants"
+CLIENTS_FILE = "clients"
+_CLIENT_LIST_MAGIC = b"MK"
 # A Serf query response carries at most 1024 bytes; a revocation is ~150.
 REVOCATIONS_PER_PAGE = 5
 EXPIRY_WARNING = 14 * 86400
@@ -85,7 +93,11 @@ class Trust:
         self.roots = Roots((ca_public_key,))
         self._cross: list[Certificate] = []
         self._retired: set[bytes] = set()
+        self._grants_path = Path(state_dir) / GRANTS_FILE
         self.revoked = RevocationList()
+        self.grants = GrantList()
+        self._clients_path = Path(state_dir) / CLIENTS_FILE
+        self._clients: dict[str, ClientRecord] = {}
         self.generation = 0
         self._load_roots()
         self._load()
@@ -281,42 +293,117 @@ class Trust:
         atomic_write(self._path, self.revoked.encode())
         return True
 
+    # --- route grants -----------------------------------------------------------
+
+    def add_grant(self, data: bytes) -> RouteGrant | None:
+        """Verify and keep one encoded route grant; the grant when it was new."""
+        grant = RouteGrant.decode(data)
+        if not self.grants.add(grant, self.roots):
+            return None
+        self.generation += 1
+        atomic_write(self._grants_path, self.grants.encode())
+        return grant
+
+    # --- plain WireGuard clients -------------------------------------------------
+
+    def add_client(self, data: bytes) -> ClientRecord | None:
+        """Verify and keep one client record (the newest per name); the record when new."""
+        record = ClientRecord.decode(data)
+        verify_client(record, self.roots)
+        held = self._clients.get(record.name)
+        if held is not None and (held.issued_at, held.encode()) >= (record.issued_at, data):
+            return None
+        self._clients[record.name] = record
+        self.generation += 1
+        writer = BinaryWriter().header(_CLIENT_LIST_MAGIC, 1).u32(len(self._clients))
+        for kept in self._clients.values():
+            writer.long_bytes(kept.encode())
+        atomic_write(self._clients_path, writer.getvalue())
+        return record
+
+    def clients(self) -> tuple[ClientRecord, ...]:
+        """The clients in force: the newest record of each name, its key not revoked."""
+        return tuple(
+            c for c in self._clients.values() if not self.revoked.revokes_key(c.public_key)
+        )
+
     def _load(self) -> None:
-        try:
-            data = self._path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            self.revoked = RevocationList.decode(data, self.roots)
-        except IdentityError as exc:
-            # Refusing to start would be worse: log loudly, keep what gossip re-teaches.
-            log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+        # Refusing to start on a damaged file would be worse: log loudly, keep what
+        # gossip re-teaches.
+        data = _read_if_there(self._path)
+        if data is not None:
+            try:
+                self.revoked = RevocationList.decode(data, self.roots)
+            except IdentityError as exc:
+                log.error("%s is damaged (%s); starting with no revocations", self._path, exc)
+        data = _read_if_there(self._clients_path)
+        if data is not None:
+            try:
+                reader = BinaryReader(data, "client list")
+                reader.header(_CLIENT_LIST_MAGIC, 1)
+                for _ in range(reader.u32()):
+                    self.add_client(reader.long_bytes())
+            except (DecodeError, IdentityError) as exc:
+                log.error("%s is damaged (%s); some clients are missing", self._clients_path, exc)
+        data = _read_if_there(self._grants_path)
+        if data is not None:
+            try:
+                self.grants = GrantList.decode(data, self.roots)
+            except IdentityError as exc:
+                log.error(
+                    "%s is damaged (%s); starting with no route grants", self._grants_path, exc
+                )
 
     def digest(self) -> str:
-        """A short digest of the revocations held ("" for none): equal digests, equal lists."""
-        if not len(self.revoked):
+        """A short digest of the revocations and grants held ("" for none): equal digests,
+        equal lists."""
+        items = self._statements()
+        if not items:
             return ""
-        encoded = b"".join(sorted(r.encode() for r in self.revoked))
+        encoded = b"".join(sorted(items))
         return base64.urlsafe_b64encode(hashlib.sha256(encoded).digest()[:9]).decode("ascii")
 
     def page(self, number: int) -> bytes:
-        """Page ``number`` of the revocations, for a Serf query answer: count, then items."""
-        items = list(self.revoked)
+        """Page ``number`` of the revocations and grants, for a Serf query answer: count,
+        then items."""
+        items = self._statements()
         chunk = items[number * REVOCATIONS_PER_PAGE : (number + 1) * REVOCATIONS_PER_PAGE]
         writer = BinaryWriter().u16(len(items))
-        for revocation in chunk:
-            writer.long_bytes(revocation.encode())
+        for item in chunk:
+            writer.long_bytes(item)
         return writer.getvalue()
 
+    def _statements(self) -> list[bytes]:
+        return (
+            [r.encode() for r in self.revoked]
+            + [g.encode() for g in self.grants]
+            + [c.encode() for c in self._clients.values()]
+        )
+
     def merge_page(self, data: bytes) -> tuple[int, int]:
-        """Add the revocations of one answered page; (how many were new, their total there)."""
+        """Add the revocations and grants of one answered page; (how many were new, their
+        total there)."""
         reader = BinaryReader(data, "revocation page")
         added = 0
         try:
             total = reader.u16()
             while reader.remaining:
-                if self.add_revocation(reader.long_bytes()) is not None:
+                item = reader.long_bytes()
+                if item.startswith(GRANT_MAGIC):
+                    new: object = self.add_grant(item)
+                elif item.startswith(CLIENT_MAGIC):
+                    new = self.add_client(item)
+                else:
+                    new = self.add_revocation(item)
+                if new is not None:
                     added += 1
         except DecodeError as exc:
             raise IdentityError(str(exc)) from exc
         return added, total
+
+
+def _read_if_there(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None

@@ -55,6 +55,7 @@ from meshd.wireguard.backend import (
     normalize_endpoint,
 )
 from meshd.wireguard.kernel import KernelBackend
+from meshd.wireguard.policy import EXIT_FWMARK, route_default, unroute_default
 from meshd.wireguard.reconcile import (
     AppliedPeers,
     RoutePlan,
@@ -145,6 +146,8 @@ class WireGuardInterface:
         # What the last pass left on the device; None: unknown, the next pass reads it.
         self._applied: AppliedPeers | None = None
         self._routes: frozenset[IPNetwork] | None = None
+        # IP versions whose default route goes into the mesh (an exit node; policy.py)
+        self._defaults: frozenset[int] = frozenset()
         self._checked_at = 0.0
         self._drifted = False  # peer_stats saw a device unlike the record
         self._passes = 0
@@ -295,7 +298,21 @@ class WireGuardInterface:
         if routes.add:
             await nl.add_routes(self.ifname, routes.add)
         self._routes = live.difference(routes.remove).union(routes.add)
+        await self._sync_defaults(
+            frozenset(net.version for net in prefixes if net.prefixlen == 0), again=dump
+        )
         return routes
+
+    async def _sync_defaults(self, wanted: frozenset[int], *, again: bool) -> None:
+        """Policy routing for default prefixes (:mod:`meshd.wireguard.policy`)."""
+        if wanted and self.spec.fwmark != EXIT_FWMARK:
+            self.spec = replace(self.spec, fwmark=EXIT_FWMARK)
+            await self.backend.configure_device(self.spec.device)
+        for version in sorted(wanted - self._defaults if not again else wanted):
+            await route_default(self.spec.netns, self.ifname, version)
+        for version in sorted(self._defaults - wanted):
+            await unroute_default(self.spec.netns, version)
+        self._defaults = wanted
 
     async def reconcile(self, peers: Sequence[PeerConfig]) -> ReconcileResult:
         """Make the interface's peers and routes match ``peers``; idempotent.
@@ -401,7 +418,13 @@ class WireGuardInterface:
             self._netlink = None
 
     async def close(self) -> None:
-        """Remove the interface (stopping wireguard-go)."""
+        """Remove the interface (stopping wireguard-go) and its policy routing rules."""
+        for version in sorted(self._defaults):
+            try:
+                await unroute_default(self.spec.netns, version)
+            except NetlinkError as exc:
+                log.warning("%s: cannot remove the exit routing rules: %s", self.ifname, exc)
+        self._defaults = frozenset()
         self._close_netlink()
         await self.backend.stop()
 

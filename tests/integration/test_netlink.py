@@ -56,6 +56,13 @@ def test_links_addresses_and_only_our_routes(lab_factory):
             await nl.remove_routes(name, [net("10.20.0.0/24")])  # already gone: fine
             assert await nl.routes(name) == ()
             assert "10.99.0.0/24" in ip("route", "show", "dev", name)
+            # Nor replaced when meshd wants the same prefix (a gateway's LAN someone routes
+            # by hand): it stays, and removing "ours" leaves it there.
+            await nl.add_routes(name, [net("10.99.0.0/24")])
+            assert await nl.routes(name) == ()
+            await nl.remove_routes(name, [net("10.99.0.0/24")])
+            assert "10.99.0.0/24" in ip("route", "show", "dev", name)
+            assert f"proto {MESHD_ROUTE_PROTO}" not in ip("route", "show", "10.99.0.0/24")
 
             # The kernel backend refuses to adopt a link that is not WireGuard.
             with pytest.raises(WireGuardError, match="not wireguard"):

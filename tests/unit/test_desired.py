@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +14,15 @@ from hypothesis import strategies as st
 from meshd.desired import STATIC_ROLE, KnownEntry, compute, current_incarnations
 from meshd.identity import WireGuardKeyPair
 from meshd.node import KnownPeer
-from meshd.types import Admission, Member, MemberState, NodeRecord, PathChoice, PeerConfig
+from meshd.types import (
+    Admission,
+    IPNetwork,
+    Member,
+    MemberState,
+    NodeRecord,
+    PathChoice,
+    PeerConfig,
+)
 from meshd.wireguard.backend import PeerState
 from meshd.wireguard.reconcile import plan_peers
 
@@ -36,6 +45,12 @@ class AdmitAll:
 
     def shape(self, member: Member, peer: PeerConfig) -> PeerConfig:
         return peer
+
+    def routes(self, members: Sequence[Member]) -> dict[str, list[IPNetwork]]:
+        return {}
+
+    def extra_peers(self) -> list[PeerConfig]:
+        return []
 
 
 KEYS = [WireGuardKeyPair.generate().public_key for _ in range(8)]
@@ -361,3 +376,27 @@ def test_one_peer_per_name_whatever_the_incarnations_and_their_order(rows, rnd) 
         )
         assert best.record is not None
         assert best.record.public_key in {p.public_key for p in first.peers}
+
+
+@dataclass
+class Routing(AdmitAll):
+    extra: dict[str, list[IPNetwork]] | None = None
+
+    def routes(self, members: Sequence[Member]) -> dict[str, list[IPNetwork]]:
+        return self.extra or {}
+
+
+def test_policy_routes_join_the_allowed_ips_of_their_member_or_its_routed_relay() -> None:
+    lan = ipaddress.ip_network("192.168.50.0/24")
+    far = ipaddress.ip_network("10.20.0.0/16")
+    members = [member(i, f"100.80.0.{i + 1}") for i in range(4)]
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=members,
+        policy=Routing(relay_via={"n3": "n1"}, extra={"n2": [lan], "n3": [far], "nobody": [lan]}),
+    )
+    allowed = {p.public_key: set(p.allowed_ips) for p in state.peers}
+    assert lan in allowed[KEYS[2]]
+    assert far in allowed[KEYS[1]]  # n3 rides n1's peer, and so does its route
+    assert sum(lan in ips for ips in allowed.values()) == 1

@@ -56,6 +56,7 @@ class FakeAgent:
     local_addresses = (ipaddress.ip_address("198.18.0.1"),)
     state_dir = Path("/tmp")
     members = ()
+    clients = ()
 
     def spawn(self, coro: Any, *, name: str) -> None:
         coro.close()
@@ -98,6 +99,18 @@ class Recorder:
     @hookimpl
     def meshd_peer_config(self, agent: Any, member: Member, peer: PeerConfig) -> PeerPatch:
         return PeerPatch(extra_allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),), keepalive=5)
+
+    @hookimpl
+    def meshd_route_health(self, agent: Any, prefix: Any) -> bool:
+        return prefix != ipaddress.ip_network("10.9.0.0/24")
+
+    @hookimpl
+    def meshd_extra_peers(self, agent: Any) -> list[PeerConfig]:
+        return [PeerConfig("C" * 43 + "=", (ipaddress.ip_network("100.80.7.7/32"),))]
+
+    @hookimpl
+    def meshd_peer_routes(self, agent: Any, members: Any) -> dict[str, list[Any]]:
+        return {m.name: [ipaddress.ip_network("10.7.0.0/16")] for m in members}
 
     @hookimpl
     def meshd_select_path(self, agent: Any, member: Member) -> PathChoice:
@@ -149,11 +162,14 @@ def test_each_hook_changes_what_the_engine_gets(host_and_recorder: Any) -> None:
     )
     assert host.endpoint_candidates(agent)[0] == "203.0.113.7:51820"
     assert host.node_record(agent).roles == frozenset({"relay"})
+    assert host.node_record(agent).routes == ()  # its route is unhealthy: withdrawn
     assert host.admit_peer(agent, MEMBER) == Admission(admit=False, reason="acl says no")
     shaped = host.peer_config(agent, MEMBER, PEER)
     assert ipaddress.ip_network("10.9.0.0/24") in shaped.allowed_ips
     assert shaped.keepalive == 5
     assert host.select_path(agent, MEMBER).via == "n3"
+    assert host.peer_routes(agent, [MEMBER]) == {"n2": (ipaddress.ip_network("10.7.0.0/16"),)}
+    assert [p.public_key for p in host.extra_peers(agent)] == ["C" * 43 + "="]
     host.mesh_changed(agent, MeshView(agent.identity, (MEMBER,), (PEER,)))
     assert host.metrics(agent) == (
         MetricSample("recorder_things", 3, kind="counter", labels=(("kind", "a"),)),
@@ -209,7 +225,8 @@ def test_plugins_change_what_desired_compute_gets() -> None:
     state = compute(
         own_name="n1", own_record=own, members=[MEMBER], policy=HookPolicy(refusing, agent)
     )
-    assert state.peers == ()
+    # Refused, so no peer; the recorder's extra peer (a plain client) is one.
+    assert [p.public_key for p in state.peers] == ["C" * 43 + "="]
     assert state.excluded[MEMBER.name] == "not admitted: acl says no"
 
     class Shaper:

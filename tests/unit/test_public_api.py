@@ -54,7 +54,7 @@ def test_every_type_a_hookspec_names_is_exported() -> None:
         for node in ast.walk(ast.parse(ast.unparse(annotation).strip("'\""), mode="eval"))
         if isinstance(node, ast.Name) and node.id[0].isupper()
     }
-    builtin_or_typing = {"Sequence", "IPv4Address", "IPv6Address", "None"}
+    builtin_or_typing = {"Sequence", "Mapping", "IPv4Address", "IPv6Address", "None"}
     assert named - builtin_or_typing <= set(meshd.__all__)
     assert {"AgentAPI", "ConfigView", "PeerPatch"} <= named
 
