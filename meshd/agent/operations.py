@@ -157,7 +157,7 @@ class Operations:
     async def route_approve(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Approve ``prefix`` behind node ``name`` (needs the CA key here) and gossip it."""
         ca = self._ca()
-        name = str(request.get("name", ""))
+        name = self._member_name(str(request.get("name", "")))
         prefix = parse_prefix(str(request.get("prefix", "")))
         grant = ca.grant_route(name, prefix)
         data = grant.encode()
@@ -172,7 +172,7 @@ class Operations:
         rt = self._rt
         ca = self._ca()
         name = str(request.get("name", ""))
-        gateway = str(request.get("gateway") or rt.name)
+        gateway = self._member_name(str(request.get("gateway") or rt.name))
         if gateway == rt.name:
             record = rt.published
         else:

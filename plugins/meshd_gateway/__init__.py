@@ -385,6 +385,7 @@ class GatewayPlugin:
         def use(node: str) -> None:
             """Route 0.0.0.0/0 and ::/0 through NODE (it must advertise them, approved
             by the CA). WireGuard's own packets stay on this machine's underlay."""
+            node = plugin._node_name(node)
             routes, _ = plugin._read_file()
             plugin.write_file(routes, node)
             click.echo(f"using {node} as the exit node")
@@ -397,6 +398,21 @@ class GatewayPlugin:
             click.echo("no exit node")
 
         return exit_group
+
+    def _node_name(self, node: str) -> str:
+        """NODE as a name: a mesh address becomes the name of the member holding it
+        (asked of the running agent); a name stays as it is."""
+        try:
+            address = ipaddress.ip_address(node)
+        except ValueError:
+            return node
+        status = call_agent(self._path().parent, "status")
+        for row in status.get("peers", []):
+            if str(address) in row.get("addresses", []):
+                return str(row["name"])
+        raise click.BadParameter(
+            f"no member has the mesh address {address}: give the node's name (meshd status)"
+        )
 
     def _route_group(self) -> click.Group:
         plugin = self

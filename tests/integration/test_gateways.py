@@ -187,7 +187,8 @@ class Pinger:
 def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab) -> None:
     mesh = gw.mesh
     mesh.meshd("n3", "route", "advertise", str(LAN))
-    mesh.meshd("n1", "route", "approve", "n3", str(LAN))
+    # By its mesh address: every command that takes a node takes either (issue 14).
+    mesh.meshd("n1", "route", "approve", mesh.mesh_address("n3"), str(LAN))
     keys = gateway_keys(mesh)
     primary = min(GATEWAYS, key=keys.__getitem__)
     standby = max(GATEWAYS, key=keys.__getitem__)
@@ -283,7 +284,8 @@ def test_an_exit_node_carries_only_a_node_that_opts_in(gw: GatewayLab) -> None:
         assert not reaches(mesh, node, INTERNET_HOST)
         assert "0.0.0.0/0" not in allowed_ips(mesh, node)
 
-    mesh.meshd("n4", "exit", "use", exit_node)
+    used = mesh.meshd("n4", "exit", "use", mesh.mesh_address(exit_node))
+    assert f"using {exit_node} as the exit node" in used.stdout
     eventually(lambda: reaches(mesh, "n4", INTERNET_HOST), 20, f"n4 reaches {INTERNET_HOST}")
     assert not reaches(mesh, "n1", INTERNET_HOST)
     iface = mesh.lab.ifname("n4", "mw")
