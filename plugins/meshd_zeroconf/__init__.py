@@ -58,6 +58,10 @@ from meshd import (
 log = logging.getLogger("meshd_zeroconf")
 
 ADDRESS_CHECK = 5.0
+# mDNS waits this long after the agent starts: importing python-zeroconf and its first
+# announcements cost ~0.1 s of CPU, which would otherwise sit between a new node's
+# start and its first handshakes (adverts are hints; nothing waits on them).
+START_DELAY = 2.0
 WATCH_INTERVAL = 2.0
 SILENT_LIMIT = 12.0  # WireGuard answers data with a keepalive after 10 s at most
 RETRY_AFTER = 60.0  # a LAN endpoint that failed is left alone this long
@@ -258,6 +262,7 @@ class ZeroconfPlugin:
 
     async def run(self, agent: AgentAPI) -> None:
         """Advertise and browse on the LAN addresses; start again when they change."""
+        await asyncio.sleep(START_DELAY)
         warned = False
         while True:
             addresses = lan_addresses(agent)
