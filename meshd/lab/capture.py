@@ -54,6 +54,25 @@ class Capture:
         """How many captured frames hold ``needle``."""
         return sum(needle in frame for _, frame in self.packets)
 
+    def tcp_port(self, port: int) -> Capture:
+        """The Ethernet frames of TCP segments from or to ``port`` (IPv4 or IPv6
+        without extension headers), with the same drop count."""
+        return Capture([(i, f) for i, f in self.packets if port in _tcp_ports(f)], self.dropped)
+
+
+def _tcp_ports(frame: bytes) -> tuple[int, ...]:
+    """The source and destination ports of a TCP segment in an Ethernet frame, or ()."""
+    ethertype = frame[12:14]
+    if ethertype == b"\x08\x00" and len(frame) > 23 and frame[23] == socket.IPPROTO_TCP:
+        start = 14 + (frame[14] & 0x0F) * 4
+    elif ethertype == b"\x86\xdd" and len(frame) > 20 and frame[20] == socket.IPPROTO_TCP:
+        start = 14 + 40
+    else:
+        return ()
+    if len(frame) < start + 4:
+        return ()
+    return struct.unpack_from("!HH", frame, start)
+
 
 def _open(interface: str | None) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))

@@ -1,9 +1,12 @@
 """A forged seed for tests/integration/test_discovery.py, run inside a lab host that is
 not a member: it advertises ``_meshd._udp`` claiming another network's id and CA
 fingerprint (anyone on the LAN hears both in real adverts) and answers enrolment
-like a seed that admits everyone, presenting a certificate of its own CA.
+like a seed that admits everyone, presenting a certificate of its own CA. It knows
+the network's gossip key and CA public key (an old member's knowledge; read from
+TOKEN_FILE, of which it uses nothing else), so the encrypted enrolment handshake
+gets as far as the seed's proof of membership.
 
-    python forged_seed.py ADDRESS NETWORK_ID CA_FINGERPRINT
+    python forged_seed.py ADDRESS NETWORK_ID CA_FINGERPRINT TOKEN_FILE
 
 Prints ``ready`` once advertised, then one ``enrolment request from NAME`` line per
 request it received (what it learnt: the joiner's public certificate, nothing else).
@@ -20,18 +23,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import sys
+import time
+from pathlib import Path
 
-from meshd.identity import WireGuardKeyPair
+from meshd.identity import WireGuardKeyPair, decode_key
 from meshd.mdns import Advert, LanService
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
-from meshd.pki.enrol import EnrolRequest, EnrolResult, PeerInfo
+from meshd.pki.enrol import EnrolRequest, EnrolResult, PeerInfo, SeedIdentity
 from meshd.pki.enrol_server import EnrolServer
+from meshd.pki.token import parse_token
 
 WIREGUARD_PORT, ENROL_PORT = 51820, 51821
 
 
-async def main(address: str, network_id: str, ca_fp: str) -> None:
+async def main(address: str, network_id: str, ca_fp: str, token_text: str) -> None:
+    token = parse_token(token_text, int(time.time()))
     keys = WireGuardKeyPair.generate()
     own_ca = NetworkCA.generate("lab")  # the victim network's name, another CA
     mesh = ipaddress.ip_address("100.80.250.250")
@@ -43,7 +50,13 @@ async def main(address: str, network_id: str, ca_fp: str) -> None:
     def welcome(request: EnrolRequest) -> EnrolResult:
         return EnrolResult(seed=PeerInfo(chain, f"{address}:{WIREGUARD_PORT}"))
 
-    server = EnrolServer("0.0.0.0", ENROL_PORT, accept_anyone, welcome)
+    identity = SeedIdentity(
+        private_key=decode_key(keys.private_key),
+        chain=chain,
+        gossip_keys=(token.gossip_key,),
+        ca_public_key=token.ca_public_key,
+    )
+    server = EnrolServer("0.0.0.0", ENROL_PORT, accept_anyone, welcome, identity=lambda: identity)
     await server.start()
     lan = LanService([ipaddress.ip_address(address)])
     await lan.start()
@@ -89,4 +102,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "--member":
         asyncio.run(forge_member(*sys.argv[2:7]))
     else:
-        asyncio.run(main(*sys.argv[1:4]))
+        address, network_id, ca_fp, token_file = sys.argv[1:5]
+        asyncio.run(main(address, network_id, ca_fp, Path(token_file).read_text().strip()))

@@ -125,8 +125,16 @@ def test_a_revoked_node_cannot_rejoin_with_its_token(mesh: MeshLab) -> None:
     # The token file a join used is gone afterwards.
     assert not mesh.token_path("n4").exists()
 
+    def revocations_on_n2() -> int:
+        found = mesh.status("n2")
+        return int(found["node"]["revocations"]) if found else -1
+
+    before = revocations_on_n2()
     done = mesh.meshd("n1", "revoke", "n4", "--yes")
     assert "revoked the token it joined with" in done.stdout
+    # The seed asked next refuses only what it has heard of: wait until n2 holds both
+    # revocations (the node's and its token's; two broadcasts, well under a second).
+    eventually(lambda: revocations_on_n2() >= before + 2, 10, "n2 holds both revocations")
     mesh.stop("n4")
     shutil.rmtree(mesh.state_dir("n4"))
 

@@ -37,7 +37,13 @@ pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping")
 NODES = [f"n{i}" for i in range(1, 6)]
 PORT = 9477
 PROMETHEUS_PORT = 9090
-CONFIG = f'[plugins.metrics]\nlisten = ["127.0.0.1:{PORT}", "mesh:{PORT}"]\nmesh_page = true\n'
+# Without the zeroconf plugin: on this one flat LAN it would relabel every pair
+# `direct (LAN)` a few seconds after the start, and the paths this module checks
+# would depend on when it looks (tests/integration/test_discovery.py covers that).
+CONFIG = (
+    '[plugins]\ndisable = ["zeroconf"]\n\n'
+    f'[plugins.metrics]\nlisten = ["127.0.0.1:{PORT}", "mesh:{PORT}"]\nmesh_page = true\n'
+)
 # Serf's lan profile: a member is suspected after a missed probe (1 s interval, 0.5 s
 # timeout) and declared failed when its suspicion timer runs out: at most
 # SuspicionMaxTimeoutMult (6) x SuspicionMult (4) x max(1, log10(n)) x 1 s = 24 s with
