@@ -206,7 +206,15 @@ def test_two_gateways_fail_over_within_five_seconds_and_come_back(gw: GatewayLab
             f"{node} uses {primary} as the primary and knows {standby} is approved",
             lambda node=node: routes_of(mesh, node),
         )
-    assert reaches(mesh, "n1", LAN_HOST)
+    # n1 (the CA) knows the grant at once, the gateway itself only when gossip brings it
+    # and its next pass turns forwarding on: wait for the path, not for n1's view alone.
+    took_path = eventually(
+        lambda: reaches(mesh, "n1", LAN_HOST),
+        10,
+        f"n1 pings the LAN host through {primary}",
+        lambda: diagnose(mesh, gw, primary),
+    )
+    print(f"the LAN behind {primary} answered n1 {took_path:.1f} s after n1 and n4 routed it")
 
     pinger = Pinger(mesh, "n1", LAN_HOST)
     try:
