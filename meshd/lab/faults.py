@@ -6,7 +6,9 @@
   :func:`heal` removes the table again. Only underlay packets are dropped, by source
   address, so everything a host does with the hosts of its own group goes on.
 - :func:`netem` puts loss and delay on a host's underlay interface (``tc netem``);
-  :func:`clear_netem` takes it off.
+  :func:`clear_netem` takes it off. Kernels built without netem (some VM kernels)
+  refuse it: :func:`random_loss` drops a share of what the host sends with nftables
+  instead (loss only, no delay); :func:`heal` takes that off too.
 - :func:`netns_processes` and :func:`interfaces` list what lives in a host's
   namespace: after a crash, a leaked ``serf`` or ``wireguard-go`` or an orphaned
   interface shows there.
@@ -22,6 +24,7 @@ from meshd.lab import netns
 from meshd.lab.lab import Lab
 
 FAULT_TABLE = "meshd_fault"
+LOSS_TABLE = "meshd_loss"
 
 
 def _drop_from(sources: Iterable[str]) -> str:
@@ -53,6 +56,20 @@ def heal(lab: Lab, nodes: Iterable[str]) -> None:
     """Remove every rule :func:`partition` added on ``nodes`` (those without any too)."""
     for node in nodes:
         lab.run(node, ["nft", "delete", "table", "inet", FAULT_TABLE], check=False)
+        lab.run(node, ["nft", "delete", "table", "inet", LOSS_TABLE], check=False)
+
+
+def random_loss(lab: Lab, node: str, percent: int) -> None:
+    """Drop ``percent`` % of the packets ``node`` sends on its underlay interface, at random."""
+    ruleset = (
+        f"table inet {LOSS_TABLE} {{\n"
+        "  chain output {\n"
+        "    type filter hook output priority -10; policy accept;\n"
+        f'    oifname "{lab.node(node).interface}" numgen random mod 100 < {percent} drop\n'
+        "  }\n"
+        "}\n"
+    )
+    netns.load_nft(lab.netns_of(node), ruleset)
 
 
 def netem(lab: Lab, node: str, *, loss_percent: float, delay_ms: int) -> None:

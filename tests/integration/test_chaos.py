@@ -13,9 +13,9 @@ this order:
   one wireguard-go, and the same interfaces as before. The moments and victims come
   from a seed printed with each run: ``MESHD_CHAOS_SEED=<seed>`` replays them.
 - a full disk: one node's state directory is a 1 MiB tmpfs from the start, filled up
-  at the end; a revocation gossiped to it then cannot be written there: the agent keeps serving the mesh with the
-  revocation in force, logs that once, every state file still parses; once there is
-  room again the revocation reaches the disk.
+  at the end; a revocation gossiped to it then cannot be written there: the agent
+  keeps serving the mesh with the revocation in force, logs that once, every state
+  file still parses; once there is room again the revocation reaches the disk.
 """
 
 from __future__ import annotations
