@@ -68,6 +68,7 @@ class Availability(threading.Thread):
         self.last_reply: dict[Pair, float] = {}
         self.longest: dict[Pair, float] = {}
         self.rounds = 0
+        self.stopped_at: float | None = None  # a silence ends with the probing
 
     def set_member(self, node: str, member: bool) -> None:
         with self.lock:
@@ -103,11 +104,12 @@ class Availability(threading.Thread):
                 self.rounds += 1
                 self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - start)))
         finally:
+            self.stopped_at = time.monotonic()
             prober.close()
 
     def worst(self, among: set[str] | None = None) -> tuple[Pair | None, float]:
         with self.lock:
-            now = time.monotonic()
+            now = self.stopped_at or time.monotonic()
             gaps = dict(self.longest)
             for pair, last in self.last_reply.items():  # still silent at the end
                 gaps[pair] = max(gaps.get(pair, 0.0), now - last)
