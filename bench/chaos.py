@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import collections
-import errno
 import json
 import logging
 import os
@@ -126,22 +124,6 @@ def count_since(mesh: MeshLab, offsets: dict[str, int], needle: str) -> int:
     )
 
 
-def leftovers(mesh: MeshLab, node: str) -> list[str]:
-    """Anything in ``node``'s namespace but one agent, its serf and its wireguard-go."""
-    agents = [
-        p["pid"]
-        for p in mesh.lab.processes()
-        if p["node"] == node and p["name"] == AGENT and p["alive"]
-    ]
-    found = faults.netns_processes(mesh.lab, node)
-    if len(agents) != 1:
-        return [f"{len(agents)} agents"]
-    children = collections.Counter(p.command for p in found if p.parent == agents[0])
-    strays = [f"{p.command}:{p.pid}" for p in found if agents[0] not in (p.pid, p.parent)]
-    counts = [f"{children[c]} {c}" for c in ("serf", "wireguard-go") if children[c] != 1]
-    return strays + counts
-
-
 def public_keys(mesh: MeshLab, nodes: Sequence[str]) -> dict[str, str]:
     return {n: NodeStore(mesh.state_dir(n)).load().keys.public_key for n in nodes}
 
@@ -197,7 +179,7 @@ def run_storm(
     back = time.monotonic()
     full = seconds_to_full(mesh, nodes, back, timeout=60)
     stale = sum(stale_peers(mesh, n, keys) for n in nodes)
-    leaked = {n: found for n in nodes if (found := leftovers(mesh, n))}
+    leaked = {n: found for n in nodes if (found := faults.stray_processes(mesh.lab, n))}
     orphans = {n: sorted(faults.interfaces(mesh.lab, n) - links_before[n]) for n in nodes}
     orphans = {n: o for n, o in orphans.items() if o}
     say(
@@ -231,33 +213,6 @@ def run_power(mesh: MeshLab, nodes: list[str]) -> dict[str, Any]:
     return {"without_first_two_s": without, "all_s": everyone}
 
 
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with filler.open("wb") as handle:
-        try:
-            while True:
-                handle.write(bytes(64 * 1024))
-                handle.flush()
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    return filler
-
-
-def state_parses(state: Path) -> str:
-    """'yes', or what does not parse / was left behind."""
-    try:
-        left = [p.name for p in state.rglob(".*.tmp")]
-        node = NodeStore(state).load()
-        Trust(node.ca_public_key, state)
-        NodeStore(state).load_peers()
-        for path in state.rglob("*.json"):
-            json.loads(path.read_text())
-    except Exception as exc:  # a figure to print, whatever broke
-        return f"no: {exc}"
-    return f"no: left {left}" if left else "yes"
-
-
 def revocations_on_disk(state: Path) -> int:
     return len(Trust(NodeStore(state).load().ca_public_key, state).revoked)
 
@@ -278,7 +233,7 @@ def run_disk(mesh: MeshLab, nodes: list[str]) -> dict[str, Any]:
         mesh.start(node)
         mesh.wait_ready(node)
         mesh.wait_mesh(nodes, timeout=60)
-        filler = fill(state)
+        filler = faults.fill_up(state)
         offset = lab.log_path(node, AGENT).stat().st_size
         token = lab.node_dir(ca) / "chaos-token"
         mesh.meshd(ca, "token", "create", "--ttl", "1h", "--out", str(token))
@@ -297,7 +252,8 @@ def run_disk(mesh: MeshLab, nodes: list[str]) -> dict[str, Any]:
             for ln in log_lines_since(mesh, node, offset)
             if "no space left" in ln.lower() and " DEBUG " not in ln
         ]
-        parses = state_parses(state)
+        problems = faults.state_problems(state)
+        parses = f"no: {'; '.join(problems)}" if problems else "yes"
         filler.unlink()
         freed = time.monotonic()
         saved = seconds_until(lambda: revocations_on_disk(state) == wanted, freed, 120)

@@ -11,17 +11,26 @@
   instead (loss only, no delay); :func:`heal` takes that off too.
 - :func:`netns_processes` and :func:`interfaces` list what lives in a host's
   namespace: after a crash, a leaked ``serf`` or ``wireguard-go`` or an orphaned
-  interface shows there.
+  interface shows there; :func:`stray_processes` names what should not be there.
+- :func:`fill_up` fills a (small) file system; :func:`state_problems` says which of
+  a node's state files no longer parse, or which temporary files were left behind.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from meshd.errors import MeshdError
 from meshd.lab import netns
 from meshd.lab.lab import Lab
+from meshd.lab.mesh import AGENT
+from meshd.node import NodeStore
+from meshd.pki.trust import Trust
 
 FAULT_TABLE = "meshd_fault"
 LOSS_TABLE = "meshd_loss"
@@ -113,3 +122,51 @@ def interfaces(lab: Lab, node: str) -> set[str]:
     """Names of the network interfaces in ``node``'s namespace."""
     out = lab.run(node, ["ip", "-o", "link", "show"]).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
+def stray_processes(lab: Lab, node: str) -> list[str]:
+    """What is wrong in ``node``'s namespace: anything but one meshd agent (started by
+    the lab), its one serf and its one wireguard-go. Empty when all is well."""
+    agents = [
+        p["pid"] for p in lab.processes() if p["node"] == node and p["name"] == AGENT and p["alive"]
+    ]
+    if len(agents) != 1:
+        return [f"{len(agents)} agents"]
+    agent = agents[0]
+    found = netns_processes(lab, node)
+    children = collections.Counter(p.command for p in found if p.parent == agent)
+    strays = [f"{p.command} (pid {p.pid})" for p in found if agent not in (p.pid, p.parent)]
+    counts = [f"{children[c]} {c}" for c in ("serf", "wireguard-go") if children[c] != 1]
+    return strays + counts
+
+
+def fill_up(directory: Path) -> Path:
+    """Fill the file system of ``directory`` with one file until ENOSPC; that file."""
+    filler = directory / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(bytes(64 * 1024))
+                handle.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
+
+
+def state_problems(state_dir: Path) -> list[str]:
+    """Which state files of a node do not parse (node, trust files, peer cache, JSON),
+    and which temporary files were left behind. Empty when all is whole."""
+    problems = [f"{p.name} left behind" for p in state_dir.rglob(".*.tmp")]
+    try:
+        store = NodeStore(state_dir)
+        Trust(store.load().ca_public_key, state_dir)  # revocations, roots, grants, clients
+        store.load_peers()
+    except MeshdError as exc:
+        problems.append(str(exc))
+    for path in state_dir.rglob("*.json"):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path.name}: {exc}")
+    return problems

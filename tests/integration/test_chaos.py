@@ -20,9 +20,6 @@ this order:
 
 from __future__ import annotations
 
-import collections
-import errno
-import json
 import os
 import random
 import signal
@@ -39,7 +36,7 @@ from meshd.node import NodeStore
 from meshd.pki.trust import Trust
 from tests.integration.conftest import eventually, mesh_lab, wg_peers
 
-pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft", "mount")
+pytestmark = pytest.mark.root("serf", "wireguard-go", "wg", "ping", "nft", "mount", "mountpoint")
 
 NODES = ["n1", "n2", "n3", "n4", "n5", "n6"]
 FIRST, SECOND = NODES[:3], NODES[3:]
@@ -118,30 +115,6 @@ def test_a_one_way_partition_heals_within_10_s(mesh: MeshLab) -> None:
         heal_and_time(mesh, "one-way partition")
 
 
-def agent_pid(mesh: MeshLab, node: str) -> int:
-    [pid] = [
-        p["pid"]
-        for p in mesh.lab.processes()
-        if p["node"] == node and p["name"] == AGENT and p["alive"]
-    ]
-    return int(pid)
-
-
-def leftovers(mesh: MeshLab, node: str) -> list[str]:
-    """What is wrong with ``node``'s namespace: anything but one agent, its serf and its
-    wireguard-go (each a child of the agent)."""
-    agent = agent_pid(mesh, node)
-    found = faults.netns_processes(mesh.lab, node)
-    children = collections.Counter(p.command for p in found if p.parent == agent)
-    strays = [f"{p.command} (pid {p.pid})" for p in found if p.pid != agent and p.parent != agent]
-    wrong = [
-        f"{n} {c}"
-        for c, n in (("serf", children["serf"]), ("wireguard-go", children["wireguard-go"]))
-        if n != 1
-    ]
-    return strays + wrong
-
-
 def test_after_a_kill_storm_the_mesh_is_whole_with_nothing_leaked(mesh: MeshLab) -> None:
     seed = int(os.environ.get("MESHD_CHAOS_SEED", random.randrange(1 << 32)))
     print(f"MESHD_CHAOS_SEED={seed}")
@@ -185,7 +158,7 @@ def test_after_a_kill_storm_the_mesh_is_whole_with_nothing_leaked(mesh: MeshLab)
             f"{node} lists each other node once, alive, as a peer",
             lambda node=node: status(mesh, node)["peers"],
         )
-        assert not leftovers(mesh, node), f"{node}: {leftovers(mesh, node)}"
+        assert not faults.stray_processes(mesh.lab, node), faults.stray_processes(mesh.lab, node)
         assert faults.interfaces(mesh.lab, node) == interfaces_before[node]
 
 
@@ -193,31 +166,6 @@ def status(mesh: MeshLab, node: str) -> dict[str, object]:
     found = mesh.status(node)
     assert found is not None, f"the agent on {node} does not answer"
     return found
-
-
-def fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` up with one file; that file."""
-    filler = directory / "filler"
-    with filler.open("wb") as handle:
-        try:
-            while True:
-                handle.write(bytes(64 * 1024))
-                handle.flush()
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    return filler
-
-
-def state_files_parse(state: Path) -> list[str]:
-    """Problems with the state files: any not parsing, any temporary file left."""
-    problems = [f"{p.name} left behind" for p in state.rglob(".*.tmp")]
-    node = NodeStore(state).load()  # node.json, keys, certificate
-    Trust(node.ca_public_key, state)  # revocations, roots, grants, clients
-    NodeStore(state).load_peers()
-    for path in state.rglob("*.json"):
-        json.loads(path.read_text())
-    return problems
 
 
 def revocations_on_disk(state: Path) -> int:
@@ -230,7 +178,7 @@ def test_a_full_state_directory_leaves_the_mesh_working_and_every_file_whole(
     lab = mesh.lab
     state = mesh.state_dir(DISK_NODE)
     assert subprocess.run(["mountpoint", "-q", str(state)], check=False).returncode == 0
-    filler = fill(state)
+    filler = faults.fill_up(state)
     log = lab.log_path(DISK_NODE, AGENT)
     offset = log.stat().st_size
     before = revocations_on_disk(state)
@@ -254,9 +202,9 @@ def test_a_full_state_directory_leaves_the_mesh_working_and_every_file_whole(
     print("log lines about the full disk:\n" + "\n".join(full))
     assert len(full) == 1, full
     assert "WARNING" in full[0]
-    assert not state_files_parse(state)
+    assert not faults.state_problems(state)
 
     # Room again: what waited in memory reaches the disk (on the next pass).
     filler.unlink()
     eventually(lambda: revocations_on_disk(state) == expected, 30, "the revocation is saved")
-    assert not state_files_parse(state)
+    assert not faults.state_problems(state)
