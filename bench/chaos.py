@@ -16,7 +16,7 @@ debug, so Serf's own member events are in their logs), then these runs in order:
   one agent, its serf and its wireguard-go), interfaces that were not there before.
 - power: every agent SIGKILLed at once, all but the first two (the CA and the first
   seed) started again: seconds to a full mesh of those; then the two, and again.
-- disk: the last node's state directory on a 1 MiB tmpfs, filled up; a token revoked
+- disk: the last node's state directory on a 4 MiB tmpfs, filled up; a token revoked
   on the first node gossips a revocation that cannot be written there: pairs silent
   while it is full, the node's log lines about it, whether every state file parses,
   and the seconds from freeing the space until the revocation is on disk.
@@ -222,11 +222,11 @@ def run_disk(mesh: MeshLab, nodes: list[str]) -> dict[str, Any]:
     lab = mesh.lab
     state = mesh.state_dir(node)
     copy = lab.node_dir(node) / "state-copy"
-    say(f"disk full: {node}'s state directory on a 1 MiB tmpfs, filled up")
+    say(f"disk full: {node}'s state directory on a 4 MiB tmpfs, filled up")
     mesh.stop(node)
     shutil.copytree(state, copy, symlinks=True)
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(state)], check=True
     )
     try:
         subprocess.run(["cp", "-a", f"{copy}/.", str(state)], check=True)
@@ -254,7 +254,7 @@ def run_disk(mesh: MeshLab, nodes: list[str]) -> dict[str, Any]:
         ]
         problems = faults.state_problems(state)
         parses = f"no: {'; '.join(problems)}" if problems else "yes"
-        filler.unlink()
+        filler.unlink(missing_ok=True)
         freed = time.monotonic()
         saved = seconds_until(lambda: revocations_on_disk(state) == wanted, freed, 120)
         say(

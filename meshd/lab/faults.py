@@ -141,16 +141,17 @@ def stray_processes(lab: Lab, node: str) -> list[str]:
 
 
 def fill_up(directory: Path) -> Path:
-    """Fill the file system of ``directory`` with one file until ENOSPC; that file."""
+    """Fill the file system of ``directory`` with one file until ENOSPC; that file
+    (absent when the file system was full already)."""
     filler = directory / "filler"
-    with filler.open("wb") as handle:
-        try:
+    try:
+        with filler.open("wb") as handle:
             while True:
                 handle.write(bytes(64 * 1024))
                 handle.flush()
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
+    except OSError as exc:  # also when it was full already (then no filler exists)
+        if exc.errno != errno.ENOSPC:
+            raise
     return filler
 
 

@@ -12,7 +12,7 @@ this order:
   WireGuard peers (no stale key), each namespace holds one agent with its one serf and
   one wireguard-go, and the same interfaces as before. The moments and victims come
   from a seed printed with each run: ``MESHD_CHAOS_SEED=<seed>`` replays them.
-- a full disk: one node's state directory is a 1 MiB tmpfs from the start, filled up
+- a full disk: one node's state directory is a 4 MiB tmpfs from the start, filled up
   at the end; a revocation gossiped to it then cannot be written there: the agent
   keeps serving the mesh with the revocation in force, logs that once, every state
   file still parses; once there is room again the revocation reaches the disk.
@@ -54,7 +54,7 @@ def mesh() -> Iterator[MeshLab]:
         # DISK_NODE's state directory is a small tmpfs from the start (filled at the end).
         state = built.state_dir(DISK_NODE)
         state.mkdir(mode=0o700, parents=True)
-        mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)]
+        mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(state)]
         subprocess.run(mount, check=True)
         try:
             built.up(NODES, seed=16)
@@ -179,6 +179,7 @@ def test_a_full_state_directory_leaves_the_mesh_working_and_every_file_whole(
     state = mesh.state_dir(DISK_NODE)
     assert subprocess.run(["mountpoint", "-q", str(state)], check=False).returncode == 0
     filler = faults.fill_up(state)
+    assert filler.exists(), f"{state} was full before the test filled it"
     log = lab.log_path(DISK_NODE, AGENT)
     offset = log.stat().st_size
     before = revocations_on_disk(state)
@@ -205,6 +206,6 @@ def test_a_full_state_directory_leaves_the_mesh_working_and_every_file_whole(
     assert not faults.state_problems(state)
 
     # Room again: what waited in memory reaches the disk (on the next pass).
-    filler.unlink()
+    filler.unlink(missing_ok=True)
     eventually(lambda: revocations_on_disk(state) == expected, 30, "the revocation is saved")
     assert not faults.state_problems(state)
