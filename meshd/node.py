@@ -33,7 +33,13 @@ from typing import Any
 from meshd.b64 import decode_b64, encode_b64
 from meshd.errors import DecodeError, IdentityError, StateError
 from meshd.identity import WireGuardKeyPair
-from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
+from meshd.state import (
+    DeferredWrites,
+    atomic_write,
+    ensure_private_dir,
+    read_secret,
+    write_secret,
+)
 from meshd.types import IPAddress, IPNetwork, MeshAddresses, Network, PeerConfig
 
 SERF_DIR = "serf"
@@ -292,11 +298,14 @@ class NodeStore:
             # Only a cache: a damaged one costs a slower start, not the node.
             raise StateError(f"{path} is damaged ({exc}); remove it to start without it") from exc
 
-    def save_peers(self, peers: list[KnownPeer]) -> None:
-        atomic_write(
-            self.path("peers.json"),
-            json.dumps({"peers": [p.to_json() for p in peers]}, indent=2) + "\n",
-        )
+    def save_peers(self, peers: list[KnownPeer], *, writes: DeferredWrites | None = None) -> None:
+        """Write the peer cache; through ``writes`` (the daemon's), it waits in memory
+        while the disk is full instead of raising."""
+        text = json.dumps({"peers": [p.to_json() for p in peers]}, indent=2) + "\n"
+        if writes is None:
+            atomic_write(self.path("peers.json"), text)
+        else:
+            writes.write(self.path("peers.json"), text)
 
 
 def new_rpc_key() -> str:

@@ -3,11 +3,17 @@
 Every file another program (or a later meshd) reads is written to a temporary
 file in the same directory, fsynced, then renamed over the old one, so a crash
 leaves either the old or the new content, never half of one.
+
+A daemon must not stop serving because its disk is full: :class:`DeferredWrites`
+keeps a file the disk refused (ENOSPC, EIO, a read-only remount) in memory, logs
+that once, and writes it when asked again (the agent asks on every pass); the old
+content stays on disk until then, whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 from meshd.errors import StateError
+
+log = logging.getLogger(__name__)
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -91,3 +99,52 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
         return target.read_bytes()
     except OSError as exc:
         raise StateError(f"cannot read {target}: {exc.strerror or exc}") from exc
+
+
+class DeferredWrites:
+    """Atomic writes that wait in memory while the disk refuses them.
+
+    :meth:`write` tries at once; on failure the newest content of that file waits
+    (replacing older waiting content) and one WARNING says so, with the reason. Later
+    failures log at DEBUG until :meth:`flush` has written everything again, which logs
+    one INFO line. Files are written in the order they first waited.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[Path, tuple[bytes, int]] = {}
+        self._failing = False
+
+    @property
+    def waiting(self) -> tuple[Path, ...]:
+        """The files whose newest content is only in memory."""
+        return tuple(self._waiting)
+
+    def write(
+        self, path: str | os.PathLike[str], data: bytes | str, *, mode: int = PUBLIC_MODE
+    ) -> bool:
+        """Write ``path`` (atomically) now if the disk takes it; True when it is on disk."""
+        payload = data.encode() if isinstance(data, str) else data
+        self._waiting[Path(path)] = (payload, mode)
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write what waits; True when nothing waits any more."""
+        for path, (payload, mode) in list(self._waiting.items()):
+            try:
+                atomic_write(path, payload, mode=mode)
+            except StateError as exc:
+                if self._failing:
+                    log.debug("still cannot write state: %s", exc)
+                else:
+                    log.warning(
+                        "%s; kept in memory (the old file stays whole), "
+                        "written again once the disk takes it",
+                        exc,
+                    )
+                    self._failing = True
+                return False
+            del self._waiting[path]
+        if self._failing:
+            log.info("state written again: nothing waits in memory any more")
+            self._failing = False
+        return True

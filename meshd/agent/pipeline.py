@@ -179,6 +179,8 @@ class Pipeline:
         interface once gossip describes it, but it is a member now)."""
         rt = self._rt
         started = time.monotonic()
+        if rt.writes.waiting:  # the disk was full: try again
+            rt.writes.flush()
         desired = self.desire(members)
         snapshot = Snapshot(members, desired)
         rt.snapshot = snapshot
@@ -235,7 +237,4 @@ class Pipeline:
                 )
             elif (known := rt.known.get(peer.public_key)) is not None:
                 saved.append(known)
-        try:
-            rt.store.save_peers(saved)
-        except MeshdError as exc:
-            log.warning("cannot save the peer cache: %s", exc)
+        rt.store.save_peers(saved, writes=rt.writes)

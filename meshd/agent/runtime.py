@@ -28,6 +28,7 @@ from meshd.node import KnownPeer, NodeState, NodeStore, gossip_address
 from meshd.pki.certificate import CertChain
 from meshd.pki.trust import Trust
 from meshd.plugins import PluginHost
+from meshd.state import DeferredWrites
 from meshd.tasks import cancel_and_wait
 from meshd.types import (
     Client,
@@ -192,7 +193,9 @@ class Runtime:
         self.state: NodeState = store.load()
         self._derived_of: NodeState | None = None
         self._derived_cache: _Derived | None = None
-        self.trust = Trust(self.state.ca_public_key, store.dir)
+        # State files the disk refused (full), waiting in memory; flushed on every pass.
+        self.writes = DeferredWrites()
+        self.trust = Trust(self.state.ca_public_key, store.dir, writes=self.writes)
         self.known = KnownPeers()
         # Keys whose owner said goodbye through its own tunnel (agent/goodbye.py).
         # (key -> the record version it said goodbye with)

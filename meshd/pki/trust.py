@@ -52,7 +52,7 @@ from meshd.pki.certificate import (
 from meshd.pki.client import CLIENT_MAGIC, ClientRecord, verify_client
 from meshd.pki.grant import GRANT_MAGIC, GrantList, RouteGrant
 from meshd.pki.revocation import Revocation, RevocationList
-from meshd.state import atomic_write
+from meshd.state import DeferredWrites, atomic_write
 from meshd.types import IPAddress, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,11 @@ class Verdict:
 class Trust:
     """Chains by reference, verdicts on records, and the revocation list."""
 
-    def __init__(self, ca_public_key: bytes, state_dir: Path) -> None:
+    def __init__(
+        self, ca_public_key: bytes, state_dir: Path, *, writes: DeferredWrites | None = None
+    ) -> None:
+        # The daemon's writes wait in memory while the disk is full; without, they raise.
+        self._writes = writes
         self._path = Path(state_dir) / REVOCATIONS_FILE
         self._roots_path = Path(state_dir) / ROOTS_FILE
         self._chains: dict[str, CertChain] = {}
@@ -102,7 +106,13 @@ class Trust:
         self._load_roots()
         self._load()
         if self._apply_retirements():
-            atomic_write(self._path, self.revoked.encode())
+            self._save(self._path, self.revoked.encode())
+
+    def _save(self, path: Path, data: bytes) -> None:
+        if self._writes is None:
+            atomic_write(path, data)
+        else:
+            self._writes.write(path, data)
 
     # --- CA keys ----------------------------------------------------------------
 
@@ -197,7 +207,7 @@ class Trust:
         writer.u8(len(self._retired))
         for key in sorted(self._retired):
             writer.raw(key)
-        atomic_write(self._roots_path, writer.getvalue())
+        self._save(self._roots_path, writer.getvalue())
 
     def _load_roots(self) -> None:
         try:
@@ -290,7 +300,7 @@ class Trust:
             return False
         self._apply_retirements()
         self.generation += 1
-        atomic_write(self._path, self.revoked.encode())
+        self._save(self._path, self.revoked.encode())
         return True
 
     # --- route grants -----------------------------------------------------------
@@ -301,7 +311,7 @@ class Trust:
         if not self.grants.add(grant, self.roots):
             return None
         self.generation += 1
-        atomic_write(self._grants_path, self.grants.encode())
+        self._save(self._grants_path, self.grants.encode())
         return grant
 
     # --- plain WireGuard clients -------------------------------------------------
@@ -318,7 +328,7 @@ class Trust:
         writer = BinaryWriter().header(_CLIENT_LIST_MAGIC, 1).u32(len(self._clients))
         for kept in self._clients.values():
             writer.long_bytes(kept.encode())
-        atomic_write(self._clients_path, writer.getvalue())
+        self._save(self._clients_path, writer.getvalue())
         return record
 
     def clients(self) -> tuple[ClientRecord, ...]:

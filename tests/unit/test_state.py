@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from meshd.errors import StateError
-from meshd.state import atomic_write, ensure_private_dir, read_secret, write_secret
+from meshd.state import DeferredWrites, atomic_write, ensure_private_dir, read_secret, write_secret
 
 
 def mode(path: Path) -> int:
@@ -47,3 +49,36 @@ def test_a_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(StateError, match="chmod 600"):
         read_secret(path)
+
+
+def blocked(path: Path) -> Path:
+    """Make ``path`` unwritable for atomic_write, even for root: a non-empty directory
+    is in the way of the rename (as a full disk is in the way of the write)."""
+    (path / "in-the-way").mkdir(parents=True)
+    return path
+
+
+def test_deferred_writes_wait_in_memory_log_once_and_land_when_there_is_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshd.state")
+    writes = DeferredWrites()
+    target = blocked(tmp_path / "revocations")
+    assert not writes.write(target, "one")
+    assert not writes.write(target, "two")  # the newest content replaces what waited
+    assert not writes.flush()
+    assert writes.waiting == (target,)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"cannot write {target}" in warnings[0].getMessage()
+    assert sorted(os.listdir(tmp_path)) == ["revocations"]  # no temporary file left
+
+    shutil.rmtree(target)
+    assert writes.flush()
+    assert target.read_text() == "two"
+    assert writes.waiting == ()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "state written again: nothing waits in memory any more"
+    ]
+    assert writes.write(target, "three")
+    assert target.read_text() == "three"

@@ -14,7 +14,8 @@ from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
-from meshd.pki.trust import PENDING, REVOCATIONS_PER_PAGE, Trust
+from meshd.pki.trust import PENDING, REVOCATIONS_FILE, REVOCATIONS_PER_PAGE, Trust
+from meshd.state import DeferredWrites
 from meshd.types import NodeRecord
 
 CA = NetworkCA.generate("lab")
@@ -101,3 +102,24 @@ def test_garbage_pages_and_chains_raise_only_identity_errors(tmp_path: Path, dat
         trust.add_chain(data, "nope")
     with contextlib.suppress(IdentityError):
         trust.merge_page(data)
+
+
+def test_a_revocation_the_disk_refuses_is_in_force_and_saved_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    writes = DeferredWrites()
+    trust = Trust(CA.public_key, tmp_path, writes=writes)
+    chain, record = node()
+    trust.add_chain(chain.encode(), chain.ref)
+    in_the_way = tmp_path / REVOCATIONS_FILE / "in-the-way"  # as a full disk would be
+    in_the_way.mkdir(parents=True)
+
+    # Taken (the caller reconciles at once), not an error: the node goes on serving.
+    assert trust.add_revocation(CA.revoke(chain.node).encode()) is not None
+    assert "revoked" in (trust.verdict("n9", record).error or "")
+    assert writes.waiting == (tmp_path / REVOCATIONS_FILE,)
+
+    in_the_way.rmdir()
+    (tmp_path / REVOCATIONS_FILE).rmdir()
+    assert writes.flush()
+    assert len(Trust(CA.public_key, tmp_path).revoked) == 1
