@@ -173,3 +173,42 @@ def test_an_idle_pair_proves_nothing_and_starts_a_new_window() -> None:
     )
     other = "192.168.1.21:51820"
     assert judge(trial, other, stats(900, 100), 99.0) == ("wait", Trial(other, 99.0, 900, 100))
+
+
+def test_a_confirmed_lan_path_is_read_seldom_and_one_on_trial_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    import meshd_zeroconf
+
+    monkeypatch.setattr(meshd_zeroconf, "WATCH_INTERVAL", 0.001)
+    monkeypatch.setattr(meshd_zeroconf, "CONFIRMED_WATCH", 3600.0)
+
+    class Counting(FakeAgent):
+        reads = 0
+        rx = 100
+
+        async def peer_stats(self) -> tuple[PeerStats, ...]:
+            self.reads += 1
+            self.rx += 10  # the peer's packets keep coming from the LAN endpoint
+            return (stats(self.reads * 10, self.rx),)
+
+    agent = Counting()
+    plugin = ZeroconfPlugin()
+    plugin.chosen[KEY] = ("n2", LAN)
+
+    async def run_for(seconds: float) -> None:
+        task = asyncio.create_task(plugin.watch(agent))  # type: ignore[arg-type]
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    asyncio.run(run_for(0.2))
+    # Two reads: the first opens the trial, the second sees the peer's packets there;
+    # then the path is confirmed and not read again within CONFIRMED_WATCH.
+    assert agent.reads == 2
+    assert plugin.confirmed == {KEY: LAN}
+
+    plugin.chosen[KEY] = ("n2", "192.168.1.21:51820")  # another endpoint: on trial again
+    asyncio.run(run_for(0.2))
+    assert agent.reads > 2
