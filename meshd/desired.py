@@ -57,6 +57,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from meshd.errors import DecodeError
+from meshd.hostport import parse_host_port
 from meshd.node import KnownPeer
 from meshd.pki.trust import PENDING
 from meshd.types import (
@@ -133,6 +135,24 @@ def host_prefix(address: IPAddress) -> IPNetwork:
     # Cached: every pass needs one per member address, and ipaddress builds a network
     # through its text form (at N=30 that was a third of an idle agent's pass).
     return ipaddress.ip_network(address)
+
+
+def default_endpoint(endpoints: Sequence[str], into_mesh: AbstractSet[IPNetwork]) -> str | None:
+    """A member's first endpoint that is not inside a network this node routes into the
+    mesh (the first one when all are); None when it published none."""
+    for endpoint in endpoints:
+        if not routed_into_mesh(endpoint, into_mesh):
+            return endpoint
+    return endpoints[0] if endpoints else None
+
+
+def routed_into_mesh(endpoint: str, into_mesh: AbstractSet[IPNetwork]) -> bool:
+    """Whether ``endpoint``'s address lies in one of ``into_mesh`` (a name: not known)."""
+    try:
+        host = ipaddress.ip_address(parse_host_port(endpoint)[0])
+    except (DecodeError, ValueError):
+        return False
+    return any(host in prefix for prefix in into_mesh)
 
 
 def address_owners(claims: Iterable[tuple[Claim, Sequence[IPAddress]]]) -> dict[IPAddress, Claim]:
@@ -227,6 +247,11 @@ def compute(
 
     by_name = {m.name: m for m in candidates}
     extra_routes = policy.routes(candidates)
+    # Networks this node sends into the mesh (a gateway's LAN): a member's endpoint in
+    # one of them would carry its WireGuard packets through another member's tunnel, and
+    # die with that gateway. Default routes are left out: an exit node's traffic is kept
+    # off WireGuard's own packets by policy routing.
+    into_mesh = {p for routes in extra_routes.values() for p in routes if p.prefixlen}
     peers: dict[str, PeerConfig] = {}
     routed: dict[str, list[IPNetwork]] = {}
     relayed: dict[str, str] = {}
@@ -253,8 +278,10 @@ def compute(
         if choice.via:
             relayed[member.name] = choice.via
         endpoint = choice.endpoint
+        if endpoint is not None and routed_into_mesh(endpoint, into_mesh):
+            endpoint = default_endpoint(record.endpoints, into_mesh)  # a policy's choice, too
         if endpoint is None and not choice.learn:
-            endpoint = record.endpoints[0] if record.endpoints else None
+            endpoint = default_endpoint(record.endpoints, into_mesh)
         base = PeerConfig(
             public_key=record.public_key,
             allowed_ips=tuple(prefixes),

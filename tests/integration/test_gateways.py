@@ -133,6 +133,14 @@ def test_an_approved_lan_is_reached_and_an_unapproved_route_is_ignored(gw: Gatew
             f"{node} routes {LAN} to n2",
         )
     assert "n2 (this node)" in mesh.meshd("n2", "status").stdout
+    # No WireGuard endpoint inside the routed LAN: n3 publishes its LAN address too, and
+    # a tunnel to it through n2's tunnel would carry n3's traffic only while n2 lives.
+    for node in ("n1", "n4"):
+        out = mesh.lab.run(node, ["wg", "show", mesh.lab.ifname(node, "mw"), "endpoints"]).stdout
+        pairs = [line.split() for line in out.splitlines()]
+        hosts = [p[1].rsplit(":", 1)[0].strip("[]") for p in pairs if len(p) == 2]
+        inside = [h for h in hosts if h != "(none)" and ipaddress.ip_address(h) in LAN]
+        assert inside == [], f"{node} reaches members through the LAN it routes: {out}"
     # n4's route stays ignored by every other node: not in status as approved, not in
     # WireGuard's allowed IPs, no kernel route.
     eventually(lambda: ("n4", str(UNAPPROVED)) in routes_of(mesh, "n2"), 10, "n2 sees n4's route")

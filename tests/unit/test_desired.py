@@ -400,3 +400,61 @@ def test_policy_routes_join_the_allowed_ips_of_their_member_or_its_routed_relay(
     assert lan in allowed[KEYS[2]]
     assert far in allowed[KEYS[1]]  # n3 rides n1's peer, and so does its route
     assert sum(lan in ips for ips in allowed.values()) == 1
+
+
+def test_an_endpoint_inside_a_network_routed_into_the_mesh_is_passed_over() -> None:
+    lan = ipaddress.ip_network("192.168.77.0/24")
+    gateway = member(1, "100.80.0.2")
+    behind = dataclasses.replace(
+        member(2, "100.80.0.3"),
+        record=dataclasses.replace(
+            record(2, "100.80.0.3"), endpoints=("192.168.77.3:51820", "198.18.0.3:51820")
+        ),
+    )
+    only_lan = dataclasses.replace(
+        member(3, "100.80.0.4"),
+        record=dataclasses.replace(record(3, "100.80.0.4"), endpoints=("192.168.77.4:51820",)),
+    )
+
+    def endpoints(routes: dict[str, list[IPNetwork]]) -> dict[str, str | None]:
+        state = compute(
+            own_name="n0",
+            own_record=record(0, "100.80.0.1"),
+            members=[gateway, behind, only_lan],
+            policy=Routing(extra=routes),
+        )
+        return {p.public_key: p.endpoint for p in state.peers}
+
+    # Through the gateway's tunnel the member's WireGuard packets would die with n1.
+    routed = endpoints({"n1": [lan]})
+    assert routed[KEYS[2]] == "198.18.0.3:51820"
+    assert routed[KEYS[3]] == "192.168.77.4:51820"  # nothing else published: kept
+    # No route into the mesh, or only a default route (exit nodes: policy routing).
+    assert endpoints({})[KEYS[2]] == "192.168.77.3:51820"
+    assert endpoints({"n1": [ipaddress.ip_network("0.0.0.0/0")]})[KEYS[2]] == "192.168.77.3:51820"
+
+
+@dataclass
+class LanChoice(Routing):
+    """A policy that picks a member's second endpoint (as the NAT plugin's LAN rule does)."""
+
+    def select_path(self, member: Member) -> PathChoice:
+        assert member.record is not None
+        return PathChoice(endpoint=member.record.endpoints[-1], label="direct (LAN)")
+
+
+def test_a_policy_chosen_endpoint_routed_into_the_mesh_is_replaced() -> None:
+    lan = ipaddress.ip_network("192.168.77.0/24")
+    behind = dataclasses.replace(
+        member(2, "100.80.0.3"),
+        record=dataclasses.replace(
+            record(2, "100.80.0.3"), endpoints=("198.18.0.3:51820", "192.168.77.3:51820")
+        ),
+    )
+    state = compute(
+        own_name="n0",
+        own_record=record(0, "100.80.0.1"),
+        members=[member(1, "100.80.0.2"), behind],
+        policy=LanChoice(extra={"n1": [lan]}),
+    )
+    assert {p.public_key: p.endpoint for p in state.peers}[KEYS[2]] == "198.18.0.3:51820"
