@@ -140,6 +140,7 @@ class PeerStats:
     last_handshake: float | None  # epoch seconds, None: never
     rx_bytes: int = 0
     tx_bytes: int = 0
+    keepalive: int | None = None  # persistent keepalive, seconds; None: off
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 from meshd import config as config_mod
@@ -51,6 +52,7 @@ from meshd.config import Config
 from meshd.control import ControlServer
 from meshd.errors import IdentityError, MeshdError, NetlinkError, WireGuardError
 from meshd.gossip.messages import SerfEvent
+from meshd.gossip.view import ViewUpdate, is_heartbeat
 from meshd.identity import decode_key
 from meshd.node import NodeStore, mesh_interface_addresses
 from meshd.pki.certificate import CertChain
@@ -325,6 +327,7 @@ class Agent:
         (RESYNC_INTERVAL after a failed pass)."""
         rt = self._rt
         resync = IDLE_RESYNC
+        last_pass = time.monotonic()
         while True:
             if not rt.has_gossip:  # restarting on a new address
                 await asyncio.sleep(0.2)
@@ -341,13 +344,18 @@ class Agent:
                     waiting: set[asyncio.Future[Any]] = {next_change, kick}
                     await asyncio.wait(
                         waiting,
-                        timeout=resync,
+                        timeout=max(0.0, last_pass + resync - time.monotonic()),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
-                    if kick.done():
+                    kicked = kick.done()
+                    if kicked:
                         rt.kicked.clear()
-                    if next_change.done():
+                    update = next_change.result() if next_change.done() else None
+                    if update is not None:
                         next_change = asyncio.ensure_future(subscription.__anext__())
+                        if not kicked and self._heartbeats_only(update):
+                            continue
+                    last_pass = time.monotonic()
                     try:
                         await self._pass()
                         resync = IDLE_RESYNC
@@ -358,6 +366,21 @@ class Agent:
                 next_change.cancel()
                 kick.cancel()
                 subscription.close()
+
+    def _heartbeats_only(self, update: ViewUpdate) -> bool:
+        """Whether a view update holds only heartbeats (:func:`is_heartbeat`): at N=40
+        one pass on every node for every member's minutely heartbeat was most of an idle
+        agent's CPU. Not for a member that said goodbye (a newer record is how it comes
+        back) or one whose name two Serf members hold (the newer record may win)."""
+        rt = self._rt
+        names = Counter(m.name for m in update.members.values())
+        return all(
+            is_heartbeat(c)
+            and c.after.record is not None
+            and c.after.record.public_key not in rt.departed
+            and names[c.after.name] == 1
+            for c in update.changes
+        )
 
     async def _pass(self) -> None:
         members = self.pipeline.observe()

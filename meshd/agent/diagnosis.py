@@ -6,8 +6,8 @@ interface's port, and every member's gossip state and record version.
 
 A record's version is its publisher's wall clock in milliseconds at the time it
 was published (:meth:`meshd.agent.presence.Presence.record`), and an agent
-republishes at least every ``REPUBLISH_INTERVAL`` (plus half a resync interval
-for its loop to notice). That is what the doctor measures clock skew with: a
+republishes at least every ``republish_interval(N)`` (its loop notices within
+``HEARD_RECHECK`` plus half a resync interval). That is what the doctor measures clock skew with: a
 version ahead of our clock means the peer's clock is ahead by at least that
 much; one older than the republish interval means it is behind by at least the
 excess. ``now`` is the agent's clock when it answers.
@@ -19,13 +19,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from meshd.agent.presence import REPUBLISH_INTERVAL, RESYNC_INTERVAL
+from meshd.agent.presence import HEARD_RECHECK, RESYNC_INTERVAL, republish_interval
 from meshd.agent.runtime import Runtime
 from meshd.desired import current_incarnations
 from meshd.errors import MeshdError
+from meshd.types import Member
 
-# How old a live member's record may be before its clock is suspect, in seconds.
-RECORD_MAX_AGE = REPUBLISH_INTERVAL + RESYNC_INTERVAL
+
+def record_max_age(members: int) -> float:
+    """How old a live member's record may be before its clock is suspect, in seconds.
+    Each node sizes its heartbeat by the mesh it sees: twice ours leaves room for a
+    member that sees more."""
+    return republish_interval(2 * members) + HEARD_RECHECK + RESYNC_INTERVAL
 
 
 class Diagnosis:
@@ -47,19 +52,21 @@ class Diagnosis:
             agent = rt.gossip.serf
             serf = {"running": agent.running, "pid": agent.pid, "restarts": agent.restarts}
         serf["joined"] = rt.joined.is_set()
+        # Versions from the live view: a heartbeat runs no pass, so the snapshot's lag.
+        live = rt.gossip.view.members if rt.has_gossip else {}
         members = [
             {
                 "name": m.name,
                 "state": m.state.value,
                 "certified": m.certified,
                 "certificate_error": m.certificate_error,
-                "record_version": m.record.version if m.record else None,
+                "record_version": _version(live.get(m.serf_name, m)),
             }
             for m in sorted(current_incarnations(rt.snapshot.others(rt.name)), key=lambda m: m.name)
         ]
         return {
             "now": time.time(),
-            "record_max_age": RECORD_MAX_AGE,
+            "record_max_age": record_max_age(len(members) + 1),
             "interface": {
                 "name": rt.iface.ifname,
                 "backend": rt.iface.backend_name,
@@ -72,3 +79,7 @@ class Diagnosis:
             "serf": serf,
             "members": members,
         }
+
+
+def _version(member: Member) -> int | None:
+    return member.record.version if member.record else None

@@ -96,10 +96,23 @@ class TrustExchange:
             chain = CertChain.decode(data)
             if not self._rt.trust.has_chain(chain.ref):
                 self._rt.trust.add_chain(data, chain.ref)
-                self._rt.kick()
+                if self._awaited(chain.ref):
+                    self._rt.kick()
             self.on_chain(chain)
         except IdentityError as exc:
             log.debug("ignored a certificate chain event: %s", exc)
+
+    def _awaited(self, ref: str) -> bool:
+        """Whether a member in the view publishes this chain: only then can a pass use
+        it now. The seed announces a joiner's chain before the joiner is a member, and
+        a pass on every node for it cost a second pass per join (the member's arrival
+        runs one anyway, and finds the chain)."""
+        rt = self._rt
+        if not rt.has_gossip:
+            return True
+        return any(
+            m.record is not None and m.record.cert == ref for m in rt.gossip.view.members.values()
+        )
 
     def take_revocation(self, data: bytes, source: str) -> None:
         try:

@@ -12,7 +12,7 @@
   alive, Serf starts again as a fresh member (the next name generation,
   :mod:`meshd.gossip.names`) and joins them.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
-  shook hands with this node (see its docstring), and every ``REPUBLISH_INTERVAL``.
+  shook hands with this node (see its docstring), and every ``republish_interval(N)``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ JOIN_TARGETS = 8
 UNHEARD_GRACE = 5.0
 REANNOUNCE_MAX = 60.0
 REPUBLISH_INTERVAL = 60.0
+# A heartbeat is a Serf broadcast and a members poll on every other node (no pass: see
+# meshd.gossip.view.is_heartbeat), so the interval grows with the mesh: the whole mesh
+# sends about one per REPUBLISH_PER_MEMBER seconds at any size, not N a minute.
+REPUBLISH_PER_MEMBER = 3.0
 # Once every member has shaken hands, the handshakes are read again on a view change,
 # for this long after it (until its newcomers are heard or counted unheard), and at
 # least this often (they feed "recent handshake", a 150 s window).
@@ -90,6 +94,11 @@ VIEW_POLL_INTERVAL = 2.0
 def _facts(record: NodeRecord) -> tuple[object, ...]:
     """What others act on in a record: all but its version."""
     return (record.endpoints, record.roles, record.routes, record.addresses, record.cert)
+
+
+def republish_interval(members: int) -> float:
+    """Seconds between two heartbeats of one node in a mesh of ``members`` nodes."""
+    return max(REPUBLISH_INTERVAL, REPUBLISH_PER_MEMBER * members)
 
 
 class Presence:
@@ -504,7 +513,7 @@ class Presence:
             )
             if not unheard:
                 delay, next_at = UNHEARD_GRACE, 0.0
-                if now - self._published_at > REPUBLISH_INTERVAL:
+                if now - self._published_at > republish_interval(len(alive) + 1):
                     # A heartbeat: a member that missed a tag update gets the record again.
                     with contextlib.suppress(MeshdError):
                         await self.publish()

@@ -381,7 +381,9 @@ class PluginFace:
         if not self._rt.has_iface:
             return ()
         return tuple(
-            PeerStats(p.public_key, p.endpoint, p.last_handshake, p.rx_bytes, p.tx_bytes)
+            PeerStats(
+                p.public_key, p.endpoint, p.last_handshake, p.rx_bytes, p.tx_bytes, p.keepalive
+            )
             for p in await self._rt.iface.peer_stats()
         )
 

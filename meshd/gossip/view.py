@@ -121,6 +121,20 @@ async def publish_record(
     return tags
 
 
+def is_heartbeat(change: MemberChange) -> bool:
+    """Whether ``change`` is a member publishing its unchanged record again (a newer
+    version, nothing else changed): every node sends one a minute or more seldom
+    (:func:`meshd.agent.presence.republish_interval`) and no pass needs to run for it."""
+    before, after = change.before, change.after
+    if before is None or before.record is None or after.record is None:
+        return False
+    return (
+        after.record.version > before.record.version
+        and replace(before.record, version=after.record.version) == after.record
+        and replace(before, record=after.record) == after
+    )
+
+
 def tells_of_member_change(log_line: str) -> bool:
     """Whether a line of the agent's log tells of a member change (the view then polls)."""
     return _MEMBER_LOG_MARK in log_line

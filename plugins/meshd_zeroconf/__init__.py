@@ -16,9 +16,9 @@ an advert is a hint that says *which* of a member's own endpoints is on this lin
 worst aim this node at an endpoint the member itself published; WireGuard talks
 there only with the member's certified key, so nobody else gets in. And the path
 stays only while it works: a task watches WireGuard's counters, and when this node
-has sent for 12 s and no authenticated packet of the member came from that
-endpoint, the endpoint is left for 60 s (:func:`judge`); the next advert's, or the
-NAT plugin's path, takes over.
+has sent for 12 s (plus the persistent keepalive interval) and no authenticated
+packet of the member came from that endpoint, the endpoint is left for 60 s
+(:func:`judge`); the next advert's, or the NAT plugin's path, takes over.
 
 Configuration (``[plugins.zeroconf]``, every key optional)::
 
@@ -117,19 +117,29 @@ class Trial:
     rx: int
 
 
+def silent_limit(stats: PeerStats) -> float:
+    """How long this node may send to a peer with nothing back before the path counts
+    as failed: SILENT_LIMIT, plus the persistent keepalive when it is on. A keepalive
+    is not data and gets no answer, so with only keepalives flowing each side hears
+    the other once per interval: an idle pair's 12-s window often held one of ours and
+    none of theirs, and a 40-node lab dropped working LAN paths every few minutes."""
+    return SILENT_LIMIT + (stats.keepalive or 0)
+
+
 def judge(trial: Trial | None, endpoint: str, stats: PeerStats, now: float) -> tuple[str, Trial]:
     """Whether the LAN path to a peer works: ``ok``, ``wait`` or ``failed``, and the
     trial to keep. It works when authenticated packets of the peer came from that
     endpoint (WireGuard moves the live endpoint to where they come from); it failed
-    when this node kept sending for SILENT_LIMIT s and nothing came back from there
-    (WireGuard answers data with a keepalive within 10 s). An idle pair proves
+    when this node kept sending for :func:`silent_limit` s and nothing came back from
+    there (WireGuard answers data with a keepalive within 10 s, and a peer with a
+    persistent keepalive sends one at least that often). An idle pair proves
     nothing either way: its window starts again."""
     fresh = Trial(endpoint, now, stats.tx_bytes, stats.rx_bytes)
     if trial is None or trial.endpoint != endpoint:
         return "wait", fresh
     if stats.rx_bytes > trial.rx and stats.endpoint == endpoint:
         return "ok", fresh
-    if now - trial.since < SILENT_LIMIT:
+    if now - trial.since < silent_limit(stats):
         return "wait", trial
     if stats.tx_bytes > trial.tx:
         return "failed", trial

@@ -7,6 +7,7 @@ here only the view's own decisions (states, reaping, coalescing) are under test.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from ipaddress import ip_address
 
@@ -19,6 +20,7 @@ from meshd.gossip.names import serf_node_name
 from meshd.gossip.record import encode_record
 from meshd.gossip.view import (
     MembershipView,
+    is_heartbeat,
     member_state,
     publish_record,
     tells_of_member_change,
@@ -122,6 +124,26 @@ def test_an_unchanged_poll_is_no_update_and_a_record_change_is_one() -> None:
     assert change.before is not None
     assert change.before.record == rec(2, 1)
     assert change.after.record == rec(2, 2)
+
+
+def test_a_newer_version_of_an_unchanged_record_is_a_heartbeat_and_nothing_else_is() -> None:
+    view = MembershipView(ScriptedSerf())  # type: ignore[arg-type]
+    view.apply([sm(1), sm(2)])
+
+    def change(*listed: SerfMember) -> bool:
+        update = view.apply(list(listed))
+        assert update is not None
+        (only,) = update.changes
+        return is_heartbeat(only)
+
+    assert change(sm(1), sm(2, version=2))
+    moved = dataclasses.replace(rec(2, 3), endpoints=("198.18.0.2:51820",))
+    assert not change(sm(1), sm(2, tags=encode_record(moved)))
+    assert not change(sm(1), sm(2, status="failed", version=3))  # a state change
+    assert not change(sm(1), sm(2, version=4))  # back to alive
+    assert not change(sm(1), sm(2, version=2))  # an older version: not a heartbeat
+    assert not change(sm(1), sm(2, tags={"v": "x"}))  # undecodable
+    assert not change(sm(1), sm(2, tags={"v": "x"}), sm(3))  # a new member
 
 
 def test_left_and_failed_are_different_and_failed_may_come_back() -> None:
