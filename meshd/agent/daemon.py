@@ -298,6 +298,8 @@ class Agent:
         await asyncio.gather(*closers)
         if leaving:
             rt.store.save_peers([])
+        else:
+            self.pipeline.flush()
         if budget.abandoned:
             log.warning("stopped, abandoning: %s", ", ".join(budget.abandoned))
         else:

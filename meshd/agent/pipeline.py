@@ -8,6 +8,7 @@ reference); the result, with the desired state, becomes the runtime's
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -40,6 +41,11 @@ KNOWN_PEER_GRACE = 120.0
 # A live WireGuard session re-handshakes at least every 2 minutes (REKEY_AFTER_TIME,
 # driven by the keepalives): a handshake younger than this means the peer is there.
 RECENT_HANDSHAKE = 150.0
+# The peers a changing pass applied are written this long after it, once for a burst:
+# a join runs a pass on every node at once, and writing 40 peers with their chains
+# there (~10 ms each) delayed every other node's pass on a shared machine. A restart
+# within that second re-joins through the peers saved before.
+SAVE_DELAY = 1.0
 
 
 def certify(
@@ -115,6 +121,7 @@ class Pipeline:
         self._notified: MeshView | None = None
         self._known_checked = -1
         self._saved_chains: frozenset[tuple[str, str]] = frozenset()
+        self._save_due: asyncio.TimerHandle | None = None
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
@@ -186,6 +193,13 @@ class Pipeline:
         rt.snapshot = snapshot
         result = await rt.iface.reconcile(desired.peers)
         stats = rt.engine_stats
+        log.debug(
+            "pass: %d member(s), %d peer(s), %d op(s), %.1f ms",
+            len(members),
+            len(desired.peers),
+            result.operations,
+            (time.monotonic() - started) * 1000,
+        )
         rt.engine_stats = dataclasses.replace(
             stats,
             passes=stats.passes + 1,
@@ -195,11 +209,11 @@ class Pipeline:
             last_pass=time.time(),
         )
         chains = self._peer_chains(snapshot)
-        if result.operations or chains != self._saved_chains:
+        if (result.operations or chains != self._saved_chains) and self._save_due is None:
             # Also when only a certificate changed (a CA rotation renews every member
             # without touching WireGuard): a restart must not restore a stale chain.
-            self._save_peers(snapshot)
-            self._saved_chains = chains
+            self._save_due = asyncio.get_running_loop().call_later(SAVE_DELAY, self.flush)
+        self._saved_chains = chains
         view = MeshView(node=rt.identity, members=members, peers=desired.peers)
         if result.operations or view != self._notified:
             self._notified = view
@@ -215,6 +229,15 @@ class Pipeline:
             for key in (p.public_key for p in snapshot.desired.peers)
             if (member := by_key.get(key)) is not None and member.record is not None
         )
+
+    def flush(self) -> None:
+        """Write the peers of the latest pass now if a changing pass left them unwritten
+        (at SAVE_DELAY after it, and at shutdown)."""
+        if self._save_due is None:
+            return
+        self._save_due.cancel()
+        self._save_due = None
+        self._save_peers(self._rt.snapshot)
 
     def _save_peers(self, snapshot: Snapshot) -> None:
         """The peers just applied, with what a restart needs to re-join and re-admit them."""

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _KEYS = ("zone", "directory", "ttl", "files", "serve", "port", "resolved", "reload")
 BIND_RETRY = 1.0  # seconds between tries to bind the responder (the address comes up late)
 RELOAD_TIMEOUT = 10.0  # seconds a reload command may take
+EXPORT_SETTLE = 0.5  # seconds the files lag a change of the mesh, at most once per burst
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class DnsPlugin:
         self._origin = ""
         self._own = ""
         self._pending: dict[str, tuple[IPAddress, ...]] | None = None
+        self._view: tuple[MeshView, tuple[IPAddress, ...]] | None = None
         self._changed: asyncio.Event | None = None
         self._split_dns_on: str | None = None  # the interface resolved routes the zone on
 
@@ -150,7 +152,9 @@ class DnsPlugin:
     def meshd_mesh_changed(self, agent: AgentAPI, view: MeshView) -> None:
         if self._changed is None:
             return
-        self._pending = hosts_of_view(view, agent.mesh_addresses)
+        # Named in the export task, a moment later: a join runs a pass on every node
+        # at once, and naming 40 members there took CPU the other nodes' passes needed.
+        self._view = (view, agent.mesh_addresses)
         self._changed.set()
 
     @hookimpl
@@ -177,7 +181,11 @@ class DnsPlugin:
         failing = False  # the first failure of a run is a warning, the rest debug
         while True:
             await self._changed.wait()
+            await asyncio.sleep(EXPORT_SETTLE)  # one write for a burst of changes
             self._changed.clear()
+            if self._view is not None:
+                self._pending = hosts_of_view(*self._view)
+                self._view = None
             named, self._pending = self._pending, None
             if named is None:
                 continue
