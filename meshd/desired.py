@@ -148,11 +148,18 @@ def default_endpoint(endpoints: Sequence[str], into_mesh: AbstractSet[IPNetwork]
 
 def routed_into_mesh(endpoint: str, into_mesh: AbstractSet[IPNetwork]) -> bool:
     """Whether ``endpoint``'s address lies in one of ``into_mesh`` (a name: not known)."""
-    try:
-        host = ipaddress.ip_address(parse_host_port(endpoint)[0])
-    except (DecodeError, ValueError):
+    if not into_mesh:  # the usual case: parsing every member's endpoint was ~15 % of a pass
         return False
-    return any(host in prefix for prefix in into_mesh)
+    host = _endpoint_address(endpoint)
+    return host is not None and any(host in prefix for prefix in into_mesh)
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_address(endpoint: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(parse_host_port(endpoint)[0])
+    except (DecodeError, ValueError):
+        return None
 
 
 def address_owners(claims: Iterable[tuple[Claim, Sequence[IPAddress]]]) -> dict[IPAddress, Claim]:
