@@ -130,18 +130,24 @@ def judge(trial: Trial | None, endpoint: str, stats: PeerStats, now: float) -> t
     """Whether the LAN path to a peer works: ``ok``, ``wait`` or ``failed``, and the
     trial to keep. It works when authenticated packets of the peer came from that
     endpoint (WireGuard moves the live endpoint to where they come from); it failed
-    when this node kept sending for :func:`silent_limit` s and nothing came back from
-    there (WireGuard answers data with a keepalive within 10 s, and a peer with a
-    persistent keepalive sends one at least that often). An idle pair proves
+    when this node kept sending for :func:`silent_limit` s and nothing came back
+    (WireGuard answers data with a keepalive within 10 s, and a peer with a persistent
+    keepalive sends one at least that often), or for SILENT_LIMIT s while the peer's
+    packets came from another endpoint (WireGuard then moved there: a forged advert's
+    address is left as soon as the peer's own keepalive arrives). An idle pair proves
     nothing either way: its window starts again."""
     fresh = Trial(endpoint, now, stats.tx_bytes, stats.rx_bytes)
     if trial is None or trial.endpoint != endpoint:
         return "wait", fresh
-    if stats.rx_bytes > trial.rx and stats.endpoint == endpoint:
+    heard = stats.rx_bytes > trial.rx
+    if heard and stats.endpoint == endpoint:
         return "ok", fresh
+    sent = stats.tx_bytes > trial.tx
+    if heard and sent and now - trial.since >= SILENT_LIMIT:
+        return "failed", trial  # the peer answers, but from elsewhere: WireGuard moved there
     if now - trial.since < silent_limit(stats):
         return "wait", trial
-    if stats.tx_bytes > trial.tx:
+    if sent:
         return "failed", trial
     return "wait", fresh
 

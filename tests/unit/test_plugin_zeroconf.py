@@ -175,6 +175,11 @@ def test_with_persistent_keepalives_a_pair_gets_one_interval_more_before_it_fail
     assert judge(trial, LAN, keepalives, SILENT_LIMIT + 25)[0] == "failed"
     answered = PeerStats(KEY, LAN, 1.0, rx_bytes=132, tx_bytes=132, keepalive=25)
     assert judge(trial, LAN, answered, SILENT_LIMIT + 20)[0] == "ok"
+    # The peer's keepalive came, from another endpoint (a forged advert's address is not
+    # the peer's): no need to wait the longer limit.
+    moved = PeerStats(KEY, "198.18.0.4:51820", 1.0, rx_bytes=132, tx_bytes=132, keepalive=25)
+    assert judge(trial, LAN, moved, SILENT_LIMIT - 1) == ("wait", trial)
+    assert judge(trial, LAN, moved, SILENT_LIMIT)[0] == "failed"
 
 
 def test_an_idle_pair_proves_nothing_and_starts_a_new_window() -> None:
