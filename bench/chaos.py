@@ -112,6 +112,10 @@ def fmt(seconds: float | None) -> str:
     return "never" if seconds is None else f"{seconds:.1f} s"
 
 
+def fmt_ms(rtt: float | None) -> str:
+    return "no answer" if rtt is None else f"{rtt:.1f} ms"
+
+
 def log_offsets(mesh: MeshLab, nodes: Sequence[str]) -> dict[str, int]:
     return {n: mesh.lab.log_path(n, AGENT).stat().st_size for n in nodes}
 
@@ -356,6 +360,10 @@ async def lossy_window(
                     faults.delay, lab, node, delay_ms=DELAY_MS, loss_percent=LOSS_PERCENT
                 )
         say(f"  lossy: {how} on {', '.join(lossy)}")
+        # What was applied, seen from outside: a lossy host's underlay ping to a clean one.
+        clean = next(n for n in nodes if n not in lossy)
+        rtt = await asyncio.to_thread(lab.ping, lossy[0], lab.node(clean).address)
+        say(f"  lossy: underlay ping {lossy[0]} -> {clean}: {fmt_ms(rtt)}")
         lines: dict[str, Any] = {}
         try:
             await asyncio.sleep(length)  # the window both sides are counted over
@@ -385,12 +393,13 @@ async def lossy_window(
 
 
 def delay_line_summary(lines: dict[str, Any]) -> str:
-    """What the delay lines did, summed: passed, dropped (share), and any that died."""
+    """What the delay lines did, summed: passed, dropped (share), CPU; any that died."""
     died = sorted(node for node, stats in lines.items() if stats is None)
     passed = sum(s["passed"] for s in lines.values() if s)
     dropped = sum(s["dropped"] for s in lines.values() if s)
     share = 100 * dropped / (passed + dropped) if passed + dropped else 0.0
-    summary = f"passed {passed} packets, dropped {dropped} ({share:.1f} %)"
+    cpu = sum(s["cpu_s"] for s in lines.values() if s)
+    summary = f"passed {passed} packets, dropped {dropped} ({share:.1f} %), {cpu:.1f} CPU s in all"
     return summary + (f"; DIED before the end on {', '.join(died)}" if died else "")
 
 

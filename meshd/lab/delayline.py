@@ -59,6 +59,7 @@ class DelayStats:
     passed: int = 0
     dropped: int = 0
     held: int = 0  # still waiting when it stopped (lost, as with a removed qdisc)
+    cpu_s: float = 0.0  # the process's CPU time, user and system
 
 
 class DelayLine:
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.close(fd)
         line.stats.held = len(line)
+        times = os.times()
+        line.stats.cpu_s = round(times.user + times.system, 3)
         log.info("stopped: %s", asdict(line.stats))
         if args.stats:
             atomic_write(args.stats, json.dumps(asdict(line.stats)) + "\n")
