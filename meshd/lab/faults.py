@@ -152,11 +152,12 @@ def delay(
     on (its "sticky" sockets), which a destination rule never sees, but a reroute does.
     What the line writes back comes in on ``dl0`` (unmarked) and the main table forwards
     it out of the underlay interface (forwarding only on ``dl0``; ``accept_local``, as
-    its source is the host's own address; no reverse-path filter). The host's own
-    addresses and the mesh's tunnels are untouched (the tunnel's outer packets are
-    delayed like any other). A mark the host's own sockets set (meshd's exit-node
-    fwmark) is overwritten on the way out and is gone when the packet comes back.
-    A ``LabError`` if the line does not come up.
+    its source is the host's own address; no reverse-path filter); a rule keeps later
+    rules (an exit node's) off it. The host's own addresses and the mesh's tunnels are
+    not delayed themselves (their outer packets are, like any other). A mark the
+    host's sockets set (meshd's exit-node fwmark) is overwritten on the way out, after
+    it has chosen the route. IPv4 only, as the lab's underlay. A ``LabError`` if the
+    line does not come up.
     """
     lab_node = lab.node(node)
     if _link_exists(lab, node, DELAY_DEVICE):
@@ -184,6 +185,9 @@ def delay(
             f"link set {DELAY_DEVICE} up",
             f"route replace default dev {DELAY_DEVICE} table {DELAY_ROUTES}",
             f"rule add pref {DELAY_ROUTES} fwmark {DELAY_MARK:#x} lookup {DELAY_ROUTES}",
+            # Back from the line: the main table, whole, before any later rule (an exit
+            # node's would send it into the mesh) - the way it first went out.
+            f"rule add pref {DELAY_ROUTES + 1} iif {DELAY_DEVICE} lookup main",
         ],
     )
     netns.load_nft(ns, _delay_ruleset(lab_node.interface))
@@ -200,7 +204,8 @@ def clear_delay(lab: Lab, node: str) -> DelayStats | None:
     """Take :func:`delay` off ``node``; what its line passed and dropped (None: it had
     none, or it had died). Packets still in the line are lost, as with a removed qdisc."""
     lab.run(node, ["nft", "delete", "table", "inet", DELAY_TABLE], check=False)
-    lab.run(node, ["ip", "rule", "del", "pref", str(DELAY_ROUTES)], check=False)
+    for pref in (DELAY_ROUTES, DELAY_ROUTES + 1):
+        lab.run(node, ["ip", "rule", "del", "pref", str(pref)], check=False)
     lab.run(node, ["ip", "route", "flush", "table", str(DELAY_ROUTES)], check=False)
     running = delay_running(lab, node)
     lab.kill(node, DELAY_PROCESS)
