@@ -21,8 +21,9 @@ debug, so Serf's own member events are in their logs), then these runs in order:
   while it is full, the node's log lines about it, whether every state file parses,
   and the seconds from freeing the space until the revocation is on disk.
 - lossy: ``tc netem`` 10 % loss and 100 ms delay on the underlay of a third of the
-  hosts for ``--lossy`` s (120; on a kernel without netem: 10 % loss by nftables, no
-  delay, and it says so), with bare ``serf agent``s (own ports) side by side on the
+  hosts for ``--lossy`` s (120; on a kernel without netem: the same from a userspace
+  delay line, :func:`meshd.lab.faults.delay`, and it says so, with what the lines
+  passed and dropped), with bare ``serf agent``s (own ports) side by side on the
   same hosts: Serf "EventMemberFailed" events seen by meshd's serfs and by the bare
   ones in that window, and pairs silent at its end.
 
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,8 @@ RUNS = ("partition", "one-way", "storm", "power", "disk", "lossy")
 SERF_PORT = 7947  # the bare serfs' ports: never meshd's own (7946, RPC 7373)
 SERF_RPC = "127.0.0.1:7374"
 MEMBER_FAILED = "EventMemberFailed"
+LOSS_PERCENT = 10  # the lossy run's loss and delay (issue 16)
+DELAY_MS = 100
 
 
 def say(line: str) -> None:
@@ -106,6 +110,10 @@ def seconds_until(
 
 def fmt(seconds: float | None) -> str:
     return "never" if seconds is None else f"{seconds:.1f} s"
+
+
+def fmt_ms(rtt: float | None) -> str:
+    return "no answer" if rtt is None else f"{rtt:.1f} ms"
 
 
 def log_offsets(mesh: MeshLab, nodes: Sequence[str]) -> dict[str, int]:
@@ -332,17 +340,31 @@ async def lossy_window(
         await asyncio.sleep(5)  # one cluster before the window opens
         offsets = log_offsets(mesh, nodes)
         counter.count = 0
-        how = "tc netem 10 % loss, 100 ms delay"
+        how = f"tc netem {LOSS_PERCENT} % loss, {DELAY_MS} ms delay"
+        delay_lines = False
         try:
             for node in lossy:
-                await asyncio.to_thread(faults.netem, lab, node, loss_percent=10, delay_ms=100)
+                await asyncio.to_thread(
+                    faults.netem, lab, node, loss_percent=LOSS_PERCENT, delay_ms=DELAY_MS
+                )
         except LabError as exc:
             if "unknown" not in str(exc):
                 raise
-            how = "nftables 10 % loss, NO delay (this kernel has no netem)"
+            how = (
+                f"userspace delay line {DELAY_MS} ms + {LOSS_PERCENT} % loss "
+                "(this kernel has no netem)"
+            )
+            delay_lines = True
             for node in lossy:
-                faults.random_loss(lab, node, 10)
+                await asyncio.to_thread(
+                    faults.delay, lab, node, delay_ms=DELAY_MS, loss_percent=LOSS_PERCENT
+                )
         say(f"  lossy: {how} on {', '.join(lossy)}")
+        # What was applied, seen from outside: a lossy host's underlay ping to a clean one.
+        clean = next(n for n in nodes if n not in lossy)
+        rtt = await asyncio.to_thread(lab.ping, lossy[0], lab.node(clean).address)
+        say(f"  lossy: underlay ping {lossy[0]} -> {clean}: {fmt_ms(rtt)}")
+        lines: dict[str, Any] = {}
         try:
             await asyncio.sleep(length)  # the window both sides are counted over
             bare_failed = counter.count
@@ -350,12 +372,35 @@ async def lossy_window(
             silent = len(await asyncio.to_thread(silent_pairs, mesh, nodes, 3))
         finally:
             for node in lossy:
-                faults.clear_netem(lab, node)
+                if delay_lines:
+                    stats = await asyncio.to_thread(faults.clear_delay, lab, node)
+                    lines[node] = None if stats is None else asdict(stats)
+                else:
+                    faults.clear_netem(lab, node)
             faults.heal(lab, lossy)
+        if delay_lines:
+            say(f"  lossy: delay lines {delay_line_summary(lines)}")
     finally:
         await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
         serf_log.removeHandler(counter)
-    return {"how": how, "meshd_failed": meshd_failed, "bare_failed": bare_failed, "silent": silent}
+    return {
+        "how": how,
+        "meshd_failed": meshd_failed,
+        "bare_failed": bare_failed,
+        "silent": silent,
+        "delay_lines": lines,
+    }
+
+
+def delay_line_summary(lines: dict[str, Any]) -> str:
+    """What the delay lines did, summed: passed, dropped (share), CPU; any that died."""
+    died = sorted(node for node, stats in lines.items() if stats is None)
+    passed = sum(s["passed"] for s in lines.values() if s)
+    dropped = sum(s["dropped"] for s in lines.values() if s)
+    share = 100 * dropped / (passed + dropped) if passed + dropped else 0.0
+    cpu = sum(s["cpu_s"] for s in lines.values() if s)
+    summary = f"passed {passed} packets, dropped {dropped} ({share:.1f} %), {cpu:.1f} CPU s in all"
+    return summary + (f"; DIED before the end on {', '.join(died)}" if died else "")
 
 
 def run_lossy(mesh: MeshLab, nodes: list[str], length: float, rng: random.Random) -> dict[str, Any]:

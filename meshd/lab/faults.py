@@ -9,6 +9,10 @@
   :func:`clear_netem` takes it off. Kernels built without netem (some VM kernels)
   refuse it: :func:`random_loss` drops a share of what the host sends with nftables
   instead (loss only, no delay); :func:`heal` takes that off too.
+- :func:`delay` puts loss and delay on what a host sends out of its underlay interface
+  without netem: a userspace delay line (:mod:`meshd.lab.delayline`) behind a TUN
+  device, a mark and policy routing; :func:`clear_delay` takes it off and says what
+  it passed and dropped.
 - :func:`netns_processes` and :func:`interfaces` list what lives in a host's
   namespace: after a crash, a leaked ``serf`` or ``wireguard-go`` or an orphaned
   interface shows there; :func:`stray_processes` names what should not be there.
@@ -21,12 +25,15 @@ from __future__ import annotations
 import collections
 import errno
 import json
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from meshd.errors import MeshdError
+from meshd.errors import LabError, MeshdError
 from meshd.lab import netns
+from meshd.lab.delayline import DelayStats
 from meshd.lab.lab import Lab
 from meshd.lab.mesh import AGENT
 from meshd.node import NodeStore
@@ -34,6 +41,11 @@ from meshd.pki.trust import Trust
 
 FAULT_TABLE = "meshd_fault"
 LOSS_TABLE = "meshd_loss"
+DELAY_DEVICE = "dl0"
+DELAY_PROCESS = "delayline"  # its name for Lab.spawn
+DELAY_ROUTES = 1616  # the routing table, and the preference of the rule that leads there
+DELAY_MARK = 0x1616
+DELAY_TABLE = "meshd_delay"
 
 
 def _drop_from(sources: Iterable[str]) -> str:
@@ -94,6 +106,115 @@ def netem(lab: Lab, node: str, *, loss_percent: float, delay_ms: int) -> None:
 
 def clear_netem(lab: Lab, node: str) -> None:
     lab.run(node, ["tc", "qdisc", "del", "dev", lab.node(node).interface, "root"], check=False)
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise LabError(f"{what}: not after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _link_exists(lab: Lab, node: str, device: str) -> bool:
+    return lab.run(node, ["ip", "link", "show", "dev", device], check=False).returncode == 0
+
+
+def _delay_stats_path(lab: Lab, node: str) -> Path:
+    return lab.node_dir(node) / "delayline.json"
+
+
+def _delay_ruleset(interface: str) -> str:
+    """Mark what the host sends out of ``interface``; the mark reroutes it (a route chain)."""
+    return (
+        f"table inet {DELAY_TABLE} {{\n"
+        "  chain output {\n"
+        "    type route hook output priority mangle; policy accept;\n"
+        f'    meta nfproto ipv4 oifname "{interface}" meta mark set {DELAY_MARK:#x}\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def delay(
+    lab: Lab, node: str, *, delay_ms: float, loss_percent: float = 0, seed: int | None = None
+) -> None:
+    """What ``netem delay <delay_ms>ms loss <loss_percent>%`` on ``node``'s underlay
+    interface does, for kernels without netem: every IPv4 packet ``node`` sends out of
+    it is dropped with that probability, else sent ``delay_ms`` later.
+
+    How: the delay line process (:mod:`meshd.lab.delayline`, spawned in the host's
+    namespace) creates TUN device ``dl0``. An nftables route chain marks every packet
+    the host sends out of its underlay interface, and the changed mark makes the kernel
+    route it again: a rule sends the mark to table 1616, whose default route is
+    ``dl0``. Routing by mark, not by destination, because a socket may pick its way out
+    itself: wireguard-go sends with the interface index its peer's last packet came in
+    on (its "sticky" sockets), which a destination rule never sees, but a reroute does.
+    What the line writes back comes in on ``dl0`` (unmarked) and the main table forwards
+    it out of the underlay interface (forwarding only on ``dl0``; ``accept_local``, as
+    its source is the host's own address; no reverse-path filter); a rule keeps later
+    rules (an exit node's) off it. The host's own addresses and the mesh's tunnels are
+    not delayed themselves (their outer packets are, like any other). A mark the
+    host's sockets set (meshd's exit-node fwmark) is overwritten on the way out, after
+    it has chosen the route. IPv4 only, as the lab's underlay. A ``LabError`` if the
+    line does not come up.
+    """
+    lab_node = lab.node(node)
+    if _link_exists(lab, node, DELAY_DEVICE):
+        raise LabError(f"delay line: {node} has one already (clear_delay first)")
+    stats = _delay_stats_path(lab, node)
+    stats.unlink(missing_ok=True)
+    argv = [
+        sys.executable, "-m", "meshd.lab.delayline", "--device", DELAY_DEVICE,
+        "--delay-ms", f"{delay_ms:g}", "--loss-percent", f"{loss_percent:g}",
+        "--stats", str(stats), *(["--seed", str(seed)] if seed is not None else []),
+    ]  # fmt: skip
+    lab.spawn(node, argv, name=DELAY_PROCESS)
+    _until(lambda: _link_exists(lab, node, DELAY_DEVICE), 10, f"{node}'s delay line device")
+    ns = lab.netns_of(node)
+    for key, value in (("forwarding", "1"), ("accept_local", "1"), ("rp_filter", "0")):
+        netns.set_sysctl(ns, f"net.ipv4.conf.{DELAY_DEVICE}.{key}", value)
+    # The reverse-path filter of a device is the stricter of its own and "all"'s.
+    netns.set_sysctl(ns, "net.ipv4.conf.all.rp_filter", "0")
+    # The underlay is IPv4; without this the kernel's own IPv6 chatter on dl0 (router
+    # solicitations) would come back to it through the line.
+    netns.set_sysctl(ns, f"net.ipv6.conf.{DELAY_DEVICE}.disable_ipv6", "1")
+    netns.ip_batch(
+        ns,
+        [
+            f"link set {DELAY_DEVICE} up",
+            f"route replace default dev {DELAY_DEVICE} table {DELAY_ROUTES}",
+            f"rule add pref {DELAY_ROUTES} fwmark {DELAY_MARK:#x} lookup {DELAY_ROUTES}",
+            # Back from the line: the main table, whole, before any later rule (an exit
+            # node's would send it into the mesh) - the way it first went out.
+            f"rule add pref {DELAY_ROUTES + 1} iif {DELAY_DEVICE} lookup main",
+        ],
+    )
+    netns.load_nft(ns, _delay_ruleset(lab_node.interface))
+
+
+def delay_running(lab: Lab, node: str) -> bool:
+    """Whether ``node``'s delay line process is still running."""
+    return any(
+        p["alive"] for p in lab.processes() if (p["node"], p["name"]) == (node, DELAY_PROCESS)
+    )
+
+
+def clear_delay(lab: Lab, node: str) -> DelayStats | None:
+    """Take :func:`delay` off ``node``; what its line passed and dropped (None: it had
+    none, or it had died). Packets still in the line are lost, as with a removed qdisc."""
+    lab.run(node, ["nft", "delete", "table", "inet", DELAY_TABLE], check=False)
+    for pref in (DELAY_ROUTES, DELAY_ROUTES + 1):
+        lab.run(node, ["ip", "rule", "del", "pref", str(pref)], check=False)
+    lab.run(node, ["ip", "route", "flush", "table", str(DELAY_ROUTES)], check=False)
+    running = delay_running(lab, node)
+    lab.kill(node, DELAY_PROCESS)
+    _until(lambda: not delay_running(lab, node), 10, f"{node}'s delay line ends")
+    _until(lambda: not _link_exists(lab, node, DELAY_DEVICE), 10, f"{node}'s {DELAY_DEVICE} goes")
+    stats = _delay_stats_path(lab, node)
+    if not running or not stats.exists():
+        return None
+    return DelayStats(**json.loads(stats.read_text()))
 
 
 class Process(NamedTuple):

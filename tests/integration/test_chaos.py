@@ -16,14 +16,21 @@ this order:
   at the end; a revocation gossiped to it then cannot be written there: the agent
   keeps serving the mesh with the revocation in force, logs that once, every state
   file still parses; once there is room again the revocation reaches the disk.
+- a delay line (:func:`meshd.lab.faults.delay`, for kernels without netem): 100 ms on
+  what one host sends to its underlay; pings to another host's underlay and through
+  the mesh take >= 100 ms, a TCP connection works through it, and after it is cleared
+  the RTT is back under 20 ms.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +216,60 @@ def test_a_full_state_directory_leaves_the_mesh_working_and_every_file_whole(
     filler.unlink(missing_ok=True)
     eventually(lambda: revocations_on_disk(state) == expected, 30, "the revocation is saved")
     assert not faults.state_problems(state)
+
+
+DELAYED, OTHER = "n1", "n2"
+DELAY_MS = 100
+ECHO_PORT = 7070
+ECHO_SERVER = """
+import socket, sys
+with socket.create_server((sys.argv[1], int(sys.argv[2]))) as server:
+    conn, _ = server.accept()
+    with conn:
+        conn.sendall(conn.recv(100))
+"""
+ECHO_CLIENT = """
+import json, socket, sys, time
+started = time.monotonic()
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+    connected = time.monotonic()
+    conn.sendall(b"through the delay line")
+    print(json.dumps({"connect_ms": (connected - started) * 1000, "echo": conn.recv(100).decode()}))
+"""
+
+
+def min_rtt_ms(mesh: MeshLab, src: str, address: str) -> float:
+    """The shortest RTT of 5 pings from ``src`` to ``address`` (all must answer)."""
+    done = mesh.lab.run(src, ["ping", "-n", "-q", "-c", "5", "-i", "0.2", "-w", "5", address])
+    found = re.search(r"= ([\d.]+)/", done.stdout)
+    assert found, done.stdout
+    return float(found.group(1))
+
+
+def test_a_delay_line_delays_what_a_host_sends_and_tcp_gets_through(mesh: MeshLab) -> None:
+    lab = mesh.lab
+    other = lab.node(OTHER).address
+    faults.delay(lab, DELAYED, delay_ms=DELAY_MS)
+    try:
+        assert min_rtt_ms(mesh, DELAYED, other) >= DELAY_MS
+        # The other way too (the replies are delayed), and through the mesh's tunnel.
+        assert min_rtt_ms(mesh, OTHER, lab.node(DELAYED).address) >= DELAY_MS
+        assert min_rtt_ms(mesh, DELAYED, mesh.mesh_address(OTHER)) >= DELAY_MS
+        lab.spawn(OTHER, [sys.executable, "-c", ECHO_SERVER, other, str(ECHO_PORT)], name="echo")
+        eventually(
+            lambda: f"{other}:{ECHO_PORT}" in lab.run(OTHER, ["ss", "-ltnH"]).stdout,
+            10,
+            "the echo server listens",
+        )
+        client = [sys.executable, "-c", ECHO_CLIENT, other, str(ECHO_PORT)]
+        answer = json.loads(lab.run(DELAYED, client).stdout)
+        assert answer["echo"] == "through the delay line"
+        assert answer["connect_ms"] >= DELAY_MS  # the SYN waited in the line
+    finally:
+        stats = faults.clear_delay(lab, DELAYED)
+    print(f"delay line: {stats}")
+    assert stats is not None, "the delay line died before it was cleared"
+    assert stats.dropped == 0
+    assert stats.passed >= 15 + 3  # the pings above and the TCP handshake at least
+    assert min_rtt_ms(mesh, DELAYED, other) < 20
+    assert faults.DELAY_DEVICE not in faults.interfaces(lab, DELAYED)
