@@ -19,7 +19,7 @@ from meshd.desired import DesiredState, compute
 from meshd.errors import IdentityError, MeshdError
 from meshd.node import KnownPeer, gossip_address
 from meshd.pki.certificate import CertChain
-from meshd.pki.trust import Trust
+from meshd.pki.trust import PENDING, Trust
 from meshd.plugins import PluginHost
 from meshd.types import (
     Admission,
@@ -53,17 +53,30 @@ def certify(
     trust: Trust,
     own_name: str,
     departed: Mapping[str, int],
+    held: Mapping[str, str] | None = None,
 ) -> tuple[Member, ...]:
     """Each member with the trust store's verdict on its record.
 
     A member that said goodbye through its tunnel (``departed``) is shown as left,
     whatever Serf says yet (a leave can reach a node as "failed" first).
+
+    ``held`` maps a Serf name to the chain reference that last certified it. A record
+    naming a chain not fetched yet is judged by that chain meanwhile (same name and
+    key, and everything the trust store checks: revocations, expiry, addresses): a
+    renewed certificate (a CA rotation) can arrive after the record that names it,
+    and the member would otherwise lose its peer until it does (a lab pair silent
+    for 5.9 s during a rotation).
     """
     result = []
     for member in members:
         record = member.record
         if record is not None and member.name != own_name:
             verdict = trust.verdict(member.name, record)
+            before = (held or {}).get(member.serf_name)
+            if verdict.error == PENDING and before is not None and before != record.cert:
+                previous = trust.verdict(member.name, dataclasses.replace(record, cert=before))
+                if previous.certified and set(record.addresses) <= set(previous.addresses):
+                    verdict = previous
             member = dataclasses.replace(
                 member,
                 certified=verdict.certified,
@@ -122,12 +135,20 @@ class Pipeline:
         self._known_checked = -1
         self._saved_chains: frozenset[tuple[str, str]] = frozenset()
         self._save_due: asyncio.TimerHandle | None = None
+        self._held: dict[str, str] = {}  # Serf name -> the chain that certified it last
 
     def observe(self) -> tuple[Member, ...]:
         """The view's members, certified; also forgets departures of members back alive."""
         rt = self._rt
         view = rt.gossip.view.members.values() if rt.has_gossip else ()
-        members = certify(view, rt.trust, rt.name, rt.departed)
+        members = certify(view, rt.trust, rt.name, rt.departed, self._held)
+        self._held = {
+            m.serf_name: m.record.cert if rt.trust.has_chain(m.record.cert) else held
+            for m in members
+            if m.certified
+            and m.record is not None
+            and (held := self._held.get(m.serf_name, m.record.cert))
+        }
         for member in members:
             record = member.record
             # A goodbye arrives while its sender is still alive: it is back only when it

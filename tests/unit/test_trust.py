@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 from pathlib import Path
 
@@ -10,13 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshd.agent.pipeline import certify
 from meshd.errors import IdentityError
 from meshd.identity import WireGuardKeyPair
 from meshd.pki.ca import NetworkCA
 from meshd.pki.certificate import CertChain
 from meshd.pki.trust import PENDING, REVOCATIONS_FILE, REVOCATIONS_PER_PAGE, Trust
 from meshd.state import DeferredWrites
-from meshd.types import NodeRecord
+from meshd.types import Member, MemberState, NodeRecord
 
 CA = NetworkCA.generate("lab")
 ADDRESS = ipaddress.ip_address("100.80.0.9")
@@ -123,3 +125,36 @@ def test_a_revocation_the_disk_refuses_is_in_force_and_saved_once_there_is_room(
     (tmp_path / REVOCATIONS_FILE).rmdir()
     assert writes.flush()
     assert len(Trust(CA.public_key, tmp_path).revoked) == 1
+
+
+def test_a_record_naming_a_chain_not_fetched_yet_is_judged_by_the_chain_before_it(
+    tmp_path: Path,
+) -> None:
+    """A CA rotation renews a member's certificate; its new record can arrive before the
+    new chain. Meanwhile the member keeps the verdict of the chain that certified it
+    (not for another name, other addresses, or a revoked old chain)."""
+    trust = Trust(CA.public_key, tmp_path)
+    chain, record = node()
+    trust.add_chain(chain.encode(), chain.ref)
+    renewed = CertChain(CA.renew(chain.node))
+    assert renewed.ref != chain.ref
+    member = Member("n9", "fd00::9", MemberState.ALIVE, record, serf_name="n9.a")
+    moved = dataclasses.replace(member, record=dataclasses.replace(record, cert=renewed.ref))
+    held = {"n9.a": chain.ref}
+
+    (alone,) = certify([moved], trust, "n1", {})
+    assert (alone.certified, alone.certificate_error) == (False, PENDING)
+    (kept,) = certify([moved], trust, "n1", {}, held)
+    assert kept.certified
+    assert kept.certified_addresses == (ADDRESS,)
+
+    elsewhere = dataclasses.replace(
+        moved,
+        record=dataclasses.replace(moved.record, addresses=(ipaddress.ip_address("100.80.0.99"),)),
+    )
+    assert not certify([elsewhere], trust, "n1", {}, held)[0].certified
+    assert not certify([moved], trust, "n1", {}, {"n9.b": chain.ref})[0].certified
+    trust.add_chain(renewed.encode(), renewed.ref)
+    (fetched,) = certify([moved], trust, "n1", {}, held)
+    assert fetched.certified
+    assert fetched.certificate_error is None
