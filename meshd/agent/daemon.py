@@ -392,6 +392,7 @@ class Agent:
     async def _pass(self) -> None:
         members = self.pipeline.observe()
         self.exchange.fetch_missing(members)
+        self.exchange.notice_digests(members)
         self._warn_expiry()
         if await self.addressing.resolve(members):
             members = self.pipeline.observe()
