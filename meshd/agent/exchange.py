@@ -313,13 +313,13 @@ class TrustExchange:
         """Anti-entropy for revocations, with members whose digest differs from ours."""
         await asyncio.sleep(REVOCATION_SYNC_FIRST)
         while True:
+            # Before the sync: news that comes while it runs wakes the next one.
+            self._digest_news.clear()
+            self._differ_seen = self._differing(self._rt.snapshot.members)
             try:
                 await self._sync_revocations()
             except MeshdError as exc:
                 log.debug("revocation sync failed: %s", exc)
-            # What still differs after this sync is not news (and the set stays small).
-            self._differ_seen = self._differing(self._rt.snapshot.members)
-            self._digest_news.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(REVOCATION_SYNC_INTERVAL):
                     await self._digest_news.wait()
