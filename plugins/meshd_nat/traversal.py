@@ -100,6 +100,7 @@ class Traversal:
         self.observed: dict[str, str] = {}
         self.home: str | None = None  # member name of this node's home relay
         self.probes: dict[str, RelayProbe] = {}
+        self._alive_relays: set[str] = set()  # relays answering at the last probe round
         # (relay name, peer key) -> (forwarding endpoint, when obtained)
         self.allocations: dict[tuple[str, str], tuple[str, float]] = {}
         self._asking: set[tuple[str, str]] = set()
@@ -296,6 +297,12 @@ class Traversal:
                 log.info("NAT: home relay %s (was %s)", home or "none", self.home or "none")
                 self.home = home
                 self.agent.refresh()
+            elif alive.keys() != self._alive_relays:
+                # A relay that stops (or starts) answering moves the pairs it carries at
+                # once: passes are not run for unchanged records any more, so waiting for
+                # one (or for Serf to call the relay failed) took 7 s in a loaded lab.
+                self.agent.refresh()
+            self._alive_relays = set(alive)
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def _probe(self, name: str) -> None:
