@@ -216,6 +216,7 @@ class Agent:
             rt.tasks.start(self.rotation.renew_loop(), name="ca-renewal")
         rt.tasks.start(self.presence.reannounce_loop(), name="reannounce")
         rt.tasks.start(self.presence.roam_loop(), name="roaming")
+        rt.tasks.start(self.presence.prune_loop(), name="prune-old-self")
         rt.tasks.start(GoodbyeListener(rt).run(), name="goodbye")
 
     async def _wait_joined(self) -> None:

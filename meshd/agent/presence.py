@@ -13,6 +13,9 @@
   :mod:`meshd.gossip.names`) and joins them.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
   shook hands with this node (see its docstring), and every ``republish_interval(N)``.
+- :meth:`prune_loop` erases members' superseded Serf incarnations (left or failed
+  under an older key or generation, while the name is alive again) from every
+  member's list: Serf would keep them for 24 h in every push/pull and poll.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 import operator
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
 from meshd import firewall
@@ -89,6 +92,13 @@ REJOIN_BACKOFF_MAX = 30.0
 REJOIN_TARGETS = 32
 # Serf's log tells the view of every member change at once; the poll is the safety net.
 VIEW_POLL_INTERVAL = 2.0
+# How often prune_loop looks for old incarnations in the last pass's members.
+PRUNE_CHECK_INTERVAL = 5.0
+# prune_loop's random wait: a broadcast takes about a second to reach everyone, so with
+# a wait spread over N/2 s about one member in the mesh speaks.
+PRUNE_DELAY_MIN = 5.0
+PRUNE_DELAY_PER_MEMBER = 0.5
+_GONE = frozenset({MemberState.LEFT, MemberState.FAILED})
 
 
 def _facts(record: NodeRecord) -> tuple[object, ...]:
@@ -459,6 +469,53 @@ class Presence:
             with contextlib.suppress(Exception):
                 await client.close()
 
+    async def prune_loop(self) -> None:
+        """Erase superseded incarnations of members from gossip.
+
+        A machine wiped and joined again comes back under a new Serf name (a new key),
+        and one that everybody dropped under a new generation; the old name stays in
+        every member's list as left (or failed, and then Serf calls it every 30 s) for
+        24 h. In a fleet that rebuilds machines those pile up: a 30-minute soak with a
+        wiped re-join every minute held about 50 Serf members for 20 machines, and
+        every push/pull and every poll of ``members`` carries them all.
+
+        Once a certified incarnation of a name is alive, a left or failed one under the
+        same name can only be an old one (the certificate's name belongs to the live
+        one now): one ``force-leave -prune`` erases it everywhere. The machine itself
+        cannot send it (its fresh Serf never learns of its old self: memberlist passes
+        on no dead node it does not know, Serf keeps a left one only as an intent), so
+        whoever sees both does, after a random wait of up to ``prune_delay(N)``: the
+        first broadcast reaches everyone in about a second and the others, finding the
+        old name gone, send nothing. Left and failed only: an alive one is a live
+        machine (a clone, or an impostor), for the trust checks to judge.
+        """
+        rt = self._rt
+        pruned: set[str] = set()
+        while True:
+            if not rt.has_gossip:
+                await asyncio.sleep(JOIN_RETRY)
+                continue
+            gossip = rt.gossip
+
+            def superseded() -> set[str]:
+                return superseded_incarnations(rt.snapshot.members, rt.name) - pruned
+
+            if not superseded():
+                # The passes' verdicts (certified or not) are read, not the view: a look
+                # at every member every few seconds costs less than a wake-up per pass.
+                await asyncio.sleep(PRUNE_CHECK_INTERVAL)
+                continue
+            await asyncio.sleep(random.uniform(0, prune_delay(len(gossip.view.members))))
+            # Re-read after the wait: another member may have erased them meanwhile.
+            for serf_name in sorted(superseded() & set(gossip.view.members)):
+                pruned.add(serf_name)
+                try:
+                    await gossip.client.force_leave(serf_name, prune=True)
+                except MeshdError as exc:
+                    log.debug("cannot erase the old incarnation %s: %s", serf_name, exc)
+                    continue
+                log.info("erased %s, an old incarnation of a member, from gossip", serf_name)
+
     async def reannounce_loop(self) -> None:
         """Publish this node's record again while an alive member never shook hands with it.
 
@@ -528,6 +585,28 @@ class Presence:
             await self._announce_chain()
             next_at = now + delay
             delay = min(delay * 2, REANNOUNCE_MAX)
+
+
+def prune_delay(members: int) -> float:
+    """The longest random wait before erasing an old incarnation (see ``prune_loop``)."""
+    return max(PRUNE_DELAY_MIN, PRUNE_DELAY_PER_MEMBER * members)
+
+
+def superseded_incarnations(members: Iterable[Member], own_name: str) -> set[str]:
+    """Serf names of left or failed members whose name a certified alive member holds
+    under another Serf name (or this node itself, under ``own_name``)."""
+    live: dict[str, set[str]] = {}
+    for m in members:
+        if m.state is MemberState.ALIVE and m.certified:
+            live.setdefault(m.name, set()).add(m.serf_name)
+    return {
+        m.serf_name
+        for m in members
+        if m.state in _GONE
+        and m.serf_name
+        and (m.name == own_name or m.name in live)
+        and m.serf_name not in live.get(m.name, ())
+    }
 
 
 def fit_record(record: NodeRecord) -> NodeRecord:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import random
 import secrets
@@ -37,6 +38,9 @@ from typing import Any
 
 import pytest
 
+from meshd.agent.presence import prune_delay
+from meshd.gossip.names import display_name
+from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
 from meshd.lab import Lab, netns
 from meshd.lab.mesh import AGENT, MeshLab, meshd_argv
@@ -64,6 +68,19 @@ def seen(mesh: MeshLab, node: str, name: str) -> list[tuple[str, str, bool]]:
     """(public key, gossip state, is a peer) of each row ``node``'s status shows for ``name``."""
     rows = status(mesh, node)["peers"]
     return [(r["public_key"], r["gossip"], r["peer"]) for r in rows if r["name"] == name]
+
+
+def serf_names(mesh: MeshLab, node: str, name: str) -> list[str]:
+    """The Serf member names (any status) that ``node``'s own Serf holds for ``name``."""
+    # The running Serf's RPC key: fresh every start, only in its config file.
+    auth = json.loads((mesh.state_dir(node) / "serf" / "serf.json").read_text())["rpc_auth"]
+
+    async def listed() -> list[str]:
+        client = SerfClient(auth_key=auth, netns=mesh.lab.netns_of(node), stream=None)
+        async with client:
+            return [m.name for m in await client.members() if display_name(m.name) == name]
+
+    return asyncio.run(listed())
 
 
 def name_conflicts(mesh: MeshLab, node: str) -> list[str]:
@@ -117,6 +134,17 @@ def test_a_wiped_machine_rejoins_under_its_old_name_through_another_seed(
     # (under the bare name it did, and kept the newcomer out for about 30 s).
     conflicts = {node: name_conflicts(mesh, node) for node in NODES}
     assert not any(conflicts.values()), conflicts
+    # ...and the others erased its old incarnation: no Serf keeps it (as left or failed,
+    # for 24 h). Whoever sees both waits up to prune_delay (5 s at this size) first.
+    new_name = serf_names(mesh, machine, machine)
+    assert len(new_name) == 1, new_name
+    for node in NODES:
+        eventually(
+            lambda node=node: serf_names(mesh, node, machine) == new_name,
+            prune_delay(len(NODES)) + 10,
+            f"{node}'s Serf holds only the new incarnation of {machine}",
+            lambda node=node: serf_names(mesh, node, machine),
+        )
 
 
 ROAMERS = ["n1", "n2", "n3", "n4", "n5"]
