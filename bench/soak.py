@@ -120,8 +120,12 @@ class Availability(threading.Thread):
         return pair, chosen[pair]
 
 
+COUNTED = ("members", "failed", "left")
+
+
 def serf_queues(mesh: MeshLab, nodes: list[str]) -> dict[str, dict[str, int]]:
-    """Serf's queue depths on each node: {node: {event_queue, query_queue, intent_queue}}."""
+    """Serf's queue depths and member counts on each node: {node: {event_queue,
+    query_queue, intent_queue, members, failed, left}} (members counts every status)."""
 
     async def one(node: str) -> tuple[str, dict[str, int]]:
         config = json.loads((mesh.state_dir(node) / "serf" / "serf.json").read_text())
@@ -140,7 +144,7 @@ def serf_queues(mesh: MeshLab, nodes: list[str]) -> dict[str, dict[str, int]]:
             return node, {}
         finally:
             await client.close()
-        return node, {k: int(v) for k, v in stats.items() if k.endswith("_queue")}
+        return node, {k: int(v) for k, v in stats.items() if k.endswith("_queue") or k in COUNTED}
 
     async def every() -> list[tuple[str, dict[str, int]]]:
         return await asyncio.gather(*(one(n) for n in nodes))
@@ -192,6 +196,7 @@ def main() -> int:
         mesh.up(members, seed=seed)
         mesh.wait_full_mesh(members, timeout=180)
         at_start = measure_idle(lab, witnesses, idle)
+        listed_start = serf_queues(mesh, witnesses)
         say(f"mesh of {size} formed; witnesses {', '.join(witnesses)} measured over {idle:g} s")
 
         watch = Availability(mesh, set(members))
@@ -224,7 +229,8 @@ def main() -> int:
             churn.append(f"+{joiner} -{leaver} !{victim}")
             for queues in serf_queues(mesh, members).values():
                 for name, depth in queues.items():
-                    queue_peaks[name] = max(queue_peaks.get(name, 0), depth)
+                    if name.endswith("_queue"):
+                        queue_peaks[name] = max(queue_peaks.get(name, 0), depth)
             rounds += 1
             say(f"  round {rounds}: {churn[-1]} ({time.monotonic() - round_start:.1f} s)")
             time.sleep(max(0.0, every - (time.monotonic() - round_start)))  # the churn's rhythm
@@ -250,6 +256,16 @@ def main() -> int:
                 f"{kind:12} RSS {rss0:.1f} -> {rss1:.1f} MiB ({growth(rss0, rss1)}), "
                 f"CPU {cpu0:.2f} -> {cpu1:.2f} % ({growth(cpu0, cpu1)})  [witness medians]"
             )
+        listed_end = {n: q for n, q in queues_end.items() if n in witnesses}
+        for label, listed in (("start", listed_start), ("end", listed_end)):
+            counts = {
+                k: statistics.median([q[k] for q in listed.values() if k in q] or [0])
+                for k in COUNTED
+            }
+            say(
+                f"serf members listed at the {label} (witness medians): {counts['members']:g} "
+                f"({counts['failed']:g} failed, {counts['left']:g} left) for {size} machines"
+            )
         say(f"serf queue depth peaks (sampled each round): {queue_peaks}")
         deepest = {
             k: max((q.get(k, 0) for q in queues_end.values()), default=0)
@@ -272,6 +288,7 @@ def main() -> int:
             end=at_end,
             queue_peaks=queue_peaks,
             queues_end=queues_end,
+            serf_listed_start=listed_start,
             marks=marks,
             worst_witness_s=worst_witness,
             worst_any_s=worst_any,
