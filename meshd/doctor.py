@@ -110,13 +110,12 @@ def judge_serf(serf: Mapping[str, Any], members: int) -> Check:
             "the agent restarts it with back-off; if it keeps dying, read the agent's log "
             "(journalctl -u meshd)",
         )
-    restarts = int(serf.get("restarts", 0))
-    if restarts:
+    died = int(serf.get("died", serf.get("restarts", 0)))
+    if died:
         return Check(
             "serf",
             WARN,
-            f"running (pid {serf.get('pid')}), but it died {restarts} time(s) "
-            "since the agent started",
+            f"running (pid {serf.get('pid')}), but it died {died} time(s) since the agent started",
             "read why in the agent's log (journalctl -u meshd | grep serf); "
             "restart the agent to clear this",
         )

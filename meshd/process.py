@@ -102,6 +102,9 @@ class ChildProcess:
         # Set by stop(): no more restarts, and a backoff in progress ends at once.
         self._stop_event = asyncio.Event()
         self.restarts = 0
+        # Times it died on its own (counted at once, a restart comes after a back-off and
+        # a ready check): what the doctor reports.
+        self.deaths = 0
 
     @property
     def pid(self) -> int | None:
@@ -188,6 +191,7 @@ class ChildProcess:
             await self._end_reader()
             if self.stop_requested:
                 return
+            self.deaths += 1
             # A child that ran a while before dying starts again from the short delay.
             if time.monotonic() - started > 30:
                 delay = self._backoff_initial

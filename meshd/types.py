@@ -281,7 +281,8 @@ class AgentAPI(Protocol):
 
     @property
     def members(self) -> tuple[Member, ...]:
-        """The gossip members as of the last pass, each with the engine's certificate verdict."""
+        """The gossip members, each with the engine's certificate verdict: those of the pass
+        running now when read from a hook it calls (a path choice), else of the last pass."""
 
     @property
     def clients(self) -> tuple[Client, ...]:

@@ -48,11 +48,18 @@ class Diagnosis:
             listen_port = (await rt.iface.state()).listen_port
         except MeshdError as exc:
             device_error = str(exc)
-        serf: dict[str, Any] = {"running": False, "pid": None, "restarts": 0}
+        serf: dict[str, Any] = {"running": False, "pid": None, "restarts": 0, "died": 0}
         if rt.has_gossip:
             agent = rt.gossip.serf
             running = agent.running and agent.pid is not None and _process_alive(agent.pid)
-            serf = {"running": running, "pid": agent.pid, "restarts": agent.restarts}
+            # "died" counts at once; "restarts" only once the new Serf answers (a loaded
+            # lab's doctor, run in between, saw a new pid and 0 restarts and said ok).
+            serf = {
+                "running": running,
+                "pid": agent.pid,
+                "restarts": agent.restarts,
+                "died": agent.deaths,
+            }
         serf["joined"] = rt.joined.is_set()
         # Versions from the live view: a heartbeat runs no pass, so the snapshot's lag.
         live = rt.gossip.view.members if rt.has_gossip else {}

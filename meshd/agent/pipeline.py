@@ -209,6 +209,10 @@ class Pipeline:
         started = time.monotonic()
         if rt.writes.waiting:  # the disk was full: try again
             rt.writes.flush()
+        # The plugins' hooks called while computing (a path choice) read the members of
+        # this pass, not the last one's: the NAT plugin judged a peer by its record before
+        # it turned symmetric and chose no relay until the next pass, 8 s later in a lab.
+        rt.snapshot = Snapshot(members, rt.snapshot.desired)
         desired = self.desire(members)
         snapshot = Snapshot(members, desired)
         rt.snapshot = snapshot

@@ -325,7 +325,7 @@ class PluginFace:
 
     @property
     def members(self) -> tuple[Member, ...]:
-        """The members of the last pass, certified."""
+        """The members of the pass running now (in a hook it calls), else of the last one."""
         return self._rt.snapshot.members
 
     @property

@@ -196,6 +196,11 @@ class SerfAgent:
         return self._child.restarts
 
     @property
+    def deaths(self) -> int:
+        """Times serf died on its own (a restart may still be on its way)."""
+        return self._child.deaths
+
+    @property
     def running(self) -> bool:
         return self._child.running
 

@@ -250,7 +250,11 @@ class Traversal:
             if len(seen) >= 2:
                 await asyncio.sleep(OBSERVE_INTERVAL)
             else:
-                await asyncio.sleep(OBSERVE_RETRY if len(observers) >= 2 else OBSERVE_SINGLE)
+                # No public member known yet (the start, before gossip told of any) is
+                # asked about again soon, not after OBSERVE_SINGLE: that made every
+                # NATed node of a lab wait 8.7 s for its NAT type, and its relayed pairs
+                # with it. Asking nobody costs nothing.
+                await asyncio.sleep(OBSERVE_SINGLE if len(observers) == 1 else OBSERVE_RETRY)
 
     def _single_observer(self) -> bool:
         return sum(side.public for side in self._sides.values()) < 2

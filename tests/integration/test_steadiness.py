@@ -247,9 +247,17 @@ def log_tail(mesh: MeshLab, node: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def sigterm_and_check(mesh: MeshLab, node: str, what: str) -> float:
+def sigterm_and_check(
+    mesh: MeshLab, node: str, what: str, client: subprocess.Popen[str] | None = None
+) -> float:
     """SIGTERM the node's agent; assert it exits within EXIT_DEADLINE, its children
-    with it. Returns the seconds it took."""
+    with it. Returns the seconds it took.
+
+    ``client``: a ``meshd`` command the test runs in the node's namespace, talking to
+    the agent. It is not the agent's child, but it must end too (with an error) once its
+    agent is gone, and only then is the namespace expected empty: listed right after the
+    agent's exit, a loaded machine's command was still on its way out.
+    """
     pid = agent_pid(mesh, node)
     os.kill(pid, signal.SIGTERM)
     sent = time.monotonic()
@@ -261,6 +269,11 @@ def sigterm_and_check(mesh: MeshLab, node: str, what: str) -> float:
             )
         time.sleep(0.02)
     took = time.monotonic() - sent
+    if client is not None:
+        try:
+            client.wait(timeout=EXIT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`meshd` on {node} still waits {EXIT_DEADLINE:g} s after its agent left")
     left = netns.netns_pids(mesh.lab.netns_of(node))
     assert not left, f"{node}'s agent ({what}) exited but left {describe(left)} running"
     return took
@@ -396,7 +409,7 @@ def test_sigterm_at_random_moments(stopping: MeshLab, rng: random.Random) -> Non
         assert time.monotonic() < deadline, "n1 never learnt n3's new key"
         time.sleep(0.02)
     print(f"rotation still in flight at SIGTERM: {rotating.poll() is None}")
-    took.append(("n3", -1, sigterm_and_check(mesh, "n3", "rotating its WireGuard key")))
+    took.append(("n3", -1, sigterm_and_check(mesh, "n3", "rotating its WireGuard key", rotating)))
     rotating.communicate(timeout=60)
     mesh.start("n3")
     mesh.wait_full_mesh([*CORE, "n5"], timeout=90)

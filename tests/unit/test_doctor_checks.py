@@ -161,6 +161,9 @@ def test_serf_dead_restarted_alone_and_healthy() -> None:
     restarted = doctor.judge_serf({"running": True, "pid": 7, "restarts": 2, "joined": True}, 2)
     assert restarted.status == "warn"
     assert "died 2 time(s)" in restarted.detail
+    # Died, and the new Serf is not ready yet (restarts still 0): never ok.
+    between = {"running": True, "pid": 8, "restarts": 0, "died": 1, "joined": True}
+    assert doctor.judge_serf(between, 2).status == "warn"
     assert doctor.judge_serf({"running": True, "pid": 7, "joined": False}, 2).status == "FAIL"
     assert doctor.judge_serf({"running": True, "pid": 7, "joined": False}, 0).status == "ok"
 

@@ -58,6 +58,7 @@ def test_lines_are_forwarded_and_a_killed_child_is_restarted(caplog) -> None:
         await wait_for(lambda: child.pid not in (None, first))
         await wait_for(lambda: bool(restarted))
         assert child.restarts == 1
+        assert child.deaths == 1
         # Likewise the new child: stopped before it printed, it would have no line either.
         await wait_for(lambda: child_lines().count("started") == 2)
         await child.stop()
@@ -214,6 +215,7 @@ def test_stop_during_a_restart_backoff_returns_at_once_and_restarts_nothing() ->
         await child.stop()
         await asyncio.wait_for(task, 5)
         assert child.restarts == 0
+        assert child.deaths == 1  # it died; the stop came before its restart
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 5
