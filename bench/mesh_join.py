@@ -27,11 +27,11 @@ the other so they never share the CPU:
 Ratio = meshd median / serf median. After the last join, with N meshd nodes in a
 full mesh, it waits ``--settle`` s, then reads the resident memory (VmRSS) of every
 ``meshd agent`` and of its children (serf, wireguard-go) separately, and the CPU
-(utime+stime from /proc/<pid>/stat) each used over ``--idle`` seconds, as % of one
-core; medians over the N nodes. Then it counts the serf overload warnings
-(``Query queue depth``, ``reply for non-running query``) in every agent log of the
-lab: the whole run, forming the mesh included. The report ends with one table
-(a row per N) and a check of issue 10's targets.
+(the scheduler's nanosecond count, /proc/<pid>/task/*/schedstat) each used over
+``--idle`` seconds, as % of one core; medians over the N nodes. Then it counts the
+serf overload warnings (``Query queue depth``, ``reply for non-running query``) in
+every agent log of the lab: the whole run, forming the mesh included. The report
+ends with one table (a row per N) and a check of issue 10's targets.
 
 Probes are echo requests sent and read by this process through one raw ICMP
 socket per lab host (opened inside its namespace), not a ``ping`` process per
@@ -79,7 +79,6 @@ SERF_RPC = "127.0.0.1:7374"
 CLONE_NEWNET = 0x40000000
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 KINDS = ("agent", "serf", "wireguard-go")
 # Serf warnings that mean the gossip is overloaded (issue 10 wants none during a run).
 # The agent forwards every serf line into its own log.
@@ -377,10 +376,18 @@ def proc_comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def cpu_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process's threads ran, from the scheduler's own clock.
+
+    /proc/<pid>/schedstat counts in nanoseconds; utime+stime in /proc/<pid>/stat come in
+    10 ms ticks charged by sampling, and an idle agent uses about 9 of them in 30 s, so
+    one tick more or less read as 11 % of growth. Threads that ended meanwhile are not
+    counted (an idle agent, serf and wireguard-go keep theirs)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def rss_kib(pid: int) -> int:
@@ -410,7 +417,7 @@ def agent_processes(lab: Lab, nodes: Iterable[str]) -> dict[tuple[str, str], int
 def measure_idle(lab: Lab, nodes: Sequence[str], seconds: float) -> dict[str, Any]:
     """RSS (KiB) and CPU over ``seconds`` (% of one core) per kind, one value per node."""
     procs = agent_processes(lab, nodes)
-    before = {key: cpu_ticks(pid) for key, pid in procs.items()}
+    before = {key: cpu_seconds(pid) for key, pid in procs.items()}
     started = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
@@ -418,12 +425,12 @@ def measure_idle(lab: Lab, nodes: Sequence[str], seconds: float) -> dict[str, An
     cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for (node, kind), pid in sorted(procs.items()):
         try:
-            used = cpu_ticks(pid) - before[(node, kind)]
+            used = cpu_seconds(pid) - before[(node, kind)]
             rss[kind].append(rss_kib(pid))
         except OSError:
             say(f"  {kind} of {node} (pid {pid}) ended during the idle measurement")
             continue
-        cpu[kind].append(100 * used / CLK_TCK / elapsed)
+        cpu[kind].append(100 * used / elapsed)
     return {"rss_kib": rss, "idle_cpu_pct": cpu, "idle_seconds": elapsed}
 
 
