@@ -236,8 +236,10 @@ def meshd_select_path(agent: AgentAPI, member: Member) -> PathChoice | None:
         address, a hole-punched reflexive endpoint, or with ``via`` a relay's
         forwarding port: the relay sees only ciphertext); ``learn=True`` to leave the
         endpoint to WireGuard (the member dials in); ``via`` alone routes the member
-        through that member's tunnel (a routed relay, which decrypts). ``label`` and
-        ``reason`` are what ``meshd status`` shows. ``None`` defers.
+        through that member's tunnel (a routed relay, which decrypts);
+        ``pair_only=True`` with an endpoint open to this node only (a punched hole),
+        which a seed then never hands a joiner to dial. ``label`` and ``reason`` are
+        what ``meshd status`` shows. ``None`` defers.
 
     Calling rule: firstresult.
     """

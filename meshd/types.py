@@ -181,6 +181,10 @@ class PathChoice:
       (the peer dials in: it is behind a NAT that only it can open).
     - ``via`` without ``endpoint``: a *routed* relay; the member is no peer of its own,
       its addresses ride the relay's peer (the relay decrypts and re-encrypts).
+    - ``pair_only=True``: the endpoint lets in this node only (a hole punched for the
+      pair). A seed hands a joiner the endpoint of a direct path to dial before gossip
+      tells it more (:func:`meshd.agent.seed.dialable`); never one of these, nor a
+      relay's port, nor anything to a member that dials in.
 
     ``label`` is how status shows the path (``direct``, ``direct (LAN)``, ``relay via
     n3``); ``reason`` says why a pair is not direct, or what showed a direct path
@@ -192,6 +196,7 @@ class PathChoice:
     learn: bool = False
     label: str = ""
     reason: str = ""
+    pair_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The enrolment server (:mod:`meshd.pki.enrol`) has checked the token proof and
 the chain; here the seed refuses a name held by a live member or an address
 held by another node (saying which, as data), adds the joiner as a known peer
 so the tunnel comes up at once, announces its chain to the mesh, and answers
-with every certified member so the joiner has tunnels to all of them at once.
+with every certified member so the joiner has tunnels to all of them at once:
+each with the endpoint a stranger may dial (:func:`dialable`), none where only
+an arrangement opens the way (a member behind NAT, a relay's port).
 
 A member that proved it holds its certified WireGuard key (a re-join, see
 :mod:`meshd.pki.rejoin`: everybody dropped it and it hears nobody) is added back
@@ -34,7 +36,7 @@ from meshd.pki.enrol import (
     SeedIdentity,
 )
 from meshd.pki.rejoin import RejoinRequest
-from meshd.types import IPAddress, MemberState
+from meshd.types import IPAddress, MemberState, NodeRecord, PathChoice
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +156,17 @@ class Seed:
         return known
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:
-        """Every alive, certified member (but the joiner) with its chain and first endpoint."""
+        """Every alive, certified member (but the joiner) with its chain and the endpoint
+        the joiner may dial before gossip tells it more (:func:`dialable`)."""
         rt = self._rt
+        paths = rt.snapshot.desired.paths
         infos = []
         for member in rt.snapshot.alive_certified(rt.name):
             record = member.record
             chain = rt.trust.chain(record.cert) if record else None
             if record is None or chain is None or member.name == exclude:
                 continue
-            infos.append(PeerInfo(chain=chain, endpoint=_first(record.endpoints)))
+            infos.append(PeerInfo(chain=chain, endpoint=dialable(record, paths.get(member.name))))
         return infos
 
     def _holder_of(self, address: IPAddress, key: str) -> str | None:
@@ -187,3 +191,24 @@ class Seed:
 
 def _first(endpoints: tuple[str, ...]) -> str | None:
     return endpoints[0] if endpoints else None
+
+
+def dialable(record: NodeRecord, path: PathChoice | None) -> str | None:
+    """The endpoint a joiner may aim at a member before gossip describes it: where
+    this node reaches the member directly (the first endpoint on the engine's default
+    path, or before any path was chosen), unless that is open to this node only.
+
+    None for a relay (its port serves one pair), for a member that dials in (behind
+    NAT, it lets in only whom it sends to) and for a hole punched for this pair
+    (``pair_only``). Packets sent there anyway are worse than lost: behind a Linux
+    NAT the joiner's first packet to a member's reflexive endpoint keeps source port
+    51820 when that mapping is free, so it takes the mapping the joiner's site-mate
+    holding port 51820 needs to punch to that member, and that pair stays relayed
+    while the joiner keeps sending. The joiner learns the path from gossip a moment
+    later.
+    """
+    if path is None or (path.via is None and path.endpoint is None and not path.learn):
+        return _first(record.endpoints)
+    if path.via or path.learn or path.pair_only:
+        return None
+    return path.endpoint  # direct, found by a policy (its LAN address, heard by mDNS)

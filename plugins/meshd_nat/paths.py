@@ -170,7 +170,7 @@ def choose(
             return PathChoice(endpoint=lan, label="direct (LAN)")
     if can_punch(me, peer) and peer.reflexive and (punch.direct or punch.trying):
         label = "direct" if punch.direct else "direct (punching)"
-        return PathChoice(endpoint=peer.reflexive, label=label)
+        return PathChoice(endpoint=peer.reflexive, label=label, pair_only=True)
     reason = why_relayed(me, peer, punch, now)
     if relay is None:
         return PathChoice(learn=True, label="no path", reason=f"{reason}; no relay alive")

@@ -252,9 +252,11 @@ class Traversal:
             else:
                 # With no public member known yet (the start) this waits OBSERVE_SINGLE,
                 # and a NATed node learns its NAT type about 9 s after it starts. Asking
-                # again after OBSERVE_RETRY instead was tried: it made hole punching fail
-                # (17/32 and 12/32 site pairs direct in the cone lab, against 32/32), for
-                # a reason not found yet; the punches then start earlier.
+                # again after OBSERVE_RETRY instead was tried. Its failed punches (12/32
+                # site pairs direct) came from joiners dialling reflexive endpoints
+                # (docs/nat.md; fixed in meshd.agent.seed.dialable). With that fixed, one
+                # run of test_nat.py showed no gain (symmetric lab 14.7 s, a joiner's
+                # full mesh 15.8 s), so the wait stays.
                 await asyncio.sleep(OBSERVE_RETRY if len(observers) >= 2 else OBSERVE_SINGLE)
 
     def _single_observer(self) -> bool:
