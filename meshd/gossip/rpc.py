@@ -522,6 +522,12 @@ class SerfClient:
 
         def on_record(body: Mapping[str, Any]) -> None:
             kind = text_of(body.get("Type"))
+            if kind in ("ack", "response") and not text_of(body.get("From")):
+                # Serf closes a query's channels at its deadline, and its RPC stream can
+                # read them again before its own timer for 'done' fires (both are set to
+                # the deadline): a closed channel yields an empty ack or response, sent
+                # as from "". Serf names no node "".
+                return
             if kind == "ack":
                 acks.append(text_of(body.get("From")))
             elif kind == "response":
