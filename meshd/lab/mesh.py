@@ -370,8 +370,19 @@ class MeshLab:
         missing, took = self.wait_mesh(nodes, timeout=timeout)
         if missing:
             pairs = ", ".join(f"{a}->{b}" for a, b in sorted(missing)[:10])
-            raise LabError(f"no full mesh after {timeout:g} s; missing {pairs}")
+            seen = "; ".join(self._peer_view(a, b) for a, b in sorted(missing)[:4])
+            raise LabError(f"no full mesh after {timeout:g} s; missing {pairs} ({seen})")
         return took
+
+    def _peer_view(self, node: str, of: str) -> str:
+        """What ``node``'s agent says of its peer ``of``, for a failure message."""
+        found = self.status(node)
+        rows = [p for p in (found or {"peers": []})["peers"] if p["name"] == of]
+        if not rows:
+            return f"{node} has no row for {of}" if found else f"{node}'s agent did not answer"
+        row = rows[0]
+        keys = ("endpoint", "last_handshake", "rx_bytes", "tx_bytes", "via", "path", "path_reason")
+        return f"{node} on {of}: " + ", ".join(f"{k} {row.get(k)}" for k in keys)
 
     def ping_matrix(self, nodes: Sequence[NodeRef] | None = None, **kwargs: Any) -> dict[str, Any]:
         """The lab's ping matrix over mesh addresses (:meth:`expect_mesh_reachable`

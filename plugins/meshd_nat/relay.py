@@ -336,10 +336,26 @@ class _Allocation:
     sides: tuple[_Side, _Side]
     last_active: float
     seen_packets: int  # both sides' forwarded counts at the last expire()
+    seen: tuple[int, int] = (0, 0)  # forwarded and dropped at the last expire(), for the log
 
     def activity(self) -> int:
         # Forwarded only: junk sprayed at a port must not keep a dead pair's sockets open.
         return self.sides[0].packets + self.sides[1].packets
+
+    def dropped(self) -> int:
+        return sum(sum(side.info().dropped.values()) for side in self.sides)
+
+    def describe(self) -> str:
+        """One line for the debug log: per side, forwarded and dropped counts."""
+        parts = []
+        for side in self.sides:
+            info = side.info()
+            drops = ", ".join(f"{why} {n}" for why, n in info.dropped.items() if n)
+            parts.append(
+                f"port {info.port} from {info.address or '-'} ({info.public_key[:8]}): "
+                f"{info.packets} forwarded" + (f", dropped {drops}" if drops else "")
+            )
+        return "; ".join(parts)
 
     def info(self, now: float) -> AllocationInfo:
         return AllocationInfo(
@@ -435,6 +451,11 @@ class Relay:
         closed = []
         for pair, allocation in list(self._allocations.items()):
             activity = allocation.activity()
+            dropped = allocation.dropped()
+            if log.isEnabledFor(logging.DEBUG) and (activity, dropped) != allocation.seen:
+                # What a pair that will not come up needs explained: who sent, what was dropped.
+                log.debug("relay: %s", allocation.describe())
+            allocation.seen = (activity, dropped)
             if activity != allocation.seen_packets:
                 allocation.seen_packets = activity
                 allocation.last_active = now
