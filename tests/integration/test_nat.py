@@ -175,12 +175,15 @@ def test_a_joiner_is_given_no_reflexive_endpoint_to_dial_and_punches_to_both_sit
         mesh.up(["n1", "n2", "n3", "n4", "n5"], seed=3)
         natted = ["n3", "n4", "n5"]
 
-        def seed_knows_they_dial_in() -> bool:
+        def reasons() -> dict[str, str]:
             status = mesh.status("n1") or {"peers": []}
-            reasons = {p["name"]: p.get("path_reason") or "" for p in status["peers"]}
-            return all("dials in" in reasons.get(name, "") for name in natted)
+            return {p["name"]: p.get("path_reason") or "" for p in status["peers"]}
 
-        eventually(seed_knows_they_dial_in, 30, "n1 sees n3, n4, n5 as behind NAT")
+        def seed_knows_they_dial_in() -> bool:
+            said = reasons()
+            return all("dials in" in said.get(name, "") for name in natted)
+
+        eventually(seed_knows_they_dial_in, 30, "n1 sees n3, n4, n5 as behind NAT", reasons)
         mesh.join("n6", "n1")
         saved = json.loads((mesh.state_dir("n6") / "peers.json").read_text())["peers"]
         given = {peer["name"]: peer["endpoint"] for peer in saved}
