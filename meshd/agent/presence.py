@@ -73,6 +73,13 @@ REPUBLISH_PER_MEMBER = 3.0
 # least this often (they feed "recent handshake", a 150 s window).
 HEARD_SETTLE = 3 * UNHEARD_GRACE
 HEARD_RECHECK = 15.0
+# A changed record is announced again this much later. Serf sends a broadcast a few
+# times only (memberlist's retransmit limit: 4 transmissions per member at N <= 9), so a
+# member misses a tag update now and then (in 44 runs of the NAT joiner test, 2 of 1,475
+# took 10 and 17 s, while tunnels were still forming) and learns it only at a push/pull,
+# up to 30 s later.
+# The second announcement has the same tags: a member that has them sees no change.
+ECHO_DELAY = 2.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
 # Nothing came out of any tunnel for this long: this node hears nobody. Serf probes a
@@ -119,6 +126,7 @@ class Presence:
         self._announce_chain = announce_chain
         self._version = 0
         self._published_at = 0.0
+        self._echo: asyncio.Task[None] | None = None
         self._join_call: asyncio.Task[None] | None = None
         # Serf name generation (meshd.gossip.names): the next one after a re-join.
         self._generation = 0
@@ -148,8 +156,10 @@ class Presence:
         )
 
     async def publish(self, record: NodeRecord | None = None) -> None:
+        """Publish this node's record; a changed one is announced again ECHO_DELAY later."""
         rt = self._rt
         record = record or self.record()
+        changed = rt.published is None or _facts(record) != _facts(rt.published)
         await publish_record(rt.gossip.client, record)
         rt.published = record
         self._published_at = time.monotonic()
@@ -159,6 +169,22 @@ class Presence:
             ", ".join(map(str, record.addresses)),
             ", ".join(record.endpoints) or "no endpoint",
         )
+        if changed:
+            if self._echo is not None:
+                self._echo.cancel()
+            self._echo = rt.tasks.start(self._announce_again(record), name="record-echo")
+
+    async def _announce_again(self, record: NodeRecord) -> None:
+        await asyncio.sleep(ECHO_DELAY)
+        rt = self._rt
+        if rt.published is not record or not rt.has_gossip:
+            return  # a newer record went out (and has its own echo), or gossip stopped
+        try:
+            await publish_record(rt.gossip.client, record)
+        except MeshdError as exc:
+            log.debug("cannot announce record v%d again: %s", record.version, exc)
+            return
+        log.debug("announced record v%d again", record.version)
 
     async def start_gossip(self, on_event: Callable[[SerfEvent], None]) -> None:
         """Start Serf on this node's mesh address, with the record in its first alive message."""
