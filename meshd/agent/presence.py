@@ -78,7 +78,8 @@ HEARD_RECHECK = 15.0
 # member misses a tag update now and then (in 44 runs of the NAT joiner test, 2 of 1,475
 # took 10 and 17 s, while tunnels were still forming) and learns it only at a push/pull,
 # up to 30 s later.
-# The second announcement has the same tags: a member that has them sees no change.
+# The second announcement has the same record: a member that has it runs no pass (Serf
+# re-encodes the tags, so it still logs a member update).
 ECHO_DELAY = 2.0
 # Address events come in bursts (a flush then an add): republish once, after this.
 ROAM_SETTLE = 0.1
