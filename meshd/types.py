@@ -344,6 +344,12 @@ class AgentAPI(Protocol):
         moved it back to an older path). The next pass applies the desired state again.
         Raises :class:`meshd.WireGuardError`."""
 
+    async def restart_peer(self, public_key: str, endpoint: str) -> bool:
+        """Re-create a peer that has no session, aimed at ``endpoint``, so that the next
+        packet into its tunnel starts a handshake at once (WireGuard waits 5 s after any
+        attempt, even one that could not leave). A session it had is dropped. False when
+        the last pass has no such peer. Raises :class:`meshd.WireGuardError`."""
+
     async def set_forwarding(self, enabled: bool, masquerade: Sequence[IPNetwork] = ()) -> None:
         """Route for others (a gateway): IP forwarding on and, for traffic from the mesh to
         ``masquerade`` prefixes, source NAT to this node's address, in meshd's own nftables

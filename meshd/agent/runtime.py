@@ -391,6 +391,11 @@ class PluginFace:
         if self._rt.has_iface:
             await self._rt.iface.set_endpoint(public_key, endpoint)
 
+    async def restart_peer(self, public_key: str, endpoint: str) -> bool:
+        if not self._rt.has_iface:
+            return False
+        return await self._rt.iface.restart_peer(public_key, endpoint)
+
     async def set_forwarding(self, enabled: bool, masquerade: Sequence[IPNetwork] = ()) -> None:
         await self._rt.forwarding.apply(enabled, masquerade)
 

@@ -365,6 +365,25 @@ class WireGuardInterface:
         async with self._lock:
             await self.backend.apply([op])
 
+    async def restart_peer(self, public_key: str, endpoint: str) -> bool:
+        """Re-create one peer of the last pass, aimed at ``endpoint``, so that its next
+        packet starts a handshake at once; False if the last pass has no such peer.
+
+        WireGuard sends no handshake initiation within 5 s of the previous one, also
+        when that one could not leave (no endpoint yet, or one that cannot work): a peer
+        whose first working path just appeared would wait up to 5 s for its first
+        packet. A new peer has no such past. Its session, if any, is dropped: use it for
+        a peer that has none."""
+        async with self._lock:
+            peer = next((p for p in self._desired or () if p.public_key == public_key), None)
+            if peer is None:
+                return False
+            fresh = plan_peers((), [replace(peer, endpoint=normalize_endpoint(endpoint))])
+            ops = (PeerOp(OpKind.REMOVE, public_key), *fresh)
+            self._applied = None  # the next pass checks the device
+            await self.backend.apply(ops)
+        return True
+
     def poke(self, peers: Iterable[PeerConfig]) -> None:
         """Start a handshake with each peer now, rather than after WireGuard's 5 s retry:
         one empty UDP datagram (discard port) to its first allowed address goes into the

@@ -73,6 +73,8 @@ DIRECT_SILENT_LIMIT = 60.0
 KICKS = 6
 NOT_STARTED_RETRY = 3.0
 KICK_INTERVAL = 0.2
+# WireGuard's Reject-After-Time: a session older than this carries no data.
+SESSION_LIFETIME = 180.0
 
 
 @dataclass(frozen=True)
@@ -355,10 +357,25 @@ class Traversal:
             self.allocations[(relay, peer.key)] = (endpoint, time.monotonic())
             if before is None or before[0] != endpoint:
                 log.info("relay %s forwards to %s at %s", relay, peer.name, endpoint)
+                if not await self._has_session(peer.key):
+                    # Its last attempts went where they could not arrive; without this, its
+                    # first packet to the relay would wait up to 5 s (67 of 176 relayed pairs
+                    # in 44 lab runs: both ends known to the relay only 5 s apart).
+                    with contextlib.suppress(MeshdError):
+                        await self.agent.restart_peer(peer.key, endpoint)
                 self.agent.refresh()
                 self._kick(peer.name)
         finally:
             self._asking.discard((relay, peer.key))
+
+    async def _has_session(self, key: str) -> bool:
+        """Whether WireGuard holds a session with ``key`` that still carries data."""
+        try:
+            stats = {p.public_key: p for p in await self.agent.peer_stats()}
+        except MeshdError:
+            return True  # unknown: leave the peer as it is
+        shaken = stats[key].last_handshake if key in stats else None
+        return shaken is not None and time.time() - shaken < SESSION_LIFETIME
 
     def _kick(self, name: str) -> None:
         """Send echoes through the tunnel to ``name``: WireGuard sends them to the

@@ -224,6 +224,36 @@ def test_changing_one_peer_touches_only_that_peer(lab_factory):
     run_in_lab(lab_factory, scenario)
 
 
+def test_a_restarted_peer_shakes_hands_at_once_after_a_failed_attempt(lab_factory):
+    """WireGuard sends no handshake initiation within 5 s of the last one, even when that
+    one could not leave (no endpoint). ``restart_peer`` gives the peer its path and a
+    clean slate: the first packet after it starts the handshake."""
+
+    async def scenario(mesh: Mesh) -> None:
+        a, b = mesh.hosts
+        # Neither end has an endpoint or a keepalive: nobody shakes hands by itself.
+        await a.iface.reconcile([mesh.peer_of(b, endpoint=None, keepalive=None)])
+        await b.iface.reconcile([mesh.peer_of(a, endpoint=None, keepalive=None)])
+        target = tunnel_ip(b.node.index)
+        failed = await asyncio.to_thread(mesh.lab.ping, a.node, target, deadline=1)
+        assert failed is None  # the attempt went nowhere, and WireGuard now waits 5 s
+        endpoint = format_host_port(b.node.address, PORT)
+        assert await a.iface.restart_peer(b.keys.public_key, endpoint)
+        # Within 2 s of the failed attempt's end: only a fresh peer sends now.
+        rtt = await asyncio.to_thread(mesh.lab.ping, a.node, target, deadline=2)
+        assert rtt is not None, "no answer through the restarted peer within 2 s"
+        live = {p.public_key: p for p in await a.iface.peer_stats()}[b.keys.public_key]
+        assert live.endpoint == endpoint
+        assert set(live.allowed_ips) == set(mesh.peer_of(b).allowed_ips)
+        assert live.keepalive is None
+        # The next pass with that endpoint finds the device as it should be.
+        again = await a.iface.reconcile([mesh.peer_of(b, keepalive=None)])
+        assert again.operations == 0
+        assert not await a.iface.restart_peer(WireGuardKeyPair.generate().public_key, endpoint)
+
+    run_in_lab(lab_factory, scenario, nodes=2)
+
+
 def test_a_prefix_moves_between_peers_and_traffic_follows(lab_factory):
     async def scenario(mesh: Mesh) -> None:
         a, b, c = mesh.hosts
