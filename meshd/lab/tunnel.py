@@ -14,6 +14,7 @@ private key goes to ``wg`` through a 0600 file, never on a command line.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from meshd.errors import LabError
 from meshd.identity import WireGuardKeyPair
 from meshd.lab.lab import Lab
 from meshd.state import write_secret
+from meshd.wireguard.userspace import SOCKET_DIR
 
 TUNNEL_PREFIXLEN = 24
 LISTEN_PORT = 51820
@@ -51,6 +53,23 @@ class BareWireGuard:
         return self.lab.run(self.node, ["wg", "show", self.ifname, field]).stdout
 
 
+def uapi_listens(ifname: str) -> bool:
+    """Whether ``ifname``'s wireguard-go takes connections on its control socket.
+
+    Not ``wg show``: when its connect is refused, ``wg`` deletes the socket as stale, and
+    it is refused for a moment while wireguard-go creates it (bound, not listening yet).
+    wireguard-go then finds its socket gone and exits ("Failed to listen on uapi socket:
+    no such file or directory"; CI run mc-2). The socket directory is the same in
+    every network namespace.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(SOCKET_DIR / f"{ifname}.sock"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def bare_wireguard(
     lab: Lab,
     node: str,
@@ -68,8 +87,7 @@ def bare_wireguard(
     ifname = lab.ifname(node, prefix)
     pid = lab.spawn(node, ["wireguard-go", "-f", ifname], name=f"wireguard-go-{ifname}")
     deadline = time.monotonic() + timeout
-    # wireguard-go answers `wg` once its control socket is up.
-    while lab.run(node, ["wg", "show", ifname], check=False).returncode != 0:
+    while not uapi_listens(ifname):
         if time.monotonic() > deadline:
             raise LabError(f"wireguard-go for {ifname} on {node} not up within {timeout:g} s")
         time.sleep(0.05)
