@@ -281,6 +281,11 @@ class AgentAPI(Protocol):
         """This machine's own addresses outside the mesh (no loopback, no link-local)."""
 
     @property
+    def local_networks(self) -> tuple[IPNetwork, ...]:
+        """The networks of ``local_addresses`` (address and prefix length): what is on
+        this machine's links."""
+
+    @property
     def state_dir(self) -> Path:
         """This node's state directory (a plugin may keep files of its own there)."""
 

@@ -259,6 +259,7 @@ class Presence:
         async with Netlink() as nl:
             found = await nl.host_addresses(exclude=[rt.config.wireguard.interface])
         rt.local_addresses = tuple(i.ip for i in found)
+        rt.local_networks = tuple(dict.fromkeys(i.network for i in found))
 
     async def roam_loop(self) -> None:
         """Republish at once when this machine's addresses change (netlink events), or

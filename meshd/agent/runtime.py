@@ -209,6 +209,7 @@ class Runtime:
         self.engine_stats = EngineStats()
         self.published: NodeRecord | None = None
         self.local_addresses: tuple[IPAddress, ...] = ()
+        self.local_networks: tuple[IPNetwork, ...] = ()
         self.joined = asyncio.Event()
         self.kicked = asyncio.Event()
         # Set to republish this node's record if it changed (addresses, a plugin's facts).
@@ -318,6 +319,10 @@ class PluginFace:
     @property
     def local_addresses(self) -> tuple[IPAddress, ...]:
         return self._rt.local_addresses
+
+    @property
+    def local_networks(self) -> tuple[IPNetwork, ...]:
+        return self._rt.local_networks
 
     @property
     def state_dir(self) -> Path:

@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from meshd import (
     ConfigError,
     ConfigView,
     IPAddress,
+    IPNetwork,
     LanService,
     MdnsError,
     Member,
@@ -85,23 +86,42 @@ def lan_addresses(agent: AgentAPI) -> tuple[IPAddress, ...]:
     )
 
 
-def lan_endpoints(member: Member, advert: Advert) -> list[str]:
+def lan_networks(agent: AgentAPI) -> tuple[IPNetwork, ...]:
+    """The networks of :func:`lan_addresses`: the links this machine is on."""
+    lan = lan_addresses(agent)
+    return tuple(net for net in agent.local_networks if any(a in net for a in lan))
+
+
+def lan_endpoints(member: Member, advert: Advert, on_link: Sequence[IPNetwork] = ()) -> list[str]:
     """The member's own published endpoints that ``advert`` shows on this LAN (none when
-    the member is not certified or the advert names another key)."""
+    the member is not certified or the advert names another key).
+
+    An advert lists all the member's LAN addresses, also those of its other links: with
+    ``on_link`` (this machine's networks) only the addresses in one of them count. A
+    gateway that got a second LAN (192.168.99.1 for a phone) was otherwise reached there
+    by its neighbours, "network is unreachable", until the path failed 12 s later (CI
+    run nb-2: the gateway missed a client's removal meanwhile).
+    """
     record = member.record
     if record is None or not member.certified or advert.public_key != record.public_key:
         return []
-    wanted = (format_host_port(address, record.port) for address in advert.addresses)
+    addresses = [a for a in advert.addresses if not on_link or any(a in n for n in on_link)]
+    wanted = (format_host_port(address, record.port) for address in addresses)
     return [endpoint for endpoint in wanted if endpoint in record.endpoints]
 
 
 def choose_lan(
-    member: Member, adverts: Mapping[str, Advert], failed: Mapping[str, float], now: float
+    member: Member,
+    adverts: Mapping[str, Advert],
+    failed: Mapping[str, float],
+    now: float,
+    on_link: Sequence[IPNetwork] = (),
 ) -> PathChoice | None:
     """``direct (LAN)`` to the first endpoint the adverts (by instance name) show for the
-    member that has not failed lately (``failed``: endpoint -> retry after); else None."""
+    member on this machine's links (``on_link``, when given) that has not failed lately
+    (``failed``: endpoint -> retry after); else None."""
     for instance in sorted(adverts):
-        for endpoint in lan_endpoints(member, adverts[instance]):
+        for endpoint in lan_endpoints(member, adverts[instance], on_link):
             if failed.get(endpoint, 0.0) <= now:
                 return PathChoice(endpoint=endpoint, label="direct (LAN)", reason=HEARD)
     return None
@@ -205,7 +225,11 @@ class ZeroconfPlugin:
             return None
         key = member.record.public_key
         choice = choose_lan(
-            member, self.heard.get(key, {}), self.failed.get(key, {}), time.monotonic()
+            member,
+            self.heard.get(key, {}),
+            self.failed.get(key, {}),
+            time.monotonic(),
+            lan_networks(agent),
         )
         if choice is None or choice.endpoint is None:
             self.chosen.pop(key, None)

@@ -29,6 +29,7 @@ from meshd_zeroconf import (
     choose_lan,
     judge,
     lan_addresses,
+    lan_networks,
 )
 
 OWN_KEY = "B" * 43 + "="
@@ -54,6 +55,10 @@ class FakeAgent:
     local_addresses: tuple[Any, ...] = tuple(
         ipaddress.ip_address(a)
         for a in ("192.168.1.10", "100.80.0.1", "127.0.0.1", "169.254.0.3", "2001:db8::1")
+    )
+    local_networks: tuple[Any, ...] = tuple(
+        ipaddress.ip_network(n)
+        for n in ("192.168.1.0/24", "100.80.0.0/16", "127.0.0.0/8", "169.254.0.0/16")
     )
 
     def __init__(self) -> None:
@@ -110,6 +115,24 @@ def test_an_advert_that_does_not_fit_the_certified_member_is_ignored(
     member: Member, advert: Advert | None, why: str
 ) -> None:
     assert lan_path(member, advert) is None, why
+
+
+def test_of_a_member_on_two_lans_the_address_on_this_machines_link_is_chosen() -> None:
+    # nb-2: a gateway got a second LAN for a phone and advertised both addresses, the new
+    # one first; its neighbours reached it there, "network is unreachable".
+    phone_side = ipaddress.ip_address("192.168.99.1")
+    advert = replace(ADVERT, addresses=(phone_side, ipaddress.ip_address("192.168.1.20")))
+    record = replace(RECORD, endpoints=("192.168.99.1:51820", "192.168.1.20:51820"))
+    member = replace(MEMBER, record=record)
+    plugin, agent = ZeroconfPlugin(), FakeAgent()
+    plugin.heard = {KEY: {"n2-x": advert}}
+    assert plugin.meshd_select_path(agent, member) == LAN_PATH  # type: ignore[arg-type]
+    assert lan_networks(agent) == (ipaddress.ip_network("192.168.1.0/24"),)  # type: ignore[arg-type]
+    # Only its other link's address: no LAN path here (the other plugins choose).
+    plugin.heard = {KEY: {"n2-x": replace(advert, addresses=(phone_side,))}}
+    assert plugin.meshd_select_path(agent, member) is None  # type: ignore[arg-type]
+    # Without the networks (a caller that has none), every advertised address counts.
+    assert choose_lan(member, {"n2-x": advert}, {}, 0.0) is not None
 
 
 def test_only_this_networks_adverts_of_others_are_kept_and_each_news_refreshes() -> None:
