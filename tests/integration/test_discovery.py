@@ -20,6 +20,7 @@ Last, a forger on n6 claims n4 is at an address nobody reaches: n2 tries it and 
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import sys
 import time
@@ -242,22 +243,26 @@ def test_two_members_of_one_nat_site_reach_each_other_on_the_lan(nat_site: MeshL
 
 
 def test_a_forged_lan_advert_for_a_member_is_tried_then_left(nat_site: MeshLab) -> None:
-    # n4 gets an address no one else can reach (on its loopback interface; its record
-    # publishes it like any address outside 127/8), and a forger on the site LAN claims
-    # n4's key is there, under an instance name that sorts first. n2 takes the hint,
-    # sends into the void, hears nothing back from there, and leaves it for n4's own
-    # advert.
+    # n4 gets an address of the site LAN that no one can reach: on its loopback
+    # interface, with ARP answered only for an interface's own addresses (its record
+    # publishes it like any address outside 127/8). A forger on the site LAN claims
+    # n4's key is there, under an instance name that sorts first. n2 takes the hint (the
+    # address is on its link), sends into the void, hears nothing back from there, and
+    # leaves it for n4's own advert. (An address off n2's links is not even tried.)
     lab = nat_site.lab
-    lab.run("n4", ["ip", "addr", "add", "10.99.0.4/32", "dev", "lo"])
+    lan = ipaddress.ip_interface(lab.node("n4").cidr).network
+    void = str(lan.network_address + 250)
+    lab.run("n4", ["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
+    lab.run("n4", ["ip", "addr", "add", f"{void}/32", "dev", "lo"])
     token = parse_token(
         (nat_site.state_dir("n1") / "join-token").read_text().strip(), int(time.time())
     )
     n4_key = nat_site.status("n4")["node"]["public_key"]  # type: ignore[index]
     argv = [sys.executable, str(FORGED_SEED), "--member", lab.node("n6").address]
-    argv += [token.network_id, ca_fingerprint(token.ca_public_key), n4_key, "10.99.0.4"]
+    argv += [token.network_id, ca_fingerprint(token.ca_public_key), n4_key, void]
     lab.spawn("n6", argv, name="forged")
     log = lab.log_path("n2", "agent")
-    gave_up = "LAN path to n4 at 10.99.0.4:51820: nothing came back"
+    gave_up = f"LAN path to n4 at {void}:51820: nothing came back"
     took = eventually(
         lambda: gave_up in log.read_text(errors="replace"),
         40,
