@@ -8,8 +8,10 @@ key and port, and its enrolment port when it admits new machines; never a secret
 It browses too. A member heard on this node's LAN is reached at that LAN address
 (``direct (LAN)``), pre-empting the NAT plugin's choice, but only when all of this
 holds: the member is certified (its certificate chain leads to the network CA), the
-advert names the member's certified WireGuard key, and the address with the
-member's WireGuard port is an endpoint the member publishes in its own record. So
+advert names the member's certified WireGuard key, the address with the member's
+WireGuard port is an endpoint the member publishes in its own record, and that
+address is on one of this machine's own networks (an advert lists the member's
+addresses on all its links). So
 an advert is a hint that says *which* of a member's own endpoints is on this link
 (two sites can both use 192.168.1.0/24: a private address in a record does not say
 "same LAN"; an mDNS answer, link-local by nature, does). A forged advert can at
