@@ -12,7 +12,10 @@
   alive, Serf starts again as a fresh member (the next name generation,
   :mod:`meshd.gossip.names`) and joins them.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
-  shook hands with this node (see its docstring), and every ``republish_interval(N)``.
+  shook hands with this node (see its docstring), and every ``republish_interval(N)``;
+  it also asks every member (alive or failed) that never shook hands with it
+  directly to take this node as a peer (:meth:`introduce`), and joins the gossip
+  of those that had not heard of it.
 - :meth:`prune_loop` erases members' superseded Serf incarnations (left or failed
   under an older key or generation, while the name is alive again) from every
   member's list: Serf would keep them for 24 h in every push/pull and poll.
@@ -129,6 +132,7 @@ class Presence:
         self._published_at = 0.0
         self._echo: asyncio.Task[None] | None = None
         self._join_call: asyncio.Task[None] | None = None
+        self._introduce_call: asyncio.Task[None] | None = None
         # Serf name generation (meshd.gossip.names): the next one after a re-join.
         self._generation = 0
         self._on_event: Callable[[SerfEvent], None] | None = None
@@ -391,10 +395,13 @@ class Presence:
                 wait = min(max(2 * wait, JOIN_RETRY), REJOIN_BACKOFF_MAX)
                 next_at = time.monotonic() + wait
 
-    def rejoin_targets(self, limit: int = REJOIN_TARGETS) -> list[RejoinTarget]:
+    def rejoin_targets(
+        self, limit: int = REJOIN_TARGETS, only: AbstractSet[str] | None = None
+    ) -> list[RejoinTarget]:
         """Every member gossip showed (then the known peers), in random order: the host of
-        its first WireGuard endpoint and its key. Their re-join port is taken to be this
-        node's own enrolment port (the mesh uses one)."""
+        its first WireGuard endpoint and its key; only the keys in ``only`` if given.
+        Their re-join port is taken to be this node's own enrolment port (the mesh uses
+        one)."""
         rt = self._rt
         found: dict[str, str] = {}
         others = [m for m in rt.snapshot.others(rt.name) if m.record and m.record.endpoints]
@@ -406,6 +413,8 @@ class Presence:
             if peer.endpoint:
                 found.setdefault(peer.public_key, peer.endpoint)
         found.pop(rt.state.keys.public_key, None)
+        if only is not None:
+            found = {key: endpoint for key, endpoint in found.items() if key in only}
         targets = []
         for key, endpoint in list(found.items())[:limit]:
             try:
@@ -456,6 +465,51 @@ class Presence:
             joins = [format_host_port(address, port) for _, address in takers]
             await self._join(joins[:JOIN_TARGETS])
         return True
+
+    async def introduce(self, keys: AbstractSet[str]) -> None:
+        """Ask the members with ``keys`` (alive or failed here, and no handshake with
+        this node yet) directly over the underlay to take this node as a peer
+        (:mod:`meshd.pki.rejoin`, one datagram each), then join the gossip of those that
+        had not heard of it.
+
+        A newcomer is announced by its seed's gossip alone, and a member's broadcast goes
+        out a few times only, each piggybacked on a packet to a random member or a probe:
+        while the seed's tunnels are still forming (a NAT lab), all of them can go to
+        members it cannot reach yet. A member that missed it drops the newcomer's own
+        packets (its WireGuard does not know the key) until a push/pull, up to 30 s later.
+        Only members this node reaches over the underlay answer (the public ones, behind
+        a NAT): once one knows this node, gossip carries it on.
+        """
+        rt = self._rt
+        own = rt.published
+        targets = self.rejoin_targets(only=keys)
+        if own is None or not own.endpoints or not targets:
+            return
+        try:
+            welcomes = await ask_to_rejoin(
+                targets,
+                rt.own_chain,
+                decode_key(rt.state.keys.private_key),
+                own.endpoints[0],
+                timeout=REJOIN_TIMEOUT,
+            )
+        except (MeshdError, OSError) as exc:
+            log.debug("cannot introduce this node to its unheard members: %s", exc)
+            return
+        strangers = [w for w in welcomes if w.known != MemberState.ALIVE.value]
+        # A member that is really down answers nothing, and is asked again every minute.
+        log.log(
+            logging.INFO if welcomes else logging.DEBUG,
+            "introduced this node to %d of %d member(s) it never shook hands with; "
+            "%d had not seen it alive",
+            len(welcomes),
+            len(targets),
+            len(strangers),
+        )
+        takers = self._takers(strangers)
+        if takers and rt.has_gossip:
+            port = rt.config.gossip.port
+            await self._join([format_host_port(address, port) for _, address in takers])
 
     def _takers(self, welcomes: list[Welcome]) -> list[tuple[str, str]]:
         """(name, gossip address) of the members behind ``welcomes``, where known."""
@@ -561,10 +615,16 @@ class Presence:
         """
         rt = self._rt
         unheard_since: dict[str, float] = {}
+        stranger_since: dict[str, float] = {}
         delay, next_at = UNHEARD_GRACE, 0.0
+        intro_delay, intro_at = UNHEARD_GRACE, 0.0
         generation, changed_at = -1, time.monotonic()
         while True:
-            if unheard_since or time.monotonic() - changed_at < HEARD_SETTLE:
+            if (
+                unheard_since
+                or (stranger_since and intro_delay < REANNOUNCE_MAX)
+                or time.monotonic() - changed_at < HEARD_SETTLE
+            ):
                 await asyncio.sleep(RESYNC_INTERVAL / 2)
             elif rt.has_gossip:
                 # A view change replaces the members' snapshot.
@@ -589,13 +649,24 @@ class Presence:
                 for m in snapshot.others(rt.name)
                 if m.state is MemberState.ALIVE and m.record
             }
-            unheard_since, unheard = unheard_peers(
-                alive,
-                {p.public_key for p in snapshot.desired.peers},
-                {key: peer.last_handshake for key, peer in stats.items()},
-                unheard_since,
-                now,
-            )
+            desired = {p.public_key for p in snapshot.desired.peers}
+            handshakes = {key: peer.last_handshake for key, peer in stats.items()}
+            unheard_since, unheard = unheard_peers(alive, desired, handshakes, unheard_since, now)
+            # A member this node's own probes call failed may just not know this node.
+            met = {
+                m.record.public_key: m.name
+                for m in snapshot.others(rt.name)
+                if m.state in (MemberState.ALIVE, MemberState.FAILED) and m.record
+            }
+            stranger_since, strangers = unheard_peers(met, desired, handshakes, stranger_since, now)
+            if not strangers:
+                intro_delay, intro_at = UNHEARD_GRACE, 0.0
+            elif now >= intro_at and (self._introduce_call is None or self._introduce_call.done()):
+                names = set(strangers)
+                keys = {key for key, name in met.items() if name in names}
+                self._introduce_call = rt.tasks.start(self.introduce(keys), name="introduce")
+                intro_at = now + intro_delay
+                intro_delay = min(intro_delay * 2, REANNOUNCE_MAX)
             if not unheard:
                 delay, next_at = UNHEARD_GRACE, 0.0
                 if now - self._published_at > republish_interval(len(alive) + 1):

@@ -148,6 +148,39 @@ def test_a_wiped_machine_rejoins_under_its_old_name_through_another_seed(
         )
 
 
+def test_a_newcomer_is_taken_as_a_peer_by_a_member_its_seed_cannot_tell(
+    lab_factory: Callable[..., Lab],
+) -> None:
+    """A member that missed the seed's gossip about a newcomer drops the newcomer's own
+    packets (its WireGuard does not know the key): the newcomer asks it directly.
+
+    n1 drops everything n2 sends from its mesh IPv6 address, gossip's (n2 still shakes
+    hands with n1 and is reached on IPv4). n3 joins through n2: n2's broadcasts and
+    push/pulls about n3 never reach n1, and n3 keeps hearing n2, so it is never silent
+    (the re-join path of a node nobody hears stays out of this). Only n3's direct
+    introduction (``Presence.introduce``) makes n1 and n3 peers.
+    """
+    mesh = MeshLab(lab_factory(nodes=3), log_level="debug")
+    mesh.up(["n1", "n2"], seed=3)
+    mesh.wait_full_mesh(["n1", "n2"], timeout=60)
+    n2_gossip = json.loads((mesh.state_dir("n2") / "node.json").read_text())["ipv6"]
+    ruleset = (
+        "table inet meshd_test_deaf {\n"
+        "  chain input {\n"
+        "    type filter hook input priority -10; policy accept;\n"
+        f"    ip6 saddr {n2_gossip} drop\n"
+        "  }\n"
+        "}\n"
+    )
+    mesh.lab.run("n1", ["nft", "-f", "-"], input=ruleset)
+    mesh.join("n3", "n2")
+    mesh.start("n3")
+    mesh.wait_ready("n3")
+    took = mesh.wait_full_mesh(timeout=30)
+    print(f"n1 and n3 reach each other {took:.1f} s after n3 answered")
+    assert "introduced this node to 1 of 1 member(s)" in mesh.lab.log_path("n3", AGENT).read_text()
+
+
 ROAMERS = ["n1", "n2", "n3", "n4", "n5"]
 # The issue's bound; the mechanism needs one packet round trip, so this is slack, not a tune.
 REACH_AGAIN = 3.0
