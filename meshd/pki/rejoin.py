@@ -9,7 +9,8 @@ whose WireGuard endpoints it knows.
 One UDP datagram each way, to the UDP port of the enrolment port's number (the
 enrolment server itself is TCP)::
 
-    request  {"type": "rejoin", "v": 1, "chain": b64, "endpoint": "host:port",
+    request  {"type": "rejoin", "v": 2, "sealed": b64(sealed box to "to" of
+              {"chain": b64, "endpoint": "host:port"}),
               "to": b64(the member's WireGuard key it asks), "time": unix seconds,
               "nonce": b64(16 bytes), "mac": b64(32 bytes)}
     answer   {"type": "welcome", "v": 1, "key": b64(its WireGuard key), "known": state,
@@ -23,6 +24,12 @@ member can answer it. The request MAC covers every field; the answer MAC the
 request's nonce, the answering key and ``known`` (how the answering member's
 gossip saw the requester: "alive", "failed", "left", ..., or "absent").
 
+The chain and the endpoint travel in a sealed box (pynacl's ``SealedBox``: an
+ephemeral X25519 key and XSalsa20-Poly1305) to the asked member's WireGuard key,
+which is an X25519 key: an observer of the underlay learns neither who asks nor
+its mesh addresses. Version 1 requests (the same fields in clear, from members
+not upgraded yet) are still taken; requests are sent as version 2.
+
 Replays: a request older or newer than ``MAX_SKEW`` seconds is refused, and a
 nonce is accepted once within that window. The chain is then checked as every
 chain is (CA, validity, revocations) by the ``on_rejoin`` callback, which adds
@@ -32,7 +39,8 @@ amplification (an answer is smaller than a request). A token bucket per source
 
 Public API::
 
-    RejoinRequest(chain, endpoint, to, time, nonce, mac); .encode(); RejoinRequest.decode(data)
+    RejoinRequest(chain, endpoint, to, time, nonce, mac); .encode()
+    RejoinRequest.decode(data, own_private_key)            # opens the sealed part
     RejoinRequest.make(chain, private_key, to, endpoint, *, now=None)
     request.verify(own_private_key)                       # IdentityError if the MAC is wrong
     Welcome(key, known, nonce, mac); .encode(); Welcome.decode(data); welcome.verify(...)
@@ -57,7 +65,9 @@ from typing import Any
 
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.encoding import RawEncoder
+from nacl.exceptions import CryptoError
 from nacl.hash import blake2b
+from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from meshd.b64 import decode_b64, encode_b64
 from meshd.binary import BinaryWriter
@@ -71,6 +81,8 @@ from meshd.quietlog import Throttle
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+# Requests: version 2 seals the chain and the endpoint; version 1 is still read.
+REQUEST_VERSION = 2
 NONCE_LEN = 16
 MAC_LEN = 32
 KEY_LEN = 32
@@ -108,17 +120,26 @@ def _field(message: dict[str, Any], name: str, length: int | None = None) -> byt
     return value
 
 
-def _load(data: bytes, kind: str) -> dict[str, Any]:
-    if len(data) > MAX_DATAGRAM:
-        raise IdentityError("malformed re-join message: too long")
+def _json_object(data: bytes) -> dict[str, Any]:
     try:
         message = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise IdentityError("malformed re-join message: not JSON") from exc
     if not isinstance(message, dict):
         raise IdentityError("malformed re-join message: not a JSON object")
-    if message.get("type") != kind or message.get("v") != PROTOCOL_VERSION:
-        raise IdentityError(f"malformed re-join message: not a version {PROTOCOL_VERSION} {kind}")
+    return message
+
+
+def _load(
+    data: bytes, kind: str, versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+) -> dict[str, Any]:
+    if len(data) > MAX_DATAGRAM:
+        raise IdentityError("malformed re-join message: too long")
+    message = _json_object(data)
+    version = message.get("v")
+    if message.get("type") != kind or isinstance(version, bool) or version not in versions:
+        wanted = " or ".join(map(str, versions))
+        raise IdentityError(f"malformed re-join message: not a version {wanted} {kind}")
     return message
 
 
@@ -168,12 +189,19 @@ class RejoinRequest:
             raise IdentityError("the proof of holding the certified WireGuard key does not verify")
 
     def encode(self) -> bytes:
+        """Version 2: the chain and the endpoint sealed to the asked member's key."""
+        inner = json.dumps(
+            {"chain": encode_b64(self.chain.encode()), "endpoint": self.endpoint}
+        ).encode("utf-8")
+        try:
+            sealed = SealedBox(PublicKey(self.to)).encrypt(inner)
+        except CryptoError as exc:
+            raise IdentityError("cannot seal a re-join request to that key") from exc
         return json.dumps(
             {
                 "type": "rejoin",
-                "v": PROTOCOL_VERSION,
-                "chain": encode_b64(self.chain.encode()),
-                "endpoint": self.endpoint,
+                "v": REQUEST_VERSION,
+                "sealed": encode_b64(bytes(sealed)),
                 "to": encode_b64(self.to),
                 "time": self.time,
                 "nonce": encode_b64(self.nonce),
@@ -182,22 +210,36 @@ class RejoinRequest:
         ).encode("utf-8")
 
     @classmethod
-    def decode(cls, data: bytes) -> RejoinRequest:
-        """Parse a request; IdentityError on anything malformed (the MAC is not checked)."""
-        message = _load(data, "rejoin")
-        endpoint, stamp = message.get("endpoint"), message.get("time")
+    def decode(cls, data: bytes, private_key: bytes) -> RejoinRequest:
+        """Parse a request to the member holding ``private_key``, opening its sealed
+        part; IdentityError on anything malformed, for another member, or that does
+        not open (the MAC is not checked)."""
+        message = _load(data, "rejoin", (1, REQUEST_VERSION))
+        stamp = message.get("time")
+        if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 2**63:
+            raise IdentityError("malformed re-join message: time is not a timestamp")
+        to = _field(message, "to", KEY_LEN)
+        if to != bytes(crypto_scalarmult_base(private_key)):
+            raise IdentityError("a request for another member")
+        if message["v"] == REQUEST_VERSION:
+            try:
+                inner = SealedBox(PrivateKey(private_key)).decrypt(_field(message, "sealed"))
+            except CryptoError as exc:
+                raise IdentityError("a re-join request that does not open") from exc
+            clear = _json_object(inner)
+        else:
+            clear = message
+        endpoint = clear.get("endpoint")
         if not isinstance(endpoint, str):
             raise IdentityError("malformed re-join message: endpoint is not a string")
         try:
             split_endpoint(endpoint)
         except MeshdError as exc:
             raise IdentityError(f"malformed re-join message: endpoint: {exc}") from exc
-        if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 2**63:
-            raise IdentityError("malformed re-join message: time is not a timestamp")
         return cls(
-            chain=CertChain.decode(_field(message, "chain")),
+            chain=CertChain.decode(_field(clear, "chain")),
             endpoint=endpoint,
-            to=_field(message, "to", KEY_LEN),
+            to=to,
             time=stamp,
             nonce=_field(message, "nonce", NONCE_LEN),
             mac=_field(message, "mac", MAC_LEN),
@@ -298,7 +340,6 @@ class RejoinServer(asyncio.DatagramProtocol):
         self.host = host
         self._requested_port = port
         self._private_key = private_key
-        self._own_key = bytes(crypto_scalarmult_base(private_key))
         self._on_rejoin = on_rejoin
         self._limiter = RateLimiter(burst, refill_per_second)
         self._clock = clock
@@ -337,9 +378,7 @@ class RejoinServer(asyncio.DatagramProtocol):
         if not self._limiter.allow(source) or len(self._pending) >= MAX_PENDING:
             return
         try:
-            request = RejoinRequest.decode(data)
-            if request.to != self._own_key:
-                raise IdentityError("a request for another member")
+            request = RejoinRequest.decode(data, self._private_key)
             now = self._clock()
             if abs(now - request.time) > MAX_SKEW:
                 raise IdentityError(f"a request {now - request.time:+.0f} s off this clock")

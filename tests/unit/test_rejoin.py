@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.bindings import crypto_scalarmult_base
 
 from meshd.b64 import encode_b64
 from meshd.errors import EnrolRefused, IdentityError
@@ -90,7 +91,7 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 
 def test_a_request_verifies_only_with_the_key_its_chain_binds() -> None:
     pair = Pair()
-    request = RejoinRequest.decode(pair.request().encode())
+    request = RejoinRequest.decode(pair.request().encode(), pair.seed_private)
     request.verify(pair.seed_private)
     assert request.chain.node.public_key == pair.member.public_key
     # Someone holding the member's (public) chain but another private key.
@@ -101,6 +102,45 @@ def test_a_request_verifies_only_with_the_key_its_chain_binds() -> None:
     moved = dataclasses.replace(request, endpoint="198.51.100.1:51820")
     with pytest.raises(IdentityError, match="does not verify"):
         moved.verify(pair.seed_private)
+
+
+def test_a_request_shows_an_observer_neither_who_asks_nor_where() -> None:
+    pair = Pair()
+    datagram = pair.request().encode()
+    for secret in (
+        pair.chain.encode(),
+        encode_b64(pair.chain.encode()).encode(),
+        ENDPOINT.encode(),
+        pair.member.public_key.encode(),
+        b"100.80.0.9",
+    ):
+        assert secret not in datagram
+    assert json.loads(datagram)["v"] == 2
+    # Only the member it is sealed to opens it.
+    other = decode_key(WireGuardKeyPair.generate().private_key)
+    with pytest.raises(IdentityError, match="another member"):
+        RejoinRequest.decode(datagram, other)
+    swapped = dict(json.loads(datagram), to=encode_b64(bytes(crypto_scalarmult_base(other))))
+    with pytest.raises(IdentityError, match="does not open"):
+        RejoinRequest.decode(json.dumps(swapped).encode(), other)
+
+
+def test_a_version_1_request_in_clear_is_still_taken() -> None:
+    pair = Pair()
+    request = pair.request()
+    clear = {
+        "type": "rejoin",
+        "v": 1,
+        "chain": encode_b64(request.chain.encode()),
+        "endpoint": request.endpoint,
+        "to": encode_b64(request.to),
+        "time": request.time,
+        "nonce": encode_b64(request.nonce),
+        "mac": encode_b64(request.mac),
+    }
+    decoded = RejoinRequest.decode(json.dumps(clear).encode(), pair.seed_private)
+    decoded.verify(pair.seed_private)
+    assert decoded == request
 
 
 def test_an_answer_verifies_only_from_the_member_asked() -> None:
@@ -220,7 +260,7 @@ def test_a_request_with_any_field_changed_is_refused_with_identity_error(
 ) -> None:
     changed = dict(_GOOD, **{field: value})
     try:
-        request = RejoinRequest.decode(json.dumps(changed).encode())
+        request = RejoinRequest.decode(json.dumps(changed).encode(), _PAIR.seed_private)
     except IdentityError:
         return
     # It decoded: then the MAC must catch the change (or nothing changed).
@@ -233,6 +273,7 @@ def test_a_request_with_any_field_changed_is_refused_with_identity_error(
 
 @given(st.binary(max_size=300))
 def test_any_datagram_decodes_or_raises_identity_error(data: bytes) -> None:
-    for decode in (RejoinRequest.decode, Welcome.decode):
-        with contextlib.suppress(IdentityError):
-            decode(data)
+    with contextlib.suppress(IdentityError):
+        RejoinRequest.decode(data, _PAIR.seed_private)
+    with contextlib.suppress(IdentityError):
+        Welcome.decode(data)
