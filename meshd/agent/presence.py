@@ -13,9 +13,9 @@
   :mod:`meshd.gossip.names`) and joins them.
 - :meth:`reannounce_loop` publishes the record again while an alive member never
   shook hands with this node (see its docstring), and every ``republish_interval(N)``;
-  it also asks every member (alive or failed) that never shook hands with it
-  directly to take this node as a peer (:meth:`introduce`), and joins the gossip
-  of those that had not heard of it.
+  it also asks every member (alive or failed, or a known peer gossip has not
+  described) that never shook hands with it directly to take this node as a peer
+  (:meth:`introduce`), and joins the gossip of those that had not heard of it.
 - :meth:`prune_loop` erases members' superseded Serf incarnations (left or failed
   under an older key or generation, while the name is alive again) from every
   member's list: Serf would keep them for 24 h in every push/pull and poll.
@@ -467,10 +467,10 @@ class Presence:
         return True
 
     async def introduce(self, keys: AbstractSet[str]) -> None:
-        """Ask the members with ``keys`` (alive or failed here, and no handshake with
-        this node yet) directly over the underlay to take this node as a peer
-        (:mod:`meshd.pki.rejoin`, one datagram each), then join the gossip of those that
-        had not heard of it.
+        """Ask the members with ``keys`` (alive or failed here, or known peers gossip has
+        not described, and no handshake with this node yet) directly over the underlay
+        to take this node as a peer (:mod:`meshd.pki.rejoin`, one datagram each), then
+        join the gossip of those that had not heard of it.
 
         A newcomer is announced by its seed's gossip alone, and a member's broadcast goes
         out a few times only, each piggybacked on a packet to a random member or a probe:
@@ -652,12 +652,15 @@ class Presence:
             desired = {p.public_key for p in snapshot.desired.peers}
             handshakes = {key: peer.last_handshake for key, peer in stats.items()}
             unheard_since, unheard = unheard_peers(alive, desired, handshakes, unheard_since, now)
-            # A member this node's own probes call failed may just not know this node.
-            met = {
-                m.record.public_key: m.name
+            # A member this node's own probes call failed may just not know this node, nor
+            # may a peer its seed named that gossip has not described (the seed's gossip
+            # held it as suspect when this node joined, say: Serf passes on no suspect).
+            met = {peer.public_key: peer.name for peer in rt.known if peer.endpoint}
+            met.update(
+                (m.record.public_key, m.name)
                 for m in snapshot.others(rt.name)
                 if m.state in (MemberState.ALIVE, MemberState.FAILED) and m.record
-            }
+            )
             stranger_since, strangers = unheard_peers(met, desired, handshakes, stranger_since, now)
             if not strangers:
                 intro_delay, intro_at = UNHEARD_GRACE, 0.0
