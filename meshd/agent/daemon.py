@@ -99,7 +99,9 @@ class Agent:
         self.addressing = Addressing(
             rt, republish=self.presence.publish, restart_gossip=self._restart_gossip
         )
-        self.seed = Seed(rt, run_pass=self._pass, announce=self.exchange.announce)
+        self.seed = Seed(
+            rt, run_pass=self._pass, announce=self.exchange.announce, spread=self.presence.spread
+        )
         self.operations = Operations(rt, self.presence, self.exchange)
         self.diagnosis = Diagnosis(rt)
         self.pipeline = Pipeline(rt, own_record=self.presence.record())

@@ -62,6 +62,13 @@ JOIN_RETRY = 2.0
 JOIN_TIMEOUT_PER_TARGET = 10.0
 # Serf tries a join's targets one after another: a few are enough.
 JOIN_TARGETS = 8
+# A newcomer this node enrolled is passed on, once it is a member here, to this many
+# other members at once by a Serf push/pull each (see Presence.spread).
+SPREAD_TO = 3
+# How long a seed waits for its joiner to become a member before giving up spreading it.
+SPREAD_WAIT = 30.0
+# Members whose last handshake is at most this old are the ones it is passed on to.
+SPREAD_HEARD = 150.0
 # An alive member with no WireGuard handshake this long may never have heard of this
 # node: announce it again, then less and less often.
 UNHEARD_GRACE = 5.0
@@ -526,8 +533,73 @@ class Presence:
                 takers.append((peer.name, peer.gossip_addr))
         return takers
 
-    async def _join(self, targets: list[str]) -> None:
-        """One Serf join, on an RPC connection of its own.
+    async def spread(self, key: str) -> None:
+        """Pass on a newcomer this node enrolled (WireGuard key ``key``) to ``SPREAD_TO``
+        random alive members, as soon as it is a member here.
+
+        The newcomer joins gossip through its seed alone: it has no tunnel to anyone
+        else yet (the others drop its packets until they learn its key). From there its
+        alive message spreads by gossip, three random members each 200 ms: 0.3-0.9 s to
+        reach 40 members in the bench, with a long tail, and each member builds its
+        tunnel only then. A Serf push/pull (a join) from the seed to a few members hands
+        them the newcomer at once, and each passes it on too. Cost: ``SPREAD_TO``
+        push/pulls of the member list per join, from the seed only.
+        """
+        rt = self._rt
+        if not rt.has_gossip:
+            return
+        view = rt.gossip.view
+
+        def arrived(members: Mapping[str, Member]) -> bool:
+            return any(
+                m.state is MemberState.ALIVE and m.record is not None and m.record.public_key == key
+                for m in members.values()
+            )
+
+        if not await view.wait_for(arrived, SPREAD_WAIT):
+            return
+        own = rt.state.keys.public_key
+        newcomer = next(
+            m.name for m in view.members.values() if m.record and m.record.public_key == key
+        )
+        others = [
+            m
+            for m in view.members.values()
+            if m.state is MemberState.ALIVE
+            and m.record is not None
+            and m.record.public_key not in (key, own)
+        ]
+        # Through a tunnel that works: a push/pull to a member with none (behind another
+        # NAT) would hold the join for Serf's 10-s TCP timeout. Read now: the handshakes
+        # the presence loop last read can be 15 s old.
+        try:
+            stats = await rt.iface.peer_stats()
+        except MeshdError as exc:
+            log.debug("cannot read the peers' handshakes: %s", exc)
+            stats = ()
+        now = time.time()
+        heard = {p.public_key for p in stats if now - (p.last_handshake or 0) <= SPREAD_HEARD}
+        others = [m for m in others if m.record and m.record.public_key in heard] or others
+        chosen = random.sample(others, min(SPREAD_TO, len(others)))
+        if not chosen:
+            return
+        port = rt.config.gossip.port
+        targets = {
+            format_host_port(str(gossip_address(m.record.addresses)), port): m.name
+            for m in chosen
+            if m.record is not None
+        }
+        joined = await self._join(list(targets))
+        log.info(
+            "passed %s on to %s by Serf push/pull (%d of %d answered)",
+            newcomer,
+            ", ".join(sorted(targets.values())),
+            joined,
+            len(targets),
+        )
+
+    async def _join(self, targets: list[str]) -> int:
+        """One Serf join, on an RPC connection of its own; how many targets it joined.
 
         Serf answers the requests of one connection in order, and a join can take
         ``JOIN_TIMEOUT_PER_TARGET`` seconds per target that does not know this node yet:
@@ -540,6 +612,7 @@ class Presence:
             reconnect=False,
             timeout=JOIN_TIMEOUT_PER_TARGET * len(targets) + JOIN_RETRY,
         )
+        joined = 0
         try:
             await client.connect()
             joined = await client.join(targets)
@@ -550,6 +623,7 @@ class Presence:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+        return joined
 
     async def prune_loop(self) -> None:
         """Erase superseded incarnations of members from gossip.

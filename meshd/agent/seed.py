@@ -6,7 +6,9 @@ held by another node (saying which, as data), adds the joiner as a known peer
 so the tunnel comes up at once, announces its chain to the mesh, and answers
 with every certified member so the joiner has tunnels to all of them at once:
 each with the endpoint a stranger may dial (:func:`dialable`), none where only
-an arrangement opens the way (a member behind NAT, a relay's port).
+an arrangement opens the way (a member behind NAT, a relay's port). Once the
+joiner is a member in its gossip, the seed passes it on to a few members directly
+(:meth:`Presence.spread`).
 
 A member that proved it holds its certified WireGuard key (a re-join, see
 :mod:`meshd.pki.rejoin`: everybody dropped it and it hears nobody) is added back
@@ -52,10 +54,12 @@ class Seed:
         runtime: Runtime,
         run_pass: Callable[[], Awaitable[None]],
         announce: Callable[[bytes], Coroutine[Any, Any, None]],
+        spread: Callable[[str], Coroutine[Any, Any, None]],
     ) -> None:
         self._rt = runtime
         self._run_pass = run_pass
         self._announce = announce
+        self._spread = spread
 
     async def enrolled(self, request: EnrolRequest) -> EnrolResult:
         rt = self._rt
@@ -94,6 +98,7 @@ class Seed:
         rt.trust.add_chain(chain, request.chain.ref)
         await self._run_pass()
         rt.tasks.start(self._announce(chain), name="announce-chain")
+        rt.tasks.start(self._spread(key), name="spread-newcomer")
         log.info(
             "enrolled %s (%s) from %s",
             name,

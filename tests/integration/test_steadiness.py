@@ -188,6 +188,25 @@ def test_a_newcomer_is_taken_as_a_peer_by_a_member_its_seed_cannot_tell(
     )
 
 
+def test_a_seed_passes_its_newcomer_on_to_other_members_at_once(
+    lab_factory: Callable[..., Lab],
+) -> None:
+    """The seed hands a newcomer to ``SPREAD_TO`` members by Serf push/pull as soon as it
+    is a member there (``Presence.spread``), not only by its gossip broadcasts: in a
+    4-node mesh, all three other members, and each of them answers."""
+    mesh = MeshLab(lab_factory(nodes=5))
+    members = ["n1", "n2", "n3", "n4"]
+    mesh.up(members, seed=5)
+    mesh.wait_full_mesh(members, timeout=60)
+    mesh.join("n5", "n1")
+    mesh.start("n5")
+    mesh.wait_ready("n5")
+    mesh.wait_full_mesh(timeout=30)
+    log = mesh.lab.log_path("n1", AGENT)
+    line = "passed n5 on to n2, n3, n4 by Serf push/pull (3 of 3 answered)"
+    eventually(lambda: line in log.read_text(), 10, "n1 passed n5 on to the three others")
+
+
 ROAMERS = ["n1", "n2", "n3", "n4", "n5"]
 # The issue's bound; the mechanism needs one packet round trip, so this is slack, not a tune.
 REACH_AGAIN = 3.0
