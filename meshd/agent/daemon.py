@@ -180,8 +180,12 @@ class Agent:
             log.info("restoring %d peer(s) from the last run", len(rt.known))
         await self.pipeline.run(())
 
+        # Serf writes its snapshot as it starts: none yet means this node never ran.
+        first_start = not (rt.store.serf_dir / "snapshot").exists()
         # Gossip first: every join waits for it; the control and enrolment ports can wait.
         await self.presence.start_gossip(self._on_gossip_event)
+        if first_start and len(rt.known):
+            rt.tasks.start(self.presence.greet(), name="greet")
         self._control = ControlServer(
             rt.store.dir,
             {

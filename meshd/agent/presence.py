@@ -16,6 +16,8 @@
   it also asks every member (alive or failed, or a known peer gossip has not
   described) that never shook hands with it directly to take this node as a peer
   (:meth:`introduce`), and joins the gossip of those that had not heard of it.
+- :meth:`greet` asks, at a node's first start, every member its seed named to take it
+  as a peer at once (the same datagram), not only once gossip has told them of it.
 - :meth:`prune_loop` erases members' superseded Serf incarnations (left or failed
   under an older key or generation, while the name is alive again) from every
   member's list: Serf would keep them for 24 h in every push/pull and poll.
@@ -108,6 +110,9 @@ REJOIN_TIMEOUT = 2.0
 REJOIN_BACKOFF_MAX = 30.0
 # Members asked per round, all at once (one datagram each).
 REJOIN_TARGETS = 32
+# At its first start a node asks this many of the members its seed named to take it as
+# a peer (Presence.greet): all of them, in any mesh meshd is meant for.
+GREET_TARGETS = 1024
 # Serf's log tells the view of every member change at once; the poll is the safety net.
 VIEW_POLL_INTERVAL = 2.0
 # How often prune_loop looks for old incarnations in the last pass's members.
@@ -517,6 +522,43 @@ class Presence:
         if takers and rt.has_gossip:
             port = rt.config.gossip.port
             await self._join([format_host_port(address, port) for _, address in takers])
+
+    async def greet(self) -> None:
+        """A newcomer's first start: ask every member its seed named, directly over the
+        underlay, to take it as a peer now (:mod:`meshd.pki.rejoin`, one datagram each).
+
+        Otherwise a member takes the newcomer's packets only once gossip has brought it
+        both the newcomer's alive message and its certificate chain: two broadcasts
+        that travel on their own, three random members each 200 ms. A member that had
+        one of them still waited for the other (160 ms more at N=10 in the bench's
+        logs), and the slowest member is what a join waits for. A member that takes the
+        request has checked the chain and built its tunnel within milliseconds; gossip
+        tells it the rest later. No push/pull follows (as :meth:`introduce` does): each
+        member's answer is "absent" at this moment, and once the tunnels stand this
+        node's own gossip reaches them. Members this node cannot reach over the
+        underlay (behind a NAT) wait for gossip as before.
+        """
+        rt = self._rt
+        own = rt.published
+        targets = self.rejoin_targets(limit=GREET_TARGETS)
+        if own is None or not own.endpoints or not targets:
+            return
+        try:
+            welcomes = await ask_to_rejoin(
+                targets,
+                rt.own_chain,
+                decode_key(rt.state.keys.private_key),
+                own.endpoints[0],
+                timeout=REJOIN_TIMEOUT,
+            )
+        except (MeshdError, OSError) as exc:
+            log.info("cannot greet the members at this node's first start: %s", exc)
+            return
+        log.info(
+            "first start: %d of %d member(s) asked took this node as a peer at once",
+            len(welcomes),
+            len(targets),
+        )
 
     def _takers(self, welcomes: list[Welcome]) -> list[tuple[str, str]]:
         """(name, gossip address) of the members behind ``welcomes``, where known."""

@@ -157,7 +157,12 @@ class Seed:
         rt.trust.add_chain(request.chain.encode(), request.chain.ref)
         await self._run_pass()
         rt.iface.poke(p for p in rt.snapshot.desired.peers if p.public_key == key)
-        log.info("took %s back as a peer (%s; gossip here: %s)", node.name, request.endpoint, known)
+        log.info(
+            "took %s as a peer on its own request (%s; gossip here: %s)",
+            node.name,
+            request.endpoint,
+            known,
+        )
         return known
 
     def _member_infos(self, *, exclude: str) -> list[PeerInfo]:

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from meshd.agent.presence import prune_delay
+from meshd.agent.presence import REJOIN_TIMEOUT, prune_delay
 from meshd.gossip.names import display_name
 from meshd.gossip.rpc import SerfClient
 from meshd.gossip.supervisor import SerfAgent, SerfSettings
@@ -183,17 +183,17 @@ def test_a_newcomer_is_taken_as_a_peer_by_a_member_its_seed_cannot_tell(
     took = mesh.wait_full_mesh(timeout=30)
     print(f"n1 and n3 reach each other {took:.1f} s after n3 answered")
     # n1 took n3 as a peer on n3's own request, not knowing it from gossip.
-    assert f"took n3 back as a peer ({mesh.endpoint('n3')}; gossip here: absent)" in (
+    assert f"took n3 as a peer on its own request ({mesh.endpoint('n3')}; gossip here: absent)" in (
         mesh.lab.log_path("n1", AGENT).read_text()
     )
 
 
-def test_a_seed_passes_its_newcomer_on_to_other_members_at_once(
-    lab_factory: Callable[..., Lab],
-) -> None:
-    """The seed hands a newcomer to ``SPREAD_TO`` members by Serf push/pull as soon as it
-    is a member there (``Presence.spread``), not only by its gossip broadcasts: in a
-    4-node mesh, all three other members, and each of them answers."""
+def test_a_newcomer_is_taken_by_every_member_at_once(lab_factory: Callable[..., Lab]) -> None:
+    """Not only by gossip broadcasts: at its first start the newcomer asks every member
+    its seed named to take it as a peer (``Presence.greet``), and the seed hands it to
+    ``SPREAD_TO`` members by Serf push/pull as soon as it is a member there
+    (``Presence.spread``). In a 4-node mesh: all four take it on its request, the seed
+    passes it on to all three others and each answers; a restart greets nobody."""
     mesh = MeshLab(lab_factory(nodes=5))
     members = ["n1", "n2", "n3", "n4"]
     mesh.up(members, seed=5)
@@ -202,9 +202,24 @@ def test_a_seed_passes_its_newcomer_on_to_other_members_at_once(
     mesh.start("n5")
     mesh.wait_ready("n5")
     mesh.wait_full_mesh(timeout=30)
+    greeted = "first start: 4 of 4 member(s) asked took this node as a peer at once"
+    newcomer_log = mesh.lab.log_path("n5", AGENT)
+    eventually(lambda: greeted in newcomer_log.read_text(), 10, "n5 greeted the four members")
+    request = f"took n5 as a peer on its own request ({mesh.endpoint('n5')};"
+    for member in members:
+        assert request in mesh.lab.log_path(member, AGENT).read_text(), member
     log = mesh.lab.log_path("n1", AGENT)
     line = "passed n5 on to n2, n3, n4 by Serf push/pull (3 of 3 answered)"
     eventually(lambda: line in log.read_text(), 10, "n1 passed n5 on to the three others")
+
+    assert mesh.stop("n5")
+    mesh.start("n5")
+    mesh.wait_ready("n5")
+    mesh.wait_full_mesh(timeout=30)
+    # A greeting logs its outcome once its answers are in (REJOIN_TIMEOUT at most, plus
+    # the linger): a negative needs that long.
+    time.sleep(REJOIN_TIMEOUT + 1)
+    assert newcomer_log.read_text().count("first start:") == 1
 
 
 ROAMERS = ["n1", "n2", "n3", "n4", "n5"]
