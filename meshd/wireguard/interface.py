@@ -122,7 +122,10 @@ async def start_backend(
             if backend == "kernel":
                 raise
             log.info("%s: kernel WireGuard not usable (%s); using wireguard-go", ifname, exc)
-    userspace = UserspaceBackend(ifname, netns)
+    # At debug, wireguard-go's handshakes and keepalives join the agent's log: how a
+    # tunnel that formed late is explained.
+    verbose = logging.getLogger("meshd.wireguard.userspace").isEnabledFor(logging.DEBUG)
+    userspace = UserspaceBackend(ifname, netns, log_level="verbose" if verbose else "error")
     await userspace.start()
     return userspace
 

@@ -117,13 +117,13 @@ class UserspaceBackend:
         )
 
     def _child_line(self, line: str) -> None:
-        # wireguard-go prints a boxed banner on every start: keep it out of INFO.
+        # wireguard-go prints a boxed banner on every start, and its verbose lines (the
+        # agent at debug) start "DEBUG:": keep both out of INFO.
         banner = line[:1] in "┌│└"
         if not banner:
             self._last_line = line
-        log.log(
-            logging.DEBUG if banner else logging.INFO, "wireguard-go[%s]: %s", self.ifname, line
-        )
+        quiet = banner or line.startswith("DEBUG:")
+        log.log(logging.DEBUG if quiet else logging.INFO, "wireguard-go[%s]: %s", self.ifname, line)
 
     async def _answers(self) -> bool:
         try:
