@@ -521,10 +521,7 @@ class Presence:
         takers = self._takers(strangers)
         if takers and rt.has_gossip:
             port = rt.config.gossip.port
-            joins = [format_host_port(address, port) for _, address in takers]
-            # On its own: a join can take 10 s per target, and the next introduction (to a
-            # member that came back alive, say) must not wait for it.
-            rt.tasks.start(self._join(joins), name="introduce-join")
+            await self._join([format_host_port(address, port) for _, address in takers])
 
     async def greet(self) -> None:
         """A newcomer's first start: ask every member its seed named, directly over the
@@ -736,12 +733,12 @@ class Presence:
         unheard_since: dict[str, float] = {}
         stranger_since: dict[str, float] = {}
         delay, next_at = UNHEARD_GRACE, 0.0
-        introductions = IntroductionSchedule(UNHEARD_GRACE, REANNOUNCE_MAX)
+        intro_delay, intro_at = UNHEARD_GRACE, 0.0
         generation, changed_at = -1, time.monotonic()
         while True:
             if (
                 unheard_since
-                or introductions.eager(stranger_since.keys())
+                or (stranger_since and intro_delay < REANNOUNCE_MAX)
                 or time.monotonic() - changed_at < HEARD_SETTLE
             ):
                 await asyncio.sleep(RESYNC_INTERVAL / 2)
@@ -781,12 +778,14 @@ class Presence:
                 if m.state in (MemberState.ALIVE, MemberState.FAILED) and m.record
             )
             stranger_since, strangers = unheard_peers(met, desired, handshakes, stranger_since, now)
-            names = set(strangers)
-            strange = {key for key, name in met.items() if name in names}
-            due = introductions.due(strange, alive.keys(), now)
-            if due and (self._introduce_call is None or self._introduce_call.done()):
-                self._introduce_call = rt.tasks.start(self.introduce(due), name="introduce")
-                introductions.sent(due, now)
+            if not strangers:
+                intro_delay, intro_at = UNHEARD_GRACE, 0.0
+            elif now >= intro_at and (self._introduce_call is None or self._introduce_call.done()):
+                names = set(strangers)
+                keys = {key for key, name in met.items() if name in names}
+                self._introduce_call = rt.tasks.start(self.introduce(keys), name="introduce")
+                intro_at = now + intro_delay
+                intro_delay = min(intro_delay * 2, REANNOUNCE_MAX)
             if not unheard:
                 delay, next_at = UNHEARD_GRACE, 0.0
                 if now - self._published_at > republish_interval(len(alive) + 1):
@@ -804,41 +803,6 @@ class Presence:
             await self._announce_chain()
             next_at = now + delay
             delay = min(delay * 2, REANNOUNCE_MAX)
-
-
-class IntroductionSchedule:
-    """When to introduce this node to each stranger (a member that never shook hands
-    with it): at once, then after ``first`` seconds, doubling up to ``most``; each
-    stranger on its own, and at once again when it comes back alive.
-
-    One back-off for all strangers (as before) let one member that never answers (down,
-    or behind a NAT) hold back the introduction to a member that came back from a power
-    loss without this node among its saved peers: that member refused this node's
-    handshakes for up to 12 s in bench/chaos.py (docs/reliability.md).
-    """
-
-    def __init__(self, first: float, most: float) -> None:
-        self._first, self._most = first, most
-        self._next: dict[str, tuple[float, float]] = {}  # key -> (due at, the next delay)
-        self._alive: AbstractSet[str] = frozenset()
-
-    def eager(self, silent: AbstractSet[str]) -> bool:
-        """Whether one of the ``silent`` members (strangers, or soon) may be due before
-        ``most`` seconds: one not introduced to yet, or whose back-off still grows."""
-        return any(key not in self._next or self._next[key][1] < self._most for key in silent)
-
-    def due(self, strangers: AbstractSet[str], alive: AbstractSet[str], now: float) -> set[str]:
-        """The strangers to introduce this node to now; ``alive``: the members alive now."""
-        for key in [k for k in self._next if k not in strangers or k in alive - self._alive]:
-            del self._next[key]  # no longer a stranger, or back alive: start again
-        self._alive = frozenset(alive)
-        return {key for key in strangers if self._next.get(key, (now, 0.0))[0] <= now}
-
-    def sent(self, keys: AbstractSet[str], now: float) -> None:
-        """``keys`` were introduced to at ``now``."""
-        for key in keys:
-            delay = self._next.get(key, (now, self._first))[1]
-            self._next[key] = (now + delay, min(delay * 2, self._most))
 
 
 def prune_delay(members: int) -> float:
